@@ -1,0 +1,334 @@
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from ci import cachestore
+from ci.cachestore import BuildStore, CacheStoreError, LocalStore
+
+KEY_A = "a1" + "0" * 62
+KEY_B = "b2" + "0" * 62
+KEY_C = "c3" + "0" * 62
+MANIFEST = {"source": "linux-5.10.223 sha256:" + "f" * 64, "config:CONFIG_PROC_FS": "y"}
+
+CTX = multiprocessing.get_context("fork")
+
+
+def make_outputs(base: Path, tag: str = "one", files: int = 4) -> Path:
+    outputs = base / f"outputs-{tag}"
+    (outputs / "modules").mkdir(parents=True)
+    for index in range(files):
+        (outputs / f"file{index}.bin").write_bytes(f"{tag}:{index}\n".encode() * 1000)
+    (outputs / "modules" / "kci.ko").write_text(f"module of {tag}\n")
+    (outputs / "bzImage").symlink_to("file0.bin")
+    return outputs
+
+
+def visible_entries(store: LocalStore) -> list[Path]:
+    return sorted(p for shard in store.entries_dir.iterdir() for p in shard.iterdir())
+
+
+def test_local_store_is_a_build_store(tmp_path: Path) -> None:
+    assert isinstance(LocalStore(tmp_path / "store"), BuildStore)
+
+
+def test_default_root_is_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path / "cache"))
+    assert LocalStore().root == tmp_path / "cache" / "builds"
+
+
+def test_put_then_get_returns_the_files_and_metadata(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = make_outputs(tmp_path)
+    assert store.get(KEY_A) is None
+
+    entry = store.put(KEY_A, outputs, MANIFEST)
+
+    assert entry == tmp_path / "store" / "entries" / "a1" / KEY_A
+    assert store.get(KEY_A) == entry
+    assert (entry / "file3.bin").read_bytes() == (outputs / "file3.bin").read_bytes()
+    assert (entry / "modules" / "kci.ko").read_text() == "module of one\n"
+    assert os.readlink(entry / "bzImage") == "file0.bin"
+    assert json.loads((entry / "manifest.json").read_text()) == MANIFEST
+    info = json.loads((entry / "entry.json").read_text())
+    assert info["key"] == KEY_A
+    assert info["file_count"] == 6
+    assert info["files"]["modules/kci.ko"] == len("module of one\n")
+    assert info["total_bytes"] == sum(info["files"].values())
+    assert outputs.is_dir(), "a copying put leaves the outputs in place"
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_put_with_move_consumes_the_outputs(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = make_outputs(tmp_path)
+    inode = (outputs / "file1.bin").stat().st_ino
+
+    entry = store.put(KEY_A, outputs, MANIFEST, move=True)
+
+    assert not outputs.exists()
+    assert (entry / "file1.bin").stat().st_ino == inode, "moved, not copied"
+    assert store.get(KEY_A) == entry
+
+
+def test_put_of_an_existing_key_keeps_the_first_entry(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    first = store.put(KEY_A, make_outputs(tmp_path, "first"), MANIFEST)
+    second = store.put(KEY_A, make_outputs(tmp_path, "second"), {"other": "manifest"})
+    assert first == second
+    assert (first / "modules" / "kci.ko").read_text() == "module of first\n"
+    assert json.loads((first / "manifest.json").read_text()) == MANIFEST
+
+
+def test_put_rejects_reserved_names_bad_keys_and_missing_outputs(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = make_outputs(tmp_path)
+    (outputs / "manifest.json").write_text("{}")
+    with pytest.raises(CacheStoreError, match=r"manifest\.json.*rename that output file"):
+        store.put(KEY_A, outputs, MANIFEST)
+    with pytest.raises(CacheStoreError, match="invalid build key"):
+        store.put("../escape", outputs, MANIFEST)
+    with pytest.raises(CacheStoreError, match="not a directory"):
+        store.put(KEY_A, tmp_path / "nowhere", MANIFEST)
+    with pytest.raises(CacheStoreError, match="str to str"):
+        store.put(KEY_B, make_outputs(tmp_path, "two"), {"flag:jobs": 2})  # type: ignore[dict-item]
+    assert visible_entries(store) == []
+
+
+def test_a_put_failing_mid_copy_publishes_nothing_and_readers_never_see_half_an_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    reader = LocalStore(tmp_path / "store", clean=False)
+    outputs = make_outputs(tmp_path, files=6)
+    copied: list[str] = []
+    seen_mid_copy: list[object] = []
+
+    def copy_then_crash(source: str, destination: str) -> object:
+        if len(copied) >= 3:  # the disk fills up after three files (copytree tries the rest too)
+            if not seen_mid_copy:
+                seen_mid_copy.extend([reader.get(KEY_A), list(reader.manifests()), visible_entries(reader)])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        copied.append(source)
+        return cachestore.shutil.copy2(source, destination)
+
+    monkeypatch.setattr(cachestore, "_copy_file", copy_then_crash)
+    with pytest.raises(CacheStoreError, match="nothing was published"):
+        store.put(KEY_A, outputs, MANIFEST)
+
+    assert len(copied) == 3, "the copy really was interrupted mid-way"
+    assert seen_mid_copy == [None, [], []]
+    assert store.get(KEY_A) is None
+    assert visible_entries(store) == []
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_an_interrupt_mid_copy_is_reraised_and_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path / "store")
+
+    def interrupted(source: str, destination: str) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cachestore, "_copy_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    assert store.get(KEY_A) is None
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_real_copy_failure_publishes_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = make_outputs(tmp_path)
+    os.mkfifo(outputs / "zz-fifo")  # shutil refuses to copy a named pipe, after copying the other files
+    with pytest.raises(CacheStoreError, match="zz-fifo"):
+        store.put(KEY_A, outputs, MANIFEST)
+    assert store.get(KEY_A) is None
+    assert visible_entries(store) == []
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_failed_move_puts_the_files_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = make_outputs(tmp_path)
+    before = sorted(p.relative_to(outputs) for p in outputs.rglob("*"))
+
+    def disk_full(root: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cachestore, "_fsync_tree", disk_full)
+    with pytest.raises(CacheStoreError, match="No space left"):
+        store.put(KEY_A, outputs, MANIFEST, move=True)
+    assert sorted(p.relative_to(outputs) for p in outputs.rglob("*")) == before
+    assert store.get(KEY_A) is None
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_damaged_entry_without_entry_json_is_invisible_and_replaced(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    damaged = store.entry_dir(KEY_A)
+    damaged.mkdir(parents=True)
+    (damaged / "file0.bin").write_text("half")
+    assert store.get(KEY_A) is None
+    assert list(store.manifests()) == []
+
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    assert entry == damaged
+    assert store.get(KEY_A) == entry
+    assert (entry / "file0.bin").read_bytes().startswith(b"one:0")
+
+
+def _put_after_barrier(root: str, key: str, outputs: str, barrier: object, results: object) -> None:
+    barrier.wait()  # type: ignore[attr-defined]
+    entry = LocalStore(Path(root), clean=False).put(key, Path(outputs), MANIFEST)
+    results.put((os.getpid(), str(entry)))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_two_processes_putting_the_same_key_make_exactly_one_entry(tmp_path: Path, round_: int) -> None:
+    store = LocalStore(tmp_path / "store")
+    key = f"{round_:02d}" + "e" * 62
+    barrier = CTX.Barrier(2)
+    results = CTX.Queue()
+    workers = [
+        CTX.Process(
+            target=_put_after_barrier,
+            args=(str(store.root), key, str(make_outputs(tmp_path, tag, files=20)), barrier, results),
+        )
+        for tag in ("writer1", "writer2")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    paths = {results.get(timeout=5)[1] for _ in workers}
+
+    assert paths == {str(store.entry_dir(key))}
+    assert visible_entries(store) == [store.entry_dir(key)]
+    entry = store.get(key)
+    assert entry is not None
+    # the entry is entirely one writer's: never a mix of both
+    tags = {p.read_bytes().split(b":")[0] for p in entry.glob("file*.bin")}
+    assert len(tags) == 1
+    assert (entry / "modules" / "kci.ko").read_text() == f"module of {tags.pop().decode()}\n"
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def _lock_and_report(root: str, key: str, started: str, acquired: str) -> None:
+    store = LocalStore(Path(root), clean=False)
+    Path(started).write_text("started")
+    with store.lock(key):
+        Path(acquired).write_text(repr(time.monotonic()))
+
+
+def test_lock_excludes_other_processes_until_released(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    started, acquired = tmp_path / "started", tmp_path / "acquired"
+    with store.lock(KEY_A):
+        args = (str(store.root), KEY_A, str(started), str(acquired))
+        child = CTX.Process(target=_lock_and_report, args=args)
+        child.start()
+        deadline = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert not acquired.exists(), "the other process got the lock while we held it"
+        released = time.monotonic()
+    child.join(10)
+    assert child.exitcode == 0
+    assert float(acquired.read_text()) >= released
+
+
+def test_lock_on_another_key_does_not_wait(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    acquired = tmp_path / "acquired"
+    with store.lock(KEY_A):
+        child = CTX.Process(
+            target=_lock_and_report, args=(str(store.root), KEY_B, str(tmp_path / "started"), str(acquired))
+        )
+        child.start()
+        child.join(10)
+        assert child.exitcode == 0
+        assert acquired.exists()
+
+
+def test_manifests_lists_every_entry_newest_first(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    for index, key in enumerate((KEY_B, KEY_C, KEY_A)):
+        store.put(key, make_outputs(tmp_path, f"t{index}"), {**MANIFEST, "flag:n": str(index)})
+        time.sleep(0.01)
+    listed = list(store.manifests())
+    assert [key for key, _ in listed] == [KEY_A, KEY_C, KEY_B]
+    assert listed[0][1] == {**MANIFEST, "flag:n": "2"}
+
+
+def test_manifests_skips_an_entry_with_a_corrupt_entry_json(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put(KEY_A, make_outputs(tmp_path, "a"), MANIFEST)
+    broken = store.put(KEY_B, make_outputs(tmp_path, "b"), MANIFEST)
+    (broken / "entry.json").write_text("{not json")
+    assert [key for key, _ in store.manifests()] == [KEY_A]
+
+
+def test_alias_roundtrip_and_overwrite(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    request = "req-" + "9" * 60
+    assert store.get_alias(request) is None
+    store.put_alias(request, KEY_A)
+    assert store.get_alias(request) == KEY_A
+    assert LocalStore(tmp_path / "store").get_alias(request) == KEY_A
+    store.put_alias(request, KEY_B)
+    assert store.get_alias(request) == KEY_B
+    assert (store.aliases_dir / request).read_text() == KEY_B + "\n"
+    assert list(store.tmp_dir.iterdir()) == []
+    with pytest.raises(CacheStoreError, match="invalid request key"):
+        store.put_alias("a/b", KEY_A)
+    with pytest.raises(CacheStoreError, match="invalid build key"):
+        store.put_alias(request, "")
+
+
+def _exit_now() -> None:
+    os._exit(0)
+
+
+def test_opening_the_store_cleans_leftovers_of_dead_or_old_writers(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    child = CTX.Process(target=_exit_now)
+    child.start()
+    child.join()
+    dead_pid = child.pid
+    assert dead_pid is not None
+
+    def leftover(name: str, age: float = 0.0) -> Path:
+        path = store.tmp_dir / name
+        path.mkdir()
+        (path / "file0.bin").write_text("partial")
+        stamp = time.time() - age
+        os.utime(path, (stamp, stamp))
+        return path
+
+    dead = leftover(f"{KEY_A}.{dead_pid}.0badf00d")
+    old = leftover(f"{KEY_B}.{os.getpid()}.0badf00d", age=2 * 3600)
+    fresh = leftover(f"{KEY_C}.{os.getpid()}.0badf00d")
+    held = leftover(f"{KEY_A}.{dead_pid}.0000beef", age=2 * 3600)
+    guard = os.open(held, os.O_RDONLY)
+    fcntl.flock(guard, fcntl.LOCK_EX)  # a live writer (here: us) holds it, whatever its name says
+    try:
+        LocalStore(store.root)
+    finally:
+        os.close(guard)
+
+    assert not dead.exists()
+    assert not old.exists()
+    assert fresh.exists()
+    assert held.exists()
+    assert store.clean_stale_tmp() == [held]
