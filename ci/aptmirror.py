@@ -16,8 +16,10 @@ class AptSource:
 
     @property
     def archive(self) -> str:
-        """"debian-security" for a security suite, else "debian"."""
-        return "debian-security" if any(s.endswith(("-security", "/updates")) for s in self.suites) else "debian"
+        """ "debian-security" for a security suite, else "debian"."""
+        return (
+            "debian-security" if any(s.endswith(("-security", "/updates")) for s in self.suites) else "debian"
+        )
 
 
 def parse_deb822(text: str) -> list[AptSource]:

@@ -82,7 +82,9 @@ def _sbin(command: str) -> bool:
 
 def _docker_answers() -> tuple[bool, str]:
     try:
-        done = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=20)
+        done = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=20
+        )
     except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     return done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace").strip()
@@ -109,13 +111,20 @@ def ensure_docker_engine() -> str:
     if not is_root():
         raise HostSetupError(
             f"the Docker engine is not running ({detail}).\n"
-            "  start it: sudo systemctl start docker   (or, without systemd: sudo dockerd >/var/log/dockerd.log 2>&1 &)\n"
+            "  start it: sudo systemctl start docker\n"
+            "  (without systemd: sudo dockerd >/var/log/dockerd.log 2>&1 &)\n"
             "  and make sure your user may use it: sudo usermod -aG docker $USER (then log in again)"
         )
     log = cache_dir("logs") / "dockerd.log"
     console.print(f"starting the Docker engine (log: {log})")
     with log.open("ab") as handle:
-        subprocess.Popen([dockerd], stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        subprocess.Popen(
+            [dockerd],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         ok, detail = _docker_answers()
@@ -154,7 +163,9 @@ def ensure_buildx() -> None:
     _apt_updated = False
     apt_install(["docker-buildx/trixie"], extra=["--no-install-recommends"])
     if not buildx_available():
-        raise HostSetupError(f"docker-buildx installed but `docker buildx version` still fails.\n  {instructions}")
+        raise HostSetupError(
+            f"docker-buildx installed but `docker buildx version` still fails.\n  {instructions}"
+        )
 
 
 def prepare_build_host() -> str:

@@ -140,8 +140,17 @@ def toolchain(tag: str) -> Toolchain:
         data = json.loads(record.read_text())
     else:
         listing = proc.capture(
-            ["docker", "run", "--rm", "--network", "none", tag, "sh", "-c",
-             "cat /etc/kernel-ci/installed.txt; echo ---; gcc --version | head -1"]
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                tag,
+                "sh",
+                "-c",
+                "cat /etc/kernel-ci/installed.txt; echo ---; gcc --version | head -1",
+            ]
         )
         packages_text, _, gcc = listing.partition("---\n")
         packages = sorted(line for line in packages_text.splitlines() if line.strip())

@@ -1,4 +1,4 @@
-"""The one way this package runs a subprocess: log the command, stream its output, raise with it on failure."""
+"""The one way this package runs a subprocess: log the command, stream its output, raise with it."""
 
 from __future__ import annotations
 
@@ -122,7 +122,9 @@ def run(
     return Result(args, proc.returncode, output, time.monotonic() - start)
 
 
-def capture(argv: Sequence[str | os.PathLike[str]], *, cwd: Path | str | None = None, check: bool = True) -> str:
+def capture(
+    argv: Sequence[str | os.PathLike[str]], *, cwd: Path | str | None = None, check: bool = True
+) -> str:
     """Run a short command silently and return its stdout (stderr goes into the error on failure)."""
     args = [os.fspath(a) for a in argv]
     try:

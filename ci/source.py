@@ -180,7 +180,8 @@ def resolve(request: str | None = None, lock: SourceLock | None = None) -> Kerne
         except SourceError as exc:
             if index + 1 == len(candidates):
                 raise SourceError("\n".join([*notes, str(exc)])) from exc
-            note = f"Linux {tarball.version} is not available ({exc}); falling back to {candidates[index + 1].version}"
+            fallback = candidates[index + 1].version
+            note = f"Linux {tarball.version} is not available ({exc}); falling back to {fallback}"
             warn(note)
             notes.append(note)
             continue

@@ -6,7 +6,14 @@ import os
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False, log_path=False, force_terminal=None if os.isatty(2) else False)
+_TTY = os.isatty(2)
+console = Console(
+    stderr=True,
+    highlight=False,
+    log_path=False,
+    force_terminal=None if _TTY else False,
+    width=None if _TTY else 160,
+)
 
 
 def warn(message: str) -> None:

@@ -1,0 +1,280 @@
+"""The build half of the pipeline: source + patches + kconfig fragments -> kernel outputs, cached by key.
+
+It composes the stages (source, patches, kconfig, images, builder, outputs, buildkey, cachestore); none of
+them knows about the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ci import builder, buildkey, hostsetup, images, kconfig, outputs, patches, source
+from ci.cachestore import BuildStore, LocalStore
+from ci.paths import KCONFIG_DIR, KERNEL_PATCHES, REPO_ROOT, cache_dir
+from ci.ui import console, step, warn
+
+BASE_FRAGMENT = KCONFIG_DIR / "base.config"
+BUILD_TARGETS = "bzImage modules modules_install"
+
+
+@dataclass
+class BuildRequest:
+    kernel: str | None = None  # a version or alias from kernel-sources.lock.toml; None = its default
+    series: Sequence[str] | None = None  # None = every series under kernel-patches/
+    fragments: Sequence[Path] = ()  # extra kconfig fragments from the user
+    extra_fragments: Sequence[kconfig.Fragment] = ()  # from the pipeline (e.g. the guest suites' needs)
+    output: Path = REPO_ROOT / "out" / "build"
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
+    use_cache: bool = True  # the build cache (never ccache: see use_ccache)
+    use_ccache: bool = True
+    fresh: bool = False  # start from an empty object tree (no incremental build)
+
+
+@dataclass
+class BuildResult:
+    key: str
+    output: Path
+    metadata: dict
+    cache_hit: bool
+    seconds: float
+
+    @property
+    def bzimage(self) -> Path:
+        return self.output / "bzImage"
+
+    @property
+    def kernel_release(self) -> str:
+        return self.metadata["kernel"]["release"]
+
+
+def _digest_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def kbuild_timestamp(tree: Path) -> str:
+    """KBUILD_BUILD_TIMESTAMP: the release date of the source (its top Makefile's mtime), never now."""
+    mtime = (tree / "Makefile").stat().st_mtime
+    return datetime.fromtimestamp(mtime, UTC).strftime("%a %b %d %H:%M:%S UTC %Y")
+
+
+def reproduce_command(request: BuildRequest, version: str, series: Sequence[patches.Series]) -> str:
+    argv = ["kernel-ci", "build", "--kernel", version]
+    argv += [arg for s in series for arg in ("--series", s.name)] or ["--series", "none"]
+    argv += [arg for f in request.fragments for arg in ("--fragment", str(f))]
+    if not request.use_ccache:
+        argv.append("--no-ccache")
+    return shlex.join(argv)
+
+
+def _prepare_tree(src: source.KernelSource, series: Sequence[patches.Series], tree_id: str) -> Path:
+    """A patched copy of the pristine tree (hard links; patched files get their own copies), made once."""
+    work = cache_dir("work", tree_id)
+    tree = work / "src"
+    marker = work / "src.applied.json"
+    if marker.exists() and tree.is_dir():
+        return tree
+    if tree.exists():
+        shutil.rmtree(tree)
+    staging = work / f"src.tmp.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    subprocess.run(["cp", "-al", str(src.tree), str(staging)], check=True)
+    applied = patches.apply_series(series, staging)
+    staging.rename(tree)
+    marker.write_text(json.dumps({"source": src.version, "patches": applied}, indent=1))
+    if applied:
+        console.print(f"applied {len(applied)} patch(es): " + ", ".join(applied))
+    return tree
+
+
+def _link_or_copy_tree(entry: Path, dest: Path) -> None:
+    """Restore an entry into the output dir: hard links where possible (seconds, no extra disk)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    try:
+        shutil.copytree(entry, dest, symlinks=True, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(entry, dest, symlinks=True)
+
+
+def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult:
+    started = time.monotonic()
+    durations: dict[str, float] = {}
+    step("kernel source")
+    hostsetup.prepare_build_host()
+    src = source.resolve(request.kernel)
+    chosen = patches.discover_series(KERNEL_PATCHES, None if request.series is None else list(request.series))
+    patch_digests: dict[str, str] = {}
+    for s in chosen:
+        patch_digests.update(patches.series_digest(s))
+
+    step("toolchain")
+    image = images.ensure_builder_image()
+    toolchain = images.toolchain(image)
+    console.print(f"toolchain {toolchain.gcc_version}, image {image} ({toolchain.image_id[7:19]})")
+
+    fragments = [kconfig.Fragment.from_file(BASE_FRAGMENT, "kconfig/base.config")]
+    fragments += [
+        kconfig.Fragment.from_file(f, f"series {s.name}: {f.name}") for s in chosen for f in s.fragments
+    ]
+    fragments += list(request.extra_fragments)
+    fragments += [kconfig.Fragment.from_file(Path(f)) for f in request.fragments]
+    merged = kconfig.merge(fragments)
+    for redefinition in merged.redefinitions:
+        warn(redefinition.describe())
+    merged_text = merged.render()
+
+    flags = {
+        "flag:arch": builder.ARCH,
+        "flag:targets": BUILD_TARGETS,
+        "flag:kbuild": f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source",
+    }
+    source_id = f"linux-{src.version} sha256:{src.tarball.sha256}"
+    request_manifest = {
+        "source": source_id,
+        "toolchain": toolchain.fingerprint,
+        "fragment": _digest_text(merged_text),
+        **{f"patch:{name}": digest for name, digest in patch_digests.items()},
+        **flags,
+    }
+    request_key = buildkey.build_key(request_manifest)
+    store = store or LocalStore()
+
+    if request.use_cache:
+        known = store.get_alias(request_key)
+        entry = store.get(known) if known else None
+        if known and entry:
+            return _restore(entry, known, request, started, "inputs unchanged")
+
+    step("configure")
+    tree_id = _digest_text(source_id + json.dumps(patch_digests, sort_keys=True))[:16]
+    src_tree = _prepare_tree(src, chosen, tree_id)
+    out_tree = cache_dir("work", tree_id) / "out"
+    if request.fresh and out_tree.exists():
+        shutil.rmtree(out_tree)
+    env = builder.BuildEnv(
+        image=image,
+        src=src_tree,
+        out=out_tree,
+        ccache_dir=cache_dir("ccache"),
+        jobs=request.jobs,
+        timestamp=kbuild_timestamp(src.tree),
+        use_ccache=request.use_ccache,
+    )
+    with _work_lock(out_tree.parent):
+        t0 = time.monotonic()
+        final_config = builder.configure(env, merged_text)
+        durations["configure"] = round(time.monotonic() - t0, 2)
+        lost = kconfig.verify(final_config, merged.requests)
+        if lost:
+            raise kconfig.KconfigError(
+                "requested kconfig options did not survive olddefconfig:\n  "
+                + "\n  ".join(item.describe() for item in lost)
+            )
+        manifest = {
+            "source": source_id,
+            "toolchain": toolchain.fingerprint,
+            **{f"patch:{name}": digest for name, digest in patch_digests.items()},
+            **buildkey.config_entries(final_config),
+            **flags,
+        }
+        key = buildkey.build_key(manifest)
+        if request.use_cache:
+            entry = store.get(key)
+            if entry:
+                store.put_alias(request_key, key)
+                return _restore(entry, key, request, started, "same final config")
+            console.print(buildkey.explain_miss(manifest, store.manifests()).render())
+
+        with store.lock(key):
+            entry = store.get(key) if request.use_cache else None
+            if entry:  # another process built it while we waited for the lock
+                return _restore(entry, key, request, started, "built concurrently")
+            step(f"build {src.version} ({len(patch_digests)} patches) key {key[:16]}")
+            before = builder.ccache_counters(env)
+            t0 = time.monotonic()
+            _seconds, steps = builder.build(env)
+            durations["build"] = round(time.monotonic() - t0, 2)
+            ccache = builder.ccache_delta(before, builder.ccache_counters(env)) if request.use_ccache else {}
+            release = builder.kernel_release(env)
+
+            staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
+            try:
+                t0 = time.monotonic()
+                outputs.collect(src_tree, out_tree, staging)
+                for s in chosen:
+                    patches.export_series(s, staging / "patches")
+                durations["collect"] = round(time.monotonic() - t0, 2)
+                metadata = {
+                    "schema": 1,
+                    "build_key": key,
+                    "request_key": request_key,
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "kernel": {
+                        "requested": src.requested,
+                        "version": src.version,
+                        "release": release,
+                        "tarball": src.tarball.filename,
+                        "sha256": src.tarball.sha256,
+                        "fetched_from": src.url,
+                        "fallbacks": list(src.fallback_notes),
+                    },
+                    "patches": list(patch_digests),
+                    "series": [s.name for s in chosen],
+                    "fragments": [f.name for f in fragments],
+                    "toolchain": {
+                        "image": image,
+                        "image_id": toolchain.image_id,
+                        "fingerprint": toolchain.fingerprint,
+                        "gcc": toolchain.gcc_version,
+                    },
+                    "kbuild": env.kbuild_vars() | {"jobs": request.jobs, "steps": steps},
+                    "durations": durations,
+                    "ccache": ccache,
+                    "inputs": manifest,
+                    "reproduce": reproduce_command(request, src.version, chosen),
+                }
+                (staging / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
+                if request.use_cache:
+                    entry = store.put(key, staging, manifest, move=True)
+                    store.put_alias(request_key, key)
+                else:
+                    entry = staging
+                _link_or_copy_tree(entry, request.output)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return BuildResult(key, request.output, metadata, False, time.monotonic() - started)
+
+
+def _restore(entry: Path, key: str, request: BuildRequest, started: float, why: str) -> BuildResult:
+    _link_or_copy_tree(entry, request.output)
+    metadata = json.loads((request.output / "metadata.json").read_text())
+    console.print(f"[green]build cache hit[/] ({why}): {key[:16]} restored to {request.output}")
+    return BuildResult(key, request.output, metadata, True, time.monotonic() - started)
+
+
+class _work_lock:
+    """One build at a time in a work tree (two different keys may share the same patched tree)."""
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / ".lock"
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self.handle = self.path.open("w")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()

@@ -1,0 +1,94 @@
+"""Collect a finished build's outputs into one directory: what users download and what later stages use.
+
+Layout of an output directory (and of a build cache entry):
+  bzImage, config, System.map      the kernel
+  modules/lib/modules/<release>/   `make modules_install` output
+  kbuild/                          a prepared tree for out-of-tree modules: `make -C kbuild M=$PWD modules`
+  patches/<series>.mbox            the applied patches, one downloadable file per series
+  metadata.json                    written by the pipeline
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+KBUILD_SRC_NAMES = ("Makefile", "Kbuild", "Kconfig")
+KBUILD_SRC_SUFFIXES = (".h", ".lds", ".S", ".sh", ".pl", ".awk", ".tbl", ".py", ".lds.S")
+KBUILD_SRC_DIRS = (
+    "include",
+    "arch/x86/include",
+    "scripts",
+    "tools/include",
+    "tools/objtool",
+    "arch/x86/entry/syscalls",
+)
+KBUILD_OUT_FILES = (
+    ".config",
+    "Module.symvers",
+    "System.map",
+    "include",
+    "arch/x86/include/generated",
+    "scripts",
+    "tools/objtool/objtool",
+    "arch/x86/tools",
+)
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest, follow_symlinks=True)
+
+
+def _is_kbuild_file(rel: Path) -> bool:
+    name = rel.name
+    return name.startswith(KBUILD_SRC_NAMES) or name.endswith(KBUILD_SRC_SUFFIXES)
+
+
+def export_kbuild_tree(src: Path, out: Path, dest: Path) -> None:
+    """A single self-contained tree (srctree == objtree) that builds out-of-tree modules for this kernel:
+    the source's Makefiles, Kconfigs, headers and scripts, overlaid with the build's generated headers,
+    .config, Module.symvers and host tools (fixdep, modpost, objtool)."""
+    for directory, _dirs, files in os.walk(src):
+        rel_dir = Path(directory).relative_to(src)
+        in_full_dir = any(str(rel_dir) == d or str(rel_dir).startswith(d + "/") for d in KBUILD_SRC_DIRS)
+        for name in files:
+            rel = rel_dir / name
+            if in_full_dir or _is_kbuild_file(rel):
+                _copy_file(src / rel, dest / rel)
+    for item in KBUILD_OUT_FILES:
+        path = out / item
+        if path.is_dir():
+            for directory, _dirs, files in os.walk(path):
+                for name in files:
+                    if name.endswith((".o", ".cmd")) and not item.startswith("include"):
+                        continue
+                    file = Path(directory) / name
+                    _copy_file(file, dest / file.relative_to(out))
+        elif path.exists():
+            _copy_file(path, dest / item)
+    # The build's tree is O=-style; the exported one is a plain tree: drop the O= wrapper makefile.
+    (dest / "source").unlink(missing_ok=True)
+
+
+def collect(src: Path, out: Path, dest: Path) -> dict[str, str]:
+    """Copy the kernel, config, symbols, installed modules and the kbuild tree into dest.
+    Returns a map of output name -> relative path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    produced = {
+        "bzImage": out / "arch/x86/boot/bzImage",
+        "config": out / ".config",
+        "System.map": out / "System.map",
+    }
+    for name, path in produced.items():
+        _copy_file(path, dest / name)
+    modules = out / ".kci-modules"
+    if modules.is_dir():
+        shutil.copytree(modules, dest / "modules", symlinks=True, dirs_exist_ok=True)
+        for link in (dest / "modules").glob("lib/modules/*/build"):
+            link.unlink()
+        for link in (dest / "modules").glob("lib/modules/*/source"):
+            link.unlink()
+    export_kbuild_tree(src, out, dest / "kbuild")
+    return {name: name for name in produced} | {"modules": "modules", "kbuild": "kbuild"}
