@@ -179,3 +179,14 @@ def prepare_build_host() -> str:
 def prepare_test_host() -> None:
     """Everything the test half needs on the host (QEMU, qemu-img, debootstrap, mkfs.ext4)."""
     ensure_commands(TEST_PACKAGES)
+
+
+def main() -> None:
+    """`python -m ci.hostsetup`: prepare this host for both halves of the pipeline."""
+    version = prepare_build_host()
+    prepare_test_host()
+    console.print(f"host ready: Docker engine {version}, buildx, QEMU, debootstrap")
+
+
+if __name__ == "__main__":
+    main()

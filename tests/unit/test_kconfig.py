@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from ci import kconfig
+from ci.kconfig import Fragment
+
+
+def test_parse_reads_set_unset_and_strings() -> None:
+    values = kconfig.parse(
+        'CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C="x y"\nCONFIG_D=0x10\nCONFIG_E=n\n# note\n'
+    )
+    assert values == {
+        "CONFIG_A": "y",
+        "CONFIG_B": "n",
+        "CONFIG_C": '"x y"',
+        "CONFIG_D": "0x10",
+        "CONFIG_E": "n",
+    }
+
+
+def test_parse_rejects_garbage_with_location() -> None:
+    with pytest.raises(kconfig.KconfigError, match=r"frag:2: not a kconfig line"):
+        kconfig.parse("CONFIG_A=y\nA=y\n", "frag")
+
+
+def test_later_fragment_overrides_and_is_reported() -> None:
+    merged = kconfig.merge(
+        [Fragment("base", "CONFIG_A=y\nCONFIG_B=y\n"), Fragment("series x", "# CONFIG_A is not set\n")]
+    )
+    assert merged.requests["CONFIG_A"].value == "n"
+    assert merged.requests["CONFIG_A"].fragment == "series x"
+    assert [r.describe() for r in merged.redefinitions] == ["CONFIG_A redefined by series x: y (base) -> n"]
+    assert merged.render() == "# CONFIG_A is not set\nCONFIG_B=y\n"
+
+
+def test_same_value_twice_is_not_a_redefinition() -> None:
+    merged = kconfig.merge([Fragment("a", "CONFIG_A=y\n"), Fragment("b", "CONFIG_A=y\n")])
+    assert merged.redefinitions == []
+
+
+def test_verify_names_the_lost_symbol_and_its_fragment() -> None:
+    merged = kconfig.merge([Fragment("series ptrace", "CONFIG_KASAN=y\nCONFIG_A=y\n# CONFIG_B is not set\n")])
+    final = "CONFIG_A=y\n# CONFIG_KASAN is not set\n"
+    lost = kconfig.verify(final, merged.requests)
+    assert [item.request.symbol for item in lost] == ["CONFIG_KASAN"]
+    assert "CONFIG_KASAN=y (asked by series ptrace) ended up not set" in lost[0].describe()
+
+
+def test_verify_treats_absent_as_not_set() -> None:
+    merged = kconfig.merge([Fragment("f", "# CONFIG_GONE is not set\nCONFIG_NEW=m\n")])
+    lost = kconfig.verify("CONFIG_OTHER=y\n", merged.requests)
+    assert [(item.request.symbol, item.actual) for item in lost] == [("CONFIG_NEW", "n")]
+
+
+def test_base_fragment_parses() -> None:
+    from ci.buildpipeline import BASE_FRAGMENT
+
+    values = kconfig.parse(BASE_FRAGMENT.read_text(), str(BASE_FRAGMENT))
+    for needed in ("CONFIG_VIRTIO_BLK", "CONFIG_9P_FS", "CONFIG_EXT4_FS", "CONFIG_SERIAL_8250_CONSOLE",
+                   "CONFIG_DEVTMPFS", "CONFIG_KPROBES", "CONFIG_MODULES"):  # fmt: skip
+        assert values[needed] == "y"

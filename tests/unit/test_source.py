@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ci import aptmirror, source
+
+
+def _tarball_bytes(top: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        data = b"VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 999\n"
+        info = tarfile.TarInfo(f"{top}/Makefile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(aptmirror, "configured_sources", lambda apt_dir=None: [])
+
+
+def _lock(blob: bytes, *, first_sha: str = "") -> source.SourceLock:
+    sha = hashlib.sha256(blob).hexdigest()
+    tarballs = {
+        "9.9.1": source.Tarball("9.9.1", "kernel.org", "v9.x/linux-9.9.1.tar.xz", first_sha, "linux-9.9.1"),
+        "9.9.0": source.Tarball(
+            "9.9.0", "debian", "pool/main/l/linux/linux_9.9.0.orig.tar.xz", sha, "linux-9.9.0"
+        ),
+    }
+    return source.SourceLock(default="9.9", aliases={"9.9": ["9.9.1", "9.9.0"]}, tarballs=tarballs)
+
+
+def test_falls_back_with_a_note_verifies_and_unpacks_once(server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    base, root = server
+    blob = _tarball_bytes("linux-9.9.0")
+    (root / "debian/pool/main/l/linux").mkdir(parents=True)
+    (root / "debian/pool/main/l/linux/linux_9.9.0.orig.tar.xz").write_bytes(blob)
+    monkeypatch.setenv("KERNEL_CI_KERNEL_ORG_MIRROR", f"{base}/nothing-here")
+    monkeypatch.setenv("KERNEL_CI_DEBIAN_MIRROR", f"{base}/debian")
+    # The first candidate is pinned (to some hash) but its mirror answers 404: fall back.
+    lock = _lock(blob, first_sha="0" * 64)
+
+    got = source.resolve("9.9", lock)
+
+    assert got.version == "9.9.0" and got.requested == "9.9"
+    assert got.url == f"{base}/debian/pool/main/l/linux/linux_9.9.0.orig.tar.xz"
+    assert "Linux 9.9.1 is not available" in got.fallback_notes[0]
+    assert "404" in got.fallback_notes[0]
+    assert (got.tree / "Makefile").read_text().startswith("VERSION = 5")
+
+    (root / "debian/pool/main/l/linux/linux_9.9.0.orig.tar.xz").unlink()  # now only the cache can serve it
+    again = source.resolve("9.9.0", lock)
+    assert again.tree == got.tree and again.url.startswith("cache:")
+
+
+def test_wrong_bytes_are_refused(server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    base, root = server
+    (root / "debian/pool/main/l/linux").mkdir(parents=True)
+    (root / "debian/pool/main/l/linux/linux_9.9.0.orig.tar.xz").write_bytes(b"tampered")
+    monkeypatch.setenv("KERNEL_CI_DEBIAN_MIRROR", f"{base}/debian")
+    lock = _lock(_tarball_bytes("linux-9.9.0"))
+    with pytest.raises(source.SourceError, match="does not match the pinned"):
+        source.resolve("9.9.0", lock)
+    assert not list((Path(source.cache_dir("downloads"))).iterdir())
+
+
+def test_unpinned_tarball_is_not_used() -> None:
+    lock = _lock(b"x")
+    with pytest.raises(source.SourceError, match="no sha256 pinned"):
+        source.fetch_tarball(lock.tarballs["9.9.1"])
+
+
+def test_unknown_version_lists_known_ones() -> None:
+    with pytest.raises(source.SourceError, match=r"known: 9\.9, 9\.9\.0, 9\.9\.1"):
+        _lock(b"x").candidates("4.19")
+
+
+def test_repo_lock_pins_every_reachable_tarball() -> None:
+    lock = source.load_lock()
+    assert lock.candidates(None)[0].version == "5.10.224"  # the course's target comes first
+    for name in ("5.10.223", "5.10.262", "6.1.176"):
+        tarball = lock.tarballs[name]
+        assert len(tarball.sha256) == 64 and tarball.origin == "debian"
