@@ -1,0 +1,409 @@
+"""Read a guest's serial console: the runner's markers and the kernel's faults, line by line.
+
+`ConsoleScanner.feed(line)` returns the events that line completes, so the QEMU runner can watch for a
+panic or for silence while the guest runs; `scan(text)` reads a whole log. Faults are attributed to the
+suite that was running (between its KCI-SUITE-START and KCI-SUITE-END markers) when their first line
+appeared. Lines the runner copied from a suite's output (`[<suite>] ...`) are never read as faults or
+markers, so a test that prints "BUG:" does not fake a kernel bug.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+FaultKind = Literal["panic", "oops", "bug", "warn", "kasan", "ubsan", "gpf"]
+Phase = Literal["boot", "suite", "runner", "shutdown"]
+
+MAX_FAULT_LINES = 400
+PANIC_CONTEXT_LINES = 25
+TAIL_LINES = 60
+
+_TIMESTAMP = re.compile(r"^\[\s*(\d+\.\d+)\](?:\[\s*[CT]\d+\])? ?")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_LINUX_VERSION = re.compile(r"^Linux version (\S+)")
+
+_INIT_READY = re.compile(r"KCI-INIT: ready\b")
+_INIT_FAILED = re.compile(r"KCI-INIT: runner failed\b")
+_SUITE_START = re.compile(r"KCI-SUITE-START: (\S+)")
+_SUITE_END = re.compile(r"KCI-SUITE-END: (\S+) rc=(-?\d+|none) seconds=(\d+(?:\.\d+)?) timed_out=([01])")
+_RUNNER_DONE = re.compile(r"KCI-RUNNER: done\b")
+
+_END_TRACE = re.compile(r"^-+\[ end trace\b")
+_END_PANIC = re.compile(r"^-+\[ end Kernel panic\b")
+_RULER = re.compile(r"^={20,}\s*$")
+
+
+@dataclass(frozen=True)
+class _Start:
+    pattern: re.Pattern[str]
+    kind: FaultKind
+    end: re.Pattern[str] | None  # the line that closes the report; None: it ends with its call trace
+
+
+# First match wins. Reports without an end marker (sleeping-in-atomic, lockups, hung tasks) end after
+# their call trace.
+_STARTS = (
+    _Start(re.compile(r"^Kernel panic - not syncing: "), "panic", _END_PANIC),
+    _Start(re.compile(r"^BUG: KASAN: "), "kasan", _RULER),
+    _Start(re.compile(r"^UBSAN: "), "ubsan", _RULER),
+    _Start(re.compile(r"^general protection fault\b"), "gpf", _END_TRACE),
+    _Start(re.compile(r"^kernel BUG at "), "bug", _END_TRACE),
+    _Start(re.compile(r"^BUG: (?:kernel NULL pointer dereference|unable to handle)"), "oops", _END_TRACE),
+    _Start(re.compile(r"^(?:Internal error: )?Oops(?: - [^:]*)?: "), "oops", _END_TRACE),
+    _Start(re.compile(r"^WARNING: CPU: \d+ PID: \d+ at "), "warn", _END_TRACE),
+    _Start(re.compile(r"^WARNING: "), "warn", None),
+    _Start(re.compile(r"^(?:\w+: )?BUG: "), "bug", None),
+    _Start(re.compile(r"^INFO: task \S+ blocked for more than "), "bug", None),
+    _Start(re.compile(r"^(?:rcu: )?INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?"), "bug", None),
+)
+
+# Lines that continue the report already open instead of starting another (the oops header printed
+# after "BUG: kernel NULL pointer dereference" or "kernel BUG at ...").
+_CONTINUATION = re.compile(
+    r"^(?:Oops(?: - [^:]*)?: |invalid opcode: |general protection fault\b|Internal error: )"
+)
+
+# After "Call Trace:", these lines still belong to the report (frames are indented).
+_TRACE_LINE = re.compile(
+    r"^(?:\s|\?|<|RIP: |RSP: |RAX: |RDX: |RBP: |R\d+: |FS: |CS: |CR2: |DR\d: |PKRU: |Code: "
+    r"|Modules linked in:|---\[|irq event stamp:|hardirqs last|softirqs last|Kernel Offset:|Call Trace:|$)"
+)
+
+
+@dataclass
+class Fault:
+    """One kernel report. trace runs from its title line to its end marker (or a sane limit)."""
+
+    kind: FaultKind
+    title: str
+    trace: str
+    line: int
+    end_line: int
+    suite: str | None
+    phase: Phase
+    complete: bool
+
+
+@dataclass
+class SuiteSpan:
+    """A suite as the console saw it: started at start_line, ended at end_line (None: never ended)."""
+
+    name: str
+    start_line: int
+    end_line: int | None = None
+    rc: int | None = None
+    seconds: float | None = None
+    timed_out: bool = False
+
+    @property
+    def ended(self) -> bool:
+        return self.end_line is not None
+
+
+@dataclass(frozen=True)
+class InitReady:
+    line: int
+
+
+@dataclass(frozen=True)
+class InitFailed:
+    line: int
+
+
+@dataclass(frozen=True)
+class SuiteStarted:
+    name: str
+    line: int
+
+
+@dataclass(frozen=True)
+class SuiteEnded:
+    span: SuiteSpan
+
+
+@dataclass(frozen=True)
+class RunnerDone:
+    line: int
+
+
+@dataclass(frozen=True)
+class FaultStarted:
+    """Emitted on a fault's first line, before its trace is complete (a panic: stop waiting soon)."""
+
+    kind: FaultKind
+    title: str
+    line: int
+    suite: str | None
+
+
+@dataclass(frozen=True)
+class FaultEnded:
+    fault: Fault
+
+
+Event = InitReady | InitFailed | SuiteStarted | SuiteEnded | RunnerDone | FaultStarted | FaultEnded
+
+
+@dataclass
+class ConsoleReport:
+    faults: list[Fault]
+    suites: list[SuiteSpan]
+    init_ready_line: int | None
+    init_failed: bool
+    runner_done_line: int | None
+    boot_seconds: float | None
+    boot_tail: str
+    kernel_release: str | None
+    last_timestamp: float | None
+    lines: int
+
+    @property
+    def panic(self) -> Fault | None:
+        return next((fault for fault in self.faults if fault.kind == "panic"), None)
+
+    def suite(self, name: str) -> SuiteSpan | None:
+        return next((span for span in self.suites if span.name == name), None)
+
+    def faults_in(self, suite: str) -> list[Fault]:
+        return [fault for fault in self.faults if fault.suite == suite]
+
+    @property
+    def running(self) -> SuiteSpan | None:
+        """The suite started last if it has not ended."""
+        if self.suites and not self.suites[-1].ended:
+            return self.suites[-1]
+        return None
+
+
+@dataclass
+class _Open:
+    kind: FaultKind
+    title: str
+    line: int
+    suite: str | None
+    phase: Phase
+    end: re.Pattern[str] | None
+    lines: list[str] = field(default_factory=list)
+    in_call_trace: bool = False
+    last_line: int = 0
+
+
+def normalize(line: str) -> tuple[float | None, str]:
+    """Split a console line into its kernel timestamp (if any) and its text."""
+    text = _ANSI.sub("", line.rstrip("\r\n")).replace("\r", "")
+    match = _TIMESTAMP.match(text)
+    if match is None:
+        return None, text
+    return float(match.group(1)), text[match.end() :]
+
+
+class ConsoleScanner:
+    """Incremental console reader. feed() each line; finish() at the end; report() any time."""
+
+    def __init__(self) -> None:
+        self._line = 0
+        self._faults: list[Fault] = []
+        self._suites: list[SuiteSpan] = []
+        self._open: _Open | None = None
+        self._init_ready: int | None = None
+        self._init_failed = False
+        self._runner_done: int | None = None
+        self._boot_seconds: float | None = None
+        self._last_timestamp: float | None = None
+        self._kernel_release: str | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._boot_tail: list[str] | None = None
+        self._context: collections.deque[str] = collections.deque(maxlen=PANIC_CONTEXT_LINES)
+        self._lines_since_fault: int | None = None
+
+    @property
+    def running_suite(self) -> str | None:
+        if self._suites and not self._suites[-1].ended:
+            return self._suites[-1].name
+        return None
+
+    def feed(self, line: str) -> list[Event]:
+        self._line += 1
+        stamp, text = normalize(line)
+        if stamp is not None:
+            self._last_timestamp = stamp
+        self._tail.append(text)
+        running = self.running_suite
+        if running is not None and text.startswith(f"[{running}] "):
+            return []  # a copy of the suite's own output: neither a marker nor a kernel message
+        events = self._markers(text)
+        if events:
+            self._context.clear()  # a panic's context is what the kernel said since the last marker
+            return events
+        if self._kernel_release is None and (version := _LINUX_VERSION.match(text)):
+            self._kernel_release = version.group(1)
+        return self._kernel_line(text)
+
+    def finish(self) -> list[Event]:
+        """End of the log: close a report still open (it is kept, marked incomplete)."""
+        return self._close(complete=False)
+
+    def report(self) -> ConsoleReport:
+        faults = list(self._faults)
+        if self._open is not None:
+            faults.append(self._to_fault(self._open, complete=False))
+        boot_tail = self._boot_tail if self._boot_tail is not None else list(self._tail)
+        return ConsoleReport(
+            faults=faults,
+            suites=[replace(span) for span in self._suites],
+            init_ready_line=self._init_ready,
+            init_failed=self._init_failed,
+            runner_done_line=self._runner_done,
+            boot_seconds=self._boot_seconds,
+            boot_tail="\n".join(boot_tail),
+            kernel_release=self._kernel_release,
+            last_timestamp=self._last_timestamp,
+            lines=self._line,
+        )
+
+    def tail(self) -> str:
+        """The last console lines (timestamps removed)."""
+        return "\n".join(self._tail)
+
+    # -- markers -------------------------------------------------------------------------------------
+
+    def _markers(self, text: str) -> list[Event]:
+        if _INIT_READY.search(text):
+            self._init_ready = self._line
+            self._boot_seconds = self._last_timestamp
+            self._boot_tail = list(self._tail)[:-1]
+            return [InitReady(self._line)]
+        if _INIT_FAILED.search(text):
+            self._init_failed = True
+            return [InitFailed(self._line)]
+        if (end := _SUITE_END.search(text)) is not None:
+            return [SuiteEnded(self._end_suite(end))]
+        if (start := _SUITE_START.search(text)) is not None:
+            self._suites.append(SuiteSpan(name=start.group(1), start_line=self._line))
+            return [SuiteStarted(start.group(1), self._line)]
+        if _RUNNER_DONE.search(text):
+            self._runner_done = self._line
+            return [RunnerDone(self._line)]
+        return []
+
+    def _end_suite(self, match: re.Match[str]) -> SuiteSpan:
+        name = match.group(1)
+        span = next((s for s in reversed(self._suites) if s.name == name and not s.ended), None)
+        if span is None:  # an END without its START (lost console output): keep what it says
+            span = SuiteSpan(name=name, start_line=self._line)
+            self._suites.append(span)
+        span.end_line = self._line
+        span.rc = None if match.group(2) == "none" else int(match.group(2))
+        span.seconds = float(match.group(3))
+        span.timed_out = match.group(4) == "1"
+        return replace(span)
+
+    # -- faults --------------------------------------------------------------------------------------
+
+    def _kernel_line(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        current = self._open
+        if current is not None:
+            if _CONTINUATION.match(text) and not current.in_call_trace:
+                self._append(current, text)
+                return events
+            start = _match_start(text)
+            if start is None and self._continues(current, text):
+                self._append(current, text)
+                if current.end is not None and current.end.match(text):
+                    events += self._close(complete=True)
+                elif len(current.lines) >= MAX_FAULT_LINES:
+                    events += self._close(complete=False)
+                return events
+            events += self._close(complete=current.end is None)
+        start = _match_start(text)
+        if start is None:
+            self._context.append(text)
+            if self._lines_since_fault is not None:
+                self._lines_since_fault += 1
+            return events
+        opened = _Open(
+            kind=start.kind,
+            title=text.strip(),
+            line=self._line,
+            suite=self.running_suite,
+            phase=self._phase(),
+            end=start.end,
+        )
+        if start.kind == "panic":
+            opened.lines += self._panic_preamble()
+        self._open = opened
+        self._append(opened, text)
+        events.append(FaultStarted(opened.kind, opened.title, opened.line, opened.suite))
+        return events
+
+    def _continues(self, current: _Open, text: str) -> bool:
+        """Whether text still belongs to the open report (reports with an end marker run to it)."""
+        if current.end is not None:
+            return True
+        if not current.in_call_trace:
+            return True
+        return bool(_TRACE_LINE.match(text))
+
+    def _append(self, current: _Open, text: str) -> None:
+        current.lines.append(text)
+        current.last_line = self._line
+        if text.strip() == "Call Trace:":
+            current.in_call_trace = True
+
+    def _close(self, complete: bool) -> list[Event]:
+        current = self._open
+        if current is None:
+            return []
+        self._open = None
+        fault = self._to_fault(current, complete)
+        self._faults.append(fault)
+        self._context.clear()
+        self._lines_since_fault = 0
+        return [FaultEnded(fault)]
+
+    def _to_fault(self, current: _Open, complete: bool) -> Fault:
+        return Fault(
+            kind=current.kind,
+            title=current.title,
+            trace="\n".join(current.lines),
+            line=current.line,
+            end_line=current.last_line,
+            suite=current.suite,
+            phase=current.phase,
+            complete=complete,
+        )
+
+    def _panic_preamble(self) -> list[str]:
+        """What led to a panic: the report just before it (and the lines since), else recent lines."""
+        lines: list[str] = []
+        recent = self._faults[-1] if self._faults else None
+        if recent is not None and self._lines_since_fault is not None and self._lines_since_fault <= 10:
+            lines += recent.trace.splitlines()
+        lines += self._context
+        return lines
+
+    def _phase(self) -> Phase:
+        if self._init_ready is None:
+            return "boot"
+        if self.running_suite is not None:
+            return "suite"
+        if self._runner_done is not None:
+            return "shutdown"
+        return "runner"
+
+
+def _match_start(text: str) -> _Start | None:
+    return next((start for start in _STARTS if start.pattern.match(text)), None)
+
+
+def scan(text: str) -> ConsoleReport:
+    """Read a whole console log."""
+    scanner = ConsoleScanner()
+    for line in text.splitlines():
+        scanner.feed(line)
+    scanner.finish()
+    return scanner.report()
