@@ -71,7 +71,10 @@ def test_flatten_keeps_a_parent_that_failed_on_its_own():
 
 
 def test_spec_two_space_nesting_with_diag_for_parent():
-    text = "KTAP version 1\n1..1\n  KTAP version 1\n  1..2\n  ok 1 test_1\n  not ok 2 test_2\n# example failed\nnot ok 1 example\n"
+    text = (
+        "KTAP version 1\n1..1\n  KTAP version 1\n  1..2\n  ok 1 test_1\n  not ok 2 test_2\n"
+        "# example failed\nnot ok 1 example\n"
+    )
     report = parse(text)
     (example,) = report.tests
     assert example.status == "fail"
