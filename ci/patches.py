@@ -394,8 +394,8 @@ def _apply_error(
     hunks = tuple(f.hunk for f in failures if f.target == first_target and f.hunk is not None)
     problems = [f"{f.target or '(unknown file)'}: {f.problem}" for f in failures]
     kinds = [f.kind for f in failures]
-    hint = next(
-        (_HINTS[kind] for kind in ("malformed", "missing", "applied", "exists", "hunk") if kind in kinds), ""
+    hint = "\nhint: ".join(
+        _HINTS[kind] for kind in ("malformed", "missing", "applied", "exists", "hunk") if kind in kinds
     )
     return PatchApplyError(
         series,
