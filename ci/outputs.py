@@ -42,8 +42,14 @@ def _copy_file(src: Path, dest: Path) -> None:
 
 
 def _is_kbuild_file(rel: Path) -> bool:
-    name = rel.name
-    return name.startswith(KBUILD_SRC_NAMES) or name.endswith(KBUILD_SRC_SUFFIXES)
+    """Makefiles and Kconfigs everywhere (kbuild includes them), other build files only in the x86 tree."""
+    if rel.name.startswith(KBUILD_SRC_NAMES):
+        return True
+    return (
+        rel.parts[:2] == ("arch", "x86")
+        and rel.name.endswith(KBUILD_SRC_SUFFIXES)
+        and rel.parts[2:3] != ("boot",)
+    )
 
 
 def export_kbuild_tree(src: Path, out: Path, dest: Path) -> None:
