@@ -131,7 +131,7 @@ def load_series(directory: Path) -> Series:
         )
     listed: list[Path] = []
     for number, raw in enumerate(series_file.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.split(" #", 1)[0].strip()
+        line = re.split(r"\s#", raw, maxsplit=1)[0].strip()
         if not line or line.startswith("#"):
             continue
         where = f"{series_file}:{number}"

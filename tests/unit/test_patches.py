@@ -122,7 +122,9 @@ def test_discover_series_finds_every_series_sorted_with_patches_in_series_order(
         root,
         "alpha",
         [first, second],
-        series_text=f"# the alpha series\n\n{second.name}   # comes first\n{first.name} -p1\n",
+        series_text=(
+            f"# the alpha series\n\n{second.name}   # comes first\n{first.name} -p1\t# tab, then comment\n"
+        ),
     )
     (directory / "b.config").write_text("CONFIG_B=y\n")
     (directory / "a.config").write_text("CONFIG_A=y\n")
