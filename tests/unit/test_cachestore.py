@@ -5,6 +5,7 @@ import fcntl
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_a_put_failing_mid_copy_publishes_nothing_and_readers_never_see_half_an_
                 seen_mid_copy.extend([reader.get(KEY_A), list(reader.manifests()), visible_entries(reader)])
             raise OSError(errno.ENOSPC, "No space left on device")
         copied.append(source)
-        return cachestore.shutil.copy2(source, destination)
+        return shutil.copy2(source, destination)
 
     monkeypatch.setattr(cachestore, "_copy_file", copy_then_crash)
     with pytest.raises(CacheStoreError, match="nothing was published"):
