@@ -52,8 +52,11 @@ class BuildStore(Protocol):
         """The local directory holding the entry's files, or None when the key is not cached."""
         ...
 
-    def put(self, key: str, outputs: Path, manifest: Mapping[str, str]) -> Path:
-        """Publish the files of the outputs directory under key, atomically; returns the entry directory."""
+    def put(self, key: str, outputs: Path, manifest: Mapping[str, str], *, move: bool = False) -> Path:
+        """Publish the files of the outputs directory under key, atomically; returns the entry directory.
+
+        With move=True the outputs directory may be consumed (moved instead of copied).
+        """
         ...
 
     def manifests(self) -> Iterator[tuple[str, dict[str, str]]]:
