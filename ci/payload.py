@@ -1,0 +1,176 @@
+"""The payload the guest mounts read-only at /kci: runner, plan.json, suites and modules (PROTOCOL.md).
+
+plan.json's schema lives here too (`Plan`, `read_plan`), since the host reads it back for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ci.paths import GUEST_TESTS
+from ci.suites import LANGUAGES, Language, Suite
+
+RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
+KTAP_LIB = ("lib/ktap.c",)
+PYTEST_ARGV = (
+    "python3",
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "-o",
+    "junit_logging=all",
+    "--junitxml",
+    "$KCI_JUNIT",
+)
+
+# compile_c(src_dir, c_files, out_binary): build a static binary from c_files (paths relative to src_dir,
+# the guest-tests folder, so "lib/ktap.c" and the suite's own "<suite>/x.c" are both under it).
+CompileC = Callable[[Path, list[str], Path], None]
+
+
+class PayloadError(RuntimeError):
+    """The payload cannot be assembled (missing module, clashing file names, non-empty destination)."""
+
+
+@dataclass(frozen=True)
+class PlanSuite:
+    name: str
+    language: Language
+    timeout: int
+    modules: tuple[str, ...]  # paths under the payload root, loaded before the suite, unloaded after
+    argv: tuple[str, ...]
+    workdir: str  # under the payload root
+    junit: bool  # the suite writes $KCI_JUNIT itself
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "language": self.language,
+            "timeout": self.timeout,
+            "modules": list(self.modules),
+            "argv": list(self.argv),
+            "workdir": self.workdir,
+            "junit": self.junit,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PlanSuite:
+        language = data["language"]
+        if language not in LANGUAGES:
+            raise ValueError(f"suite {data.get('name')!r}: unknown language {language!r}")
+        return cls(
+            name=str(data["name"]),
+            language=language,
+            timeout=int(data["timeout"]),
+            modules=tuple(str(m) for m in data.get("modules", [])),
+            argv=tuple(str(a) for a in data["argv"]),
+            workdir=str(data["workdir"]),
+            junit=bool(data.get("junit", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    kernel_release: str
+    suites: tuple[PlanSuite, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kernel_release": self.kernel_release, "suites": [s.to_json() for s in self.suites]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(str(data["kernel_release"]), tuple(PlanSuite.from_json(s) for s in data["suites"]))
+
+
+def read_plan(path: Path) -> Plan:
+    """plan.json, as written by assemble_payload."""
+    try:
+        return Plan.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PayloadError(f"{path}: not a usable plan.json: {exc}") from exc
+
+
+def assemble_payload(
+    suites: Sequence[Suite],
+    dest: Path,
+    kernel_release: str,
+    compile_c: CompileC,
+    module_kos: Mapping[str, Path],
+    *,
+    runner: Path = RUNNER,
+) -> Path:
+    """Write dest/kci-runner.py, dest/plan.json, dest/suites/<name>/... and dest/modules/*.ko.
+
+    module_kos maps a kernel-modules/ folder name (as the manifests name it) to its built .ko file.
+    """
+    if dest.exists() and any(dest.iterdir()):
+        raise PayloadError(f"{dest}: payload destination is not empty")
+    kos = _module_files(suites, module_kos)
+    (dest / "modules").mkdir(parents=True, exist_ok=True)
+    for name, ko in kos.items():
+        shutil.copyfile(ko, dest / "modules" / name)
+    shutil.copyfile(runner, dest / "kci-runner.py")
+    planned = []
+    for suite in suites:
+        workdir = Path("suites") / suite.name
+        (dest / workdir).mkdir(parents=True)
+        if suite.language == "c":
+            argv = _build_c(suite, dest / workdir, compile_c)
+        else:
+            argv = _copy_python(suite, dest / workdir)
+        planned.append(
+            PlanSuite(
+                name=suite.name,
+                language=suite.language,
+                timeout=suite.timeout,
+                modules=tuple(f"modules/{module_kos[m].name}" for m in suite.modules),
+                argv=argv,
+                workdir=workdir.as_posix(),
+                junit=suite.language == "python",
+            )
+        )
+    plan = Plan(kernel_release, tuple(planned))
+    (dest / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    return dest
+
+
+def _module_files(suites: Sequence[Suite], module_kos: Mapping[str, Path]) -> dict[str, Path]:
+    """The .ko files to ship, by file name; every module a suite names must have been built."""
+    wanted = list(dict.fromkeys(m for suite in suites for m in suite.all_modules))
+    missing = [m for m in wanted if m not in module_kos]
+    if missing:
+        raise PayloadError(f"no built .ko for module folder(s) {', '.join(missing)} (needed by the suites)")
+    files: dict[str, Path] = {}
+    for module in wanted:
+        ko = module_kos[module]
+        if not ko.is_file():
+            raise PayloadError(f"module {module}: {ko} does not exist")
+        if ko.name in files and files[ko.name] != ko:
+            raise PayloadError(f"two modules would both be shipped as modules/{ko.name}")
+        files[ko.name] = ko
+    return files
+
+
+def _build_c(suite: Suite, out_dir: Path, compile_c: CompileC) -> tuple[str, ...]:
+    binary = out_dir / suite.name
+    sources = [f"{suite.name}/{src}" for src in suite.sources] + list(KTAP_LIB)
+    compile_c(suite.path.parent, sources, binary)
+    if not binary.is_file():
+        raise PayloadError(f"suite {suite.name}: the C compiler produced no {binary}")
+    binary.chmod(0o755)
+    return (f"./{suite.name}",)
+
+
+def _copy_python(suite: Suite, out_dir: Path) -> tuple[str, ...]:
+    for source in suite.sources:
+        target = out_dir / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(suite.path / source, target)
+    return (*PYTEST_ARGV, *suite.sources)

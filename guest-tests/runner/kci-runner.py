@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""kci-runner: runs the plan's suites inside the guest, as guest-tests/PROTOCOL.md describes.
+
+Standard library only (the guest has python3 and python3-pytest, nothing from pip). In the guest it is
+PID 1 (kci-init execs it) and ends the VM by rebooting (QEMU runs with -no-reboot). For host tests,
+--no-reboot (or KCI_RUNNER_NO_REBOOT=1) makes it just exit, and --insmod/--rmmod (or KCI_RUNNER_INSMOD /
+KCI_RUNNER_RMMOD) replace the module commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import re
+import selectors
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+RB_AUTOBOOT = 0x01234567
+KILL_GRACE = 5.0  # seconds between SIGINT (pytest still writes its junit.xml) and SIGKILL
+DRAIN_SECONDS = 2.0  # after the suite's process exited, how long to wait for its pipe to close
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def say(text: str) -> None:
+    """One line on the console (stdout is the console in the guest)."""
+    sys.stdout.buffer.write(text.encode("utf-8", "replace") + b"\n")
+    sys.stdout.buffer.flush()
+
+
+class Tee:
+    """Suite output: raw bytes to output.txt, and line by line to the console with a `[name] ` prefix."""
+
+    def __init__(self, out, name: str) -> None:
+        self.out = out
+        self.prefix = f"[{name}] ".encode()
+        self.partial = b""
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+        self.partial += data
+        *lines, self.partial = self.partial.split(b"\n")
+        if len(self.partial) > 4096:
+            lines.append(self.partial)
+            self.partial = b""
+        for line in lines:
+            sys.stdout.buffer.write(self.prefix + line.rstrip(b"\r") + b"\n")
+        sys.stdout.buffer.flush()
+
+    def close(self) -> None:
+        if self.partial:
+            sys.stdout.buffer.write(self.prefix + self.partial + b"\n")
+            sys.stdout.buffer.flush()
+            self.partial = b""
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    """$VAR and ${VAR} from the suite's environment; unknown names stay as written."""
+    return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), arg)
+
+
+def killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def run_suite_process(
+    argv: list[str], cwd: str, env: dict[str, str], timeout: float, output: str, name: str, grace: float
+) -> tuple[int, bool]:
+    """Run argv in its own process group, tee its output, kill the whole group on timeout.
+
+    Returns (exit status, timed_out). The status is negative when a signal ended the process.
+    """
+    with open(output, "wb") as out:
+        tee = Tee(out, name)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            tee.write(f"kci-runner: cannot start {argv[0]}: {exc}\n".encode())
+            tee.close()
+            return (127 if isinstance(exc, FileNotFoundError) else 126), False
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        selector = selectors.DefaultSelector()
+        selector.register(fd, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        kill_at: float | None = None
+        drain_until: float | None = None
+        timed_out = eof = False
+        while True:
+            now = time.monotonic()
+            if not timed_out and now >= deadline:
+                timed_out = True
+                killpg(proc.pid, signal.SIGINT)
+                kill_at = now + grace
+            if kill_at is not None and now >= kill_at:
+                killpg(proc.pid, signal.SIGKILL)
+                kill_at = None
+            if proc.poll() is not None:
+                if drain_until is None:
+                    killpg(proc.pid, signal.SIGKILL)  # what the suite left in its group goes too
+                    kill_at = None
+                    drain_until = now + DRAIN_SECONDS
+                if eof or now >= drain_until:
+                    break
+            limits = [t - now for t in (deadline, kill_at, drain_until) if t is not None and t > now]
+            wait = min([0.2, *limits])
+            if eof:
+                time.sleep(wait)  # the suite closed its output but still runs
+                continue
+            if not selector.select(timeout=wait):
+                continue
+            data = os.read(fd, 65536)
+            if data:
+                tee.write(data)
+            else:
+                eof = True
+        selector.close()
+        proc.stdout.close()
+        tee.close()
+        killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(), timed_out
+
+
+def module_name(path: str) -> str:
+    base = os.path.basename(path)
+    return (base[:-3] if base.endswith(".ko") else base).replace("-", "_")
+
+
+def run_module_command(command: list[str], target: str, timeout: float) -> str | None:
+    """None on success, else a one-line description of the failure."""
+    argv = [*command, target]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return f"{shlex.join(argv)}: timed out after {timeout:.0f}s"
+    except OSError as exc:
+        return f"{shlex.join(argv)}: {exc}"
+    if done.returncode != 0:
+        text = (done.stdout + done.stderr).decode("utf-8", "replace").strip()
+        return f"{shlex.join(argv)}: exit status {done.returncode}: {text}"
+    return None
+
+
+def write_status(directory: str, status: dict) -> None:
+    tmp = os.path.join(directory, "status.json.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(status, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(directory, "status.json"))
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.payload = os.path.abspath(args.payload or os.path.dirname(os.path.abspath(args.plan)))
+        self.results = os.path.abspath(args.results)
+        self.insmod = shlex.split(args.insmod)
+        self.rmmod = shlex.split(args.rmmod)
+
+    def suite_env(self, suite: dict, release: str) -> dict[str, str]:
+        name = suite["name"]
+        env = dict(os.environ)
+        env.setdefault("PATH", DEFAULT_PATH)
+        env.setdefault("HOME", "/root")
+        env.setdefault("LANG", "C.UTF-8")
+        env.update(
+            {
+                "KCI_SUITE": name,
+                "KCI_ARTIFACTS": os.path.join(self.results, name, "artifacts"),
+                "KCI_JUNIT": os.path.join(self.results, name, "junit.xml"),
+                "KCI_KERNEL_RELEASE": release,
+                "KCI_PAYLOAD": self.payload,
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def run(self) -> None:
+        with open(self.args.plan) as handle:
+            plan = json.load(handle)
+        release = plan.get("kernel_release", "")
+        for suite in plan["suites"]:
+            self.run_suite(suite, release)
+            reap_orphans()
+        say("KCI-RUNNER: done")
+
+    def run_suite(self, suite: dict, release: str) -> None:
+        name = suite["name"]
+        directory = os.path.join(self.results, name)
+        os.makedirs(os.path.join(directory, "artifacts"), exist_ok=True)
+        say(f"KCI-SUITE-START: {name}")
+        started = time.monotonic()
+        rc: int | None = None
+        timed_out = False
+        errors: list[str] = []
+        try:
+            timeout = float(suite["timeout"])
+            loaded: list[str] = []
+            for module in suite.get("modules", []):
+                path = os.path.join(self.payload, module)
+                error = run_module_command(self.insmod, path, timeout)
+                if error is not None:
+                    errors.append(error)
+                    say(f"KCI-RUNNER: {error}")
+                    break
+                loaded.append(path)
+            if not errors:
+                env = self.suite_env(suite, release)
+                argv = [expand(arg, env) for arg in suite["argv"]]
+                cwd = os.path.join(self.payload, suite.get("workdir", "."))
+                output = os.path.join(directory, "output.txt")
+                rc, timed_out = run_suite_process(argv, cwd, env, timeout, output, name, self.args.kill_grace)
+            for path in reversed(loaded):
+                error = run_module_command(self.rmmod, module_name(path), timeout)
+                if error is not None:
+                    errors.append(error)
+                    say(f"KCI-RUNNER: {error}")
+        except Exception as exc:  # keep going with the next suite; the host sees the message
+            errors.append(f"kci-runner: {exc!r}")
+            say(f"KCI-RUNNER: suite {name} failed: {exc!r}")
+        seconds = time.monotonic() - started
+        status = {
+            "name": name,
+            "rc": rc,
+            "seconds": round(seconds, 3),
+            "timed_out": timed_out,
+            "module_errors": errors,
+        }
+        try:
+            write_status(directory, status)
+        except OSError as exc:
+            say(f"KCI-RUNNER: cannot write {directory}/status.json: {exc}")
+        shown = "none" if rc is None else str(rc)
+        say(f"KCI-SUITE-END: {name} rc={shown} seconds={seconds:.2f} timed_out={int(timed_out)}")
+
+
+def reap_orphans() -> None:
+    """As PID 1, collect the zombies of processes the suites orphaned."""
+    if os.getpid() != 1:
+        return
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def reboot() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.reboot(RB_AUTOBOOT) != 0:
+        say(f"KCI-RUNNER: reboot failed: {os.strerror(ctypes.get_errno())}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("plan", help="plan.json (its folder is the payload root unless --payload)")
+    parser.add_argument("--payload", help="payload root (default: the plan's folder)")
+    parser.add_argument("--results", default="/kci-results", help="results root (default /kci-results)")
+    parser.add_argument(
+        "--no-reboot",
+        action="store_true",
+        default=os.environ.get("KCI_RUNNER_NO_REBOOT") == "1",
+        help="exit instead of rebooting (host tests); also KCI_RUNNER_NO_REBOOT=1",
+    )
+    parser.add_argument("--insmod", default=os.environ.get("KCI_RUNNER_INSMOD", "insmod"))
+    parser.add_argument("--rmmod", default=os.environ.get("KCI_RUNNER_RMMOD", "rmmod"))
+    parser.add_argument("--kill-grace", type=float, default=KILL_GRACE, help="SIGINT to SIGKILL delay")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    status = 0
+    try:
+        Runner(args).run()
+    except Exception as exc:
+        say(f"KCI-RUNNER: crashed: {exc!r}")
+        for line in traceback.format_exc().splitlines():
+            say(f"KCI-RUNNER: {line}")
+        status = 1
+    finally:
+        os.sync()
+        if not args.no_reboot:
+            reboot()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
