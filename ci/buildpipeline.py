@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ci import builder, buildkey, hostsetup, images, kconfig, outputs, patches, source
+from ci import builder, buildkey, hostsetup, images, kconfig, outputs, patches, proc, source
 from ci.cachestore import BuildStore, LocalStore
 from ci.paths import KCONFIG_DIR, KERNEL_PATCHES, REPO_ROOT, cache_dir
 from ci.ui import console, step, warn
@@ -88,7 +87,7 @@ def _prepare_tree(src: source.KernelSource, series: Sequence[patches.Series], tr
         shutil.rmtree(tree)
     staging = work / f"src.tmp.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    subprocess.run(["cp", "-al", str(src.tree), str(staging)], check=True)
+    proc.run(["cp", "-al", src.tree, staging], quiet=True)
     applied = patches.apply_series(series, staging)
     staging.rename(tree)
     marker.write_text(json.dumps({"source": src.version, "patches": applied}, indent=1))
