@@ -38,6 +38,7 @@ class BuildRequest:
     use_cache: bool = True  # the build cache (never ccache: see use_ccache)
     use_ccache: bool = True
     fresh: bool = False  # start from an empty object tree (no incremental build)
+    ccache_dir: Path | None = None  # default: the per-user ccache of kernel-ci
 
 
 @dataclass
@@ -47,6 +48,7 @@ class BuildResult:
     metadata: dict
     cache_hit: bool
     seconds: float
+    work: Path | None = None  # the patched source and object trees (None on a cache hit)
 
     @property
     def bzimage(self) -> Path:
@@ -166,7 +168,7 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         image=image,
         src=src_tree,
         out=out_tree,
-        ccache_dir=cache_dir("ccache"),
+        ccache_dir=request.ccache_dir or cache_dir("ccache"),
         jobs=request.jobs,
         timestamp=kbuild_timestamp(src.tree),
         use_ccache=request.use_ccache,
@@ -253,7 +255,7 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
                 _link_or_copy_tree(entry, request.output)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-    return BuildResult(key, request.output, metadata, False, time.monotonic() - started)
+    return BuildResult(key, request.output, metadata, False, time.monotonic() - started, out_tree.parent)
 
 
 def _restore(entry: Path, key: str, request: BuildRequest, started: float, why: str) -> BuildResult:
