@@ -45,7 +45,11 @@ _DIRECTIVE_STATUS: dict[str, Status] = {
 
 @dataclass
 class KtapTest:
-    """One result line (and its nested subtests). `reason` is the directive's or result's diagnostic data."""
+    """One result line (and its nested subtests). `reason` is the directive's or result's diagnostic data.
+
+    incomplete: no result line came for this test (its block was opened, then the output ended or moved
+    on); such a test has status "error".
+    """
 
     name: str
     status: Status
@@ -54,6 +58,7 @@ class KtapTest:
     subtests: list[KtapTest] = field(default_factory=list)
     seconds: float | None = None
     reason: str = ""
+    incomplete: bool = False
 
 
 @dataclass
@@ -305,6 +310,7 @@ class KtapParser:
                 output="\n".join(parent.pending + child.pending),
                 subtests=child.tests,
                 reason="no result line (output ended or was interrupted)",
+                incomplete=True,
             )
         )
         parent.pending.clear()
@@ -347,8 +353,8 @@ def strip_prefix(text: str, prefix: str) -> str:
 def flatten(tests: Iterable[KtapTest], sep: str = ".") -> Iterator[tuple[str, KtapTest]]:
     """The leaf tests with dotted names (`parent.child`).
 
-    A parent is yielded as well when it failed or errored on its own (none of its subtests did), so a
-    failure is never lost; otherwise its status is already carried by its subtests.
+    A parent is yielded as well when it never got its result line, or when it failed or errored on its
+    own (none of its subtests did), so a failure is never lost; otherwise its subtests carry its status.
     """
     for test in tests:
         name = test.name or f"test {test.number}"
@@ -359,5 +365,5 @@ def flatten(tests: Iterable[KtapTest], sep: str = ".") -> Iterator[tuple[str, Kt
         for child_name, child in children:
             yield f"{name}{sep}{child_name}", child
         bad = {"fail", "error"}
-        if test.status in bad and not any(child.status in bad for _, child in children):
+        if test.incomplete or (test.status in bad and not any(child.status in bad for _, child in children)):
             yield name, test

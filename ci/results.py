@@ -1,0 +1,683 @@
+"""Verdicts: turn what the guest left (results dir + console) into one JUnit file and one exit code.
+
+Inputs: the plan (plan.json), the results dir (`<suite>/output.txt`, `status.json`, `junit.xml`,
+`artifacts/`), the console report from ci.scanner and how the guest ended (GuestEnd, from the caller).
+Every problem becomes a testcase with an Outcome; the run's outcome is the worst of them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import signal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from junit_xml import TestCase as JunitCase
+from junit_xml import TestSuite as JunitSuite
+from junit_xml import to_xml_report_string
+from junitparser import Error as JunitError
+from junitparser import Failure as JunitFailure
+from junitparser import JUnitXml, JUnitXmlError
+from junitparser import Skipped as JunitSkipped
+from junitparser import TestSuite as ParsedSuite
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from ci.ktap import KtapReport, KtapTest, flatten
+from ci.ktap import parse as parse_ktap
+from ci.payload import Plan, PlanSuite
+from ci.scanner import ConsoleReport, Fault, SuiteSpan
+
+OUTPUT_LIMIT = 64 * 1024  # characters of output.txt kept in a suite's system-out
+CASE_OUTPUT_LIMIT = 16 * 1024
+ARTIFACT_TEXT_LIMIT = 8 * 1024  # artifacts up to this size that decode as UTF-8 are shown inline
+ARTIFACT_INLINE_FILES = 20
+BOOT_SUITE = "boot"
+
+
+class Outcome(enum.IntEnum):
+    """The run's verdict; its value is the exit code (2 is left to argparse usage errors)."""
+
+    PASS = 0
+    TEST_FAILURE = 1
+    KERNEL_OOPS = 3
+    KERNEL_PANIC = 4
+    GUEST_HANG = 5
+    BOOT_TIMEOUT = 6
+    INFRA_FAILURE = 7
+
+    @property
+    def severity(self) -> int:
+        return _SEVERITY.index(self)
+
+
+_SEVERITY = (
+    Outcome.PASS,
+    Outcome.TEST_FAILURE,
+    Outcome.KERNEL_OOPS,
+    Outcome.BOOT_TIMEOUT,
+    Outcome.GUEST_HANG,
+    Outcome.KERNEL_PANIC,
+    Outcome.INFRA_FAILURE,
+)
+
+
+def worst(outcomes: Iterable[Outcome]) -> Outcome:
+    return max(outcomes, key=lambda outcome: outcome.severity, default=Outcome.PASS)
+
+
+EndKind = Literal["poweroff", "timeout", "hang", "boot_timeout", "qemu_failed"]
+
+
+@dataclass(frozen=True)
+class GuestEnd:
+    """How the guest run ended, as the QEMU runner saw it."""
+
+    kind: EndKind
+    detail: str = ""
+    console_tail: str = ""
+    sysrq_dump: str = ""
+
+
+CaseState = Literal["passed", "failed", "error", "skipped"]
+
+
+@dataclass
+class Case:
+    name: str
+    classname: str
+    state: CaseState
+    seconds: float | None = None
+    message: str = ""  # one line: the failure/error/skip reason
+    detail: str = ""  # the failure/error body (trace, console tail)
+    output: str = ""  # system-out
+    stderr: str = ""  # system-err
+    outcome: Outcome = Outcome.PASS  # what this case means for the run
+
+
+@dataclass
+class SuiteResult:
+    name: str
+    cases: list[Case]
+    properties: dict[str, str] = field(default_factory=dict)
+    output: str = ""
+    errors: str = ""
+    seconds: float | None = None
+
+    def count(self, state: CaseState) -> int:
+        return sum(1 for case in self.cases if case.state == state)
+
+    @property
+    def bad(self) -> bool:
+        return any(case.state in ("failed", "error") for case in self.cases)
+
+
+@dataclass(frozen=True)
+class SuiteRow:
+    name: str
+    tests: int
+    failed: int
+    errors: int
+    skipped: int
+    passed: int
+    seconds: float | None
+
+
+@dataclass
+class RunReport:
+    outcome: Outcome
+    suites: list[SuiteResult]
+    properties: dict[str, str] = field(default_factory=dict)
+
+    def count(self, state: CaseState) -> int:
+        return sum(suite.count(state) for suite in self.suites)
+
+    @property
+    def tests(self) -> int:
+        return sum(len(suite.cases) for suite in self.suites)
+
+    @property
+    def rows(self) -> list[SuiteRow]:
+        return [
+            SuiteRow(
+                s.name,
+                len(s.cases),
+                s.count("failed"),
+                s.count("error"),
+                s.count("skipped"),
+                s.count("passed"),
+                s.seconds,
+            )
+            for s in self.suites
+        ]
+
+    def problems(self) -> list[tuple[str, Case]]:
+        """Failed cases first, then errored ones, each in suite order."""
+        found = [(s.name, c) for s in self.suites for c in s.cases if c.state == "failed"]
+        return found + [(s.name, c) for s in self.suites for c in s.cases if c.state == "error"]
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """Why a suite stopped before its end, and what that means for the run."""
+
+    reason: str
+    outcome: Outcome
+    not_run: str
+
+
+# --- collecting --------------------------------------------------------------------------------------
+
+
+def collect(
+    plan: Plan,
+    results_dir: Path,
+    console: ConsoleReport,
+    end: GuestEnd,
+    properties: Mapping[str, str] | None = None,
+) -> RunReport:
+    """Read everything the run left behind into one report (see write_junit and render_report)."""
+    props = dict(properties or {})
+    run_stop = _run_stop(console, end)
+    suites = [_boot_suite(console, end, run_stop)]
+    for planned in plan.suites:
+        suites.append(_suite(planned, results_dir / planned.name, console, end, run_stop))
+    _place_run_faults(suites, console, end)
+    for suite in suites:
+        suite.properties = {**props, **suite.properties}
+    outcome = worst(case.outcome for suite in suites for case in suite.cases)
+    return RunReport(outcome, suites, props)
+
+
+def _run_stop(console: ConsoleReport, end: GuestEnd) -> _Stop:
+    """Why the guest stopped running suites (used for the suite in progress and those never started)."""
+    panic = console.panic
+    if panic is not None:
+        return _Stop(f"the kernel panicked: {panic.title}", Outcome.KERNEL_PANIC, "the kernel panicked")
+    if end.kind == "qemu_failed":
+        return _Stop(f"QEMU failed: {end.detail}", Outcome.INFRA_FAILURE, "QEMU failed")
+    if end.kind == "hang":
+        return _Stop(f"the guest hung: {end.detail}", Outcome.GUEST_HANG, "the guest hung")
+    if end.kind == "timeout":
+        return _Stop(f"the run timed out: {end.detail}", Outcome.GUEST_HANG, "the run timed out")
+    if end.kind == "boot_timeout":
+        return _Stop(f"the guest did not boot in time: {end.detail}", Outcome.BOOT_TIMEOUT, "boot timed out")
+    if console.init_failed:
+        return _Stop("the guest runner failed to start", Outcome.INFRA_FAILURE, "the runner failed")
+    if console.init_ready_line is None:
+        return _Stop(
+            "the guest reset before reaching init (no panic message: early crash or triple fault)",
+            Outcome.KERNEL_PANIC,
+            "the guest reset during boot",
+        )
+    if console.runner_done_line is None:
+        return _Stop(
+            "the guest reset or powered off while the runner was running (no panic message)",
+            Outcome.KERNEL_PANIC,
+            "the guest reset",
+        )
+    return _Stop("the runner did not run it", Outcome.INFRA_FAILURE, "the runner did not run it")
+
+
+def _boot_suite(console: ConsoleReport, end: GuestEnd, stop: _Stop) -> SuiteResult:
+    cases: list[Case] = []
+    tail = end.console_tail or console.boot_tail
+    if console.init_ready_line is not None:
+        cases.append(Case("boot", BOOT_SUITE, "passed", seconds=console.boot_seconds))
+    elif end.kind == "qemu_failed":
+        cases.append(
+            _problem("boot", BOOT_SUITE, "error", f"QEMU failed: {end.detail}", tail, Outcome.INFRA_FAILURE)
+        )
+    elif console.panic is not None:
+        message = f"the kernel panicked before init: {console.panic.title}"
+        cases.append(_problem("boot", BOOT_SUITE, "failed", message, tail, Outcome.KERNEL_PANIC))
+    elif end.kind in ("boot_timeout", "timeout", "hang"):
+        message = f"no KCI-INIT: ready ({end.kind}): {end.detail}".rstrip(": ")
+        cases.append(_problem("boot", BOOT_SUITE, "failed", message, tail, Outcome.BOOT_TIMEOUT))
+    else:
+        cases.append(_problem("boot", BOOT_SUITE, "failed", stop.reason, tail, stop.outcome))
+    if console.init_ready_line is not None:
+        if console.runner_done_line is not None:
+            cases.append(Case("runner", BOOT_SUITE, "passed"))
+        elif console.init_failed:
+            message = "KCI-INIT: runner failed (payload missing or runner crashed)"
+            cases.append(_problem("runner", BOOT_SUITE, "error", message, tail, Outcome.INFRA_FAILURE))
+        else:
+            cases.append(Case("runner", BOOT_SUITE, "skipped", message=f"not finished: {stop.not_run}"))
+    properties = {"guest.end": end.kind}
+    if end.detail:
+        properties["guest.end.detail"] = end.detail
+    if console.boot_seconds is not None:
+        properties["boot.seconds"] = f"{console.boot_seconds:.3f}"
+    if console.kernel_release:
+        properties["kernel.release.booted"] = console.kernel_release
+    return SuiteResult(BOOT_SUITE, cases, properties, seconds=console.boot_seconds)
+
+
+def _place_run_faults(suites: list[SuiteResult], console: ConsoleReport, end: GuestEnd) -> None:
+    """Kernel reports outside any suite, the panic and the hang go to the suite they happened in."""
+    by_name = {suite.name: suite for suite in suites}
+    boot = by_name[BOOT_SUITE]
+    for fault in console.faults:
+        target = by_name.get(fault.suite or "", boot)
+        if fault.kind == "panic":
+            target.cases.append(
+                _problem(
+                    "kernel: panic", target.name, "error", fault.title, fault.trace, Outcome.KERNEL_PANIC
+                )
+            )
+        elif target is boot:  # the ones inside a suite were added with that suite
+            target.cases.append(_oops_case(fault, target.name))
+    if end.kind in ("hang", "timeout"):
+        running = console.running
+        target = by_name.get(running.name, boot) if running is not None else boot
+        detail = (
+            f"--- console (last lines) ---\n{end.console_tail}\n--- sysrq task dump ---\n{end.sysrq_dump}"
+        )
+        what = "hung" if end.kind == "hang" else "timed out"
+        target.cases.append(
+            _problem(
+                f"guest: {end.kind}",
+                target.name,
+                "error",
+                f"the guest {what}: {end.detail}".rstrip(": "),
+                detail,
+                Outcome.GUEST_HANG,
+            )
+        )
+
+
+def _oops_case(fault: Fault, classname: str) -> Case:
+    return _problem(
+        f"kernel: {fault.title}",
+        classname,
+        "failed",
+        f"{fault.kind}: {fault.title}",
+        fault.trace,
+        Outcome.KERNEL_OOPS,
+    )
+
+
+def _suite(
+    planned: PlanSuite, directory: Path, console: ConsoleReport, end: GuestEnd, run_stop: _Stop
+) -> SuiteResult:
+    name = planned.name
+    span = console.suite(name)
+    status, status_error = _read_status(directory / "status.json")
+    started = span is not None or status is not None or status_error is not None
+    ended = (span is not None and span.ended) or status is not None
+    result = SuiteResult(name, [], {"language": planned.language, "timeout": str(planned.timeout)})
+    if not started:
+        result.cases.append(Case(name, name, "skipped", message=f"not run: {run_stop.not_run}"))
+        result.properties["state"] = "not run"
+        return result
+    output = _read_text(directory / "output.txt")
+    result.output = _tail(output or "", OUTPUT_LIMIT) + _artifacts(directory / "artifacts", result.properties)
+    stop: _Stop | None = None
+    if not ended:
+        stop = _Stop(f"interrupted: {run_stop.reason}", run_stop.outcome, f"not run: {run_stop.not_run}")
+        result.properties["state"] = "interrupted"
+    else:
+        result.properties["state"] = "ended"
+    rc, timed_out, seconds = _status_fields(status, span)
+    result.seconds = seconds
+    if seconds is not None:
+        result.properties["seconds"] = f"{seconds:.3f}"
+    if rc is not None:
+        result.properties["rc"] = str(rc)
+    if timed_out:
+        result.properties["timed_out"] = "true"
+        stop = _Stop(
+            f"suite timed out after {planned.timeout}s", Outcome.TEST_FAILURE, "not run: suite timed out"
+        )
+    if status_error is not None:
+        result.cases.append(
+            _problem("results: status.json", name, "failed", status_error, "", Outcome.TEST_FAILURE)
+        )
+    elif ended and status is None:
+        message = "status.json is missing (the results share lost it?)"
+        result.cases.append(
+            _problem("results: status.json", name, "failed", message, "", Outcome.TEST_FAILURE)
+        )
+    module_errors = [str(e) for e in (status or {}).get("module_errors", [])]
+    if module_errors:
+        ran = rc is not None
+        message = "module unload failed" if ran else "module load failed: the suite did not run"
+        result.cases.append(
+            _problem("modules", name, "error", message, "\n".join(module_errors), Outcome.TEST_FAILURE)
+        )
+        if not ran:
+            return _with_oopses(result, console)
+    if output is None and ended and status is not None:
+        result.cases.append(
+            _problem("results: output.txt", name, "failed", "output.txt is missing", "", Outcome.TEST_FAILURE)
+        )
+    elif planned.language == "c":
+        result.cases += _c_cases(name, output or "", rc, stop)
+    else:
+        result.cases += _python_cases(name, directory / "junit.xml", output or "", rc, stop)
+    return _with_oopses(result, console)
+
+
+def _with_oopses(result: SuiteResult, console: ConsoleReport) -> SuiteResult:
+    for fault in console.faults_in(result.name):
+        if fault.kind != "panic":
+            result.cases.append(_oops_case(fault, result.name))
+    return result
+
+
+def _status_fields(
+    status: dict[str, Any] | None, span: SuiteSpan | None
+) -> tuple[int | None, bool, float | None]:
+    if status is not None:
+        rc = status.get("rc")
+        seconds = status.get("seconds")
+        return (
+            rc if isinstance(rc, int) else None,
+            bool(status.get("timed_out")),
+            float(seconds) if isinstance(seconds, int | float) else None,
+        )
+    if span is not None and span.ended:
+        return span.rc, span.timed_out, span.seconds
+    return None, False, None
+
+
+# --- C suites: KTAP ----------------------------------------------------------------------------------
+
+
+def _c_cases(suite: str, output: str, rc: int | None, stop: _Stop | None) -> list[Case]:
+    report = parse_ktap(output)
+    if not report.found_ktap:
+        if stop is not None:
+            return [
+                _problem(
+                    suite, suite, "error", f"{stop.reason} (no KTAP output yet)", _tail(output), stop.outcome
+                )
+            ]
+        message = f"no KTAP output (exit status {_describe_rc(rc)})"
+        return [_problem(suite, suite, "failed", message, _tail(output), Outcome.TEST_FAILURE)]
+    cases = [_ktap_case(suite, name, test, stop) for name, test in flatten(report.tests)]
+    cases += _missing_cases(suite, report, stop, any(test.incomplete for _, test in flatten(report.tests)))
+    if stop is None and rc not in (0, None) and not any(c.state in ("failed", "error") for c in cases):
+        message = f"exit status {_describe_rc(rc)} although every KTAP result passed"
+        cases.append(_problem("exit status", suite, "failed", message, _tail(output), Outcome.TEST_FAILURE))
+    return cases
+
+
+def _ktap_case(suite: str, name: str, test: KtapTest, stop: _Stop | None) -> Case:
+    output = _tail(test.output, CASE_OUTPUT_LIMIT)
+    case = Case(name, suite, "passed", seconds=test.seconds, output=output)
+    if test.status == "fail":
+        case.state, case.message, case.detail = "failed", test.reason or _last_diag(test.output), output
+        case.outcome = Outcome.TEST_FAILURE
+    elif test.status == "skip":
+        case.state, case.message = "skipped", test.reason or "SKIP"
+    elif test.status == "todo":
+        case.state, case.message = "skipped", f"TODO: {test.reason}" if test.reason else "TODO"
+    elif test.status == "error":
+        case.state, case.detail, case.outcome = "error", output, Outcome.TEST_FAILURE
+        case.message = test.reason or "error"
+        if test.incomplete and stop is not None:
+            case.message, case.outcome = stop.reason, stop.outcome
+    return case
+
+
+def _last_diag(output: str) -> str:
+    """The diagnostic line just before a failed result explains it best (ktap.rst)."""
+    for line in reversed(output.splitlines()):
+        if line.strip().startswith("#"):
+            return line.strip().lstrip("#").strip() or "not ok"
+    return "not ok"
+
+
+def _missing_cases(suite: str, report: KtapReport, stop: _Stop | None, running_known: bool) -> list[Case]:
+    """Planned top-level tests with no result: the first is the one running when a suite stopped."""
+    cases = []
+    for number in range(len(report.tests) + 1, len(report.tests) + report.missing() + 1):
+        name = f"test {number}"
+        if stop is None:
+            message = f"no result line (the plan announced {report.plan} tests)"
+            cases.append(_problem(name, suite, "error", message, "", Outcome.TEST_FAILURE))
+        elif not running_known:
+            running_known = True
+            cases.append(_problem(name, suite, "error", stop.reason, _tail(report.trailing), stop.outcome))
+        else:
+            cases.append(Case(name, suite, "skipped", message=stop.not_run))
+    if stop is not None and not running_known:  # no plan to tell what ran: say where it stopped
+        cases.append(_problem(suite, suite, "error", stop.reason, _tail(report.trailing), stop.outcome))
+    return cases
+
+
+# --- Python suites: pytest's junit.xml ---------------------------------------------------------------
+
+
+def _python_cases(suite: str, junit: Path, output: str, rc: int | None, stop: _Stop | None) -> list[Case]:
+    cases: list[Case] = []
+    if junit.is_file():
+        try:
+            cases = _read_pytest_junit(suite, junit)
+        except (JUnitXmlError, OSError, ValueError, SyntaxError) as exc:
+            message = f"junit.xml is malformed: {exc}"
+            return [
+                _problem("results: junit.xml", suite, "failed", message, _tail(output), Outcome.TEST_FAILURE)
+            ]
+    if stop is not None:
+        message = f"{stop.reason}; the test running then is not in pytest's report"
+        cases.append(_problem(suite, suite, "error", message, _tail(output), stop.outcome))
+        return cases
+    if not junit.is_file():
+        message = f"pytest wrote no junit.xml (exit status {_describe_rc(rc)})"
+        return [_problem(suite, suite, "failed", message, _tail(output), Outcome.TEST_FAILURE)]
+    if rc == 5 or (rc == 0 and not cases):
+        cases.append(
+            _problem(suite, suite, "failed", "pytest collected no tests", _tail(output), Outcome.TEST_FAILURE)
+        )
+    elif rc not in (0, 1, None) and not any(c.state in ("failed", "error") for c in cases):
+        message = f"pytest exited with status {_describe_rc(rc)}"
+        cases.append(_problem("pytest", suite, "failed", message, _tail(output), Outcome.TEST_FAILURE))
+    return cases
+
+
+def _read_pytest_junit(suite: str, path: Path) -> list[Case]:
+    xml = JUnitXml.fromfile(str(path))
+    parsed: list[ParsedSuite] = [xml] if isinstance(xml, ParsedSuite) else list(xml)
+    cases = []
+    for testsuite in parsed:
+        for testcase in testsuite:
+            classname = f"{suite}.{testcase.classname}" if testcase.classname else suite
+            case = Case(
+                testcase.name or "?",
+                classname,
+                "passed",
+                seconds=testcase.time,
+                output=_tail(testcase.system_out or "", CASE_OUTPUT_LIMIT),
+                stderr=_tail(testcase.system_err or "", CASE_OUTPUT_LIMIT),
+            )
+            for item in testcase.result:
+                if isinstance(item, JunitError):
+                    case.state, case.outcome = "error", Outcome.TEST_FAILURE
+                elif isinstance(item, JunitFailure) and case.state != "error":
+                    case.state, case.outcome = "failed", Outcome.TEST_FAILURE
+                elif isinstance(item, JunitSkipped) and case.state == "passed":
+                    case.state = "skipped"
+                else:
+                    continue
+                case.message = item.message or ""
+                case.detail = item.text or ""
+            cases.append(case)
+    return cases
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def _read_status(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(status, None), (None, None) when absent, or (None, why it is unusable)."""
+    if not path.exists():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"status.json is malformed: {exc}"
+    if not isinstance(data, dict) or "rc" not in data or "timed_out" not in data:
+        return None, "status.json is malformed: not an object with rc and timed_out"
+    return data, None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _artifacts(directory: Path, properties: dict[str, str]) -> str:
+    """List the suite's artifacts as properties; small text ones are shown in the suite's system-out."""
+    if not directory.is_dir():
+        return ""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    shown = []
+    for path in files:
+        relative = path.relative_to(directory).as_posix()
+        properties[f"artifact:{relative}"] = str(path)
+        size = path.stat().st_size
+        text = None
+        if size <= ARTIFACT_TEXT_LIMIT and len(shown) < ARTIFACT_INLINE_FILES:
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                text = None
+        if text is not None:
+            shown.append(f"--- artifact {relative} ({size} bytes) ---\n{text.rstrip()}")
+        else:
+            shown.append(f"--- artifact {relative} ({size} bytes, not shown) ---")
+    return ("\n" + "\n".join(shown)) if shown else ""
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _problem(
+    name: str, classname: str, state: CaseState, message: str, detail: str, outcome: Outcome
+) -> Case:
+    return Case(name, classname, state, message=message, detail=detail, outcome=outcome)
+
+
+def _tail(text: str, limit: int = CASE_OUTPUT_LIMIT) -> str:
+    if len(text) <= limit:
+        return text
+    return f"[... {len(text) - limit} characters cut ...]\n" + text[-limit:]
+
+
+def _describe_rc(rc: int | None) -> str:
+    if rc is None:
+        return "unknown"
+    if rc < 0:
+        try:
+            return f"{rc} (killed by {signal.Signals(-rc).name})"
+        except ValueError:
+            return f"{rc} (killed by signal {-rc})"
+    return str(rc)
+
+
+# --- JUnit -------------------------------------------------------------------------------------------
+
+
+def to_junit(report: RunReport) -> str:
+    """The merged JUnit XML: one <testsuite> per suite (boot first), properties on each."""
+    suites = []
+    for suite in report.suites:
+        cases = []
+        for case in suite.cases:
+            junit_case = JunitCase(
+                case.name,
+                classname=case.classname,
+                elapsed_sec=case.seconds,
+                stdout=case.output or None,
+                stderr=case.stderr or None,
+            )
+            if case.state == "failed":
+                junit_case.add_failure_info(
+                    message=case.message, output=case.detail or None, failure_type="failure"
+                )
+            elif case.state == "error":
+                junit_case.add_error_info(
+                    message=case.message, output=case.detail or None, error_type="error"
+                )
+            elif case.state == "skipped":
+                junit_case.add_skipped_info(message=case.message)
+            cases.append(junit_case)
+        suites.append(
+            JunitSuite(
+                suite.name,
+                cases,
+                properties=dict(suite.properties),
+                stdout=suite.output or None,
+                stderr=suite.errors or None,
+            )
+        )
+    return to_xml_report_string(suites, prettyprint=True, encoding="utf-8")
+
+
+def write_junit(report: RunReport, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_junit(report), encoding="utf-8")
+    return path
+
+
+# --- console summary ---------------------------------------------------------------------------------
+
+
+def render_summary(report: RunReport) -> Table:
+    """Per-suite counts, suites with failures first; the outcome and its exit code in the title."""
+    style = "bold green" if report.outcome is Outcome.PASS else "bold red"
+    table = Table(title=Text(f"{report.outcome.name} (exit {report.outcome.value})", style=style))
+    table.add_column("suite")
+    table.add_column("failed", justify="right", style="red")
+    table.add_column("errors", justify="right", style="red")
+    table.add_column("skipped", justify="right", style="yellow")
+    table.add_column("passed", justify="right", style="green")
+    table.add_column("time", justify="right")
+    rows = sorted(report.rows, key=lambda row: (row.failed + row.errors) == 0)
+    for row in rows:
+        time = f"{row.seconds:.1f}s" if row.seconds is not None else "-"
+        table.add_row(
+            Text(row.name), str(row.failed), str(row.errors), str(row.skipped), str(row.passed), time
+        )
+    table.add_section()
+    table.add_row(
+        Text("total", style="bold"),
+        str(report.count("failed")),
+        str(report.count("error")),
+        str(report.count("skipped")),
+        str(report.count("passed")),
+        "",
+    )
+    return table
+
+
+def render_problems(report: RunReport, max_lines: int = 40) -> list[RenderableType]:
+    """One panel per failed (then errored) test: its message and the end of its trace or output."""
+    panels: list[RenderableType] = []
+    for suite, case in report.problems():
+        body = case.detail or case.output
+        lines = body.rstrip().splitlines()
+        if len(lines) > max_lines:
+            lines = [f"[... {len(lines) - max_lines} lines cut ...]", *lines[-max_lines:]]
+        text = Text(case.message, style="bold")
+        if lines:
+            text.append("\n" + "\n".join(lines), style="")
+        style = "red" if case.state == "failed" else "magenta"
+        title = Text(f"{case.state.upper()} {suite} :: {case.name} [{case.outcome.name}]")
+        panels.append(Panel(text, title=title, title_align="left", border_style=style))
+    return panels
+
+
+def render_report(report: RunReport) -> Group:
+    """The summary table, then the failing tests' output."""
+    return Group(render_summary(report), *render_problems(report))
