@@ -1,0 +1,251 @@
+"""The guest runner (guest-tests/runner/kci-runner.py) run on the host with --no-reboot: real suites,
+real process groups, real timeouts. Only insmod/rmmod are replaced (the host kernel is not ours to load
+modules into) by a script that records its calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ci import proc
+from ci.paths import GUEST_TESTS
+from ci.payload import PYTEST_ARGV, read_plan
+from ci.results import GuestEnd, Outcome, collect
+from ci.scanner import scan
+
+RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
+
+
+def suite(
+    name: str, argv: list[str], timeout: float = 10, modules: tuple[str, ...] = (), junit: bool = False
+):
+    return {
+        "name": name,
+        "language": "python" if junit else "c",
+        "timeout": timeout,
+        "modules": list(modules),
+        "argv": argv,
+        "workdir": f"suites/{name}",
+        "junit": junit,
+    }
+
+
+def run_runner(tmp_path: Path, suites: list[dict], *extra: str, grace: float = 0.5) -> proc.Result:
+    payload = tmp_path / "payload"
+    for entry in suites:
+        (payload / entry["workdir"]).mkdir(parents=True, exist_ok=True)
+    plan = payload / "plan.json"
+    plan.write_text(json.dumps({"kernel_release": "9.9.9-kci", "suites": suites}))
+    argv = [sys.executable, str(RUNNER), "--no-reboot", "--results", str(tmp_path / "results")]
+    argv += ["--kill-grace", str(grace), *extra, str(plan)]
+    return proc.run(argv, quiet=True, check=False, timeout=120)
+
+
+def status(tmp_path: Path, name: str) -> dict:
+    return json.loads((tmp_path / "results" / name / "status.json").read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
+
+
+def test_passing_suite_markers_output_env_and_status(tmp_path):
+    script = (
+        'echo "KTAP version 1"; echo "1..1"; echo "ok 1 env # $KCI_SUITE"; '
+        'echo "$KCI_KERNEL_RELEASE $KCI_PAYLOAD $1" > "$KCI_ARTIFACTS/env.txt"; echo to-stderr >&2'
+    )
+    result = run_runner(tmp_path, [suite("ok-suite", ["sh", "-c", script, "sh", "$KCI_JUNIT"])])
+    assert result.returncode == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "KCI-SUITE-START: ok-suite"
+    assert "[ok-suite] ok 1 env # ok-suite" in lines
+    assert "[ok-suite] to-stderr" in lines
+    assert lines[-2].startswith("KCI-SUITE-END: ok-suite rc=0 seconds=")
+    assert lines[-2].endswith("timed_out=0")
+    assert lines[-1] == "KCI-RUNNER: done"
+    results = tmp_path / "results" / "ok-suite"
+    assert (results / "output.txt").read_text() == "KTAP version 1\n1..1\nok 1 env # ok-suite\nto-stderr\n"
+    release, payload, junit = (results / "artifacts" / "env.txt").read_text().split()
+    assert release == "9.9.9-kci"
+    assert payload == str(tmp_path / "payload")
+    assert junit == str(results / "junit.xml")  # argv expanded from the suite's environment
+    assert status(tmp_path, "ok-suite") == {
+        "name": "ok-suite",
+        "rc": 0,
+        "seconds": status(tmp_path, "ok-suite")["seconds"],
+        "timed_out": False,
+        "module_errors": [],
+    }
+
+
+def test_hanging_suite_is_killed_with_its_whole_process_group(tmp_path):
+    hang = (
+        "trap '' INT; echo $$ > \"$KCI_ARTIFACTS/shell.pid\"; "
+        'sleep 300 & echo $! > "$KCI_ARTIFACTS/child.pid"; echo started; wait'
+    )
+    started = time.monotonic()
+    result = run_runner(tmp_path, [suite("hangs", ["sh", "-c", hang], timeout=1), suite("after", ["true"])])
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.output
+    assert elapsed < 20
+    st = status(tmp_path, "hangs")
+    assert st["timed_out"] is True
+    assert st["rc"] == -9  # SIGINT was ignored, so SIGKILL after the grace period
+    assert 1.0 <= st["seconds"] < 10
+    assert "KCI-SUITE-END: hangs rc=-9" in result.output and "timed_out=1" in result.output
+    assert "[hangs] started" in result.output
+    artifacts = tmp_path / "results" / "hangs" / "artifacts"
+    for name in ("shell.pid", "child.pid"):
+        pid = int((artifacts / name).read_text())
+        deadline = time.monotonic() + 5
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(pid), f"{name} {pid} survived the suite timeout"
+    assert status(tmp_path, "after")["rc"] == 0  # the next suite still ran
+
+
+def test_suite_that_closes_its_output_is_not_cut_short(tmp_path):
+    script = 'exec >/dev/null 2>&1; sleep 1; echo finished > "$KCI_ARTIFACTS/done.txt"'
+    result = run_runner(tmp_path, [suite("quiet", ["sh", "-c", script], timeout=20)])
+    assert result.returncode == 0, result.output
+    assert (tmp_path / "results" / "quiet" / "artifacts" / "done.txt").read_text() == "finished\n"
+    assert status(tmp_path, "quiet")["timed_out"] is False
+
+
+def test_leftover_background_process_does_not_block_and_is_killed(tmp_path):
+    script = 'sleep 300 & echo $! > "$KCI_ARTIFACTS/bg.pid"; echo bye'
+    started = time.monotonic()
+    result = run_runner(tmp_path, [suite("leaves", ["sh", "-c", script], timeout=60)])
+    assert time.monotonic() - started < 20
+    assert result.returncode == 0
+    assert status(tmp_path, "leaves")["rc"] == 0
+    pid = int((tmp_path / "results" / "leaves" / "artifacts" / "bg.pid").read_text())
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid)
+
+
+def test_missing_program_is_exit_127(tmp_path):
+    result = run_runner(tmp_path, [suite("nothing", ["./does-not-exist"])])
+    assert result.returncode == 0
+    assert status(tmp_path, "nothing")["rc"] == 127
+    assert "cannot start ./does-not-exist" in (tmp_path / "results" / "nothing" / "output.txt").read_text()
+
+
+def fake_modutil(tmp_path: Path, name: str, fail_on: str = "") -> str:
+    """A stand-in for insmod/rmmod that records its argument and fails for one target."""
+    log = tmp_path / "modules.log"
+    script = tmp_path / name
+    script.write_text(
+        f'#!/bin/sh\necho "{name} $1" >> {log}\n'
+        f'case "$1" in *{fail_on or "@never@"}*)\n'
+        f'  echo "{name}: ERROR: could not insert: Invalid module format" >&2; exit 1;;\nesac\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_modules_loaded_before_and_unloaded_after_in_reverse(tmp_path):
+    insmod, rmmod = fake_modutil(tmp_path, "insmod"), fake_modutil(tmp_path, "rmmod")
+    modules = ("modules/kci_smoke.ko", "modules/kci-other.ko")
+    script = f"cat {tmp_path / 'modules.log'}"
+    result = run_runner(
+        tmp_path, [suite("mods", ["sh", "-c", script], modules=modules)], "--insmod", insmod, "--rmmod", rmmod
+    )
+    assert result.returncode == 0, result.output
+    payload = tmp_path / "payload"
+    assert (tmp_path / "modules.log").read_text().splitlines() == [
+        f"insmod {payload}/modules/kci_smoke.ko",
+        f"insmod {payload}/modules/kci-other.ko",
+        "rmmod kci_other",
+        "rmmod kci_smoke",
+    ]
+    # the suite ran after both loads and before any unload
+    assert (tmp_path / "results" / "mods" / "output.txt").read_text().count("insmod") == 2
+    assert status(tmp_path, "mods")["module_errors"] == []
+
+
+def test_module_load_failure_skips_the_suite(tmp_path):
+    insmod = fake_modutil(tmp_path, "insmod", fail_on="bad")
+    rmmod = fake_modutil(tmp_path, "rmmod")
+    modules = ("modules/good.ko", "modules/bad.ko")
+    marker = tmp_path / "ran"
+    result = run_runner(
+        tmp_path,
+        [suite("mods", ["touch", str(marker)], modules=modules)],
+        "--insmod",
+        insmod,
+        "--rmmod",
+        rmmod,
+    )
+    assert result.returncode == 0
+    st = status(tmp_path, "mods")
+    assert st["rc"] is None
+    assert len(st["module_errors"]) == 1 and "Invalid module format" in st["module_errors"][0]
+    assert not marker.exists()
+    assert (tmp_path / "modules.log").read_text().splitlines()[-1] == "rmmod good"  # what loaded is unloaded
+    assert "KCI-SUITE-END: mods rc=none" in result.output
+
+
+def test_insmod_replacement_from_the_environment(tmp_path):
+    insmod = fake_modutil(tmp_path, "insmod", fail_on="kci_smoke")
+    os.environ["KCI_RUNNER_INSMOD"] = insmod
+    try:
+        run_runner(tmp_path, [suite("envmod", ["true"], modules=("modules/kci_smoke.ko",))])
+    finally:
+        del os.environ["KCI_RUNNER_INSMOD"]
+    assert "Invalid module format" in status(tmp_path, "envmod")["module_errors"][0]
+
+
+def test_unreadable_plan_crashes_loudly(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{broken")
+    result = proc.run([sys.executable, str(RUNNER), "--no-reboot", str(plan)], quiet=True, check=False)
+    assert result.returncode == 1
+    assert "KCI-RUNNER: crashed" in result.output
+    assert "KCI-RUNNER: done" not in result.output
+
+
+PYTEST_SLOW = """\
+import time
+
+def test_quick():
+    pass
+
+def test_forever():
+    time.sleep(120)
+"""
+
+
+def test_pytest_timeout_keeps_the_finished_results(tmp_path):
+    """SIGINT first: pytest still writes junit.xml with the tests that finished; the report shows both."""
+    payload = tmp_path / "payload" / "suites" / "py"
+    payload.mkdir(parents=True)
+    (payload / "test_slow.py").write_text(PYTEST_SLOW)
+    entry = suite("py", [*PYTEST_ARGV, "test_slow.py"], timeout=4, junit=True)
+    result = run_runner(tmp_path, [entry], grace=10)
+    assert result.returncode == 0, result.output
+    st = status(tmp_path, "py")
+    assert st["timed_out"] is True and st["rc"] == 2  # pytest's "interrupted", not a SIGKILL
+    assert (tmp_path / "results" / "py" / "junit.xml").is_file()
+    console = "KCI-INIT: ready\n" + result.output
+    report = collect(
+        read_plan(tmp_path / "payload" / "plan.json"),
+        tmp_path / "results",
+        scan(console),
+        GuestEnd("poweroff"),
+    )
+    cases = {case.name: case for suite in report.suites for case in suite.cases if suite.name == "py"}
+    assert cases["test_quick"].state == "passed"
+    assert cases["py"].state == "error"
+    assert cases["py"].message.startswith("suite timed out after 4s")
+    assert "KeyboardInterrupt" in cases["py"].detail
+    assert report.outcome is Outcome.TEST_FAILURE
