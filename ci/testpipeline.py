@@ -27,9 +27,12 @@ C_FLAGS = ("-static", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 @dataclass
 class TestOptions:
+    __test__ = False  # not a pytest test class
+
     kernel_dir: Path  # a build output dir (bzImage, config, kbuild/, metadata.json)
     output: Path
     suites: Sequence[str] | None = None
+    suites_dir: Path = GUEST_TESTS  # where the suite folders are (tests use their own)
     memory: str = "1024M"
     cpus: int = 2
     accel: str = "auto"
@@ -144,7 +147,8 @@ def run_tests(options: TestOptions) -> results.RunReport:
     hostsetup.prepare_build_host()
     kernel_dir = options.kernel_dir
     metadata = json.loads((kernel_dir / "metadata.json").read_text())
-    chosen = _runnable(suites.load_suites(GUEST_TESTS, options.suites), (kernel_dir / "config").read_text())
+    found = suites.load_suites(options.suites_dir, options.suites)
+    chosen = _runnable(found, (kernel_dir / "config").read_text())
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     runs = options.output / "runs"
     runs.mkdir(parents=True, exist_ok=True)
