@@ -170,7 +170,13 @@ def ccache_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[st
 
 
 def run_in_toolchain(
-    image: str, command: Sequence[str], mounts: Mapping[Path, str], workdir: str, *, quiet: bool = False
+    image: str,
+    command: Sequence[str],
+    mounts: Mapping[Path, str],
+    workdir: str,
+    *,
+    quiet: bool = False,
+    check: bool = True,
 ) -> proc.Result:
     """Any command in the builder image as the invoking user (C test binaries, out-of-tree modules)."""
     argv = [
@@ -186,4 +192,4 @@ def run_in_toolchain(
     ]
     for host, guest in mounts.items():
         argv += ["-v", f"{host}:{guest}"]
-    return proc.run([*argv, image, *command], quiet=quiet)
+    return proc.run([*argv, image, *command], quiet=quiet, check=check)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ci import builder, buildkey, hostsetup, images, kconfig, outputs, patches, proc, source
+from ci import builder, buildkey, extmodules, hostsetup, images, kconfig, outputs, patches, proc, source
 from ci.cachestore import BuildStore, LocalStore
-from ci.paths import KCONFIG_DIR, KERNEL_PATCHES, REPO_ROOT, cache_dir
+from ci.paths import KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES, REPO_ROOT, cache_dir
 from ci.ui import console, step, warn
 
 BASE_FRAGMENT = KCONFIG_DIR / "base.config"
@@ -39,6 +39,7 @@ class BuildRequest:
     use_ccache: bool = True
     fresh: bool = False  # start from an empty object tree (no incremental build)
     ccache_dir: Path | None = None  # default: the per-user ccache of kernel-ci
+    external_modules: bool = True  # build every kernel-modules/<name> against the kernel (extmod/)
 
 
 @dataclass
@@ -119,6 +120,8 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
     patch_digests: dict[str, str] = {}
     for s in chosen:
         patch_digests.update(patches.series_digest(s))
+    modules = extmodules.discover(KERNEL_MODULES) if request.external_modules else []
+    module_digests = extmodules.digests(modules)
 
     step("toolchain")
     image = images.ensure_builder_image()
@@ -147,6 +150,7 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         "toolchain": toolchain.fingerprint,
         "fragment": _digest_text(merged_text),
         **{f"patch:{name}": digest for name, digest in patch_digests.items()},
+        **module_digests,
         **flags,
     }
     request_key = buildkey.build_key(request_manifest)
@@ -188,6 +192,7 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
             "toolchain": toolchain.fingerprint,
             **{f"patch:{name}": digest for name, digest in patch_digests.items()},
             **buildkey.config_entries(final_config),
+            **module_digests,
             **flags,
         }
         key = buildkey.build_key(manifest)
@@ -217,6 +222,9 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
                 for s in chosen:
                     patches.export_series(s, staging / "patches")
                 durations["collect"] = round(time.monotonic() - t0, 2)
+                t0 = time.monotonic()
+                built_modules = extmodules.build_all(image, staging / "kbuild", modules, staging / "extmod")
+                durations["external_modules"] = round(time.monotonic() - t0, 2)
                 metadata = {
                     "schema": 1,
                     "build_key": key,
@@ -232,6 +240,10 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
                         "fallbacks": list(src.fallback_notes),
                     },
                     "patches": list(patch_digests),
+                    "external_modules": {
+                        name: [f"extmod/{name}/{ko.name}" for ko in kos]
+                        for name, kos in built_modules.items()
+                    },
                     "series": [s.name for s in chosen],
                     "fragments": [f.name for f in fragments],
                     "toolchain": {

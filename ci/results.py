@@ -207,6 +207,10 @@ def _run_stop(console: ConsoleReport, end: GuestEnd) -> _Stop:
         return _Stop(f"the run timed out: {end.detail}", Outcome.GUEST_HANG, "the run timed out")
     if end.kind == "boot_timeout":
         return _Stop(f"the guest did not boot in time: {end.detail}", Outcome.BOOT_TIMEOUT, "boot timed out")
+    if console.runner_error is not None:
+        return _Stop(
+            f"the runner crashed: {console.runner_error}", Outcome.INFRA_FAILURE, "the runner crashed"
+        )
     if console.init_failed:
         return _Stop("the guest runner failed to start", Outcome.INFRA_FAILURE, "the runner failed")
     if console.init_ready_line is None:
@@ -244,9 +248,12 @@ def _boot_suite(console: ConsoleReport, end: GuestEnd, stop: _Stop) -> SuiteResu
     if console.init_ready_line is not None:
         if console.runner_done_line is not None:
             cases.append(Case("runner", BOOT_SUITE, "passed"))
-        elif console.init_failed:
+        elif console.init_failed and console.runner_error is None:
             message = "KCI-INIT: runner failed (payload missing or runner crashed)"
             cases.append(_problem("runner", BOOT_SUITE, "error", message, tail, Outcome.INFRA_FAILURE))
+        elif console.running is None:  # no interrupted suite carries the reason: the runner case does
+            message = f"the runner did not finish: {stop.reason}"
+            cases.append(_problem("runner", BOOT_SUITE, "error", message, tail, stop.outcome))
         else:
             cases.append(Case("runner", BOOT_SUITE, "skipped", message=f"not finished: {stop.not_run}"))
     properties = {"guest.end": end.kind}
@@ -280,6 +287,8 @@ def _place_run_faults(suites: list[SuiteResult], console: ConsoleReport, end: Gu
             f"--- console (last lines) ---\n{end.console_tail}\n--- sysrq task dump ---\n{end.sysrq_dump}"
         )
         what = "hung" if end.kind == "hang" else "timed out"
+        if console.runner_done_line is not None:
+            what += " after KCI-RUNNER: done (it did not power off)"
         target.cases.append(
             _problem(
                 f"guest: {end.kind}",

@@ -273,6 +273,7 @@ class DebootstrapProgress:
     """Turns debootstrap's one-line-per-package chatter into one line per phase, with package counts."""
 
     PER_PACKAGE = ("Retrieving", "Validating", "Extracting", "Unpacking", "Configuring")
+    PHASE_WORDS = ("required", "the", "base", "core")  # "Unpacking the base system..." is a phase
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -285,8 +286,8 @@ class DebootstrapProgress:
         if not line.startswith("I: "):
             return
         text = line[3:].strip()
-        verb = text.split(" ", 1)[0]
-        if verb in self.PER_PACKAGE and not text.endswith("..."):
+        verb, _, rest = text.partition(" ")
+        if verb in self.PER_PACKAGE and rest.split(" ", 1)[0] not in self.PHASE_WORDS:
             self.counts[verb] = self.counts.get(verb, 0) + 1
             return
         if self.counts:

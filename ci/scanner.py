@@ -30,6 +30,7 @@ _INIT_FAILED = re.compile(r"KCI-INIT: runner failed\b")
 _SUITE_START = re.compile(r"KCI-SUITE-START: (\S+)")
 _SUITE_END = re.compile(r"KCI-SUITE-END: (\S+) rc=(-?\d+|none) seconds=(\d+(?:\.\d+)?) timed_out=([01])")
 _RUNNER_DONE = re.compile(r"KCI-RUNNER: done\b")
+_RUNNER_CRASHED = re.compile(r"KCI-RUNNER: crashed: (.*)")
 
 _END_TRACE = re.compile(r"^-+\[ end trace\b")
 _END_PANIC = re.compile(r"^-+\[ end Kernel panic\b")
@@ -130,6 +131,12 @@ class RunnerDone:
 
 
 @dataclass(frozen=True)
+class RunnerCrashed:
+    line: int
+    message: str
+
+
+@dataclass(frozen=True)
 class FaultStarted:
     """Emitted on a fault's first line, before its trace is complete (a panic: stop waiting soon)."""
 
@@ -144,7 +151,16 @@ class FaultEnded:
     fault: Fault
 
 
-Event = InitReady | InitFailed | SuiteStarted | SuiteEnded | RunnerDone | FaultStarted | FaultEnded
+Event = (
+    InitReady
+    | InitFailed
+    | SuiteStarted
+    | SuiteEnded
+    | RunnerDone
+    | RunnerCrashed
+    | FaultStarted
+    | FaultEnded
+)
 
 
 @dataclass
@@ -154,6 +170,7 @@ class ConsoleReport:
     init_ready_line: int | None
     init_failed: bool
     runner_done_line: int | None
+    runner_error: str | None  # from "KCI-RUNNER: crashed: ..."
     boot_seconds: float | None
     boot_tail: str
     kernel_release: str | None
@@ -211,6 +228,7 @@ class ConsoleScanner:
         self._init_ready: int | None = None
         self._init_failed = False
         self._runner_done: int | None = None
+        self._runner_error: str | None = None
         self._boot_seconds: float | None = None
         self._last_timestamp: float | None = None
         self._kernel_release: str | None = None
@@ -257,6 +275,7 @@ class ConsoleScanner:
             init_ready_line=self._init_ready,
             init_failed=self._init_failed,
             runner_done_line=self._runner_done,
+            runner_error=self._runner_error,
             boot_seconds=self._boot_seconds,
             boot_tail="\n".join(boot_tail),
             kernel_release=self._kernel_release,
@@ -287,6 +306,9 @@ class ConsoleScanner:
         if _RUNNER_DONE.search(text):
             self._runner_done = self._line
             return [RunnerDone(self._line)]
+        if (crashed := _RUNNER_CRASHED.search(text)) is not None:
+            self._runner_error = crashed.group(1)
+            return [RunnerCrashed(self._line, crashed.group(1))]
         return []
 
     def _end_suite(self, match: re.Match[str]) -> SuiteSpan:

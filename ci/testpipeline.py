@@ -16,7 +16,19 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ci import builder, hostsetup, images, kconfig, payload, qemu, results, rootfs, scanner, suites
+from ci import (
+    builder,
+    extmodules,
+    hostsetup,
+    images,
+    kconfig,
+    payload,
+    qemu,
+    results,
+    rootfs,
+    scanner,
+    suites,
+)
 from ci.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
 from ci.ui import console, step, warn
 
@@ -64,29 +76,19 @@ def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Sui
     return keep
 
 
-def build_modules(image: str, kbuild: Path, names: Sequence[str], work: Path) -> dict[str, Path]:
-    """Each kernel-modules/<name> built against the kernel's kbuild tree in the builder container."""
-    built: dict[str, Path] = {}
+def module_files(image: str, kernel_dir: Path, names: Sequence[str], work: Path) -> dict[str, Path]:
+    """The .ko of each named kernel-modules/ folder: from the build's outputs (extmod/), else built now
+    against the build's kbuild tree (a build made with external modules off, or a module added since)."""
+    found: dict[str, Path] = {}
     for name in names:
-        source = KERNEL_MODULES / name
-        if not source.is_dir():
-            raise payload.PayloadError(f"module {name}: no folder {source}")
-        tree = work / name
-        shutil.copytree(source, tree)
-        builder.run_in_toolchain(
-            image,
-            ["make", "-C", "/kbuild", "M=/mod", "modules"],
-            {kbuild.resolve(): "/kbuild:ro", tree: "/mod"},
-            "/mod",
-            quiet=True,
-        )
-        kos = sorted(tree.glob("*.ko"))
+        kos = sorted((kernel_dir / "extmod" / name).glob("*.ko"))
+        if not kos:
+            (module,) = extmodules.discover(KERNEL_MODULES, [name])
+            kos = extmodules.build(image, kernel_dir / "kbuild", module, work)
         if len(kos) != 1:
-            raise payload.PayloadError(
-                f"module {name}: expected one .ko, the build made {[k.name for k in kos]}"
-            )
-        built[name] = kos[0]
-    return built
+            raise payload.PayloadError(f"module {name}: expected one .ko, found {[k.name for k in kos]}")
+        found[name] = kos[0]
+    return found
 
 
 def c_compiler(image: str):  # type: ignore[no-untyped-def]
@@ -157,7 +159,7 @@ def run_tests(options: TestOptions) -> results.RunReport:
     step(f"payload: {len(chosen)} suite(s)")
     image = images.ensure_builder_image()
     module_names = list(dict.fromkeys(m for s in chosen for m in s.all_modules))
-    module_kos = build_modules(image, kernel_dir / "kbuild", module_names, run_dir / "modules-build")
+    module_kos = module_files(image, kernel_dir, module_names, run_dir / "modules-build")
     payload_dir = payload.assemble_payload(
         chosen, run_dir / "payload", metadata["kernel"]["release"], c_compiler(image), module_kos
     )
