@@ -102,29 +102,11 @@ def cppcheck(image: str, kbuild: Path, sources: Sequence[Path]) -> CheckResult:
     if not sources:
         return CheckResult("cppcheck", "(no files)")
     folder = sources[0].resolve().parent
-    run = builder.run_in_toolchain(
-        image,
-        [
-            "cppcheck",
-            "--quiet",
-            "--enable=warning,style,performance,portability",
-            "--inline-suppr",
-            "--suppress=missingIncludeSystem",
-            "--suppress=unusedFunction",
-            "--std=c11",
-            "-D__KERNEL__",
-            "-DMODULE",
-            "-I",
-            "/kbuild/include",
-            "-I",
-            "/kbuild/arch/x86/include",
-            f"--template={CPPCHECK_TEMPLATE}",
-            *[f"/src/{s.name}" for s in sources],
-        ],  # fmt: skip
-        {kbuild.resolve(): "/kbuild:ro", folder: "/src:ro"},
-        "/src",
-        quiet=True,
-        check=False,
-    )
+    argv = ["cppcheck", "--quiet", "--enable=warning,style,performance,portability", "--inline-suppr"]
+    argv += ["--suppress=missingIncludeSystem", "--suppress=unusedFunction", "--std=c11"]
+    argv += ["-D__KERNEL__", "-DMODULE", "-I", "/kbuild/include", "-I", "/kbuild/arch/x86/include"]
+    argv += [f"--template={CPPCHECK_TEMPLATE}", *[f"/src/{s.name}" for s in sources]]
+    mounts = {kbuild.resolve(): "/kbuild:ro", folder: "/src:ro"}
+    run = builder.run_in_toolchain(image, argv, mounts, "/src", quiet=True, check=False)
     findings = [line for line in run.output.splitlines() if re.match(r"^/src/\S+:\d+: \w+:", line)]
     return CheckResult("cppcheck", str(folder), findings, run.output)
