@@ -362,3 +362,32 @@ def test_summary_table_and_failing_output_first(tmp_path, pytest_junit):
     assert full.index("FAILED smoke-c :: kernel: BUG") < full.index("FAILED smoke-py :: test_fails")
     assert "arithmetic is broken" in full
     assert [row.name for row in report.rows] == ["boot", "smoke-c", "smoke-py"]
+
+
+def test_runner_crash_between_suites_is_infra_not_pass(tmp_path):
+    suite_dir(tmp_path / "results", "smoke-c", output=KTAP_PASS, status=status("smoke-c"))
+    text = console(*start_end("smoke-c"), "KCI-RUNNER: crashed: KeyError('argv')", done=False)
+    report, _, cases = run(tmp_path, text, GuestEnd("poweroff"))
+    assert report.outcome is Outcome.INFRA_FAILURE
+    runner = cases[("boot", "runner")]
+    assert runner.state == "error" and "the runner crashed: KeyError('argv')" in runner.message
+    assert cases[("smoke-py", "smoke-py")].message == "not run: the runner crashed"
+
+
+def test_silent_reset_between_suites(tmp_path):
+    suite_dir(tmp_path / "results", "smoke-c", output=KTAP_PASS, status=status("smoke-c"))
+    report, _, cases = run(tmp_path, console(*start_end("smoke-c"), done=False), GuestEnd("poweroff"))
+    assert report.outcome is Outcome.KERNEL_PANIC
+    assert cases[("boot", "runner")].state == "error"
+    assert "reset or powered off" in cases[("boot", "runner")].message
+
+
+def test_no_power_off_after_the_runner_finished(tmp_path):
+    suite_dir(tmp_path / "results", "smoke-c", output=KTAP_PASS, status=status("smoke-c"))
+    plan = Plan("5.10.223-kci", PLAN.suites[:1])
+    end = GuestEnd("timeout", "global limit 1800 s", "KCI-RUNNER: done", "")
+    report, _, cases = run(tmp_path, console(*start_end("smoke-c")), end, plan)
+    assert report.outcome is Outcome.GUEST_HANG
+    stuck = cases[("boot", "guest: timeout")]
+    assert stuck.state == "error" and "did not power off" in stuck.message
+    assert cases[("smoke-c", "uname_release.release_matches")].state == "passed"

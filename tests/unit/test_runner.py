@@ -212,6 +212,7 @@ def test_unreadable_plan_crashes_loudly(tmp_path):
     assert result.returncode == 1
     assert "KCI-RUNNER: crashed" in result.output
     assert "KCI-RUNNER: done" not in result.output
+    assert "JSONDecodeError" in (scan(result.output).runner_error or "")
 
 
 PYTEST_SLOW = """\
