@@ -224,10 +224,16 @@ def test_kci_init_is_posix_sh() -> None:
 def test_progress_folds_per_package_lines(capsys: pytest.CaptureFixture[str]) -> None:
     progress = rootfs.DebootstrapProgress()
     lines = ["I: Retrieving libc6 2.36-9", "I: Validating libc6 2.36-9"] * 50
-    for line in [*lines, "I: Installing core packages...", "junk", "W: something odd"]:
+    lines += ["I: Installing core packages...", "junk", "W: something odd", "I: Extracting libc6..."]
+    lines += ["I: Unpacking the base system...", "I: Configuring apt...", "I: Configuring dpkg..."]
+    lines += ["I: Base system installed successfully."]
+    for line in lines:
         progress(line)
     err = capsys.readouterr().err
     assert "retrieving 50, validating 50" in err
+    assert "(extracting 1)" in err
+    assert "(configuring 2)" in err
     assert "Installing core packages..." in err
-    assert "libc6" not in err
+    assert "Unpacking the base system..." in err
+    assert "libc6" not in err and "apt" not in err
     assert "W: something odd" in err
