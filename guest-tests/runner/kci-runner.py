@@ -208,13 +208,13 @@ class Runner:
     def run_suite(self, suite: dict, release: str) -> None:
         name = suite["name"]
         directory = os.path.join(self.results, name)
-        os.makedirs(os.path.join(directory, "artifacts"), exist_ok=True)
         say(f"KCI-SUITE-START: {name}")
         started = time.monotonic()
         rc: int | None = None
         timed_out = False
         errors: list[str] = []
         try:
+            os.makedirs(os.path.join(directory, "artifacts"), exist_ok=True)
             timeout = float(suite["timeout"])
             loaded: list[str] = []
             for module in suite.get("modules", []):

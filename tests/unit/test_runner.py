@@ -250,3 +250,18 @@ def test_pytest_timeout_keeps_the_finished_results(tmp_path):
     assert cases["py"].message.startswith("suite timed out after 4s")
     assert "KeyboardInterrupt" in cases["py"].detail
     assert report.outcome is Outcome.TEST_FAILURE
+
+
+def test_unwritable_results_still_print_both_markers(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the results folder should be")
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    (payload / "plan.json").write_text(json.dumps({"kernel_release": "x", "suites": [suite("a", ["true"])]}))
+    argv = [sys.executable, str(RUNNER), "--no-reboot", "--results", str(blocker), str(payload / "plan.json")]
+    result = proc.run(argv, quiet=True, check=False)
+    report = scan("KCI-INIT: ready\n" + result.output)
+    (span,) = report.suites
+    assert span.ended and span.rc is None
+    assert "KCI-RUNNER: suite a failed: NotADirectoryError" in result.output
+    assert report.runner_done_line is not None
