@@ -186,7 +186,7 @@ def collect(
     run_stop = _run_stop(console, end)
     suites = [_boot_suite(console, end, run_stop)]
     for planned in plan.suites:
-        suites.append(_suite(planned, results_dir / planned.name, console, end, run_stop))
+        suites.append(_suite(planned, results_dir / planned.name, console, run_stop))
     _place_run_faults(suites, console, end)
     for suite in suites:
         suite.properties = {**props, **suite.properties}
@@ -312,9 +312,7 @@ def _oops_case(fault: Fault, classname: str) -> Case:
     )
 
 
-def _suite(
-    planned: PlanSuite, directory: Path, console: ConsoleReport, end: GuestEnd, run_stop: _Stop
-) -> SuiteResult:
+def _suite(planned: PlanSuite, directory: Path, console: ConsoleReport, run_stop: _Stop) -> SuiteResult:
     name = planned.name
     span = console.suite(name)
     status, status_error = _read_status(directory / "status.json")
@@ -367,7 +365,9 @@ def _suite(
             _problem("results: output.txt", name, "failed", "output.txt is missing", "", Outcome.TEST_FAILURE)
         )
     elif planned.language == "c":
-        result.cases += _c_cases(name, output or "", rc, stop)
+        ktap = parse_ktap(output or "")
+        result.errors = "\n".join(f"KTAP: {error}" for error in ktap.errors)
+        result.cases += _c_cases(name, ktap, output or "", rc, stop)
     else:
         result.cases += _python_cases(name, directory / "junit.xml", output or "", rc, stop)
     return _with_oopses(result, console)
@@ -399,8 +399,7 @@ def _status_fields(
 # --- C suites: KTAP ----------------------------------------------------------------------------------
 
 
-def _c_cases(suite: str, output: str, rc: int | None, stop: _Stop | None) -> list[Case]:
-    report = parse_ktap(output)
+def _c_cases(suite: str, report: KtapReport, output: str, rc: int | None, stop: _Stop | None) -> list[Case]:
     if not report.found_ktap:
         if stop is not None:
             return [
@@ -410,8 +409,9 @@ def _c_cases(suite: str, output: str, rc: int | None, stop: _Stop | None) -> lis
             ]
         message = f"no KTAP output (exit status {_describe_rc(rc)})"
         return [_problem(suite, suite, "failed", message, _tail(output), Outcome.TEST_FAILURE)]
-    cases = [_ktap_case(suite, name, test, stop) for name, test in flatten(report.tests)]
-    cases += _missing_cases(suite, report, stop, any(test.incomplete for _, test in flatten(report.tests)))
+    tests = list(flatten(report.tests))
+    cases = [_ktap_case(suite, name, test, stop) for name, test in tests]
+    cases += _missing_cases(suite, report, stop, any(test.incomplete for _, test in tests))
     if stop is None and rc not in (0, None) and not any(c.state in ("failed", "error") for c in cases):
         message = f"exit status {_describe_rc(rc)} although every KTAP result passed"
         cases.append(_problem("exit status", suite, "failed", message, _tail(output), Outcome.TEST_FAILURE))

@@ -82,10 +82,11 @@ def suite_properties(path: Path, suite_name: str) -> dict[str, str]:
     raise KeyError(suite_name)
 
 
-def suite_system_out(path: Path, suite_name: str) -> str:
+def suite_text(path: Path, suite_name: str, tag: str = "system-out") -> str:
+    """A testsuite's own <system-out> (or <system-err>) text."""
     root = ET.parse(path).getroot()
     for suite in root:
         if suite.get("name") == suite_name:
-            node = suite.find("system-out")
+            node = suite.find(tag)
             return node.text or "" if node is not None else ""
     raise KeyError(suite_name)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from junit_check import read_back, suite_properties, suite_system_out
+from junit_check import read_back, suite_properties, suite_text
 from rich.console import Console
 
 from ci import proc
@@ -141,7 +141,7 @@ def test_c_and_python_suites_merge(tmp_path, pytest_junit):
     props = suite_properties(junit, "smoke-py")
     assert props["kernel.version"] == "5.10.223" and props["build.key"] == "abc123"
     assert props["artifact:hello.txt"].endswith("smoke-py/artifacts/hello.txt")
-    assert "hello from smoke-py on 5.10.223-kci" in suite_system_out(junit, "smoke-py")
+    assert "hello from smoke-py on 5.10.223-kci" in suite_text(junit, "smoke-py")
     assert suite_properties(junit, "boot")["boot.seconds"] == "1.250"
 
 
@@ -316,9 +316,10 @@ def test_missing_planned_tests_and_crash_exit_status(tmp_path):
     output = "KTAP version 1\n1..3\nok 1 a\nok 2 b\n"
     suite_dir(tmp_path / "results", "smoke-c", output=output, status=status("smoke-c", rc=-11))
     plan = Plan("5.10.223-kci", PLAN.suites[:1])
-    _, _, cases = run(tmp_path, console(*start_end("smoke-c", rc=-11)), GuestEnd("poweroff"), plan)
+    _, junit, cases = run(tmp_path, console(*start_end("smoke-c", rc=-11)), GuestEnd("poweroff"), plan)
     assert cases[("smoke-c", "test 3")].state == "error"
     assert "plan announced 3 tests" in cases[("smoke-c", "test 3")].message
+    assert "KTAP: top level: plan 1..3 but 2 results" in suite_text(junit, "smoke-c", "system-err")
 
 
 def test_bad_exit_status_with_all_results_passing(tmp_path):
