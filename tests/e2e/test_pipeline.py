@@ -72,7 +72,9 @@ def _verdict(case: junitparser.TestCase) -> str:
 
 
 def test_smoke_suites_pass_and_the_report_carries_the_build(kernel: BuildResult, tmp_path: Path) -> None:
-    report = run_tests(TestOptions(kernel_dir=kernel.output, output=tmp_path / "out"))
+    report = run_tests(
+        TestOptions(kernel_dir=kernel.output, output=tmp_path / "out", suites=["smoke-c", "smoke-py"])
+    )
     assert report.outcome == Outcome.PASS
     junit = tmp_path / "out" / "junit.xml"
     xml = junitparser.JUnitXml.fromfile(str(junit))
@@ -158,3 +160,10 @@ def junitparser_text(case: junitparser.TestCase) -> str:
     for result in case.result:
         parts += [result.message or "", result.text or ""]
     return "\n".join(parts)
+
+
+def test_every_guest_suite_passes_on_the_default_build(kernel: BuildResult, tmp_path: Path) -> None:
+    """What `nox -s kernel test` runs: every series applied, every suite under guest-tests/."""
+    report = run_tests(TestOptions(kernel_dir=kernel.output, output=tmp_path / "out"))
+    problems = [f"{suite}/{case.name}: {case.message}" for suite, case in report.problems()]
+    assert report.outcome == Outcome.PASS, "\n".join(problems)
