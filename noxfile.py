@@ -59,3 +59,10 @@ def bench(session: nox.Session) -> None:
     """Benchmarks beside tuxmake and virtme-ng; figures in out/bench/bench.json."""
     _install(session, "[bench]")
     session.run("kernel-ci", "bench", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def patches(session: nox.Session) -> None:
+    """Export each series as .patch files + mboxes into out/patches/; checkpatch them (fails on findings)."""
+    _install(session)
+    session.run("kernel-ci", "patches", *session.posargs)

@@ -169,6 +169,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--kernel", default=None)
     bench.add_argument("--skip-reference", action="store_true", help="skip tuxmake and virtme-ng")
     bench.set_defaults(func=cmd_bench)
+
+    from ci.cicommands import register
+
+    register(sub, _add_build_options)  # key, matrix, summary, patches
     return top
 
 
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not user_facing(exc):
             raise
+        from ci.ghactions import report
+
+        report(exc, getattr(args, "kernel", None))  # patch file / target / hunk; annotations in a workflow
         console.print("[bold red]error:[/]", Text(str(exc)))
         return BUILD_FAILED_EXIT
 
