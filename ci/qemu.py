@@ -54,6 +54,7 @@ TUNING_APPEND = ("8250.nr_uarts=1", "tsc=reliable")
 SYSRQ_KEYS = "8tl"
 SYSRQ_QUIET_SECONDS = 2.0
 SYSRQ_MAX_SECONDS = 15.0
+MAX_LINE_BYTES = 64 * 1024
 KVM_PROBE_TIMEOUT = 10.0
 KVM_PROBE_TTL = 1800.0
 
@@ -401,6 +402,9 @@ class _Console:
                 self.last_output = time.monotonic()
                 pending += chunk
                 *complete, pending = pending.split(b"\n")
+                if len(pending) > MAX_LINE_BYTES:  # a guest printing without newlines is still seen
+                    complete.append(pending)
+                    pending = b""
                 for raw in complete:
                     self._emit(raw)
             if pending:

@@ -121,10 +121,13 @@ def test_boot_to_ready_and_power_off(
     assert (cfg.results_dir / "probe" / "artifacts" / "proof.txt").read_text() == "written\n"
     status = json.loads((cfg.results_dir / "probe" / "status.json").read_text())
     assert status["rc"] == 0 and not status["timed_out"]
-    # the kernel got the protocol's command line, both CPUs and a fine-grained clocksource
+    # the kernel got the protocol's command line and both CPUs; it keeps the TSC clocksource (not the
+    # 4 ms refined-jiffies one) unless it could not measure the TSC at all (no ACPI/HPET reference, and
+    # the PIT calibration fails when the host is busy)
     assert f"[probe] {qemu.kernel_append(cfg)}" in seen
     assert f"[probe] cpus={cfg.cpus}" in seen
-    assert "[probe] tsc" in seen
+    if "could not calculate TSC khz" not in console:
+        assert "[probe] tsc" in seen
     # the exact command line was kept, runnable
     script_text = (cfg.run_dir / "qemu-cmdline.sh").read_text()
     assert os.access(cfg.run_dir / "qemu-cmdline.sh", os.X_OK)
