@@ -173,9 +173,9 @@ def _repo_relative(path: Path) -> str:
         return path.as_posix()
 
 
-def patch_failure(exc: PatchApplyError, kernel: str, patches_root: Path = KERNEL_PATCHES) -> PatchFailure:
+def patch_failure(exc: PatchApplyError, kernel: str, patches_root: Path | None = None) -> PatchFailure:
     """What a PatchApplyError says, with each failed hunk located in its patch file."""
-    patch_path = patches_root / exc.series / exc.patch_file
+    patch_path = (patches_root or KERNEL_PATCHES) / exc.series / exc.patch_file
     try:
         lines = hunk_lines(patch_path.read_text(encoding="utf-8", errors="replace"))
     except OSError:
@@ -234,7 +234,7 @@ def report(
     env: Mapping[str, str] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
-    patches_root: Path = KERNEL_PATCHES,
+    patches_root: Path | None = None,
 ) -> None:
     """Report a user-facing build error for CI before its full message is printed.
 
