@@ -1,0 +1,801 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * self-ptrace: the self-ptrace series (kernel-patches/self-ptrace) on the kernel under test.
+ *
+ * ptrace(PTRACE_SELF_ON, 0, 0, 0) makes the calling thread's next system call (other than
+ * rt_sigreturn and ptrace) not execute: the thread is disarmed and gets a SIGSYS with
+ * si_code SYS_SELF_PTRACE, si_syscall, si_call_addr (after the syscall instruction) and si_arch;
+ * the registers of the call are in the handler's ucontext and the rax it leaves there is what
+ * the call returns.
+ *
+ * The calls under test are made with inline syscall instructions (raw_syscall()), so that no C
+ * library code runs between arming and the call, and the address after the instruction is known.
+ * Scenarios that can kill or replace the process (exec, a blocked SIGSYS, seccomp, a real tracer)
+ * run in a child; the parent checks what the child reports through its exit status.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+#include <unistd.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+
+#include "../lib/ktap.h"
+#include "self_ptrace_abi.h"
+
+#define EMULATED	4242L
+#define REARM_CALLS	1000
+#define EXEC_PROBE_ARG	"--exec-probe"
+#define EXEC_PROBE_EXIT	42
+
+/* One system call, its syscall instruction here; *after gets the address that follows it. */
+static long raw_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6,
+			unsigned long *after)
+{
+	register long r10 __asm__("r10") = a4;
+	register long r8 __asm__("r8") = a5;
+	register long r9 __asm__("r9") = a6;
+	unsigned long addr;
+	long ret;
+
+	__asm__ volatile("lea 1f(%%rip), %1\n\t"
+			 "syscall\n"
+			 "1:"
+			 : "=a"(ret), "=&r"(addr)
+			 : "0"(nr), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+			 : "rcx", "r11", "memory");
+	if (after)
+		*after = addr;
+	return ret;
+}
+
+#define sys0(nr)		raw_syscall((nr), 0, 0, 0, 0, 0, 0, NULL)
+#define sys3(nr, a, b, c)	raw_syscall((nr), (long)(a), (long)(b), (long)(c), 0, 0, 0, NULL)
+
+static long self_on(void)
+{
+	return sys3(SYS_ptrace, PTRACE_SELF_ON, 0, 0);
+}
+
+static long self_off(void)
+{
+	return sys3(SYS_ptrace, PTRACE_SELF_OFF, 0, 0);
+}
+
+/* What the SIGSYS handler does with the call it gets. */
+enum mode {
+	RECORD,		/* leave the registers as the kernel gave them */
+	EMULATE,	/* return `value` */
+	EMULATE_REARM,	/* return value + count, re-arm */
+	REWIND,		/* point rsi/rdx at `rewind_buf`, back up rip: the syscall runs again */
+	PERFORM,	/* perform the call for real with its own arguments */
+	PERFORM_SHORT,	/* perform it with rdx - 1 */
+};
+
+static struct {
+	enum mode mode;
+	long value;
+	const char *rewind_buf;
+	long rewind_len;
+	/* filled by the handler */
+	int count;
+	int signo, code, syscall, arch;
+	unsigned long call_addr, rip;
+	long rax, args[6];
+	long rearm_err;
+} hs;
+
+static void on_sigsys(int sig, siginfo_t *si, void *ctx)
+{
+	greg_t *g = ((ucontext_t *)ctx)->uc_mcontext.gregs;
+	long ret;
+
+	(void)sig;
+	hs.count++;
+	hs.signo = si->si_signo;
+	hs.code = si->si_code;
+	hs.syscall = si->si_syscall;
+	hs.arch = (int)si->si_arch;
+	hs.call_addr = (unsigned long)si->si_call_addr;
+	hs.rip = g[REG_RIP];
+	hs.rax = g[REG_RAX];
+	hs.args[0] = g[REG_RDI];
+	hs.args[1] = g[REG_RSI];
+	hs.args[2] = g[REG_RDX];
+	hs.args[3] = g[REG_R10];
+	hs.args[4] = g[REG_R8];
+	hs.args[5] = g[REG_R9];
+
+	switch (hs.mode) {
+	case RECORD:
+		break;
+	case EMULATE:
+		g[REG_RAX] = hs.value;
+		break;
+	case EMULATE_REARM:
+		g[REG_RAX] = hs.value + hs.count;
+		/* last thing before returning: every call after it is intercepted */
+		ret = self_on();
+		if (ret)
+			hs.rearm_err = ret;
+		break;
+	case REWIND:
+		g[REG_RSI] = (greg_t)hs.rewind_buf;
+		g[REG_RDX] = hs.rewind_len;
+		g[REG_RIP] -= 2;	/* "syscall" is 0f 05; rax still holds the number */
+		break;
+	case PERFORM:
+	case PERFORM_SHORT:
+		g[REG_RAX] = raw_syscall(si->si_syscall, g[REG_RDI], g[REG_RSI],
+					 g[REG_RDX] - (hs.mode == PERFORM_SHORT), g[REG_R10],
+					 g[REG_R8], g[REG_R9], NULL);
+		break;
+	}
+}
+
+static void handler_reset(enum mode mode, long value)
+{
+	memset(&hs, 0, sizeof(hs));
+	hs.mode = mode;
+	hs.value = value;
+}
+
+static bool install(int sig, void (*fn)(int, siginfo_t *, void *))
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = fn;
+	sa.sa_flags = SA_SIGINFO;
+	sigemptyset(&sa.sa_mask);
+	return sigaction(sig, &sa, NULL) == 0;
+}
+
+static bool install_sigsys(void)
+{
+	return install(SIGSYS, on_sigsys);
+}
+
+/* Arm, reporting a failure as the named check; false if not armed. */
+static bool arm_or_fail(const char *check)
+{
+	long ret = self_on();
+
+	if (ret) {
+		ktap_diag("ptrace(PTRACE_SELF_ON, 0, 0, 0): %s", strerror((int)-ret));
+		ktap_ok(false, "%s", check);
+		return false;
+	}
+	return true;
+}
+
+static bool expect_long(const char *name, long got, long want)
+{
+	if (got != want)
+		ktap_diag("%s: got %ld (%#lx), expected %ld (%#lx)", name, got, got, want, want);
+	return ktap_ok(got == want, "%s", name);
+}
+
+/* Wait for a child; its exit status, or -signal, or -1000 if it could not be waited for. */
+static int wait_child(pid_t pid)
+{
+	int status;
+
+	if (waitpid(pid, &status, 0) != pid)
+		return -1000;
+	if (WIFEXITED(status))
+		return WEXITSTATUS(status);
+	if (WIFSIGNALED(status))
+		return -WTERMSIG(status);
+	return -1000;
+}
+
+static void diag_status(const char *what, int st)
+{
+	if (st == -1000)
+		ktap_diag("%s: waitpid failed", what);
+	else if (st < 0)
+		ktap_diag("%s: killed by signal %d (%s)", what, -st, strsignal(-st));
+	else
+		ktap_diag("%s: exit status %d", what, st);
+}
+
+/* A child reports up to 7 boolean checks as the bits of its exit status (bit set: failed). */
+static void report_bits(const char *what, int st, const char *const *names, int count)
+{
+	int i;
+
+	if (st < 0 || st >= 64) {
+		diag_status(what, st);
+		for (i = 0; i < count; i++)
+			ktap_ok(false, "%s", names[i]);
+		return;
+	}
+	for (i = 0; i < count; i++)
+		ktap_ok(!(st & (1 << i)), "%s", names[i]);
+}
+
+KTAP_TEST(arm_and_getpid)
+{
+	unsigned long after = 0;
+	pid_t pid = getpid();
+	long ret;
+
+	/* the handler leaves rax as the kernel put it: the number, as before the call */
+	handler_reset(RECORD, 0);
+	if (!arm_or_fail("arm"))
+		return;
+	ret = raw_syscall(SYS_getpid, 0, 0, 0, 0, 0, 0, &after);
+	self_off();
+	ktap_ok(true, "arm");
+	expect_long("one_sigsys", hs.count, 1);
+	expect_long("si_signo", hs.signo, SIGSYS);
+	expect_long("si_code_self_ptrace", hs.code, SYS_SELF_PTRACE);
+	expect_long("si_syscall_getpid", hs.syscall, SYS_getpid);
+	expect_long("si_arch_x86_64", (unsigned int)hs.arch, AUDIT_ARCH_X86_64);
+	expect_long("si_call_addr_after_syscall", (long)hs.call_addr, (long)after);
+	expect_long("uc_rip_after_syscall", (long)hs.rip, (long)after);
+	expect_long("uc_rax_is_the_number", hs.rax, SYS_getpid);
+	if (ret == pid)
+		ktap_diag("getpid returned the real pid: the call was executed");
+	expect_long("getpid_not_executed", ret, SYS_getpid);
+	ret = sys0(SYS_getpid);
+	ktap_ok(ret == pid && hs.count == 1, "disarmed_after_sigsys");
+}
+
+KTAP_TEST(call_not_executed)
+{
+	int fds[2];
+	char buf[8];
+	long ret;
+
+	if (pipe2(fds, O_NONBLOCK)) {
+		ktap_diag("pipe2: %s", strerror(errno));
+		ktap_ok(false, "write_skipped");
+		return;
+	}
+	handler_reset(EMULATE, -EIO);
+	if (!arm_or_fail("write_skipped"))
+		goto out;
+	ret = sys3(SYS_write, fds[1], "x", 1);
+	self_off();
+	expect_long("write_returns_emulated_eio", ret, -EIO);
+	expect_long("si_syscall_write", hs.syscall, SYS_write);
+	ret = read(fds[0], buf, sizeof(buf));
+	if (ret >= 0)
+		ktap_diag("the pipe holds %ld byte(s): the write was executed", ret);
+	ktap_ok(ret < 0 && errno == EAGAIN, "write_skipped");
+out:
+	close(fds[0]);
+	close(fds[1]);
+}
+
+KTAP_TEST(emulate_return_value)
+{
+	long ret;
+
+	handler_reset(EMULATE, EMULATED);
+	if (!arm_or_fail("getpid_returns_emulated"))
+		return;
+	ret = sys0(SYS_getpid);
+	self_off();
+	expect_long("getpid_returns_emulated", ret, EMULATED);
+
+	handler_reset(EMULATE, -EPERM);
+	if (!arm_or_fail("getppid_returns_emulated_eperm"))
+		return;
+	ret = sys0(SYS_getppid);
+	self_off();
+	expect_long("getppid_returns_emulated_eperm", ret, -EPERM);
+	expect_long("si_syscall_getppid", hs.syscall, SYS_getppid);
+}
+
+KTAP_TEST(arguments)
+{
+	static const long want[6] = { 0x1111, -2, 0x3333333333L, 0x44, 0x5555, 0x666666 };
+	char got[8] = "";
+	int fds[2];
+	long ret;
+	bool same = true;
+	int i;
+
+	handler_reset(EMULATE, 0);
+	if (!arm_or_fail("args_seen"))
+		return;
+	raw_syscall(SYS_getpid, want[0], want[1], want[2], want[3], want[4], want[5], NULL);
+	self_off();
+	for (i = 0; i < 6; i++) {
+		if (hs.args[i] != want[i]) {
+			ktap_diag("argument %d: got %#lx, expected %#lx", i + 1, hs.args[i], want[i]);
+			same = false;
+		}
+	}
+	ktap_ok(hs.count == 1 && same, "args_seen");
+
+	if (pipe2(fds, O_NONBLOCK)) {
+		ktap_diag("pipe2: %s", strerror(errno));
+		ktap_ok(false, "changed_args_rewind");
+		return;
+	}
+	/* change rsi/rdx and run the syscall instruction again, disarmed */
+	handler_reset(REWIND, 0);
+	hs.rewind_buf = "BB";
+	hs.rewind_len = 2;
+	if (arm_or_fail("changed_args_rewind")) {
+		ret = sys3(SYS_write, fds[1], "AAAA", 4);
+		self_off();
+		memset(got, 0, sizeof(got));
+		if (read(fds[0], got, sizeof(got) - 1) < 0)
+			strcpy(got, "(empty)");
+		if (ret != 2 || strcmp(got, "BB"))
+			ktap_diag("write returned %ld, the pipe holds \"%s\"", ret, got);
+		ktap_ok(hs.count == 1 && ret == 2 && !strcmp(got, "BB"), "changed_args_rewind");
+	}
+
+	/* perform the call from the handler with a changed length */
+	handler_reset(PERFORM_SHORT, 0);
+	if (arm_or_fail("changed_args_performed")) {
+		ret = sys3(SYS_write, fds[1], "CCCC", 4);
+		self_off();
+		memset(got, 0, sizeof(got));
+		if (read(fds[0], got, sizeof(got) - 1) < 0)
+			strcpy(got, "(empty)");
+		if (ret != 3 || strcmp(got, "CCC"))
+			ktap_diag("write returned %ld, the pipe holds \"%s\"", ret, got);
+		ktap_ok(hs.count == 1 && ret == 3 && !strcmp(got, "CCC"), "changed_args_performed");
+	}
+	close(fds[0]);
+	close(fds[1]);
+}
+
+KTAP_TEST(rearm_from_handler)
+{
+	pid_t pid = getpid();
+	int wrong = 0, i, first_wrong = -1;
+	long ret, first_ret = 0;
+
+	handler_reset(EMULATE_REARM, 100000);
+	if (!arm_or_fail("every_call_emulated"))
+		return;
+	for (i = 1; i <= REARM_CALLS; i++) {
+		ret = sys0(SYS_getpid);
+		if (ret != 100000 + i && !wrong++) {
+			first_wrong = i;
+			first_ret = ret;
+		}
+	}
+	ret = self_off();
+	if (wrong)
+		ktap_diag("%d of %d calls wrong, first: call %d returned %ld", wrong, REARM_CALLS,
+			  first_wrong, first_ret);
+	ktap_ok(!wrong, "every_call_emulated");
+	expect_long("sigsys_count", hs.count, REARM_CALLS);
+	expect_long("rearm_errors", hs.rearm_err, 0);
+	expect_long("off_while_armed_returns_0", ret, 0);
+	ret = sys0(SYS_getpid);
+	ktap_ok(ret == pid && hs.count == REARM_CALLS, "real_after_off");
+}
+
+KTAP_TEST(off)
+{
+	pid_t pid = getpid();
+	long ret;
+
+	handler_reset(EMULATE, EMULATED);
+	expect_long("off_unarmed_returns_0", self_off(), 0);
+	if (!arm_or_fail("off_after_on"))
+		return;
+	expect_long("off_after_on", self_off(), 0);
+	ret = sys0(SYS_getpid);
+	expect_long("getpid_real", ret, pid);
+	expect_long("no_sigsys", hs.count, 0);
+}
+
+static void on_sigusr1_arm(int sig, siginfo_t *si, void *ctx)
+{
+	(void)sig;
+	(void)si;
+	(void)ctx;
+	self_on();	/* then return: rt_sigreturn must not be intercepted */
+}
+
+KTAP_TEST(exempt_calls)
+{
+	static const char *const names[] = { "rt_sigreturn_not_intercepted",
+					     "next_call_intercepted" };
+	long ret;
+	pid_t child;
+
+	handler_reset(EMULATE, EMULATED);
+	if (!arm_or_fail("ptrace_self_on_not_intercepted"))
+		return;
+	ret = self_on();
+	ktap_ok(ret == 0 && hs.count == 0, "ptrace_self_on_not_intercepted");
+	ret = sys3(SYS_ptrace, PTRACE_PEEKDATA, 0, 0);	/* pid 0: not a tracee of ours */
+	if (ret != -ESRCH)
+		ktap_diag("ptrace(PTRACE_PEEKDATA, 0): %ld", ret);
+	ktap_ok(ret == -ESRCH && hs.count == 0, "other_ptrace_not_intercepted");
+	ret = sys0(SYS_getpid);
+	ktap_ok(ret == EMULATED && hs.count == 1 && hs.syscall == SYS_getpid, "still_armed");
+	self_off();
+
+	/* a SIGUSR1 handler arms and returns: its rt_sigreturn must go through */
+	child = fork();
+	if (child == 0) {
+		int bits = 0;
+
+		handler_reset(EMULATE, EMULATED);
+		if (!install(SIGUSR1, on_sigusr1_arm))
+			_exit(127);
+		sys3(SYS_kill, getpid(), SIGUSR1, 0);
+		/* back here through rt_sigreturn, armed */
+		ret = sys0(SYS_getpid);
+		self_off();
+		if (!(hs.count >= 1 && hs.syscall == SYS_getpid))
+			bits |= 1;
+		if (ret != EMULATED || hs.count != 1)
+			bits |= 2;
+		_exit(bits);
+	}
+	if (child < 0) {
+		ktap_diag("fork: %s", strerror(errno));
+		ret = -1000;
+	} else {
+		ret = wait_child(child);
+	}
+	report_bits("sigusr1 child", (int)ret, names, 2);
+}
+
+KTAP_TEST(bad_arguments)
+{
+	static const struct {
+		const char *name;
+		long request, pid, addr, data;
+	} bad[] = {
+		{ "on_pid_einval", PTRACE_SELF_ON, 1, 0, 0 },
+		{ "on_addr_einval", PTRACE_SELF_ON, 0, 0x1000, 0 },
+		{ "on_data_einval", PTRACE_SELF_ON, 0, 0, 1 },
+		{ "off_pid_einval", PTRACE_SELF_OFF, 1, 0, 0 },
+		{ "off_data_einval", PTRACE_SELF_OFF, 0, 0, 1 },
+	};
+	pid_t pid = getpid();
+	long ret;
+	size_t i;
+
+	handler_reset(EMULATE, EMULATED);
+	for (i = 0; i < KTAP_ARRAY_SIZE(bad); i++) {
+		ret = raw_syscall(SYS_ptrace, bad[i].request, bad[i].pid, bad[i].addr, bad[i].data,
+				  0, 0, NULL);
+		expect_long(bad[i].name, ret, -EINVAL);
+	}
+	ret = sys3(SYS_ptrace, PTRACE_SELF_ON, pid, 0);
+	expect_long("on_own_pid_einval", ret, -EINVAL);
+	ret = sys0(SYS_getpid);
+	ktap_ok(ret == pid && hs.count == 0, "not_armed_after_einval");
+	self_off();
+}
+
+/* One stop of the traced child, as the tracer saw it. */
+struct stop {
+	int kind;	/* 'E' entry, 'X' exit, 'S' signal-delivery */
+	long nr;	/* entry: syscall number; signal: si_syscall */
+	long val;	/* entry: first argument; exit: return value; signal: si_code */
+	int sig;
+};
+
+#define MAX_STOPS 64
+
+static int trace_child(pid_t child, struct stop *stops, int *n)
+{
+	struct __ptrace_syscall_info info;
+	siginfo_t si;
+	int status, sig = 0;
+
+	*n = 0;
+	if (waitpid(child, &status, 0) != child || !WIFSTOPPED(status))
+		return -1;
+	if (ptrace(PTRACE_SETOPTIONS, child, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL))
+		return -1;
+	for (;;) {
+		if (ptrace(PTRACE_SYSCALL, child, 0, sig))
+			return -1;
+		sig = 0;
+		if (waitpid(child, &status, 0) != child)
+			return -1;
+		if (WIFEXITED(status))
+			return WEXITSTATUS(status);
+		if (WIFSIGNALED(status))
+			return -WTERMSIG(status);
+		if (*n >= MAX_STOPS) {
+			kill(child, SIGKILL);
+			waitpid(child, &status, 0);
+			return -1;
+		}
+		if (WSTOPSIG(status) == (SIGTRAP | 0x80)) {
+			memset(&info, 0, sizeof(info));
+			if (ptrace(PTRACE_GET_SYSCALL_INFO, child, sizeof(info), &info) <= 0)
+				return -1;
+			if (info.op == PTRACE_SYSCALL_INFO_ENTRY)
+				stops[*n] = (struct stop){ 'E', (long)info.entry.nr,
+							   (long)info.entry.args[0], 0 };
+			else
+				stops[*n] = (struct stop){ 'X', -1, (long)info.exit.rval, 0 };
+		} else {
+			sig = WSTOPSIG(status);
+			memset(&si, 0, sizeof(si));
+			ptrace(PTRACE_GETSIGINFO, child, 0, &si);
+			stops[*n] = (struct stop){ 'S', sig == SIGSYS ? si.si_syscall : -1,
+						   si.si_code, sig };
+		}
+		(*n)++;
+	}
+}
+
+KTAP_TEST(real_tracer)
+{
+	struct stop stops[MAX_STOPS];
+	int n = 0, st, i, on = -1;
+	pid_t child;
+
+	child = fork();
+	if (child == 0) {
+		long ret;
+
+		if (ptrace(PTRACE_TRACEME, 0, 0, 0))
+			_exit(120);
+		raise(SIGSTOP);
+		handler_reset(EMULATE, EMULATED);
+		if (self_on())
+			_exit(121);
+		ret = sys0(SYS_getpid);
+		self_off();
+		_exit(ret == EMULATED && hs.count == 1 && hs.code == SYS_SELF_PTRACE ? 0 : 1);
+	}
+	if (child < 0) {
+		ktap_diag("fork: %s", strerror(errno));
+		ktap_ok(false, "tracee_emulated");
+		return;
+	}
+	st = trace_child(child, stops, &n);
+	for (i = 0; i < n; i++) {
+		if (stops[i].kind == 'E' && stops[i].nr == SYS_ptrace && stops[i].val == PTRACE_SELF_ON) {
+			on = i;
+			break;
+		}
+	}
+	if (st != 0)
+		diag_status("tracee", st);
+	ktap_ok(st == 0, "tracee_emulated");
+	if (on < 0 || on + 5 > n) {
+		ktap_diag("%d stops, PTRACE_SELF_ON entry at %d", n, on);
+		ktap_ok(false, "stops_in_order");
+		return;
+	}
+	/* [on] entry ptrace, [on+1] its exit, then the intercepted getpid */
+	ktap_ok(stops[on + 1].kind == 'X' && stops[on + 1].val == 0, "self_on_exit_stop");
+	ktap_ok(stops[on + 2].kind == 'E' && stops[on + 2].nr == SYS_getpid, "getpid_entry_stop");
+	if (stops[on + 3].kind == 'X' && stops[on + 3].val != SYS_getpid)
+		ktap_diag("getpid exit stop: rax %ld", stops[on + 3].val);
+	ktap_ok(stops[on + 3].kind == 'X' && stops[on + 3].val == SYS_getpid,
+		"getpid_exit_stop_rax_is_number");
+	if (stops[on + 4].kind != 'S')
+		ktap_diag("stop %d: kind %c nr %ld", on + 4, stops[on + 4].kind, stops[on + 4].nr);
+	ktap_ok(stops[on + 4].kind == 'S' && stops[on + 4].sig == SIGSYS &&
+		stops[on + 4].val == SYS_SELF_PTRACE && stops[on + 4].nr == SYS_getpid,
+		"sigsys_delivery_stop_after_exit");
+	ktap_ok(on + 5 < n && stops[on + 5].kind == 'E' && stops[on + 5].nr == SYS_rt_sigreturn,
+		"then_handler_rt_sigreturn");
+}
+
+KTAP_TEST(fork_semantics)
+{
+	pid_t pid = getpid();
+	int status;
+	long ret;
+
+	/* an armed fork is intercepted: no child */
+	handler_reset(EMULATE, -EAGAIN);
+	if (!arm_or_fail("fork_intercepted"))
+		return;
+	ret = sys0(SYS_fork);
+	self_off();
+	if (ret == 0)	/* the fork was executed and this is the child */
+		_exit(0);
+	ktap_ok(ret == -EAGAIN && hs.count == 1 && hs.syscall == SYS_fork, "fork_intercepted");
+	ret = waitpid(-1, &status, WNOHANG);
+	ktap_ok(ret == -1 && errno == ECHILD, "no_child_created");
+
+	/* the handler performs the fork: the child runs disarmed, so does the parent */
+	handler_reset(PERFORM, 0);
+	if (!arm_or_fail("fork_performed_by_handler"))
+		return;
+	ret = sys0(SYS_fork);
+	if (ret == 0) {
+		int before = hs.count;
+
+		sys0(SYS_getppid);
+		_exit(hs.count == before ? 0 : 1);
+	}
+	self_off();
+	ktap_ok(ret > 0 && hs.count == 1, "fork_performed_by_handler");
+	status = ret > 0 ? wait_child((pid_t)ret) : -1000;
+	if (status != 0)
+		diag_status("forked child", status);
+	ktap_ok(status == 0, "child_not_armed");
+	ret = sys0(SYS_getpid);
+	ktap_ok(ret == pid && hs.count == 1, "parent_disarmed");
+}
+
+KTAP_TEST(exec_semantics)
+{
+	char *const argv[] = { "self-ptrace", EXEC_PROBE_ARG, NULL };
+	pid_t child;
+	long ret;
+
+	/* an armed execve is intercepted: the program goes on */
+	child = fork();
+	if (child == 0) {
+		handler_reset(EMULATE, -ENOEXEC);
+		if (self_on())
+			_exit(121);
+		ret = sys3(SYS_execve, "/proc/self/exe", argv, environ);
+		self_off();
+		_exit(ret == -ENOEXEC && hs.count == 1 && hs.syscall == SYS_execve ? 0 : 1);
+	}
+	ret = child > 0 ? wait_child(child) : -1000;
+	if (ret != 0)	/* EXEC_PROBE_EXIT: the execve was executed */
+		diag_status("execve child", (int)ret);
+	ktap_ok(ret == 0, "execve_intercepted");
+
+	/*
+	 * The handler performs the execve: the new program must start disarmed, else its first
+	 * system call would be a SIGSYS with the default action.
+	 */
+	child = fork();
+	if (child == 0) {
+		handler_reset(PERFORM, 0);
+		if (self_on())
+			_exit(121);
+		sys3(SYS_execve, "/proc/self/exe", argv, environ);
+		_exit(122);	/* the execve failed */
+	}
+	ret = child > 0 ? wait_child(child) : -1000;
+	if (ret != EXEC_PROBE_EXIT)
+		diag_status("exec'd child", (int)ret);
+	ktap_ok(ret == EXEC_PROBE_EXIT, "new_image_not_armed");
+}
+
+static int exec_probe(void)
+{
+	/* exec'd by exec_semantics with default signal actions: armed, this would die of SIGSYS */
+	if (sys0(SYS_getpid) != getpid())
+		return 1;
+	return EXEC_PROBE_EXIT;
+}
+
+static void no_core(void)
+{
+	struct rlimit rl = { 0, 0 };
+
+	setrlimit(RLIMIT_CORE, &rl);
+}
+
+KTAP_TEST(signal_masking)
+{
+	pid_t child;
+	int st;
+
+	/* a blocked SIGSYS cannot be left pending for a skipped call: the process dies */
+	child = fork();
+	if (child == 0) {
+		sigset_t set;
+
+		no_core();
+		sigemptyset(&set);
+		sigaddset(&set, SIGSYS);
+		sigprocmask(SIG_BLOCK, &set, NULL);
+		if (self_on())
+			_exit(121);
+		sys0(SYS_getpid);
+		_exit(0);
+	}
+	st = child > 0 ? wait_child(child) : -1000;
+	if (st != -SIGSYS)
+		diag_status("child with SIGSYS blocked", st);
+	ktap_ok(st == -SIGSYS, "blocked_sigsys_kills");
+
+	child = fork();
+	if (child == 0) {
+		no_core();
+		signal(SIGSYS, SIG_IGN);
+		if (self_on())
+			_exit(121);
+		sys0(SYS_getpid);
+		_exit(0);
+	}
+	st = child > 0 ? wait_child(child) : -1000;
+	if (st != -SIGSYS)
+		diag_status("child with SIGSYS ignored", st);
+	ktap_ok(st == -SIGSYS, "ignored_sigsys_kills");
+}
+
+KTAP_TEST(seccomp_order)
+{
+	static const char *const names[] = { "filter_installed", "skipped_call_not_filtered",
+					     "sigsys_from_self_ptrace", "performed_call_filtered" };
+	pid_t child;
+
+	child = fork();
+	if (child == 0) {
+		struct sock_filter insns[] = {
+			BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+			BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 77),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = { KTAP_ARRAY_SIZE(insns), insns };
+		int bits = 0;
+		long ret;
+
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
+		    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog))
+			_exit(15);
+		/* the skipped call never reaches the filter */
+		handler_reset(EMULATE, EMULATED);
+		if (self_on())
+			_exit(121);
+		ret = sys0(SYS_getppid);
+		if (ret != EMULATED)
+			bits |= 2;
+		if (hs.count != 1 || hs.code != SYS_SELF_PTRACE)
+			bits |= 4;
+		/* the call the handler performs does */
+		handler_reset(PERFORM, 0);
+		if (self_on())
+			_exit(121);
+		ret = sys0(SYS_getppid);
+		if (ret != -77 || hs.count != 1)
+			bits |= 8;
+		_exit(bits);
+	}
+	report_bits("seccomp child", child > 0 ? wait_child(child) : -1000, names, 4);
+}
+
+static const struct ktap_case cases[] = {
+	KTAP_CASE(arm_and_getpid),
+	KTAP_CASE(call_not_executed),
+	KTAP_CASE(emulate_return_value),
+	KTAP_CASE(arguments),
+	KTAP_CASE(rearm_from_handler),
+	KTAP_CASE(off),
+	KTAP_CASE(exempt_calls),
+	KTAP_CASE(bad_arguments),
+	KTAP_CASE(real_tracer),
+	KTAP_CASE(fork_semantics),
+	KTAP_CASE(exec_semantics),
+	KTAP_CASE(signal_masking),
+	KTAP_CASE(seccomp_order),
+};
+
+int main(int argc, char **argv)
+{
+	if (argc == 2 && !strcmp(argv[1], EXEC_PROBE_ARG))
+		return exec_probe();
+	if (!install_sigsys()) {
+		perror("sigaction(SIGSYS)");
+		return 1;
+	}
+	return ktap_run(cases, KTAP_ARRAY_SIZE(cases));
+}
