@@ -195,3 +195,26 @@ def test_finding_locations_point_at_the_repository_patch_and_line(tmp_path: Path
     result.checks = [CheckResult("checkpatch", str(exported), [finding], finding)]
     ((where, line, text),) = patchexport.finding_locations(result)
     assert where == f"kernel-patches/ci-smoke/{exported.name}" and line == 12 and text == finding
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_checkpatch_in_the_builder_container_flags_a_bad_patch_and_passes_the_real_series(
+    tmp_path: Path,
+) -> None:
+    """Real checkpatch.pl of the pinned tree: a patch with style errors fails, ci-smoke is clean."""
+    maker = PatchMaker(tmp_path)
+    ugly = "int core_0;\n" + "".join(f"int core_{i};\n" for i in range(1, 40)) + "int  x = 1 ;;\n"
+    bad = maker.make("core: add x", {"kernel/core.c": ugly + "void f(void){ if(x) x=2; }\n"})
+    root = tmp_path / "kernel-patches"
+    make_series(root, "ugly", [bad])
+
+    result = patchexport.run(tmp_path / "bad-out", patches_root=root)
+    assert result.findings, (tmp_path / "bad-out" / "checkpatch.txt").read_text()
+    located = patchexport.finding_locations(result)
+    assert all(line is not None and line > 0 for _, line, _ in located)
+    assert "FINDINGS" in (tmp_path / "bad-out" / "checkpatch.txt").read_text()
+
+    clean = patchexport.run(tmp_path / "good-out", series=["ci-smoke"])
+    assert [c.ok for c in clean.checks] == [True], [c.describe() for c in clean.checks]
+    assert "MAINTAINERS" in (tmp_path / "good-out" / "checkpatch.txt").read_text()  # seen, and accepted
