@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import stat
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ci import proc
+from ci import aptmirror, proc
 from ci.paths import cache_dir
 from ci.ui import console, warn
 
@@ -55,8 +54,6 @@ TRIM = (
     "usr/share/lintian",
     "usr/share/bash-completion",
 )
-SOURCES_DEB822 = Path("/etc/apt/sources.list.d/debian.sources")
-SOURCES_LIST = Path("/etc/apt/sources.list")
 
 
 class RootfsError(RuntimeError):
@@ -201,41 +198,11 @@ def _build(recipe: Recipe, key: str, image: Path, sidecar: Path) -> dict[str, st
 
 
 def debian_mirror() -> str:
-    """The Debian archive URI the host's apt uses for the bookworm suite."""
-    if SOURCES_DEB822.is_file():
-        uri = mirror_from_deb822(SOURCES_DEB822.read_text())
-        if uri:
-            return uri
-    if SOURCES_LIST.is_file():
-        uri = mirror_from_sources_list(SOURCES_LIST.read_text())
-        if uri:
-            return uri
-    raise RootfsError(f"no 'deb' source for {SUITE} in {SOURCES_DEB822} or {SOURCES_LIST}")
-
-
-def mirror_from_deb822(text: str) -> str | None:
-    for stanza in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line.startswith("#") or ":" not in line or line[:1].isspace():
-                continue
-            name, value = line.split(":", 1)
-            fields[name.strip().lower()] = value.strip()
-        if fields.get("enabled", "yes").lower() == "no":
-            continue
-        if "deb" in fields.get("types", "").split() and SUITE in fields.get("suites", "").split():
-            uris = fields.get("uris", "").split()
-            if uris:
-                return uris[0]
-    return None
-
-
-def mirror_from_sources_list(text: str) -> str | None:
-    for raw in text.splitlines():
-        words = re.sub(r"\[[^\]]*\]", " ", raw.split("#", 1)[0]).split()  # without [option=value ...]
-        if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
-            return words[1]
-    return None
+    """The Debian archive URI the host's apt is configured with (never a hard-coded host)."""
+    bases = aptmirror.archive_bases("debian")
+    if not bases:
+        raise RootfsError("no Debian mirror in /etc/apt/sources.list or /etc/apt/sources.list.d/")
+    return bases[0]
 
 
 def debootstrap_command(recipe: Recipe, root: Path, mirror: str) -> list[str]:

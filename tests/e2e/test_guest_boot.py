@@ -1,7 +1,7 @@
 """Real guest boots: the cached Debian 12 rootfs through a qcow2 overlay, a real bzImage under QEMU, the
 real kci-init and the real guest runner. Each test boots a guest (TCG: about 2 s to "KCI-INIT: ready").
 
-The kernel comes from $KCI_TEST_BZIMAGE, else /tmp/kci-dev/bzImage; without one the tests skip.
+The kernel comes from $KCI_TEST_BZIMAGE, else from the default build (a build-cache hit once built).
 The rootfs image is built on first use (root, debootstrap, about a minute) and cached.
 """
 
@@ -24,15 +24,18 @@ from ci.paths import CONTAINERS, GUEST_TESTS
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
-DEFAULT_BZIMAGE = Path("/tmp/kci-dev/bzImage")
 
 
 @pytest.fixture(scope="session")
-def bzimage() -> Path:
-    path = Path(os.environ.get("KCI_TEST_BZIMAGE", DEFAULT_BZIMAGE))
-    if not path.is_file():
-        pytest.skip(f"no guest kernel: set KCI_TEST_BZIMAGE or put a bzImage at {DEFAULT_BZIMAGE}")
-    return path
+def bzimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    explicit = os.environ.get("KCI_TEST_BZIMAGE")
+    if explicit:
+        return Path(explicit)
+    from ci.buildpipeline import BuildRequest, build
+    from ci.testpipeline import suite_fragments
+
+    out = tmp_path_factory.mktemp("guest-boot-build") / "build"
+    return build(BuildRequest(output=out, extra_fragments=suite_fragments())).bzimage
 
 
 @pytest.fixture(scope="session")
