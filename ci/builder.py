@@ -60,8 +60,13 @@ class BuildEnv:
 
 
 def docker_run_argv(env: BuildEnv, command: Sequence[str], *, workdir: str = OUT) -> list[str]:
+    # With a shared ccache configured (CCACHE_REMOTE_STORAGE, set by ci.remotestore), the container needs
+    # the network to reach it: host networking, so that a service on the host's loopback is reachable as
+    # in the URL. The value (it may hold a token) is inherited from this process's environment by
+    # `docker run -e NAME`, never written on the (logged) command line.
+    remote_ccache = env.use_ccache and bool(os.environ.get("CCACHE_REMOTE_STORAGE"))
     argv = [
-        "docker", "run", "--rm", "--network", "none", "--init",
+        "docker", "run", "--rm", "--network", "host" if remote_ccache else "none", "--init",
         "--user", f"{os.getuid()}:{os.getgid()}",
         "-v", f"{env.src}:{SRC}:ro",
         "-v", f"{env.out}:{OUT}",
@@ -72,6 +77,8 @@ def docker_run_argv(env: BuildEnv, command: Sequence[str], *, workdir: str = OUT
         argv += ["-v", f"{host}:{guest}"]
     for name, value in env.kbuild_vars().items():
         argv += ["-e", f"{name}={value}"]
+    if remote_ccache:
+        argv += ["-e", "CCACHE_REMOTE_STORAGE"]
     return [*argv, env.image, *command]
 
 

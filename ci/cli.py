@@ -31,6 +31,10 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-cache", action="store_true", help="build even if the build cache has this key")
     group.add_argument("--no-ccache", action="store_true", help="compile without ccache")
     group.add_argument("--fresh", action="store_true", help="start from an empty object tree")
+    group.add_argument(
+        "--cache-url",
+        help="shared build cache service (default: $KERNEL_CI_CACHE_URL, else the [cache] config table)",
+    )
 
 
 def _build_request(args: argparse.Namespace, extra_fragments=()):  # type: ignore[no-untyped-def]
@@ -81,9 +85,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ci.buildpipeline import build
     from ci.testpipeline import suite_fragments
 
-    result = build(_build_request(args, suite_fragments(args.suite)))
+    result = build(_build_request(args, suite_fragments(args.suite)), store=_store(args))
     console.print(build_summary(result))
     return 0
+
+
+def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The build store: the local one, behind the shared cache service when one is configured."""
+    from ci.remotestore import open_store
+
+    return open_store(args.cache_url)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -92,7 +103,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.kernel_dir is None:
         from ci.buildpipeline import build
 
-        result = build(_build_request(args, suite_fragments(args.suite)))
+        result = build(_build_request(args, suite_fragments(args.suite)), store=_store(args))
         console.print(build_summary(result))
         kernel_dir = result.output
     else:
@@ -173,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
     from ci.cicommands import register
 
     register(sub, _add_build_options)  # key, matrix, summary, patches
+    from ci.cacheserver.cli import register as register_cache
+
+    register_cache(sub)  # cache serve, cache bench
     return top
 
 

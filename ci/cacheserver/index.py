@@ -1,0 +1,476 @@
+"""The index: build key -> manifest, blob sizes and references, LRU access times, pins, ccache key -> blob.
+
+One SQL implementation over two engines: SQLite (default, a file next to the blobs, zero set-up) and
+PostgreSQL (``postgresql://...``: several stateless service replicas share it). Blobs are only deleted
+when nothing references them (no build, no test run, no ccache key) and they are older than a grace
+period (so that a blob uploaded for a manifest that is not published yet survives eviction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS blobs (
+        digest TEXT PRIMARY KEY, size BIGINT NOT NULL, created DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS builds (
+        key TEXT PRIMARY KEY, doc TEXT NOT NULL, inputs TEXT NOT NULL, summary TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL, last_access DOUBLE PRECISION NOT NULL,
+        pinned INTEGER NOT NULL DEFAULT 0, bytes BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS builds_created ON builds (created)",
+    "CREATE INDEX IF NOT EXISTS builds_access ON builds (last_access)",
+    """CREATE TABLE IF NOT EXISTS refs (
+        key TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (key, digest))""",
+    "CREATE INDEX IF NOT EXISTS refs_digest ON refs (digest)",
+    """CREATE TABLE IF NOT EXISTS runs (
+        key TEXT NOT NULL, run_id TEXT NOT NULL, doc TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (key, run_id))""",
+    """CREATE TABLE IF NOT EXISTS ccache (
+        key TEXT PRIMARY KEY, digest TEXT NOT NULL, size BIGINT NOT NULL,
+        last_access DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ccache_digest ON ccache (digest)",
+    "CREATE INDEX IF NOT EXISTS ccache_access ON ccache (last_access)",
+    "CREATE TABLE IF NOT EXISTS aliases (request_key TEXT PRIMARY KEY, key TEXT NOT NULL)",
+]
+
+
+@dataclass
+class BuildRow:
+    key: str
+    doc: dict[str, Any]
+    created: float
+    last_access: float
+    pinned: bool
+    bytes: int
+    runs: list[dict[str, Any]]
+
+
+@dataclass
+class BuildSummary:
+    key: str
+    summary: dict[str, Any]
+    created: float
+    pinned: bool
+    bytes: int
+    runs: list[dict[str, Any]]
+
+
+class Index(Protocol):
+    def describe(self) -> str: ...
+    def blob_add(self, digest: str, size: int) -> None: ...
+    def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]: ...
+    def blob_forget(self, digest: str) -> None: ...
+    def build_put(
+        self, key: str, doc: dict[str, Any], inputs: dict[str, str], summary: dict[str, Any], size: int
+    ) -> str: ...
+    def build_get(self, key: str) -> BuildRow | None: ...
+    def build_list(self, limit: int, offset: int) -> list[BuildSummary]: ...
+    def build_count(self) -> int: ...
+    def all_inputs(self) -> list[tuple[str, dict[str, str]]]: ...
+    def build_pin(self, key: str, pinned: bool) -> bool: ...
+    def run_put(self, key: str, run_id: str, doc: dict[str, Any], digests: Sequence[str]) -> str: ...
+    def alias_get(self, request_key: str) -> str | None: ...
+    def alias_put(self, request_key: str, key: str) -> None: ...
+    def ccache_get(self, key: str) -> tuple[str, int] | None: ...
+    def ccache_put(self, key: str, digest: str, size: int) -> None: ...
+    def ccache_delete(self, key: str) -> bool: ...
+    def touch(self, builds: dict[str, float], ccache: dict[str, float]) -> None: ...
+    def totals(self) -> dict[str, int]: ...
+    def evict_lru(self, count: int) -> list[tuple[str, str]]: ...
+    def collect_garbage(self, older_than: float) -> list[str]: ...
+
+
+class _Tx(Protocol):
+    def q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+    def x(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+    def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+
+class IndexError_(RuntimeError):
+    """The index database is unusable (bad URL, unreachable server)."""
+
+
+class SqlIndex:
+    """The index over any DB-API engine; subclasses provide ``_tx`` (a transaction) and ``describe``."""
+
+    def _tx(self, write: bool = False) -> contextlib.AbstractContextManager[_Tx]:
+        raise NotImplementedError
+
+    def _create(self) -> None:
+        with self._tx(write=True) as tx:
+            for statement in SCHEMA:
+                tx.x(statement)
+
+    # -- blobs --------------------------------------------------------------------------------
+
+    def blob_add(self, digest: str, size: int) -> None:
+        with self._tx(write=True) as tx:
+            tx.x(
+                "INSERT INTO blobs (digest, size, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (digest) DO UPDATE SET created = excluded.created",
+                (digest, size, time.time()),
+            )
+
+    def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
+        wanted = sorted(set(digests))
+        found: dict[str, int] = {}
+        with self._tx() as tx:
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                marks = ",".join("?" * len(part))
+                for digest, size in tx.q(f"SELECT digest, size FROM blobs WHERE digest IN ({marks})", part):
+                    found[digest] = int(size)
+        return found
+
+    def blob_forget(self, digest: str) -> None:
+        with self._tx(write=True) as tx:
+            tx.x("DELETE FROM blobs WHERE digest = ?", (digest,))
+
+    # -- builds -------------------------------------------------------------------------------
+
+    def build_put(
+        self, key: str, doc: dict[str, Any], inputs: dict[str, str], summary: dict[str, Any], size: int
+    ) -> str:
+        """'created', 'exists' (a complete entry is already there: kept), or 'missing:<digests>'."""
+        digests = sorted({o["sha256"] for o in doc["outputs"]})
+        now = time.time()
+        with self._tx(write=True) as tx:
+            self._lock_refs(tx, exclusive=False)
+            marks = ",".join("?" * len(digests))
+            present = {row[0] for row in tx.q(f"SELECT digest FROM blobs WHERE digest IN ({marks})", digests)}
+            missing = [d for d in digests if d not in present]
+            if missing:
+                return "missing:" + ",".join(missing)
+            old = tx.q("SELECT doc FROM builds WHERE key = ?", (key,))
+            if old:
+                old_digests = {o["sha256"] for o in json.loads(old[0][0])["outputs"]}
+                marks_old = ",".join("?" * len(old_digests))
+                still = tx.q(
+                    f"SELECT count(*) FROM blobs WHERE digest IN ({marks_old})", sorted(old_digests)
+                )[0][0]
+                if int(still) == len(old_digests):
+                    return "exists"
+                # the old entry lost a blob (found corrupt and set aside): the new upload replaces it
+                tx.x("DELETE FROM builds WHERE key = ?", (key,))
+                tx.x("DELETE FROM refs WHERE key = ? AND digest NOT IN (SELECT digest FROM blobs)", (key,))
+            tx.x(
+                "INSERT INTO builds (key, doc, inputs, summary, created, last_access, pinned, bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                (key, json.dumps(doc), json.dumps(inputs), json.dumps(summary), now, now, size),
+            )
+            tx.many(
+                "INSERT INTO refs (key, digest) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(key, d) for d in digests],
+            )
+        return "created"
+
+    def _lock_refs(self, tx: _Tx, exclusive: bool) -> None:
+        """Serialise reference changes against garbage collection (SQLite: BEGIN IMMEDIATE does it)."""
+
+    def build_get(self, key: str) -> BuildRow | None:
+        with self._tx() as tx:
+            rows = tx.q("SELECT doc, created, last_access, pinned, bytes FROM builds WHERE key = ?", (key,))
+            if not rows:
+                return None
+            doc, created, last_access, pinned, size = rows[0]
+            runs = [json.loads(r[0]) for r in tx.q(_RUNS_SQL + " WHERE key = ? ORDER BY created", (key,))]
+        return BuildRow(key, json.loads(doc), created, last_access, bool(pinned), int(size), runs)
+
+    def build_list(self, limit: int, offset: int) -> list[BuildSummary]:
+        with self._tx() as tx:
+            rows = tx.q(
+                "SELECT key, summary, created, pinned, bytes FROM builds "
+                "ORDER BY created DESC, key LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+            result = []
+            for key, summary, created, pinned, size in rows:
+                runs = [json.loads(r[0]) for r in tx.q(_RUNS_SQL + " WHERE key = ? ORDER BY created", (key,))]
+                result.append(BuildSummary(key, json.loads(summary), created, bool(pinned), int(size), runs))
+        return result
+
+    def build_count(self) -> int:
+        with self._tx() as tx:
+            return int(tx.q("SELECT count(*) FROM builds")[0][0])
+
+    def all_inputs(self) -> list[tuple[str, dict[str, str]]]:
+        with self._tx() as tx:
+            rows = tx.q("SELECT key, inputs FROM builds ORDER BY created DESC, key")
+        return [(key, json.loads(inputs)) for key, inputs in rows]
+
+    def build_pin(self, key: str, pinned: bool) -> bool:
+        with self._tx(write=True) as tx:
+            return tx.x("UPDATE builds SET pinned = ? WHERE key = ?", (1 if pinned else 0, key)) > 0
+
+    def run_put(self, key: str, run_id: str, doc: dict[str, Any], digests: Sequence[str]) -> str:
+        """'created', 'replaced', 'no-build' or 'missing:<digests>'."""
+        with self._tx(write=True) as tx:
+            self._lock_refs(tx, exclusive=False)
+            if not tx.q("SELECT 1 FROM builds WHERE key = ?", (key,)):
+                return "no-build"
+            wanted = sorted(set(digests))
+            if wanted:
+                marks = ",".join("?" * len(wanted))
+                present = {r[0] for r in tx.q(f"SELECT digest FROM blobs WHERE digest IN ({marks})", wanted)}
+                missing = [d for d in wanted if d not in present]
+                if missing:
+                    return "missing:" + ",".join(missing)
+            replaced = tx.x("DELETE FROM runs WHERE key = ? AND run_id = ?", (key, run_id)) > 0
+            tx.x(
+                "INSERT INTO runs (key, run_id, doc, created) VALUES (?, ?, ?, ?)",
+                (key, run_id, json.dumps(doc), time.time()),
+            )
+            tx.many(
+                "INSERT INTO refs (key, digest) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(key, d) for d in wanted],
+            )
+        return "replaced" if replaced else "created"
+
+    # -- aliases ------------------------------------------------------------------------------
+
+    def alias_get(self, request_key: str) -> str | None:
+        with self._tx() as tx:
+            rows = tx.q("SELECT key FROM aliases WHERE request_key = ?", (request_key,))
+        return rows[0][0] if rows else None
+
+    def alias_put(self, request_key: str, key: str) -> None:
+        with self._tx(write=True) as tx:
+            tx.x(
+                "INSERT INTO aliases (request_key, key) VALUES (?, ?) "
+                "ON CONFLICT (request_key) DO UPDATE SET key = excluded.key",
+                (request_key, key),
+            )
+
+    # -- ccache -------------------------------------------------------------------------------
+
+    def ccache_get(self, key: str) -> tuple[str, int] | None:
+        with self._tx() as tx:
+            rows = tx.q("SELECT digest, size FROM ccache WHERE key = ?", (key,))
+        return (rows[0][0], int(rows[0][1])) if rows else None
+
+    def ccache_put(self, key: str, digest: str, size: int) -> None:
+        with self._tx(write=True) as tx:
+            tx.x(
+                "INSERT INTO ccache (key, digest, size, last_access) VALUES (?, ?, ?, ?) ON CONFLICT (key) "
+                "DO UPDATE SET digest = excluded.digest, size = excluded.size, "
+                "last_access = excluded.last_access",
+                (key, digest, size, time.time()),
+            )
+
+    def ccache_delete(self, key: str) -> bool:
+        with self._tx(write=True) as tx:
+            return tx.x("DELETE FROM ccache WHERE key = ?", (key,)) > 0
+
+    # -- LRU, totals, eviction ----------------------------------------------------------------
+
+    def touch(self, builds: dict[str, float], ccache: dict[str, float]) -> None:
+        if not builds and not ccache:
+            return
+        with self._tx(write=True) as tx:
+            if builds:
+                tx.many(
+                    "UPDATE builds SET last_access = ? WHERE key = ? AND last_access < ?",
+                    [(t, k, t) for k, t in builds.items()],
+                )
+            if ccache:
+                tx.many(
+                    "UPDATE ccache SET last_access = ? WHERE key = ? AND last_access < ?",
+                    [(t, k, t) for k, t in ccache.items()],
+                )
+
+    def totals(self) -> dict[str, int]:
+        with self._tx() as tx:
+            blobs, size = tx.q("SELECT count(*), coalesce(sum(size), 0) FROM blobs")[0]
+            builds = tx.q("SELECT count(*) FROM builds")[0][0]
+            pinned = tx.q("SELECT count(*) FROM builds WHERE pinned = 1")[0][0]
+            ccache = tx.q("SELECT count(*) FROM ccache")[0][0]
+        return {
+            "blobs": int(blobs),
+            "bytes": int(size),
+            "builds": int(builds),
+            "pinned": int(pinned),
+            "ccache": int(ccache),
+        }
+
+    def evict_lru(self, count: int) -> list[tuple[str, str]]:
+        """Drop the count least recently used unpinned builds / ccache keys; returns (kind, key) dropped."""
+        with self._tx(write=True) as tx:
+            self._lock_refs(tx, exclusive=True)
+            victims = tx.q(
+                "SELECT kind, key FROM ("
+                "SELECT 'build' AS kind, key, last_access FROM builds WHERE pinned = 0 "
+                "UNION ALL SELECT 'ccache' AS kind, key, last_access FROM ccache"
+                ") AS lru ORDER BY last_access, key LIMIT ?",
+                (count,),
+            )
+            for kind, key in victims:
+                if kind == "build":
+                    tx.x("DELETE FROM builds WHERE key = ?", (key,))
+                    tx.x("DELETE FROM refs WHERE key = ?", (key,))
+                    tx.x("DELETE FROM runs WHERE key = ?", (key,))
+                    tx.x("DELETE FROM aliases WHERE key = ?", (key,))
+                else:
+                    tx.x("DELETE FROM ccache WHERE key = ?", (key,))
+        return [(str(kind), str(key)) for kind, key in victims]
+
+    def collect_garbage(self, older_than: float) -> list[str]:
+        """Forget blobs that nothing references and that were written before older_than; returns them.
+
+        The caller deletes the bytes afterwards (a reader between the two finds the blob missing: a miss).
+        """
+        with self._tx(write=True) as tx:
+            self._lock_refs(tx, exclusive=True)
+            rows = tx.q(
+                "SELECT digest FROM blobs WHERE created < ? "
+                "AND NOT EXISTS (SELECT 1 FROM refs WHERE refs.digest = blobs.digest) "
+                "AND NOT EXISTS (SELECT 1 FROM ccache WHERE ccache.digest = blobs.digest)",
+                (older_than,),
+            )
+            digests = [r[0] for r in rows]
+            tx.many("DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests])
+        return digests
+
+
+_RUNS_SQL = "SELECT doc FROM runs"
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, tuple(params)).fetchall()
+
+    def x(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.conn.execute(sql, tuple(params)).rowcount
+
+    def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, [tuple(r) for r in rows])
+
+
+class SqliteIndex(SqlIndex):
+    """The index in one SQLite file (WAL mode: readers never wait for the writer); a connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._create()
+
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _tx(self, write: bool = False) -> Iterator[_Tx]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield _SqliteTx(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+class _PgTx:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(self._sql(sql), tuple(params))
+            return list(cur.fetchall())
+
+    def x(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(self._sql(sql), tuple(params))
+            return int(cur.rowcount)
+
+    def many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = [tuple(r) for r in rows]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
+
+
+_GC_LOCK = 0x6B6369  # the advisory lock that orders reference changes against garbage collection
+
+
+class PostgresIndex(SqlIndex):
+    """The index in PostgreSQL (psycopg 3): shared by every service replica; a connection per thread."""
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg  # only needed in fleet mode
+
+        self._psycopg = psycopg
+        self.dsn = dsn
+        self._local = threading.local()
+        try:
+            with self._tx(write=True) as tx:
+                tx.x("SELECT pg_advisory_xact_lock(?)", (_GC_LOCK + 1,))  # one schema creator at a time
+                for statement in SCHEMA:
+                    tx.x(statement)
+        except psycopg.Error as exc:
+            raise IndexError_(f"cannot use the PostgreSQL index at {_redact(dsn)}: {exc}") from exc
+
+    def describe(self) -> str:
+        return f"PostgreSQL {_redact(self.dsn)}"
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._psycopg.connect(self.dsn, autocommit=True)
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _tx(self, write: bool = False) -> Iterator[_Tx]:
+        conn = self._conn()
+        with conn.transaction():
+            yield _PgTx(conn)
+
+    def _lock_refs(self, tx: _Tx, exclusive: bool) -> None:
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        tx.q(f"SELECT {fn}(?)", (_GC_LOCK,))
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+def open_index(url: str | None, data: Path) -> Index:
+    if not url:
+        return SqliteIndex(data / "index.sqlite3")
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresIndex(url)
+    if url.startswith("sqlite:///"):
+        return SqliteIndex(Path(url.removeprefix("sqlite://")))
+    raise IndexError_(f"unsupported index URL {_redact(url)!r}: use postgresql://... or sqlite:///PATH")

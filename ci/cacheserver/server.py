@@ -1,0 +1,72 @@
+"""``kernel-ci cache serve``: open the stores, build the app, run it under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ci.cacheserver.app import AuthConfig, create_app
+from ci.cacheserver.blobs import BlobStore, LocalBlobStore
+from ci.cacheserver.index import open_index
+from ci.cacheserver.service import CacheService, Limits
+
+TOKENS_ENV = "KERNEL_CI_CACHE_SERVER_TOKENS"  # comma-separated write tokens (keeps them out of `ps`)
+READ_TOKENS_ENV = "KERNEL_CI_CACHE_SERVER_READ_TOKENS"
+
+
+@dataclass
+class ServerConfig:
+    data: Path
+    index_url: str | None = None
+    blobs_url: str | None = None
+    tokens: list[str] = field(default_factory=list)
+    read_tokens: list[str] = field(default_factory=list)
+    anonymous_read: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+
+def open_blobs(url: str | None, data: Path) -> BlobStore:
+    if not url:
+        return LocalBlobStore(data / "blobs")
+    if url.startswith("s3://"):
+        from ci.cacheserver.s3blobs import S3BlobStore
+
+        return S3BlobStore(url, spool=data / "spool")
+    if url.startswith("file://"):
+        return LocalBlobStore(Path(url.removeprefix("file://")))
+    raise ValueError(f"unsupported blob store URL {url!r}: use s3://BUCKET?endpoint=... or file:///DIR")
+
+
+def env_tokens(name: str) -> list[str]:
+    return [t.strip() for t in os.environ.get(name, "").split(",") if t.strip()]
+
+
+def make_service(config: ServerConfig) -> CacheService:
+    config.data.mkdir(parents=True, exist_ok=True)
+    return CacheService(
+        open_index(config.index_url, config.data), open_blobs(config.blobs_url, config.data), config.limits
+    )
+
+
+def make_app(config: ServerConfig):  # type: ignore[no-untyped-def]
+    service = make_service(config)
+    auth = AuthConfig(
+        write_tokens=list(config.tokens),
+        read_tokens=list(config.read_tokens),
+        anonymous_read=config.anonymous_read,
+    )
+    return create_app(service, auth), service
+
+
+def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, service = make_app(config)
+    log = logging.getLogger("kernel_ci.cacheserver")
+    log.info("index: %s; blobs: %s", service.index.describe(), service.blobs.describe())
+    if not config.tokens:
+        log.warning("no write token configured (--token or %s): the cache is read-only", TOKENS_ENV)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -1,0 +1,109 @@
+"""A real cache service on 127.0.0.1 for tests: uvicorn in a thread of the test process, or a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from ci.cacheserver.server import ServerConfig, make_app
+from ci.cacheserver.service import CacheService
+
+TOKEN = "write-token-for-tests"
+READ_TOKEN = "read-token-for-tests"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Running:
+    url: str
+    service: CacheService | None
+    data: Path
+
+    def client(self, token: str | None = TOKEN, **kwargs) -> httpx.Client:  # type: ignore[no-untyped-def]
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def server_in_thread(config: ServerConfig) -> Iterator[Running]:
+    """The service in a thread of this process (its CacheService is reachable for white-box checks)."""
+    if not config.tokens:
+        config.tokens = [TOKEN]
+        config.read_tokens = config.read_tokens or [READ_TOKEN]
+    app, service = make_app(config)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the cache service did not start")
+        time.sleep(0.02)
+    try:
+        yield Running(f"http://127.0.0.1:{port}", service, config.data)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+def free_port() -> int:
+    with contextlib.closing(free_socket()) as sock:
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(data: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Running]:
+    """`kernel-ci cache serve` as a subprocess (as an operator runs it); stopped and reaped at the end."""
+    port = free_port()
+    argv = [sys.executable, "-m", "ci.cli", "cache", "serve", "--data", str(data), "--port", str(port)]
+    argv += ["--token", TOKEN, *extra]
+    log = open(data.parent / f"server-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                raise RuntimeError(
+                    f"cache service did not start: {(data.parent / f'server-{port}.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.1)
+        yield Running(url, None, data)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
