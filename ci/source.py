@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -106,6 +107,7 @@ def sha256_file(path: Path) -> str:
 
 def _download(url: str, dest: Path, expected_size: int | None) -> None:
     tmp = dest.with_name(dest.name + f".part.{os.getpid()}")
+    started = time.monotonic()
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             total = int(response.headers.get("Content-Length") or expected_size or 0) or None
@@ -116,6 +118,10 @@ def _download(url: str, dest: Path, expected_size: int | None) -> None:
                     out.write(chunk)
                     progress.advance(task, len(chunk))
         tmp.rename(dest)
+        size = dest.stat().st_size
+        console.print(
+            f"downloaded {dest.name}: {size / 2**20:.1f} MiB in {time.monotonic() - started:.1f} s from {url}"
+        )
     finally:
         tmp.unlink(missing_ok=True)
 
