@@ -118,7 +118,7 @@ def test_kernel_ci_build_prints_the_failing_hunk_as_an_annotation_and_exits_10(
     root, tree, bad = failing_setup(tmp_path)
     seen: list[argparse.Namespace] = []
 
-    def build(request):  # type: ignore[no-untyped-def]
+    def build(request, **_options):  # type: ignore[no-untyped-def]  # e.g. store=
         seen.append(request)
         apply_series(discover_series(root), tree)  # raises the real PatchApplyError
         raise AssertionError("the series should not apply")
