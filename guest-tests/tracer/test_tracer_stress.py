@@ -1,0 +1,84 @@
+"""tracer.ko loaded and unloaded 50 times while monitored workers run: no oops, WARN or kmemleak report."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+
+import pytest
+import tracerlib as tl
+
+CYCLES = 50
+WORKERS = 3
+
+
+def looping_worker() -> int:
+    """A child that runs WL_RUN (every operation, not parked) back to back until it is killed."""
+    fd = os.open(tl.WL_DEV, os.O_RDWR)
+    arg = struct.pack(tl.WL_RUN_FORMAT, 20, 96, 8, tl.WL_OP_ALL, 0)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            while True:
+                fcntl.ioctl(fd, tl.WL_RUN, arg)
+        finally:
+            os._exit(1)
+    os.close(fd)
+    return pid
+
+
+@pytest.fixture(scope="module")
+def stress():
+    """Run the cycles once; the tests below check what they left."""
+    tl.ensure_unloaded(tl.TRACER)
+    tl.kmemleak_ready()
+    tl.kmemleak("scan")
+    tl.kmemleak("clear")  # what was reported before is not this test's
+    log_start = len(tl.dmesg())
+    workers = [looping_worker() for _ in range(WORKERS)]
+    cycles_done = 0
+    started = time.monotonic()
+    try:
+        for _ in range(CYCLES):
+            tl.insmod(tl.TRACER)
+            dev = tl.Tracer()
+            for pid in workers:
+                dev.add(pid)
+            t = tl.table()
+            assert set(workers) <= set(t.rows), t.text
+            dev.close()
+            tl.rmmod(tl.TRACER)  # with the workers monitored and running
+            cycles_done += 1
+    finally:
+        for pid in workers:
+            tl.kill_and_reap(pid)
+    seconds = time.monotonic() - started
+    print(f"{cycles_done} load/unload cycles in {seconds:.1f} s")
+    time.sleep(6)  # kmemleak only reports objects older than 5 s
+    tl.kmemleak("scan")
+    return {"cycles": cycles_done, "log": tl.dmesg()[log_start:], "leaks": tl.kmemleak_reports()}
+
+
+def test_load_unload_50_times_under_workload(stress):
+    assert stress["cycles"] == CYCLES
+    assert tl.TRACER not in tl.loaded_modules()
+
+
+def test_no_oops_or_warn_during_cycles(stress):
+    problems = tl.kernel_problems(stress["log"])
+    assert not problems, "\n".join(problems) + "\n--- kernel log of the cycles:\n" + stress["log"][-6000:]
+
+
+def test_no_kmemleak_report(stress):
+    leaks = stress["leaks"]
+    assert not leaks, f"{len(leaks)} kmemleak report(s):\n" + "\n\n".join(leaks)[:8000]
+
+
+def test_reload_after_cycles_works():
+    tl.insmod(tl.TRACER)
+    try:
+        assert tl.table().rows == {}
+    finally:
+        tl.rmmod(tl.TRACER)
