@@ -16,6 +16,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -30,6 +32,7 @@
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/user.h>
 #include <sys/wait.h>
 
 #include "../lib/ktap.h"
@@ -496,9 +499,16 @@ struct stop {
 };
 
 #define MAX_STOPS 64
+#define CANCELLED_RET 777
 
-static int trace_child(pid_t child, struct stop *stops, int *n)
+/*
+ * Trace child with PTRACE_SYSCALL until it exits, recording its stops; signals are delivered.
+ * With cancel_getppid, the tracer cancels every getppid at its entry stop (orig_rax = -1) and makes
+ * it return CANCELLED_RET.
+ */
+static int trace_child(pid_t child, struct stop *stops, int *n, bool cancel_getppid)
 {
+	struct user_regs_struct regs;
 	struct __ptrace_syscall_info info;
 	siginfo_t si;
 	int status, sig = 0;
@@ -532,6 +542,15 @@ static int trace_child(pid_t child, struct stop *stops, int *n)
 							   (long)info.entry.args[0], 0 };
 			else
 				stops[*n] = (struct stop){ 'X', -1, (long)info.exit.rval, 0 };
+			if (cancel_getppid && info.op == PTRACE_SYSCALL_INFO_ENTRY &&
+			    info.entry.nr == SYS_getppid) {
+				if (ptrace(PTRACE_GETREGS, child, 0, &regs))
+					return -1;
+				regs.orig_rax = -1;
+				regs.rax = CANCELLED_RET;
+				if (ptrace(PTRACE_SETREGS, child, 0, &regs))
+					return -1;
+			}
 		} else {
 			sig = WSTOPSIG(status);
 			memset(&si, 0, sizeof(si));
@@ -568,7 +587,7 @@ KTAP_TEST(real_tracer)
 		ktap_ok(false, "tracee_emulated");
 		return;
 	}
-	st = trace_child(child, stops, &n);
+	st = trace_child(child, stops, &n, false);
 	for (i = 0; i < n; i++) {
 		if (stops[i].kind == 'E' && stops[i].nr == SYS_ptrace && stops[i].val == PTRACE_SELF_ON) {
 			on = i;
@@ -597,6 +616,94 @@ KTAP_TEST(real_tracer)
 		"sigsys_delivery_stop_after_exit");
 	ktap_ok(on + 5 < n && stops[on + 5].kind == 'E' && stops[on + 5].nr == SYS_rt_sigreturn,
 		"then_handler_rt_sigreturn");
+}
+
+KTAP_TEST(tracer_cancels_call)
+{
+	static const char *const names[] = { "cancelled_call_returns_tracer_value",
+					     "cancelled_call_not_intercepted",
+					     "still_armed_after_cancel" };
+	struct stop stops[MAX_STOPS];
+	int n = 0, st;
+	pid_t child;
+
+	child = fork();
+	if (child == 0) {
+		int bits = 0;
+		long ret;
+
+		if (ptrace(PTRACE_TRACEME, 0, 0, 0))
+			_exit(120);
+		raise(SIGSTOP);
+		handler_reset(EMULATE, EMULATED);
+		if (self_on())
+			_exit(121);
+		ret = sys0(SYS_getppid);	/* cancelled by the tracer at its entry stop */
+		if (ret != CANCELLED_RET)
+			bits |= 1;
+		if (hs.count != 0)
+			bits |= 2;
+		ret = sys0(SYS_getpid);
+		self_off();
+		if (ret != EMULATED || hs.count != 1 || hs.syscall != SYS_getpid)
+			bits |= 4;
+		_exit(bits);
+	}
+	if (child < 0) {
+		ktap_diag("fork: %s", strerror(errno));
+		st = -1000;
+	} else {
+		st = trace_child(child, stops, &n, true);
+	}
+	report_bits("tracee", st, names, 3);
+}
+
+/* Per thread: a thread arms itself, the main thread's calls are not intercepted. */
+static atomic_int thread_phase;
+static pid_t armed_tid;
+
+static void *armed_thread(void *arg)
+{
+	long ret;
+
+	(void)arg;
+	armed_tid = (pid_t)sys0(SYS_gettid);
+	if (self_on()) {
+		atomic_store(&thread_phase, -1);
+		return NULL;
+	}
+	atomic_store(&thread_phase, 1);
+	while (atomic_load(&thread_phase) == 1)	/* no system call while the main thread checks */
+		;
+	ret = sys0(SYS_getpid);
+	self_off();
+	return (void *)ret;
+}
+
+KTAP_TEST(per_thread)
+{
+	pthread_t thread;
+	void *result = NULL;
+	pid_t pid = getpid();
+	long ret;
+	int err;
+
+	handler_reset(EMULATE, EMULATED);
+	atomic_store(&thread_phase, 0);
+	err = pthread_create(&thread, NULL, armed_thread, NULL);
+	if (err) {
+		ktap_diag("pthread_create: %s", strerror(err));
+		ktap_ok(false, "other_thread_not_armed");
+		return;
+	}
+	while (atomic_load(&thread_phase) == 0)
+		;
+	ret = sys0(SYS_getpid);		/* the main thread is not armed */
+	ktap_ok(atomic_load(&thread_phase) == 1 && ret == pid && hs.count == 0,
+		"other_thread_not_armed");
+	atomic_store(&thread_phase, 2);
+	pthread_join(thread, &result);
+	ktap_ok((long)result == EMULATED && hs.count == 1, "armed_thread_intercepted");
 }
 
 KTAP_TEST(fork_semantics)
@@ -783,6 +890,8 @@ static const struct ktap_case cases[] = {
 	KTAP_CASE(exempt_calls),
 	KTAP_CASE(bad_arguments),
 	KTAP_CASE(real_tracer),
+	KTAP_CASE(tracer_cancels_call),
+	KTAP_CASE(per_thread),
 	KTAP_CASE(fork_semantics),
 	KTAP_CASE(exec_semantics),
 	KTAP_CASE(signal_masking),
