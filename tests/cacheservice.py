@@ -84,7 +84,9 @@ def server_process(data: Path, *extra: str, env: dict[str, str] | None = None) -
     argv = [sys.executable, "-m", "ci.cli", "cache", "serve", "--data", str(data), "--port", str(port)]
     argv += ["--token", TOKEN, *extra]
     log = open(data.parent / f"server-{port}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -60,7 +60,9 @@ def test_blob_round_trip(server: Running) -> None:
 def test_build_manifest_round_trip_newest_first_and_pins(server: Running) -> None:
     with server.client() as client:
         metadata = {"kernel": {"version": "5.10.223", "release": "5.10.223-kci"}, "series": ["ci-smoke"]}
-        first = publish(client, KEY, {"bzImage": b"kernel", "patches/ci-smoke.mbox": b"From x"}, metadata=metadata)
+        first = publish(
+            client, KEY, {"bzImage": b"kernel", "patches/ci-smoke.mbox": b"From x"}, metadata=metadata
+        )
         assert first.status_code == 201, first.text
         time.sleep(0.01)
         assert publish(client, KEY2, {"bzImage": b"kernel 2"}).status_code == 201
@@ -102,8 +104,12 @@ def test_writes_need_a_token_and_reads_can_be_closed(tmp_path: Path) -> None:
             response = client.put(f"/api/v1/blobs/{sha(data)}", content=data)
             assert response.status_code == 401 and "token" in response.json()["error"]
             assert client.put(f"/ccache/{CCACHE_KEY[:2]}/{CCACHE_KEY[2:]}", content=data).status_code == 401
-        assert server.client(token=READ_TOKEN).put(f"/api/v1/blobs/{sha(data)}", content=data).status_code == 403
-        assert server.client(token=None).get(f"/api/v1/blobs/{sha(data)}").status_code == 404  # anonymous read
+        assert (
+            server.client(token=READ_TOKEN).put(f"/api/v1/blobs/{sha(data)}", content=data).status_code == 403
+        )
+        assert (
+            server.client(token=None).get(f"/api/v1/blobs/{sha(data)}").status_code == 404
+        )  # anonymous read
         basic = base64.b64encode(f"ccache:{TOKEN}".encode()).decode()
         response = httpx.put(
             f"{server.url}/ccache/{CCACHE_KEY}", content=data, headers={"Authorization": f"Basic {basic}"}
@@ -151,7 +157,9 @@ def test_traversal_and_malformed_paths_are_refused(server: Running, path: str) -
             assert b"root:" not in response.content and b"SQLite" not in response.content
 
 
-@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/../../b", ".hidden", "entry.json", "a//b", ""])
+@pytest.mark.parametrize(
+    "name", ["../escape", "/etc/passwd", "a/../../b", ".hidden", "entry.json", "a//b", ""]
+)
 def test_unsafe_output_names_are_refused(server: Running, name: str) -> None:
     with server.client() as client:
         digest = put_blob(client, b"data")
@@ -164,7 +172,10 @@ def test_unsafe_output_names_are_refused(server: Running, name: str) -> None:
 
 def test_oversize_uploads_are_refused(tmp_path: Path) -> None:
     limits = Limits(max_blob_bytes=1000, max_ccache_object_bytes=500, max_manifest_bytes=2000)
-    with server_in_thread(ServerConfig(data=tmp_path / "d", limits=limits)) as server, server.client() as client:
+    with (
+        server_in_thread(ServerConfig(data=tmp_path / "d", limits=limits)) as server,
+        server.client() as client,
+    ):
         big = b"x" * 1001
         assert client.put(f"/api/v1/blobs/{sha(big)}", content=big).status_code == 413
         assert client.put(f"/ccache/{CCACHE_KEY}", content=b"y" * 501).status_code == 413
@@ -254,7 +265,10 @@ def test_corrupted_blob_is_detected_and_treated_as_missing(server: Running) -> N
 
 def test_eviction_under_the_cap_keeps_pinned_builds(tmp_path: Path) -> None:
     limits = Limits(max_bytes=100_000, gc_grace_seconds=0)
-    with server_in_thread(ServerConfig(data=tmp_path / "d", limits=limits)) as server, server.client() as client:
+    with (
+        server_in_thread(ServerConfig(data=tmp_path / "d", limits=limits)) as server,
+        server.client() as client,
+    ):
         keys = [f"{i:02x}" * 32 for i in range(1, 6)]
         assert publish(client, keys[0], {"bzImage": os.urandom(30_000)}).status_code == 201
         assert client.put(f"/api/v1/builds/{keys[0]}/pin").status_code == 200
@@ -294,7 +308,8 @@ def test_ccache_layouts_and_key_formats(server: Running) -> None:
 def test_runs_attach_junit_and_console(server: Running) -> None:
     xml = (
         b'<testsuites><testsuite name="smoke"><testcase name="a"/><testcase name="b">'
-        b'<failure message="boom"/></testcase><testcase name="c"><skipped/></testcase></testsuite></testsuites>'
+        b'<failure message="boom"/></testcase><testcase name="c"><skipped/></testcase>'
+        b"</testsuite></testsuites>"
     )
     with server.client() as client:
         assert publish(client, KEY, {"bzImage": b"k"}).status_code == 201

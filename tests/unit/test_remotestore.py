@@ -1,0 +1,123 @@
+"""ci.remotestore against a real service on 127.0.0.1: push an entry, restore it into another local store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ci.cacheserver.server import ServerConfig
+from ci.cachestore import BuildStore, LocalStore
+from ci.remotestore import CacheClient, RemoteConfig, RemoteStore, open_store, write_tar
+from tests.cacheservice import TOKEN, server_in_thread
+
+KEY = "5e" * 32
+REQUEST_KEY = "7a" * 32
+INPUTS = {"source": "linux-5.10.223 sha256:" + "f" * 64, "config:CONFIG_PROC_FS": "y"}
+
+
+def synthetic_outputs(base: Path) -> Path:
+    out = base / "outputs"
+    (out / "kbuild" / "include" / "generated").mkdir(parents=True)
+    (out / "kbuild" / "Makefile").write_text("all:\n")
+    (out / "kbuild" / "include" / "generated" / "autoconf.h").write_text("#define CONFIG_X 1\n")
+    (out / "kbuild" / "scripts").mkdir()
+    script = out / "kbuild" / "scripts" / "tool"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    (out / "modules" / "lib" / "modules" / "5.10.223-kci").mkdir(parents=True)
+    (out / "modules" / "lib" / "modules" / "5.10.223-kci" / "build").symlink_to("/build/out")
+    (out / "patches").mkdir()
+    (out / "patches" / "ci-smoke.mbox").write_text("From 1\n")
+    (out / "bzImage").write_bytes(os.urandom(300_000))
+    (out / "config").write_text("CONFIG_X=y\n")
+    (out / "metadata.json").write_text(
+        json.dumps({"kernel": {"version": "5.10.223"}, "series": ["ci-smoke"]})
+    )
+    return out
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every path below root -> a digest of its type, mode and content (entry.json differs by design)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel in ("entry.json",):
+            continue
+        if path.is_symlink():
+            found[rel] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            found[rel] = "dir"
+        else:
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+            found[rel] = f"{oct(path.stat().st_mode & 0o777)}:{content}"
+    return found
+
+
+def test_push_then_restore_into_an_empty_local_store(tmp_path: Path) -> None:
+    with server_in_thread(ServerConfig(data=tmp_path / "server")) as server:
+        config = RemoteConfig(url=server.url, token=TOKEN)
+        first = RemoteStore(LocalStore(tmp_path / "a"), CacheClient(config))
+        assert isinstance(first, BuildStore)
+        key = KEY
+        entry = first.put(
+            key, synthetic_outputs(tmp_path), INPUTS, move=True
+        )  # publishes locally, then pushes
+        first.put_alias(REQUEST_KEY, key)
+        doc = first.client.get_manifest(key)
+        assert doc is not None
+        kinds = {o["name"]: o["kind"] for o in doc["outputs"]}
+        assert kinds["kbuild"] == "tar" and kinds["modules"] == "tar" and kinds["bzImage"] == "file"
+        assert any(n.startswith("patches/") and k == "file" for n, k in kinds.items())
+        assert first.push(key, entry) == "exists"  # same entry again: nothing new, the tar is reproducible
+
+        second = RemoteStore(LocalStore(tmp_path / "b"), CacheClient(RemoteConfig(url=server.url)))
+        assert second.get_alias(REQUEST_KEY) == key
+        restored = second.get(key)
+        assert restored is not None and restored.parent.parent == second.local.entries_dir
+        assert tree_digest(restored) == tree_digest(entry)
+        assert json.loads((restored / "manifest.json").read_text()) == INPUTS
+        assert second.get("00" * 32) is None  # a remote miss is a miss
+
+
+def test_a_down_service_is_a_miss_not_a_failure(tmp_path: Path) -> None:
+    store = RemoteStore(
+        LocalStore(tmp_path / "a"), CacheClient(RemoteConfig(url="http://127.0.0.1:9", token="t"))
+    )
+    assert store.get(KEY) is None
+    assert store.get_alias(REQUEST_KEY) is None
+    entry = store.put(KEY, synthetic_outputs(tmp_path), INPUTS, move=True)  # push fails: a warning only
+    assert store.get(KEY) == entry
+
+
+def test_tar_is_reproducible(tmp_path: Path) -> None:
+    out = synthetic_outputs(tmp_path)
+    first, second = io.BytesIO(), io.BytesIO()
+    write_tar(out / "kbuild", "kbuild", first)
+    os.utime(out / "kbuild")  # a directory's atime/mtime change of the root itself is not recorded
+    write_tar(out / "kbuild", "kbuild", second)
+    assert first.getvalue() == second.getvalue()
+
+
+def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KERNEL_CI_CACHE_URL", raising=False)
+    monkeypatch.delenv("KERNEL_CI_CACHE_TOKEN", raising=False)
+    monkeypatch.delenv("CCACHE_REMOTE_STORAGE", raising=False)
+    config_file = tmp_path / "config.toml"
+    monkeypatch.setenv("KERNEL_CI_CONFIG", str(config_file))
+    assert RemoteConfig.resolve() is None
+    assert isinstance(open_store(local=LocalStore(tmp_path / "l")), LocalStore)
+    config_file.write_text('[cache]\nurl = "http://127.0.0.1:1/"\ntoken = "from-file"\n')
+    assert RemoteConfig.resolve() == RemoteConfig("http://127.0.0.1:1", "from-file", True)
+    monkeypatch.setenv("KERNEL_CI_CACHE_URL", "http://127.0.0.1:2")
+    monkeypatch.setenv("KERNEL_CI_CACHE_TOKEN", "from-env")
+    assert RemoteConfig.resolve().url == "http://127.0.0.1:2"  # type: ignore[union-attr]
+    config = RemoteConfig.resolve("http://127.0.0.1:3")
+    assert config is not None and config.url == "http://127.0.0.1:3" and config.token == "from-env"
+    store = open_store("http://127.0.0.1:3", local=LocalStore(tmp_path / "l"))
+    assert isinstance(store, RemoteStore)
+    assert os.environ["CCACHE_REMOTE_STORAGE"] == "http://127.0.0.1:3/ccache/|bearer-token=from-env"
