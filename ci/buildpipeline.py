@@ -18,7 +18,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ci import builder, buildkey, extmodules, hostsetup, images, kconfig, outputs, patches, proc, source
+from ci import (
+    builder,
+    buildkey,
+    extmodules,
+    hostsetup,
+    images,
+    kconfig,
+    kselftest,
+    outputs,
+    patches,
+    proc,
+    source,
+)
 from ci.cachestore import BuildStore, LocalStore
 from ci.paths import KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES, REPO_ROOT, cache_dir
 from ci.ui import console, step, warn
@@ -40,6 +52,7 @@ class BuildRequest:
     fresh: bool = False  # start from an empty object tree (no incremental build)
     ccache_dir: Path | None = None  # default: the per-user ccache of kernel-ci
     external_modules: bool = True  # build every kernel-modules/<name> against the kernel (extmod/)
+    kselftests: Sequence[str] = ()  # tools/testing/selftests targets built from the same tree (kselftest/)
 
 
 @dataclass
@@ -90,9 +103,12 @@ def _prepare_tree(src: source.KernelSource, series: Sequence[patches.Series], tr
         shutil.rmtree(tree)
     staging = work / f"src.tmp.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    proc.run(["cp", "-al", src.tree, staging], quiet=True)
-    applied = patches.apply_series(series, staging)
-    staging.rename(tree)
+    try:
+        proc.run(["cp", "-al", src.tree, staging], quiet=True)
+        applied = patches.apply_series(series, staging)
+        staging.rename(tree)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     marker.write_text(json.dumps({"source": src.version, "patches": applied}, indent=1))
     if applied:
         console.print(f"applied {len(applied)} patch(es): " + ", ".join(applied))
@@ -144,6 +160,9 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         "flag:targets": BUILD_TARGETS,
         "flag:kbuild": f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source",
     }
+    selftest_targets = kselftest.normalize_targets(request.kselftests)
+    if selftest_targets:  # absent when none: the keys of builds without selftests stay as they were
+        flags["flag:kselftest"] = " ".join(selftest_targets)
     source_id = f"linux-{src.version} sha256:{src.tarball.sha256}"
     request_manifest = {
         "source": source_id,
@@ -225,6 +244,10 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
                 t0 = time.monotonic()
                 built_modules = extmodules.build_all(image, staging / "kbuild", modules, staging / "extmod")
                 durations["external_modules"] = round(time.monotonic() - t0, 2)
+                t0 = time.monotonic()
+                selftests = kselftest.build_selftests(env, selftest_targets, staging / "kselftest")
+                if selftests:
+                    durations["kselftests"] = round(time.monotonic() - t0, 2)
                 metadata = {
                     "schema": 1,
                     "build_key": key,
@@ -243,6 +266,10 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
                     "external_modules": {
                         name: [f"extmod/{name}/{ko.name}" for ko in kos]
                         for name, kos in built_modules.items()
+                    },
+                    "kselftests": {
+                        target: [f.relative_to(staging).as_posix() for f in files]
+                        for target, files in selftests.items()
                     },
                     "series": [s.name for s in chosen],
                     "fragments": [f.name for f in fragments],

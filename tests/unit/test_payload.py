@@ -31,20 +31,23 @@ def is_static_elf(path: Path) -> bool:
 # --- manifests ---------------------------------------------------------------------------------------
 
 
+SMOKE = ["smoke-c", "smoke-py"]
+
+
 def test_shipped_suites_load():
     suites = {s.name: s for s in load_suites(GUEST_TESTS)}
-    assert set(suites) == {"smoke-c", "smoke-py"}
+    assert {"smoke-c", "smoke-py"} <= set(suites)
     smoke_c, smoke_py = suites["smoke-c"], suites["smoke-py"]
     assert (smoke_c.language, smoke_c.modules, smoke_c.ship_modules) == ("c", ("kci-smoke",), ())
     assert smoke_c.sources == ("smoke.c",)
     assert (smoke_py.language, smoke_py.modules, smoke_py.ship_modules) == ("python", (), ("kci-smoke",))
     assert smoke_py.all_modules == ("kci-smoke",)
-    assert "CONFIG_MODULE_UNLOAD=y" in kconfig_lines(suites.values())
+    assert "CONFIG_MODULE_UNLOAD=y" in kconfig_lines([smoke_c, smoke_py])
 
 
 def test_named_suites_keep_the_given_order_and_unknown_names_fail():
     assert [s.name for s in load_suites(GUEST_TESTS, ["smoke-py", "smoke-c"])] == ["smoke-py", "smoke-c"]
-    with pytest.raises(ManifestError, match=r"unknown suite.*nope.*available: smoke-c, smoke-py"):
+    with pytest.raises(ManifestError, match=r"unknown suite.*nope.*available: .*smoke-c, smoke-py"):
         load_suites(GUEST_TESTS, ["nope"])
 
 
@@ -126,7 +129,7 @@ def fake_ko(tmp_path) -> Path:
 
 def test_assemble_payload(tmp_path, fake_ko):
     dest = tmp_path / "payload"
-    suites = load_suites(GUEST_TESTS)
+    suites = load_suites(GUEST_TESTS, SMOKE)
     assert assemble_payload(suites, dest, "5.10.223-kci", gcc_static, {"kci-smoke": fake_ko}) == dest
     assert (dest / "kci-runner.py").read_bytes() == (GUEST_TESTS / "runner" / "kci-runner.py").read_bytes()
     assert (dest / "modules" / "kci_smoke.ko").read_bytes() == fake_ko.read_bytes()
@@ -159,7 +162,7 @@ def test_assemble_payload(tmp_path, fake_ko):
 
 
 def test_payload_errors(tmp_path, fake_ko):
-    suites = load_suites(GUEST_TESTS)
+    suites = load_suites(GUEST_TESTS, SMOKE)
     with pytest.raises(PayloadError, match=r"no built \.ko for module folder.*kci-smoke"):
         assemble_payload(suites, tmp_path / "p1", "r", gcc_static, {})
     busy = tmp_path / "p2"
