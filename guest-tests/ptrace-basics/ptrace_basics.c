@@ -3,8 +3,9 @@
  * ptrace-basics: the classic ptrace requests on the kernel under test (x86_64).
  *
  * Every case forks its own tracee, checks one behaviour and reaps the tracee (SIGKILL if it is still
- * there). A watchdog alarm interrupts any waitpid() that would block for ever, so a kernel that loses a
- * stop fails the check instead of hanging the suite.
+ * there). A watchdog interrupts any waitpid() that would block for ever, so a kernel that loses a stop
+ * fails the check instead of hanging the suite. The watchdog is a process sleeping in nanosleep() that
+ * then sends SIGALRM: alarm(2) needs CONFIG_POSIX_TIMERS, which the CI kernel need not have.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,19 +35,40 @@
 #define FAKE_RETVAL		4242
 #define AUDIT_ARCH_X86_64_	0xc000003eU
 
+static pid_t watchdog_pid;
+
 static void on_alarm(int sig)
 {
 	(void)sig;	/* only interrupts a blocking waitpid() (no SA_RESTART) */
 }
 
+static void watchdog_cancel(void)
+{
+	if (watchdog_pid > 0) {
+		kill(watchdog_pid, SIGKILL);
+		while (waitpid(watchdog_pid, NULL, 0) < 0 && errno == EINTR)
+			;
+	}
+	watchdog_pid = 0;
+}
+
 static void watchdog(void)
 {
+	struct timespec left = { WATCHDOG_SECONDS, 0 };
 	struct sigaction sa;
+	pid_t parent = getpid();
 
+	watchdog_cancel();
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_alarm;
 	sigaction(SIGALRM, &sa, NULL);
-	alarm(WATCHDOG_SECONDS);
+	watchdog_pid = fork();
+	if (watchdog_pid == 0) {
+		while (nanosleep(&left, &left) != 0 && errno == EINTR)
+			;
+		kill(parent, SIGALRM);
+		_exit(0);
+	}
 }
 
 /* waitpid() with __WALL; returns -1 (and a diagnostic) on error or watchdog expiry. */
@@ -80,7 +102,7 @@ static void reap(pid_t pid)
 	kill(pid, SIGKILL);
 	while (waitpid(pid, &status, __WALL) < 0 && errno == EINTR)
 		;
-	alarm(0);
+	watchdog_cancel();
 }
 
 /* The child side of most cases: become a tracee and stop, so the parent knows where it is. */
@@ -198,7 +220,7 @@ KTAP_TEST(traceme_exec)
 		reap(pid);
 		return;
 	}
-	alarm(0);
+	watchdog_cancel();
 	ktap_ok(true, "runs_to_exit");
 }
 
@@ -622,7 +644,7 @@ KTAP_TEST(ptrace_kill)
 		reap(pid);
 		return;
 	}
-	alarm(0);
+	watchdog_cancel();
 	ktap_ok(true, "reaped");
 }
 
@@ -638,5 +660,8 @@ static const struct ktap_case cases[] = {
 
 int main(void)
 {
-	return ktap_run(cases, KTAP_ARRAY_SIZE(cases));
+	int status = ktap_run(cases, KTAP_ARRAY_SIZE(cases));
+
+	watchdog_cancel();
+	return status;
 }
