@@ -906,6 +906,23 @@ int main(int argc, char **argv)
 {
 	if (argc == 2 && !strcmp(argv[1], EXEC_PROBE_ARG))
 		return exec_probe();
+	/*
+	 * A skipped getpid returns its number (39): if that is also our pid, an executed getpid
+	 * could not be told from a skipped one. Run the cases in a child then, its pid is another.
+	 */
+	if (getpid() == SYS_getpid) {
+		pid_t child = fork();
+		int st;
+
+		if (child < 0) {
+			perror("fork");
+			return 1;
+		}
+		if (child > 0) {
+			st = wait_child(child);
+			return st < 0 ? 1 : st;
+		}
+	}
 	if (!install_sigsys()) {
 		perror("sigaction(SIGSYS)");
 		return 1;
