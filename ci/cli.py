@@ -37,7 +37,7 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _build_request(args: argparse.Namespace, extra_fragments=()):  # type: ignore[no-untyped-def]
+def _build_request(args: argparse.Namespace, extra_fragments=(), kselftests=()):  # type: ignore[no-untyped-def]
     from ci.buildpipeline import BuildRequest
 
     series = None if args.series is None else [s for s in args.series if s != "none"]
@@ -46,6 +46,7 @@ def _build_request(args: argparse.Namespace, extra_fragments=()):  # type: ignor
         series=series,
         fragments=args.fragment,
         extra_fragments=extra_fragments,
+        kselftests=kselftests,
         output=args.output / "build",
         jobs=args.jobs,
         use_cache=not args.no_cache,
@@ -83,9 +84,10 @@ def build_summary(result) -> Table:  # type: ignore[no-untyped-def]
 
 def cmd_build(args: argparse.Namespace) -> int:
     from ci.buildpipeline import build
-    from ci.testpipeline import suite_fragments
+    from ci.testpipeline import suite_fragments, suite_kselftest_targets
 
-    result = build(_build_request(args, suite_fragments(args.suite)), store=_store(args))
+    request = _build_request(args, suite_fragments(args.suite), suite_kselftest_targets(args.suite))
+    result = build(request, store=_store(args))
     console.print(build_summary(result))
     return 0
 
@@ -98,12 +100,13 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from ci.testpipeline import TestOptions, run_tests, suite_fragments
+    from ci.testpipeline import TestOptions, run_tests, suite_fragments, suite_kselftest_targets
 
     if args.kernel_dir is None:
         from ci.buildpipeline import build
 
-        result = build(_build_request(args, suite_fragments(args.suite)), store=_store(args))
+        request = _build_request(args, suite_fragments(args.suite), suite_kselftest_targets(args.suite))
+        result = build(request, store=_store(args))
         console.print(build_summary(result))
         kernel_dir = result.output
     else:

@@ -30,6 +30,19 @@ PYTEST_ARGV = (
     "$KCI_JUNIT",
 )
 
+KSELFTEST_ARGV = ("sh", "./kci-kselftest.sh")  # -> kselftest's own run_kselftest.sh (TAP 13 per binary)
+# kselftest's runner.sh writes the tests' output to /dev/stdout, which the guest's devtmpfs (no udev) does
+# not have: the redirection would create a regular file there and the output would be lost.
+KSELFTEST_WRAPPER = """\
+#!/bin/sh
+# kci: the /dev links udev would make, then kselftest's own runner.
+ln -sfn /proc/self/fd /dev/fd
+ln -sfn /proc/self/fd/0 /dev/stdin
+ln -sfn /proc/self/fd/1 /dev/stdout
+ln -sfn /proc/self/fd/2 /dev/stderr
+exec sh ./run_kselftest.sh "$@"
+"""
+
 # compile_c(src_dir, c_files, out_binary): build a static binary from c_files (paths relative to src_dir,
 # the guest-tests folder, so "lib/ktap.c" and the suite's own "<suite>/x.c" are both under it).
 CompileC = Callable[[Path, list[str], Path], None]
@@ -48,8 +61,13 @@ class PlanSuite:
     argv: tuple[str, ...]
     workdir: str  # under the payload root
     junit: bool  # the suite writes $KCI_JUNIT itself
+    # kselftest: (testcase name, reason) of the tests expected to fail on this kernel (read by the host)
+    expected_failures: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.expected_failures:
+            extra["expected_failures"] = [{"test": t, "reason": r} for t, r in self.expected_failures]
         return {
             "name": self.name,
             "language": self.language,
@@ -58,6 +76,7 @@ class PlanSuite:
             "argv": list(self.argv),
             "workdir": self.workdir,
             "junit": self.junit,
+            **extra,
         }
 
     @classmethod
@@ -73,6 +92,9 @@ class PlanSuite:
             argv=tuple(str(a) for a in data["argv"]),
             workdir=str(data["workdir"]),
             junit=bool(data.get("junit", False)),
+            expected_failures=tuple(
+                (str(x["test"]), str(x["reason"])) for x in data.get("expected_failures", [])
+            ),
         )
 
 
@@ -105,10 +127,12 @@ def assemble_payload(
     module_kos: Mapping[str, Path],
     *,
     runner: Path = RUNNER,
+    kselftest_dir: Path | None = None,
 ) -> Path:
     """Write dest/kci-runner.py, dest/plan.json, dest/suites/<name>/... and dest/modules/*.ko.
 
     module_kos maps a kernel-modules/ folder name (as the manifests name it) to its built .ko file.
+    kselftest_dir is the build's kselftest install tree (outputs' kselftest/), for kselftest suites.
     """
     if dest.exists() and any(dest.iterdir()):
         raise PayloadError(f"{dest}: payload destination is not empty")
@@ -121,8 +145,14 @@ def assemble_payload(
     for suite in suites:
         workdir = Path("suites") / suite.name
         (dest / workdir).mkdir(parents=True)
+        expected: tuple[tuple[str, str], ...] = ()
         if suite.language == "c":
             argv = _build_c(suite, dest / workdir, compile_c)
+        elif suite.language == "kselftest":
+            argv = _copy_kselftest(suite, dest / workdir, kselftest_dir)
+            expected = tuple(
+                (x.testcase, x.reason) for x in suite.expected_failures if x.applies_to(kernel_release)
+            )
         else:
             argv = _copy_python(suite, dest / workdir)
         planned.append(
@@ -134,6 +164,7 @@ def assemble_payload(
                 argv=argv,
                 workdir=workdir.as_posix(),
                 junit=suite.language == "python",
+                expected_failures=expected,
             )
         )
     plan = Plan(kernel_release, tuple(planned))
@@ -174,3 +205,32 @@ def _copy_python(suite: Suite, out_dir: Path) -> tuple[str, ...]:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(suite.path / source, target)
     return (*PYTEST_ARGV, *suite.sources)
+
+
+def _copy_kselftest(suite: Suite, out_dir: Path, kselftest_dir: Path | None) -> tuple[str, ...]:
+    """kselftest's runner and the suite's targets from the build's install tree; the test list keeps only
+    the suite's targets, so run_kselftest.sh runs exactly those."""
+    hint = f"build the kernel with this suite (kernel-ci build --suite {suite.name})"
+    if kselftest_dir is None or not (kselftest_dir / "kselftest-list.txt").is_file():
+        raise PayloadError(f"suite {suite.name}: the build has no kselftests ({kselftest_dir}): {hint}")
+    missing = [t for t in suite.targets if not (kselftest_dir / t).is_dir()]
+    if missing:
+        raise PayloadError(
+            f"suite {suite.name}: the build has no kselftest target {', '.join(missing)}: {hint}"
+        )
+    shutil.copy2(kselftest_dir / "run_kselftest.sh", out_dir / "run_kselftest.sh")
+    shutil.copytree(kselftest_dir / "kselftest", out_dir / "kselftest")
+    for target in suite.targets:
+        shutil.copytree(kselftest_dir / target, out_dir / target, symlinks=True)
+    wanted = set(suite.targets)
+    lines = (kselftest_dir / "kselftest-list.txt").read_text().splitlines()
+    entries = [line for line in lines if line.partition(":")[0] in wanted]
+    if not entries:
+        raise PayloadError(
+            f"suite {suite.name}: kselftest-list.txt lists no test of {', '.join(suite.targets)}"
+        )
+    (out_dir / "kselftest-list.txt").write_text("\n".join(entries) + "\n")
+    wrapper = out_dir / "kci-kselftest.sh"
+    wrapper.write_text(KSELFTEST_WRAPPER)
+    wrapper.chmod(0o755)
+    return KSELFTEST_ARGV

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -364,10 +364,14 @@ def _suite(planned: PlanSuite, directory: Path, console: ConsoleReport, run_stop
         result.cases.append(
             _problem("results: output.txt", name, "failed", "output.txt is missing", "", Outcome.TEST_FAILURE)
         )
-    elif planned.language == "c":
+    elif planned.language in ("c", "kselftest"):  # KTAP; kselftest's runner prints TAP 13, which it reads
         ktap = parse_ktap(output or "")
         result.errors = "\n".join(f"KTAP: {error}" for error in ktap.errors)
-        result.cases += _c_cases(name, ktap, output or "", rc, stop)
+        cases = _c_cases(name, ktap, output or "", rc, stop)
+        if planned.expected_failures:
+            cases = _expected_failures(name, cases, planned.expected_failures, stop)
+            result.properties["expected_failures"] = str(len(planned.expected_failures))
+        result.cases += cases
     else:
         result.cases += _python_cases(name, directory / "junit.xml", output or "", rc, stop)
     return _with_oopses(result, console)
@@ -434,6 +438,35 @@ def _ktap_case(suite: str, name: str, test: KtapTest, stop: _Stop | None) -> Cas
         if test.incomplete and stop is not None:
             case.message, case.outcome = stop.reason, stop.outcome
     return case
+
+
+def _expected_failures(
+    suite: str, cases: list[Case], expected: Sequence[tuple[str, str]], stop: _Stop | None
+) -> list[Case]:
+    """kselftests listed in the suite's expected-failures.toml: one that failed is reported skipped with
+    "expected failure: <reason>" (its output kept); one that passed fails ("unexpectedly passed": the
+    list is stale); an entry matching no test fails too, unless the suite was stopped early."""
+    reasons = dict(expected)
+    seen: set[str] = set()
+    for case in cases:
+        reason = reasons.get(case.name)
+        if reason is None:
+            continue
+        seen.add(case.name)
+        if case.state in ("failed", "error") and case.outcome == Outcome.TEST_FAILURE:
+            what = f"{case.state}: {case.message}" if case.message else case.state
+            case.output = "\n".join(part for part in (case.output, case.detail) if part)
+            case.state, case.message, case.detail = "skipped", f"expected failure: {reason} ({what})", ""
+            case.outcome = Outcome.PASS
+        elif case.state == "passed":
+            case.state, case.outcome = "failed", Outcome.TEST_FAILURE
+            case.message = f"unexpectedly passed (expected-failures.toml: {reason}): remove it from the list"
+    if stop is None:
+        for name, reason in expected:
+            if name not in seen:
+                message = f"listed as an expected failure ({reason}) but no such test ran"
+                cases.append(_problem(name, suite, "failed", message, "", Outcome.TEST_FAILURE))
+    return cases
 
 
 def _last_diag(output: str) -> str:

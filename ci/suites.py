@@ -1,13 +1,23 @@
 """Guest test suites: each is a folder `guest-tests/<name>/` with a `manifest.toml`.
 
 name = "smoke-c"                    # must equal the folder name
-language = "c"                      # "c" (static binary printing KTAP) or "python" (pytest)
+language = "c"                      # "c" (static binary printing KTAP), "python" (pytest) or
+                                    # "kselftest" (tools/testing/selftests/<targets>, built with the kernel)
 timeout = 60                        # seconds before the runner kills the suite
 modules = ["kci-smoke"]             # kernel-modules/<dir> the runner loads before and unloads after
 ship_modules = []                   # kernel-modules/<dir> only copied to /kci/modules
 kconfig = ["CONFIG_PROC_FS=y"]      # options the kernel under test must have
-sources = ["smoke.c"]               # C: the .c files; Python: the test files
+sources = ["smoke.c"]               # C: the .c files; Python: the test files; kselftest: none
+targets = ["ptrace"]                # kselftest only: the selftests TARGETS to build and run
 description = "..."                 # optional
+
+A kselftest suite may list the selftests expected to fail in `expected-failures.toml` next to its manifest:
+
+[[xfail]]
+test = "ptrace:vmaccess"            # collection:binary, as kselftest-list.txt names it
+case = "global.attach"              # optional: one kselftest_harness case of that binary
+kernels = ["5.10"]                  # optional: kernel versions (prefixes of the release) it applies to
+reason = "why it fails there"
 """
 
 from __future__ import annotations
@@ -21,20 +31,47 @@ from typing import Any, Literal
 
 from ci.paths import GUEST_TESTS
 
-Language = Literal["c", "python"]
+Language = Literal["c", "python", "kselftest"]
 MANIFEST = "manifest.toml"
+EXPECTED_FAILURES = "expected-failures.toml"
 NOT_SUITES = frozenset({"lib", "runner", "init"})
-LANGUAGES: tuple[Language, ...] = ("c", "python")
+LANGUAGES: tuple[Language, ...] = ("c", "python", "kselftest")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _KCONFIG = re.compile(
     r'^(CONFIG_[A-Za-z0-9_]+=(?:y|m|n|-?\d+|0x[0-9a-fA-F]+|"[^"]*")|# CONFIG_[A-Za-z0-9_]+ is not set)$'
 )
-_KEYS = {"name", "language", "timeout", "modules", "ship_modules", "kconfig", "sources", "description"}
+_KEYS = {
+    "name", "language", "timeout", "modules", "ship_modules", "kconfig", "sources", "description", "targets"
+}  # fmt: skip
+_TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9][A-Za-z0-9_.+-]*)*$")
+_XFAIL_KEYS = {"test", "case", "kernels", "reason"}
 
 
 class ManifestError(ValueError):
     """A suite folder or manifest that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ExpectedFailure:
+    """A kselftest expected to fail (expected-failures.toml): reported as skipped with the reason."""
+
+    collection: str  # the selftests target (kselftest-list.txt's collection)
+    test: str  # the binary
+    case: str  # one kselftest_harness case of it, or "" for the binary's own result
+    reason: str
+    kernels: tuple[str, ...] = ()  # version prefixes ("5.10"); empty: every kernel
+
+    def applies_to(self, kernel_release: str) -> bool:
+        return not self.kernels or any(
+            kernel_release == k or kernel_release.startswith((f"{k}.", f"{k}-")) for k in self.kernels
+        )
+
+    @property
+    def testcase(self) -> str:
+        """The testcase name the KTAP of kselftest's runner gives it (ci.ktap.flatten)."""
+        name = f"selftests: {self.collection}: {self.test}"
+        return f"{name}.{self.case}" if self.case else name
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,8 @@ class Suite:
     sources: tuple[str, ...]
     description: str
     path: Path
+    targets: tuple[str, ...] = ()  # kselftest: tools/testing/selftests TARGETS
+    expected_failures: tuple[ExpectedFailure, ...] = ()
 
     @property
     def all_modules(self) -> tuple[str, ...]:
@@ -134,7 +173,18 @@ def _suite_from(data: dict[str, Any], folder: Path, manifest: Path) -> Suite:
                 f"kconfig line {line!r} is not CONFIG_X=y|m|n|number|\"string\" or '# CONFIG_X is not set'"
             )
     sources = _strings(data, "sources", fail)
-    if not sources:
+    targets = _strings(data, "targets", fail)
+    if language == "kselftest":
+        if not targets:
+            raise fail('a kselftest suite needs targets, e.g. targets = ["ptrace"]')
+        for target in targets:
+            if not _TARGET.match(target) or ".." in target.split("/"):
+                raise fail(f"target {target!r} is not a folder under tools/testing/selftests")
+        if sources:
+            raise fail("a kselftest suite has no sources: its tests are built from the kernel tree")
+    elif targets:
+        raise fail(f"targets is only for kselftest suites, not {language}")
+    elif not sources:
         raise fail("sources must list at least one file")
     for source in sources:
         path = folder / source
@@ -149,6 +199,7 @@ def _suite_from(data: dict[str, Any], folder: Path, manifest: Path) -> Suite:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise fail("description must be a string")
+    expected = _expected_failures(folder, language, targets)
     return Suite(
         name=name,
         language=language,
@@ -159,7 +210,52 @@ def _suite_from(data: dict[str, Any], folder: Path, manifest: Path) -> Suite:
         sources=sources,
         description=description,
         path=folder,
+        targets=targets,
+        expected_failures=expected,
     )
+
+
+def _expected_failures(folder: Path, language: str, targets: tuple[str, ...]) -> tuple[ExpectedFailure, ...]:
+    path = folder / EXPECTED_FAILURES
+    if not path.exists():
+        return ()
+
+    def fail(message: str) -> ManifestError:
+        return ManifestError(f"{path}: {message}")
+
+    if language != "kselftest":
+        raise fail("only kselftest suites have expected failures")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise fail(f"not valid TOML: {exc}") from exc
+    if set(data) - {"xfail"}:
+        raise fail(f"unknown key(s) {', '.join(sorted(set(data) - {'xfail'}))} (only [[xfail]] tables)")
+    entries = data.get("xfail", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise fail("xfail must be an array of tables ([[xfail]])")
+    found: list[ExpectedFailure] = []
+    for index, entry in enumerate(entries, 1):
+        where = f"[[xfail]] #{index}"
+        extra = sorted(set(entry) - _XFAIL_KEYS)
+        if extra:
+            known = ", ".join(sorted(_XFAIL_KEYS))
+            raise fail(f"{where}: unknown key(s) {', '.join(extra)} (known: {known})")
+        test, case, reason = entry.get("test"), entry.get("case", ""), entry.get("reason")
+        if not isinstance(test, str) or test.count(":") != 1 or not all(test.split(":")):
+            raise fail(f"{where}: test must be 'collection:binary' (e.g. 'ptrace:vmaccess'), got {test!r}")
+        collection, binary = test.split(":")
+        if collection not in targets:
+            raise fail(f"{where}: {collection!r} is not one of the suite's targets ({', '.join(targets)})")
+        if not isinstance(case, str):
+            raise fail(f"{where}: case must be a string")
+        if not isinstance(reason, str) or not reason.strip():
+            raise fail(f"{where}: every expected failure needs its reason")
+        kernels = entry.get("kernels", [])
+        if not isinstance(kernels, list) or not all(isinstance(k, str) and k for k in kernels):
+            raise fail(f"{where}: kernels must be a list of versions, got {kernels!r}")
+        found.append(ExpectedFailure(collection, binary, case, reason.strip(), tuple(kernels)))
+    return tuple(found)
 
 
 def _strings(data: dict[str, Any], key: str, fail: Callable[[str], ManifestError]) -> tuple[str, ...]:

@@ -63,6 +63,12 @@ def suite_fragments(names: Sequence[str] | None = None) -> list[kconfig.Fragment
     return [kconfig.Fragment(f"suite {s.name}", "\n".join(s.kconfig) + "\n") for s in chosen if s.kconfig]
 
 
+def suite_kselftest_targets(names: Sequence[str] | None = None) -> list[str]:
+    """The tools/testing/selftests targets the chosen kselftest suites run (built with the kernel)."""
+    chosen = suites.load_suites(GUEST_TESTS, names)
+    return sorted({target for s in chosen if s.language == "kselftest" for target in s.targets})
+
+
 def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Suite]:
     """Suites whose required kconfig the kernel has; the others are dropped with a warning."""
     keep = []
@@ -161,7 +167,12 @@ def run_tests(options: TestOptions) -> results.RunReport:
     module_names = list(dict.fromkeys(m for s in chosen for m in s.all_modules))
     module_kos = module_files(image, kernel_dir, module_names, run_dir / "modules-build")
     payload_dir = payload.assemble_payload(
-        chosen, run_dir / "payload", metadata["kernel"]["release"], c_compiler(image), module_kos
+        chosen,
+        run_dir / "payload",
+        metadata["kernel"]["release"],
+        c_compiler(image),
+        module_kos,
+        kselftest_dir=kernel_dir / "kselftest",
     )
     step("rootfs")
     base = rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
