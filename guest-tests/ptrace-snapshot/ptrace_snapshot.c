@@ -12,7 +12,7 @@
  * Tracees are forked children that PTRACE_TRACEME and then stop themselves
  * with SIGSTOP in a loop. The tracer makes one do something (fill memory,
  * mprotect, munmap, exit) by writing a command into its copy of `cmd` with
- * process_vm_writev() and resuming it with SIGUSR1 injected: the handler runs
+ * PTRACE_POKEDATA and resuming it with SIGUSR1 injected: the handler runs
  * the command and the tracee stops again. The regions are heap memory
  * malloc()ed before the fork, so they have the same address in the tracer
  * and in every tracee.
@@ -36,7 +36,6 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
-#include <sys/uio.h>
 #include <sys/wait.h>
 
 #include "../lib/ktap.h"
@@ -256,20 +255,58 @@ static void reap(pid_t pid)
 	}
 }
 
-static bool vm_write(pid_t pid, const volatile void *addr, const void *buf, size_t len)
+/*
+ * The stopped tracee's memory, word by word with PTRACE_PEEKDATA / PTRACE_POKEDATA (the
+ * base config has no CONFIG_CROSS_MEMORY_ATTACH, so no process_vm_readv()).
+ */
+static bool peek_word(pid_t pid, unsigned long addr, unsigned long *word)
 {
-	struct iovec local = { .iov_base = (void *)buf, .iov_len = len };
-	struct iovec remote = { .iov_base = (void *)addr, .iov_len = len };
+	long w;
 
-	return process_vm_writev(pid, &local, 1, &remote, 1, 0) == (ssize_t)len;
+	errno = 0;
+	w = ptrace(PTRACE_PEEKDATA, pid, (void *)addr, NULL);
+	if (w == -1 && errno)
+		return false;
+	*word = (unsigned long)w;
+	return true;
 }
 
 static bool vm_read(pid_t pid, const void *addr, void *buf, size_t len)
 {
-	struct iovec local = { .iov_base = buf, .iov_len = len };
-	struct iovec remote = { .iov_base = (void *)addr, .iov_len = len };
+	unsigned long start = (unsigned long)addr, word;
+	unsigned char *out = buf;
+	size_t done = 0;
 
-	return process_vm_readv(pid, &local, 1, &remote, 1, 0) == (ssize_t)len;
+	while (done < len) {
+		unsigned long at = (start + done) & ~7UL, off = start + done - at;
+		size_t n = 8 - off < len - done ? 8 - off : len - done;
+
+		if (!peek_word(pid, at, &word))
+			return false;
+		memcpy(out + done, (unsigned char *)&word + off, n);
+		done += n;
+	}
+	return true;
+}
+
+static bool vm_write(pid_t pid, const volatile void *addr, const void *buf, size_t len)
+{
+	unsigned long start = (unsigned long)addr, word;
+	const unsigned char *in = buf;
+	size_t done = 0;
+
+	while (done < len) {
+		unsigned long at = (start + done) & ~7UL, off = start + done - at;
+		size_t n = 8 - off < len - done ? 8 - off : len - done;
+
+		if (n < 8 && !peek_word(pid, at, &word))
+			return false;
+		memcpy((unsigned char *)&word + off, in + done, n);
+		if (ptrace(PTRACE_POKEDATA, pid, (void *)at, (void *)word) < 0)
+			return false;
+		done += n;
+	}
+	return true;
 }
 
 /* Have the stopped tracee run one command; 0, or the command's errno, or -1. */
@@ -280,7 +317,7 @@ static int tracee_do(pid_t pid, int op, const void *addr, unsigned long len, int
 			     .gen = gen, .result = -1 };
 
 	if (!vm_write(pid, &cmd, &c, sizeof(c))) {
-		note("process_vm_writev(%d): %s", pid, strerror(errno));
+		note("PTRACE_POKEDATA(%d): %s", pid, strerror(errno));
 		return -1;
 	}
 	if (pt(PTRACE_CONT, pid, 0, SIGUSR1) < 0) {
@@ -845,7 +882,7 @@ static void bad_arguments(void)
 {
 	struct record *rec = new_record(12);
 	struct ptrace_snapshot_buf sb;
-	unsigned char buf[64];
+	unsigned char buf[64], unaligned[sizeof(sb) + 1];
 	pid_t pid = -1;
 
 	if (!check(rec != NULL, "malloc"))
@@ -875,7 +912,8 @@ static void bad_arguments(void)
 	sb.len = sizeof(buf);
 	EXPECT(pt(PTRACE_GETSNAPSHOT, pid, (unsigned long)rec, (unsigned long)&sb),
 	       (long)sizeof(*rec));
-	EXPECT(pt(PTRACE_GETSNAPSHOT, pid, (unsigned long)rec, (unsigned long)&sb + 1),
+	memcpy(unaligned + 1, &sb, sizeof(sb));
+	EXPECT(pt(PTRACE_GETSNAPSHOT, pid, (unsigned long)rec, (unsigned long)(unaligned + 1)),
 	       (long)sizeof(*rec));	/* an unaligned struct is fine */
 	EXPECT(pt(0x4243, pid, (unsigned long)rec, sizeof(*rec)), -EIO);	/* next number */
 	EXPECT(restore(pid, rec, sizeof(*rec)), 0);
@@ -1076,9 +1114,13 @@ out:
 	free(big);
 }
 
-/* A tracer that exits without detaching: exit_ptrace() frees what it left. */
-static void tracer_exits(const unsigned char *big, int report)
+/*
+ * A tracer that exits without detaching: exit_ptrace() frees what it left. It reports its
+ * tracees on @report and exits once @go is closed (after the suite has measured MemFree).
+ */
+static void tracer_exits(const unsigned char *big, int report, int go)
 {
+	char byte;
 	pid_t pids[NTRACEES];
 	bool ok = true;
 	int i;
@@ -1097,6 +1139,7 @@ static void tracer_exits(const unsigned char *big, int report)
 	for (i = 0; ok && i < NTRACEES; i++)
 		ok &= fill_quota(pids[i], big);
 	ok &= write(report, pids, sizeof(pids)) == sizeof(pids);
+	ok &= read(go, &byte, 1) == 0;
 	_exit(ok ? 0 : 1);
 }
 
@@ -1106,10 +1149,10 @@ static void freed_on_exit(void)
 	unsigned char *big = malloc(MAX_LEN + 64);
 	pid_t pids[NTRACEES] = { 0 }, orphans[NTRACEES] = { 0 }, tracer;
 	long before, during, after;
-	int i, status, pipefd[2];
+	int i, status, pipefd[2], go[2];
 	unsigned char byte;
 
-	if (!check(big != NULL && pipe(pipefd) == 0, "malloc and pipe"))
+	if (!check(big != NULL && pipe(pipefd) == 0 && pipe(go) == 0, "malloc and pipes"))
 		goto out;
 	pattern(big, MAX_LEN + 64, 16);
 	for (i = 0; i < NTRACEES; i++) {
@@ -1122,12 +1165,9 @@ static void freed_on_exit(void)
 		check(fill_quota(pids[i], big), "tracee %d: 4 MiB of snapshots", i);
 	during = meminfo_kb("MemFree");
 	for (i = 0; i < NTRACEES; i++) {
-		if (i % 2) {
+		if (i % 2 || !check(tracee_do(pids[i], CMD_EXIT, NULL, 0, 0, 0) == 0,
+				    "tracee %d told to _exit(0)", i))
 			kill(pids[i], SIGKILL);
-		} else {
-			check(tracee_do(pids[i], CMD_EXIT, NULL, 0, 0, 0) == 0,
-			      "tracee %d told to _exit(0)", i);
-		}
 		check(waitpid(pids[i], &status, __WALL) == pids[i] &&
 		      (i % 2 ? WIFSIGNALED(status) : WIFEXITED(status)),
 		      "tracee %d %s and was reaped", i, i % 2 ? "killed" : "exited");
@@ -1139,13 +1179,18 @@ static void freed_on_exit(void)
 	/* The tracer exits: its tracees live on (the suite is their subreaper). */
 	before = meminfo_kb("MemFree");
 	tracer = fork();
-	if (tracer == 0)
-		tracer_exits(big, pipefd[1]);
+	if (tracer == 0) {
+		close(go[1]);
+		tracer_exits(big, pipefd[1], go[0]);
+	}
 	close(pipefd[1]);
+	close(go[0]);
 	if (!check(tracer > 0 && read(pipefd[0], orphans, sizeof(orphans)) == sizeof(orphans),
 		   "a tracer process started 4 tracees"))
 		goto out_pipe;
 	during = meminfo_kb("MemFree");
+	close(go[1]);
+	go[1] = -1;
 	waitpid(tracer, &status, 0);
 	check(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the tracer exited without detaching");
 	after = wait_memfree(during + (before - during) / 2);
@@ -1160,6 +1205,8 @@ static void freed_on_exit(void)
 	}
 out_pipe:
 	close(pipefd[0]);
+	if (go[1] >= 0)
+		close(go[1]);
 out:
 	for (i = 0; i < NTRACEES; i++) {
 		reap(pids[i]);
@@ -1190,7 +1237,7 @@ static unsigned int rnd(unsigned int *seed)
 static void *tracer_thread(void *arg)
 {
 	struct worker *w = arg;
-	size_t len = 3 * PG + 100;
+	size_t len = 2 * PG + 100;
 	unsigned char *region = malloc(len), *buf = malloc(len), *want = malloc(len);
 	pid_t pid = -1;
 	int r;
@@ -1246,7 +1293,7 @@ static void concurrent_tracees(void)
 		memset(&w[i], 0, sizeof(w[i]));
 		w[i].index = i;
 		w[i].seed = 1000 + i;
-		w[i].rounds = 150;
+		w[i].rounds = 100;
 		started[i] = pthread_create(&threads[i], NULL, tracer_thread, &w[i]) == 0;
 		check(started[i], "tracer thread %d started", i);
 	}
@@ -1329,7 +1376,7 @@ out:
 
 static void shared_mm_threads(void)
 {
-	size_t part = 2 * PG;
+	size_t part = PG;
 	unsigned char *region = malloc(NWORKERS * part);
 	struct shared_area *sa = mmap(NULL, sizeof(*sa), PROT_READ | PROT_WRITE,
 				      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -1362,7 +1409,7 @@ static void shared_mm_threads(void)
 		w[i].pid = sa->tids[i];
 		w[i].region = region + i * part;
 		w[i].len = part;
-		w[i].rounds = 100;
+		w[i].rounds = 60;
 	}
 	for (i = 0; i < NWORKERS; i++) {
 		started[i] = pthread_create(&threads[i], NULL, shared_mm_worker, &w[i]) == 0;
@@ -1828,6 +1875,24 @@ static const struct scenario scenarios[] = {
 	SCENARIO(kmemleak_clean),
 };
 
+#define SCENARIO_TIMEOUT 120
+
+static volatile size_t current_scenario;
+
+/* A scenario that hangs ends the suite with a result for it, not a silent guest hang. */
+static void on_alarm(int sig)
+{
+	char line[160];
+	int n;
+
+	(void)sig;
+	n = snprintf(line, sizeof(line), "# FAIL: still running after %d s\nnot ok %zu %s\n",
+		     SCENARIO_TIMEOUT, current_scenario + 1, scenarios[current_scenario].name);
+	if (write(STDOUT_FILENO, line, n) < 0)
+		_exit(2);
+	_exit(1);
+}
+
 static int kmsg_open(void)
 {
 	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
@@ -1878,14 +1943,18 @@ int main(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	prctl(PR_SET_CHILD_SUBREAPER, 1);
 	signal(SIGPIPE, SIG_IGN);
+	signal(SIGALRM, on_alarm);
 	ktap_plan(KTAP_ARRAY_SIZE(scenarios));
 	for (i = 0; i < KTAP_ARRAY_SIZE(scenarios); i++) {
 		struct timespec t0, t1;
 		int fd = kmsg_open();
 
 		scenario_failures = 0;
+		current_scenario = i;
 		clock_gettime(CLOCK_MONOTONIC, &t0);
+		alarm(SCENARIO_TIMEOUT);
 		scenarios[i].run();
+		alarm(0);
 		kmsg_check(fd);
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		note("%.2f s", (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
