@@ -1327,6 +1327,8 @@ static void *shared_mm_worker(void *arg)
 {
 	struct worker *w = arg;
 	unsigned char *buf = malloc(w->len), *mine = malloc(w->len);
+	/* all the parts, overlapping every worker's own snapshot, at a start of its own */
+	unsigned char *whole = w->region - w->index * w->len + 1;
 	int r;
 
 	if (!buf || !mine || pt(PTRACE_SEIZE, w->pid, 0, PTRACE_O_EXITKILL) ||
@@ -1342,7 +1344,7 @@ static void *shared_mm_worker(void *arg)
 		memset(mine, byte, w->len);
 		if (!vm_write(w->pid, w->region, mine, w->len) ||
 		    snap(w->pid, w->region, w->len) != 0 ||
-		    snap(w->pid, w->region - w->index * w->len, NWORKERS * w->len) != 0) {
+		    snap(w->pid, whole, NWORKERS * w->len - 1) != 0) {
 			w->errors++;
 			note("worker %d: round %d: snapshot failed", w->index, r);
 			break;
@@ -1355,8 +1357,8 @@ static void *shared_mm_worker(void *arg)
 			note("worker %d: round %d: restore did not bring back its bytes", w->index, r);
 			break;
 		}
-		got = getsnap(w->pid, w->region - w->index * w->len, buf, w->len);
-		if (got != (long)(NWORKERS * w->len)) {
+		got = getsnap(w->pid, whole, buf, w->len);
+		if (got != (long)(NWORKERS * w->len - 1)) {
 			w->errors++;
 			note("worker %d: round %d: GETSNAPSHOT -> %s", w->index, r, errname(got));
 			break;
