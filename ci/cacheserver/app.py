@@ -235,7 +235,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
             {
                 "status": "ok",
                 "index": service.index.describe(),
-                "blobs": service.blobs.describe(),
+                "blob_store": service.blobs.describe(),
                 **totals,
             }
         )

@@ -161,11 +161,13 @@ class SqlIndex:
                 # the old entry lost a blob (found corrupt and set aside): the new upload replaces it
                 tx.x("DELETE FROM builds WHERE key = ?", (key,))
                 tx.x("DELETE FROM refs WHERE key = ? AND digest NOT IN (SELECT digest FROM blobs)", (key,))
-            tx.x(
+            inserted = tx.x(
                 "INSERT INTO builds (key, doc, inputs, summary, created, last_access, pinned, bytes) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (key) DO NOTHING",
                 (key, json.dumps(doc), json.dumps(inputs), json.dumps(summary), now, now, size),
             )
+            if not inserted:  # a concurrent publisher (another replica) committed it first: keep theirs
+                return "exists"
             tx.many(
                 "INSERT INTO refs (key, digest) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [(key, d) for d in digests],
@@ -223,9 +225,10 @@ class SqlIndex:
                 missing = [d for d in wanted if d not in present]
                 if missing:
                     return "missing:" + ",".join(missing)
-            replaced = tx.x("DELETE FROM runs WHERE key = ? AND run_id = ?", (key, run_id)) > 0
+            replaced = bool(tx.q("SELECT 1 FROM runs WHERE key = ? AND run_id = ?", (key, run_id)))
             tx.x(
-                "INSERT INTO runs (key, run_id, doc, created) VALUES (?, ?, ?, ?)",
+                "INSERT INTO runs (key, run_id, doc, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key, run_id) DO UPDATE SET doc = excluded.doc, created = excluded.created",
                 (key, run_id, json.dumps(doc), time.time()),
             )
             tx.many(
