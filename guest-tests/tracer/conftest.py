@@ -8,6 +8,7 @@ import tracerlib as tl
 
 @pytest.fixture(scope="session", autouse=True)
 def workload_module():
+    tl.debugfs_ready()
     tl.ensure_loaded(tl.WORKLOAD)
     yield
     tl.ensure_unloaded(tl.WORKLOAD)

@@ -245,7 +245,7 @@ def test_remove_twice_is_enoent(tracer):
 
 
 def test_read_while_processes_come_and_go(tracer):
-    """Children are added and exit (or are removed) while /proc/tracer is read as fast as possible."""
+    """Batches of workers are added, some removed, and exit, while /proc/tracer is read all the time."""
     stop = threading.Event()
     errors: list[str] = []
     reads = 0
@@ -265,20 +265,25 @@ def test_read_while_processes_come_and_go(tracer):
         th.start()
     pids = []
     try:
-        for i in range(40):
-            w = tl.Workload(count=3, park=False, ops=tl.WL_OP_KMALLOC | tl.WL_OP_MUTEX)
-            w.start()
-            try:
-                tracer.add(w.pid)
-            except OSError as e:
-                assert e.errno == errno.ESRCH, e  # it may already have exited
-            if i % 3 == 0:
+        for batch in range(10):
+            works = [
+                tl.Workload(count=5, park=False, ops=tl.WL_OP_KMALLOC | tl.WL_OP_MUTEX) for _ in range(4)
+            ]
+            for w in works:
+                w.start()
+            for i, w in enumerate(works):
                 try:
-                    tracer.remove(w.pid)
+                    tracer.add(w.pid)
                 except OSError as e:
-                    assert e.errno == errno.ENOENT, e
-            assert w.finish() == 0
-            pids.append(w.pid)
+                    assert e.errno == errno.ESRCH, e  # it may already have exited
+                if (batch + i) % 3 == 0:
+                    try:
+                        tracer.remove(w.pid)
+                    except OSError as e:
+                        assert e.errno == errno.ENOENT, e
+            for w in works:
+                assert w.finish() == 0
+                pids.append(w.pid)
     finally:
         stop.set()
         for th in threads:
@@ -287,6 +292,51 @@ def test_read_while_processes_come_and_go(tracer):
     assert reads > 0
     t = tl.table()
     assert not set(pids) & set(t.rows), f"exited processes still listed\n{t.text}"
+
+
+def test_tracer_ioctls_count_nothing_of_the_tracers_own(tracer):
+    """A monitored process that adds and removes another pid 20 times: the tracer allocates nothing of its
+    own, so every column but sched (a return to user space may reschedule) moves exactly as in a round
+    with no ioctl. The process sleeps in read(2) at both snapshots; each round is woken by one byte."""
+    target = tl.sleeper()
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            dev = tl.Tracer()
+            while True:
+                rounds = os.read(go_r, 1)[0]
+                for _ in range(rounds):
+                    dev.add(target)
+                    dev.remove(target)
+                os.write(done_w, b"d")
+        finally:
+            os._exit(1)
+    os.close(go_r)
+    os.close(done_w)
+    try:
+        tl.wait_asleep(pid)
+        tracer.add(pid)
+
+        def round_delta(rounds: int) -> tuple[dict[str, int], str]:
+            before = tl.table()
+            os.write(go_w, bytes([rounds]))
+            assert os.read(done_r, 1) == b"d"
+            tl.wait_asleep(pid)
+            after = tl.table()
+            delta = {c: after[pid][c] - before[pid][c] for c in tl.COUNTERS if c != "sched"}
+            return delta, before.text + after.text
+
+        round_delta(20)  # warm up: the code paths of the loop are faulted in once
+        idle, idle_text = round_delta(0)
+        busy, busy_text = round_delta(20)
+        assert busy == idle, f"20 add/remove: {busy}, none: {idle}\n{idle_text}{busy_text}"
+    finally:
+        tl.kill_and_reap(pid)
+        tl.kill_and_reap(target)
+        os.close(go_w)
+        os.close(done_r)
 
 
 # ---- misses ----
@@ -324,7 +374,7 @@ def test_unload_removes_device_and_proc_files(tracer):
         dev = tl.Tracer()
         dev.add(pid)  # unload while something is traced
         dev.close()
-        tl.rmmod(tl.TRACER)
+        tl.unload_tracer()  # also: every probe released by the kprobe core
         assert not tl.DEV.exists() and not tl.PROC.exists() and not tl.STATS.exists()
         tl.insmod(tl.TRACER)
         assert tl.table().rows == {}, "a fresh load starts with an empty table"

@@ -41,6 +41,8 @@ WL_RUN = _ioc(_IOC_WRITE, ord("W"), 1, struct.calcsize(WL_RUN_FORMAT))
 WL_WAIT = _ioc(_IOC_NONE, ord("W"), 2, 0)
 WL_RELEASE = _ioc(_IOC_NONE, ord("W"), 3, 0)
 WL_MISS = _ioc(_IOC_NONE, ord("W"), 4, 0)
+WL_LEAK = _ioc(_IOC_NONE, ord("W"), 5, 0)
+WL_LEAK_SIZE = 777
 WL_OP_KMALLOC, WL_OP_MUTEX, WL_OP_SEM, WL_OP_SCHED = 0x1, 0x2, 0x4, 0x8
 WL_OP_ALL = 0xF
 WL_PARK = 0x1
@@ -72,7 +74,59 @@ def ensure_loaded(name: str) -> None:
 
 def ensure_unloaded(name: str) -> None:
     if name in loaded_modules():
-        rmmod(name)
+        if name == TRACER:
+            unload_tracer()
+        else:
+            rmmod(name)
+
+
+DEBUGFS = Path("/sys/kernel/debug")
+KPROBES_LIST = DEBUGFS / "kprobes" / "list"
+TRACER_SYMBOLS = {
+    "__kmalloc",
+    "kfree",
+    "schedule",
+    "up",
+    "down_interruptible",
+    "mutex_lock",
+    "mutex_lock_nested",
+    "mutex_unlock",
+    "do_exit",
+}
+
+
+def debugfs_ready() -> None:
+    if not KPROBES_LIST.exists():
+        subprocess.run(["mount", "-t", "debugfs", "none", str(DEBUGFS)], capture_output=True)
+    assert KPROBES_LIST.exists(), f"no {KPROBES_LIST} (CONFIG_KPROBES, CONFIG_DEBUG_FS)"
+
+
+def kprobes_listed(symbols: set[str]) -> list[str]:
+    """The lines of the kprobe core's list of probes placed on any of symbols (at offset 0)."""
+    found = []
+    for line in KPROBES_LIST.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2].split("+")[0] in symbols:
+            found.append(line)
+    return found
+
+
+def unload_tracer(timeout: float = 20.0) -> float:
+    """rmmod tracer, then wait until the kprobe core has released its probes; returns the seconds waited.
+
+    An unregistered optimized kprobe stays in the kprobe table, disabled, until the kprobe optimizer has
+    unoptimized and freed it (delayed work); registering a probe at the same address before that reuses
+    it (reuse_unused_kprobe). On this 5.10 kernel under QEMU TCG, load/unload cycles that hit that reuse
+    path livelocked the optimizer once (an endless int3 at schedule+0 whose byte memory no longer held:
+    RCU stall); so the next load waits until the table no longer has any of the tracer's probes."""
+    rmmod(TRACER)
+    started = time.monotonic()
+    while True:
+        left = kprobes_listed(TRACER_SYMBOLS)
+        if not left:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, "probes not released after unload:\n" + "\n".join(left)
+        time.sleep(0.02)
 
 
 # ---- /proc/tracer ----

@@ -15,6 +15,9 @@
  * and the difference is the work and nothing else: no system call entry or
  * exit, no sleep and no wake-up of the worker falls between the snapshots.
  *
+ * WL_LEAK leaks blocks on purpose, for the suite to prove that kmemleak
+ * reports a leak when there is one.
+ *
  * WL_MISS calls a function that has a kprobe of this module on it, whose
  * handler calls kfree(NULL): a kfree hit inside a kprobe handler, which the
  * kprobe core does not run but counts as missed on the tracer's kfree probe.
@@ -205,6 +208,20 @@ static long wl_miss(unsigned long times)
 	return atomic_read(&miss_handler_runs) - before;
 }
 
+static noinline long wl_leak(unsigned long blocks)
+{
+	unsigned long i;
+
+	if (blocks > WL_MAX_COUNT)
+		return -EINVAL;
+	for (i = 0; i < blocks; i++) {
+		/* the pointer is dropped: this is the leak */
+		if (!kmalloc(WL_LEAK_SIZE, GFP_KERNEL))
+			return -ENOMEM;
+	}
+	return blocks;
+}
+
 static long wl_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	struct wl_session *s = file->private_data;
@@ -218,6 +235,8 @@ static long wl_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return wl_release(s);
 	case WL_MISS:
 		return wl_miss(arg);
+	case WL_LEAK:
+		return wl_leak(arg);
 	default:
 		return -ENOTTY;
 	}

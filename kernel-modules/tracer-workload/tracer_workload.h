@@ -46,5 +46,11 @@ struct wl_run {
 #define WL_RELEASE	_IO('W', 3)
 /* Call a function with a kprobe whose handler calls kfree(NULL), arg times. */
 #define WL_MISS		_IO('W', 4)
+/*
+ * Leak arg blocks of WL_LEAK_SIZE bytes (kmalloc, never freed, no pointer
+ * kept): the positive control of the suite's kmemleak check.
+ */
+#define WL_LEAK		_IO('W', 5)
+#define WL_LEAK_SIZE	777
 
 #endif /* TRACER_WORKLOAD_H__ */

@@ -190,7 +190,7 @@ static void proc_unlink(struct tracer_proc *p, struct hlist_head *dead)
 		rec_release(r);
 	hash_del(&p->node);
 	hlist_add_head(&p->node, dead);
-	nr_procs--;
+	WRITE_ONCE(nr_procs, nr_procs - 1);
 }
 
 /* Drop the entries whose task has exited or is exiting. */
