@@ -1800,12 +1800,25 @@ static bool write_file(const char *path, const char *text)
 	return ok;
 }
 
+/* Print one kmemleak report (its lines in block) if its backtrace has snapshot code. */
+static bool kmemleak_ours(char *block, int *printed)
+{
+	char *save, *l;
+
+	if (!strstr(block, "snapshot"))
+		return false;
+	for (l = strtok_r(block, "\n", &save); l && *printed < 40; l = strtok_r(NULL, "\n", &save)) {
+		note("kmemleak: %s", l);
+		(*printed)++;
+	}
+	return true;
+}
+
 /* After everything above: kmemleak finds nothing allocated by the snapshot code. */
 static void kmemleak_clean(void)
 {
-	char line[512], report[4096] = "";
-	int reports = 0, ours = 0;
-	bool in_ours = false;
+	char line[512], block[4096] = "";
+	int reports = 0, ours = 0, printed = 0;
 	FILE *f;
 
 	if (access(KMEMLEAK, F_OK) != 0)
@@ -1824,22 +1837,14 @@ static void kmemleak_clean(void)
 	while (fgets(line, sizeof(line), f)) {
 		if (!strncmp(line, "unreferenced object", 19)) {
 			reports++;
-			in_ours = false;
+			ours += kmemleak_ours(block, &printed);
+			block[0] = '\0';
 		}
-		if (strstr(line, "snapshot") && !in_ours) {
-			in_ours = true;
-			ours++;
-		}
-		if (in_ours && strlen(report) + strlen(line) < sizeof(report) - 1)
-			strcat(report, line);
+		if (strlen(block) + strlen(line) < sizeof(block))
+			strcat(block, line);
 	}
+	ours += kmemleak_ours(block, &printed);
 	fclose(f);
-	if (ours) {
-		char *save, *l;
-
-		for (l = strtok_r(report, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
-			note("kmemleak: %s", l);
-	}
 	note("kmemleak: %d report(s) in all", reports);
 	check(ours == 0, "%d leak report(s) with ptrace snapshot code in the backtrace", ours);
 }
