@@ -11,6 +11,7 @@ mkdir -p "$KCI_SERVICES_DIR"
 kci_missing=()
 command -v ccache >/dev/null || kci_missing+=(ccache)
 command -v chromium >/dev/null || kci_missing+=(chromium)
+command -v chromedriver >/dev/null || kci_missing+=(chromium-driver)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || kci_missing+=(postgresql)
 command -v npm >/dev/null || kci_missing+=(npm)
 if [ ${#kci_missing[@]} -gt 0 ]; then
