@@ -37,6 +37,15 @@ def test_mutex_lock_symbol_chosen_at_load(tracer):
     assert want in probes and other not in probes, text
 
 
+def test_probes_registered_with_the_kprobe_core(tracer):
+    listed = tl.kprobes_listed(tl.TRACER_SYMBOLS)
+    symbols = {line.split()[2].split("+")[0] for line in listed}
+    expected = tl.TRACER_SYMBOLS - {"mutex_lock", "mutex_lock_nested"}
+    assert expected <= symbols, "\n".join(listed)
+    assert symbols & {"mutex_lock", "mutex_lock_nested"}, "\n".join(listed)
+    print("\n".join(listed))  # [OPTIMIZED] marks the jump-optimized ones
+
+
 # ---- exact counts: one parked run of every operation, one test per column ----
 
 

@@ -1,4 +1,12 @@
-"""tracer.ko loaded and unloaded 50 times while monitored workers run: no oops, WARN or kmemleak report."""
+"""tracer.ko loaded and unloaded 50 times while monitored workers run: no oops, WARN or kmemleak report.
+
+The cycles run with kprobe jump optimization off (/proc/sys/debug/kprobes-optimization = 0; restored
+after), so every probe is an int3 probe whose handlers run in the NMI-like int3 context. With it on, an
+unregistered optimized probe is unoptimized later by the kprobe optimizer, and a load inside that window
+reuses it (reuse_unused_kprobe): on this 5.10 kernel under QEMU TCG that livelocked the optimizer once in
+about 150 cycles (an endless int3 at schedule+0x0 that memory no longer held, RCU stall, hung guest) -
+a kprobe-core/emulator problem, not tracer.ko's, and not something a module can wait for. The other
+test files run with optimization on (the default)."""
 
 from __future__ import annotations
 
@@ -34,6 +42,8 @@ def stress():
     """Run the cycles once; the tests below check what they left."""
     tl.ensure_unloaded(tl.TRACER)
     tl.kmemleak_ready()
+    optimization = tl.KPROBES_OPTIMIZATION.read_text()
+    tl.KPROBES_OPTIMIZATION.write_text("0\n")
     tl.kmemleak("scan")
     tl.kmemleak("clear")  # what was reported before is not this test's
     log_start = len(tl.dmesg())
@@ -55,8 +65,9 @@ def stress():
     finally:
         for pid in workers:
             tl.kill_and_reap(pid)
+        tl.KPROBES_OPTIMIZATION.write_text(optimization)
     seconds = time.monotonic() - started
-    print(f"{cycles_done} load/unload cycles in {seconds:.1f} s ({waited:.1f} s waiting for probe release)")
+    print(f"{cycles_done} load/unload cycles in {seconds:.1f} s ({waited:.1f} s until probes were unlisted)")
     time.sleep(6)  # kmemleak only reports objects older than 5 s
     tl.kmemleak("scan")
     return {"cycles": cycles_done, "log": tl.dmesg()[log_start:], "leaks": tl.kmemleak_reports()}

@@ -112,13 +112,7 @@ def kprobes_listed(symbols: set[str]) -> list[str]:
 
 
 def unload_tracer(timeout: float = 20.0) -> float:
-    """rmmod tracer, then wait until the kprobe core has released its probes; returns the seconds waited.
-
-    An unregistered optimized kprobe stays in the kprobe table, disabled, until the kprobe optimizer has
-    unoptimized and freed it (delayed work); registering a probe at the same address before that reuses
-    it (reuse_unused_kprobe). On this 5.10 kernel under QEMU TCG, load/unload cycles that hit that reuse
-    path livelocked the optimizer once (an endless int3 at schedule+0 whose byte memory no longer held:
-    RCU stall); so the next load waits until the table no longer has any of the tracer's probes."""
+    """rmmod tracer, then wait until the kprobe core lists none of its probes; returns the seconds waited."""
     rmmod(TRACER)
     started = time.monotonic()
     while True:
@@ -127,6 +121,9 @@ def unload_tracer(timeout: float = 20.0) -> float:
             return time.monotonic() - started
         assert time.monotonic() - started < timeout, "probes not released after unload:\n" + "\n".join(left)
         time.sleep(0.02)
+
+
+KPROBES_OPTIMIZATION = Path("/proc/sys/debug/kprobes-optimization")
 
 
 # ---- /proc/tracer ----
