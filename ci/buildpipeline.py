@@ -185,8 +185,6 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
     tree_id = _digest_text(source_id + json.dumps(patch_digests, sort_keys=True))[:16]
     src_tree = _prepare_tree(src, chosen, tree_id)
     out_tree = cache_dir("work", tree_id) / "out"
-    if request.fresh and out_tree.exists():
-        shutil.rmtree(out_tree)
     env = builder.BuildEnv(
         image=image,
         src=src_tree,
@@ -196,7 +194,9 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         timestamp=kbuild_timestamp(src.tree),
         use_ccache=request.use_ccache,
     )
-    with _work_lock(out_tree.parent):
+    with _work_lock(out_tree.parent):  # one build at a time in a work tree; --fresh empties it under the lock
+        if request.fresh and out_tree.exists():
+            shutil.rmtree(out_tree)
         t0 = time.monotonic()
         final_config = builder.configure(env, merged_text)
         durations["configure"] = round(time.monotonic() - t0, 2)
