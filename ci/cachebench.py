@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -79,17 +80,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve(data: str, port: int, token: str) -> None:
+def _serve(data: str, port: int, token: str, workers: int) -> None:
     from ci.cacheserver.server import ServerConfig, serve
 
-    serve(ServerConfig(data=Path(data), tokens=[token]), "127.0.0.1", port, log_level="warning")
+    # uvicorn's worker processes reopen the parent's stdin by fd number: make it fd 0 (multiprocessing
+    # replaced it with a /dev/null file of another number, which a spawned grandchild does not inherit)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    sys.stdin = os.fdopen(0)
+    config = ServerConfig(data=Path(data), tokens=[token])
+    serve(config, "127.0.0.1", port, log_level="warning", workers=workers)
 
 
 @contextlib.contextmanager
-def service(data: Path) -> Iterator[str]:
+def service(data: Path, workers: int = 1) -> Iterator[str]:
     port = _free_port()
     worker = multiprocessing.get_context("spawn").Process(
-        target=_serve, args=(str(data), port, TOKEN), daemon=True
+        target=_serve, args=(str(data), port, TOKEN, workers)
     )
     worker.start()
     url = f"http://127.0.0.1:{port}"
@@ -100,7 +106,7 @@ def service(data: Path) -> Iterator[str]:
                 if httpx.get(url + "/healthz", timeout=2).status_code == 200:
                     break
             if not worker.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the cache service did not start for the bench")
+                raise RuntimeError(f"the cache service did not start for the bench (exit {worker.exitcode})")
             time.sleep(0.1)
         yield url
     finally:
@@ -201,12 +207,17 @@ def restore_bench(url: str, work: Path) -> dict[str, float | str]:
     }
 
 
-def run_cache_bench(out_dir: Path, duration: float = 10.0, connections: int = 16) -> dict:
+def run_cache_bench(out_dir: Path, duration: float = 10.0, connections: int = 16, workers: int = 2) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": {"cpus": os.cpu_count()}, "duration_s": duration, "connections": connections}
+    results: dict = {
+        "machine": {"cpus": os.cpu_count()},
+        "duration_s": duration,
+        "connections": connections,
+        "service_workers": workers,
+    }
     with tempfile.TemporaryDirectory(prefix="kci-cachebench-") as tmp_name:
         tmp = Path(tmp_name)
-        with service(tmp / "service") as url:
+        with service(tmp / "service", workers) as url:
             step("restore of a full build output from the service")
             results["restore"] = restore_bench(url, tmp / "restore")
             console.print(results["restore"])

@@ -221,6 +221,10 @@ class _Timing:
 
 
 def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
+    inline_reads = service.index.describe().startswith("SQLite") and service.blobs.describe().startswith(
+        "local"
+    )
+
     async def read_guard(request: Request) -> None:
         authorize(request, auth, write=False)
 
@@ -401,12 +405,20 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
         key = ccache_key_from_path(request.path_params["path"])
         if method in ("GET", "HEAD"):
             await read_guard(request)
+            # ccache objects are small and a look-up is one indexed SQLite row and one file read: done on
+            # the event loop, as a thread hop per request would cost more than the work itself
             if method == "HEAD":
-                size = await run_in_threadpool(service.ccache_head, key)
+                size = (
+                    service.ccache_head(key)
+                    if inline_reads
+                    else await run_in_threadpool(service.ccache_head, key)
+                )
                 if size is None:
                     return Response(status_code=404)
                 return Response(headers={"Content-Length": str(size)})
-            found = await run_in_threadpool(service.ccache_get, key)
+            found = (
+                service.ccache_get(key) if inline_reads else await run_in_threadpool(service.ccache_get, key)
+            )
             if found is None:
                 return Response(status_code=404)
             return _blob_response(found)

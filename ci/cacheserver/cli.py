@@ -29,14 +29,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         anonymous_read=not args.no_anonymous_read,
         limits=Limits(max_bytes=args.max_bytes, max_blob_bytes=args.max_blob_bytes),
     )
-    serve(config, args.host, args.port)
+    serve(config, args.host, args.port, workers=args.workers)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ci.cachebench import run_cache_bench
 
-    run_cache_bench(args.output / "bench", duration=args.duration, connections=args.connections)
+    run_cache_bench(
+        args.output / "bench", duration=args.duration, connections=args.connections, workers=args.workers
+    )
     return 0
 
 
@@ -64,8 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--max-bytes", type=_size, default=0, help="size cap (e.g. 50G) with LRU eviction; 0 = none"
     )
     serve.add_argument("--max-blob-bytes", type=_size, default=4 << 30, help="largest accepted blob")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default 1)")
     serve.set_defaults(func=cmd_serve)
     bench = cache.add_parser("bench", help="restore time from the service; ccache objects/s vs nginx WebDAV")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (wrk)")
     bench.add_argument("--connections", type=int, default=16)
+    bench.add_argument(
+        "--workers", type=int, default=2, help="service worker processes (nginx: one per core)"
+    )
     bench.set_defaults(func=cmd_bench)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -60,13 +62,55 @@ def make_app(config: ServerConfig):  # type: ignore[no-untyped-def]
     return create_app(service, auth), service
 
 
-def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
+CONFIG_ENV = "KERNEL_CI_CACHE_SERVER_CONFIG"  # how `serve --workers N` hands the config to its workers
+
+
+def _config_to_env(config: ServerConfig) -> str:
+    return json.dumps(
+        {
+            "data": str(config.data),
+            "index_url": config.index_url,
+            "blobs_url": config.blobs_url,
+            "tokens": config.tokens,
+            "read_tokens": config.read_tokens,
+            "anonymous_read": config.anonymous_read,
+            "limits": dataclasses.asdict(config.limits),
+        }
+    )
+
+
+def app_from_environment():  # type: ignore[no-untyped-def]
+    """The app of one worker process of `serve --workers N` (a uvicorn factory)."""
+    raw = json.loads(os.environ[CONFIG_ENV])
+    raw["data"] = Path(raw["data"])
+    raw["limits"] = Limits(**raw["limits"])
+    app, _service = make_app(ServerConfig(**raw))
+    return app
+
+
+def serve(config: ServerConfig, host: str, port: int, log_level: str = "info", workers: int = 1) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app, service = make_app(config)
     log = logging.getLogger("kernel_ci.cacheserver")
-    log.info("index: %s; blobs: %s", service.index.describe(), service.blobs.describe())
     if not config.tokens:
         log.warning("no write token configured (--token or %s): the cache is read-only", TOKENS_ENV)
+    if workers > 1:
+        # several processes on one socket (stateless: they share the index and the blobs); the
+        # configuration, tokens included, goes to them through this process's environment
+        make_service(config)  # fail early, in the parent, on a bad index or blob store URL
+        os.environ[CONFIG_ENV] = _config_to_env(config)
+        log.info("%d worker processes", workers)
+        uvicorn.run(
+            "ci.cacheserver.server:app_from_environment",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=False,
+        )
+        return
+    app, service = make_app(config)
+    log.info("index: %s; blobs: %s", service.index.describe(), service.blobs.describe())
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
