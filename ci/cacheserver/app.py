@@ -220,6 +220,49 @@ class _Timing:
             )
 
 
+class _CcacheReads:
+    """ccache GET/HEAD straight from ASGI, before routing: the one hot path (thousands of requests per
+    build). Anything unusual (a bad path, a refused token, a write) goes through the full app, which
+    answers with the reason."""
+
+    def __init__(self, app: ASGIApp, service: CacheService, auth: AuthConfig) -> None:
+        self.app = app
+        self.service = service
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope.get("method")
+        if (
+            scope["type"] != "http"
+            or method not in ("GET", "HEAD")
+            or not scope["path"].startswith("/ccache/")
+        ):
+            await self.app(scope, receive, send)
+            return
+        try:
+            key = ccache_key_from_path(scope["path"][len("/ccache/") :])
+            authorize(Request(scope), self.auth, write=False)
+        except (ServiceError, _Denied):
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        if method == "HEAD":
+            size = self.service.ccache_head(key)
+        else:
+            blob = self.service.ccache_get(key)
+            size = None if blob is None else blob.size
+            if blob is not None:
+                body = blob.data if blob.data is not None else b"".join(blob.chunks())
+        headers = [
+            (b"content-length", str(size or 0).encode()),
+            (b"content-type", b"application/octet-stream"),
+        ]
+        await send(
+            {"type": "http.response.start", "status": 404 if size is None else 200, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
     inline_reads = service.index.describe().startswith("SQLite") and service.blobs.describe().startswith(
         "local"
@@ -477,7 +520,9 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
     import contextlib
 
     app = Starlette(routes=routes, lifespan=contextlib.asynccontextmanager(_lifespan))
-    app.add_middleware(_Timing, service=service)  # type: ignore[arg-type]
+    if inline_reads:
+        app.add_middleware(_CcacheReads, service=service, auth=auth)  # type: ignore[arg-type]
+    app.add_middleware(_Timing, service=service)  # type: ignore[arg-type]  # outermost: times everything
     return app
 
 

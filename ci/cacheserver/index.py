@@ -381,6 +381,11 @@ class SqliteIndex(SqlIndex):
             self._local.conn = conn
         return conn
 
+    def ccache_get(self, key: str) -> tuple[str, int] | None:
+        # one statement: atomic on its own, no BEGIN/COMMIT around it (the hot path of ccache reads)
+        row = self._conn().execute("SELECT digest, size FROM ccache WHERE key = ?", (key,)).fetchone()
+        return (row[0], int(row[1])) if row else None
+
     @contextlib.contextmanager
     def _tx(self, write: bool = False) -> Iterator[_Tx]:
         conn = self._conn()
