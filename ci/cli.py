@@ -102,11 +102,12 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_test(args: argparse.Namespace) -> int:
     from ci.testpipeline import TestOptions, run_tests, suite_fragments, suite_kselftest_targets
 
+    store = _store(args)
     if args.kernel_dir is None:
         from ci.buildpipeline import build
 
         request = _build_request(args, suite_fragments(args.suite), suite_kselftest_targets(args.suite))
-        result = build(request, store=_store(args))
+        result = build(request, store=store)
         console.print(build_summary(result))
         kernel_dir = result.output
     else:
@@ -125,6 +126,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         keep_overlay=args.keep_overlay,
     )
     report = run_tests(options)
+    from ci.remotestore import attach_test_run
+
+    attach_test_run(store, kernel_dir, args.output, report.outcome.name)  # JUnit + console to the service
     return int(report.outcome)
 
 

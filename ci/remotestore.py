@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -404,6 +405,24 @@ class RemoteStore:
                 self.client.put_blob(digest, size, path)
             doc[part] = {"sha256": digest, "size": size}
         return self.client.put_run(key, run_id, doc)
+
+
+def attach_test_run(store: object, kernel_dir: Path, output: Path, outcome: str) -> None:
+    """After `kernel-ci test`: attach the run's JUnit XML and console log to the build on the service."""
+    if not isinstance(store, RemoteStore) or not store.push_enabled:
+        return
+    try:
+        key = json.loads((kernel_dir / "metadata.json").read_text())["build_key"]
+        run_dir = (output / "latest").resolve()
+        run_id = re.sub(r"[^A-Za-z0-9._-]", "-", run_dir.name).lstrip(".-_")[:64] or "run"
+        done = store.push_run(key, run_id, run_dir / "junit.xml", run_dir / "console.log", outcome)
+        counts = done.get("counts") or {}
+        console.print(
+            f"attached test run {run_id} to build {key[:16]} on {store.client.config.url} "
+            f"({counts.get('passed', 0)} passed, {counts.get('failed', 0) + counts.get('errors', 0)} failed)"
+        )
+    except Exception as exc:
+        warn(f"could not attach the test run to the shared build cache: {exc}")
 
 
 def open_store(cli_url: str | None = None, local: LocalStore | None = None) -> LocalStore | RemoteStore:

@@ -12,7 +12,7 @@ import pytest
 
 from ci.cacheserver.server import ServerConfig
 from ci.cachestore import BuildStore, LocalStore
-from ci.remotestore import CacheClient, RemoteConfig, RemoteStore, open_store, write_tar
+from ci.remotestore import CacheClient, RemoteConfig, RemoteStore, attach_test_run, open_store, write_tar
 from tests.cacheservice import TOKEN, server_in_thread
 
 KEY = "5e" * 32
@@ -121,3 +121,28 @@ def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     store = open_store("http://127.0.0.1:3", local=LocalStore(tmp_path / "l"))
     assert isinstance(store, RemoteStore)
     assert os.environ["CCACHE_REMOTE_STORAGE"] == "http://127.0.0.1:3/ccache/|bearer-token=from-env"
+
+
+def test_a_test_run_is_attached_to_the_pushed_build(tmp_path: Path) -> None:
+    junit = (
+        b'<testsuites><testsuite name="smoke"><testcase name="boot"/><testcase name="x">'
+        b"<error message='panic'/></testcase></testsuite></testsuites>"
+    )
+    with server_in_thread(ServerConfig(data=tmp_path / "server")) as server:
+        store = RemoteStore(LocalStore(tmp_path / "a"), CacheClient(RemoteConfig(server.url, TOKEN)))
+        outputs = synthetic_outputs(tmp_path)
+        (outputs / "metadata.json").write_text(json.dumps({"build_key": KEY}))
+        entry = store.put(KEY, outputs, INPUTS, move=True)
+        run_dir = tmp_path / "out" / "runs" / "20261125T143735-0bko5tjq"
+        run_dir.mkdir(parents=True)
+        (run_dir / "junit.xml").write_bytes(junit)
+        (run_dir / "console.log").write_text("Kernel panic - not syncing\n")
+        (tmp_path / "out" / "latest").symlink_to("runs/20261125T143735-0bko5tjq")
+        attach_test_run(store, entry, tmp_path / "out", "PANIC")
+        doc = store.client.get_manifest(KEY)
+        assert doc is not None
+        (run,) = doc["runs"]
+        assert run["run_id"] == "20261125T143735-0bko5tjq" and run["outcome"] == "PANIC"
+        assert run["counts"]["errors"] == 1 and run["counts"]["passed"] == 1
+        page = store.client.http.get(f"/builds/{KEY}").text
+        assert "Kernel panic" not in page and "console log" in page and "JUnit XML" in page
