@@ -14,22 +14,22 @@ command -v chromium >/dev/null || kci_missing+=(chromium)
 command -v chromedriver >/dev/null || kci_missing+=(chromium-driver)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || kci_missing+=(postgresql)
 command -v npm >/dev/null || kci_missing+=(npm)
+command -v curl >/dev/null || kci_missing+=(curl)
 if [ ${#kci_missing[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${kci_missing[@]}"
 fi
 
 # PostgreSQL: Debian's cluster 15/main listens on localhost only by default; no systemd here.
-if ! pg_lsclusters -h | grep -q '^15 *main'; then
-    pg_createcluster 15 main
-fi
-if ! pg_lsclusters -h | grep -q '^15 *main.*online'; then
+[ -d /etc/postgresql/15/main ] || pg_createcluster 15 main
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     pg_ctlcluster 15 main start
+    for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
 fi
-su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='kci'\"" | grep -q 1 \
-    || su postgres -c "psql -qc \"CREATE ROLE kci LOGIN PASSWORD 'kci-test'\""
-su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='kci_cache_test'\"" | grep -q 1 \
-    || su postgres -c "createdb -O kci kci_cache_test"
+kci_role=$(su postgres -c "psql -tAc \"SELECT count(*) FROM pg_roles WHERE rolname='kci'\"")
+[ "$kci_role" = 1 ] || su postgres -c "psql -qc \"CREATE ROLE kci LOGIN PASSWORD 'kci-test'\""
+kci_db=$(su postgres -c "psql -tAc \"SELECT count(*) FROM pg_database WHERE datname='kci_cache_test'\"")
+[ "$kci_db" = 1 ] || su postgres -c "createdb -O kci kci_cache_test"
 export KERNEL_CI_TEST_PG_DSN="postgresql://kci:kci-test@127.0.0.1:5432/kci_cache_test"
 
 # s3rver on 127.0.0.1:4568, objects under $KCI_SERVICES_DIR/s3 (its default credentials: S3RVER/S3RVER).
