@@ -154,12 +154,25 @@ class _AccessTimes:
         self.builds: dict[str, float] = {}
         self.ccache: dict[str, float] = {}
         self.last_flush = time.monotonic()
+        self._thread: threading.Thread | None = None
 
     def touch(self, kind: str, key: str) -> None:
+        # only memory here: a read must never wait for the index's write lock (another worker may hold it)
         with self.lock:
             (self.builds if kind == "build" else self.ccache)[key] = time.time()
-            due = time.monotonic() - self.last_flush > self.interval or len(self.ccache) > 5000
-        if due:
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self.lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="access-times", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
             self.flush()
 
     def flush(self) -> None:
@@ -192,6 +205,7 @@ class CacheService:
         self.access = _AccessTimes(index)
         self._evict_lock = threading.Lock()
         self._last_gc = 0.0
+        self._used = (0, 0.0)  # (bytes stored, when the index last summed them)
 
     # -- space --------------------------------------------------------------------------------
 
@@ -204,6 +218,13 @@ class CacheService:
             self._collect(now - self.limits.gc_grace_seconds)
         if not cap:
             return
+        with self._evict_lock:
+            # the total is summed by the index at most every 2 s; uploads in between are added here
+            if now - self._used[1] > 2.0:
+                self._used = (self.index.totals()["bytes"], now)
+            if self._used[0] + incoming <= cap:
+                self._used = (self._used[0] + incoming, self._used[1])
+                return
         if incoming > cap:
             raise ServiceError(
                 f"the upload ({incoming} bytes) is larger than the whole store's cap ({cap} bytes)",
@@ -212,7 +233,9 @@ class CacheService:
         with self._evict_lock:
             while True:
                 used = self.index.totals()["bytes"]
+                self._used = (used, time.time())
                 if used + incoming <= cap:
+                    self._used = (used + incoming, self._used[1])
                     return
                 dropped = self.index.evict_lru(16)
                 for kind, key in dropped:
