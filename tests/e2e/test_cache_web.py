@@ -133,6 +133,6 @@ def test_the_page_lists_builds_and_a_click_downloads_the_kernel(site, browser, t
     body = chrome.find_element(By.TAG_NAME, "body").text
     assert "ptrace" in body and "expected 0, got -1" in body  # the failed test and its message
     assert "CONFIG_KASAN: n -> y" in body  # the miss diff against the nearest other build
-    chrome.save_screenshot(str(tmp_path / "build-page.png"))
+    chrome.save_screenshot(str(keep / "build-page.png"))
     junit_link = chrome.find_element(By.LINK_TEXT, "JUnit XML").get_attribute("href")
     assert httpx.get(junit_link).content == JUNIT
