@@ -216,10 +216,58 @@ class CacheClient:
             destination.unlink(missing_ok=True)
             raise
 
+    def extract(self, digest: str, size: int, destination: Path) -> None:
+        """Unpack a tar blob into destination as it downloads; raises if its bytes do not match digest."""
+        with self.http.stream("GET", f"/api/v1/blobs/{digest}") as response:
+            self._check(response, f"blob {digest[:12]}")
+            reader = _HashingReader(response.iter_bytes(CHUNK))
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                tar.extractall(destination, filter=_tar_filter)
+            reader.drain()
+        if reader.count != size or reader.hash.hexdigest() != digest:
+            raise RemoteCacheError(
+                f"blob {digest[:12]}: got {reader.count} bytes hashing to {reader.hash.hexdigest()[:12]}, "
+                f"expected {size} bytes hashing to {digest[:12]}"
+            )
+
     def put_run(self, key: str, run_id: str, doc: dict[str, Any]) -> dict[str, Any]:
         response = self.http.put(f"/api/v1/builds/{key}/runs/{run_id}", json=doc)
         self._check(response, f"attaching run {run_id}")
         return response.json()
+
+
+class _HashingReader:
+    """A file-like reader over an iterator of byte chunks that hashes and counts what passes."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+        self._pos = 0
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        wanted = size
+        while wanted != 0:
+            if self._pos >= len(self._buffer):
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self.hash.update(chunk)
+                self.count += len(chunk)
+                self._buffer, self._pos = chunk, 0
+            end = len(self._buffer) if wanted < 0 else min(len(self._buffer), self._pos + wanted)
+            parts.append(self._buffer[self._pos : end])
+            if wanted > 0:
+                wanted -= end - self._pos
+            self._pos = end
+        return b"".join(parts)
+
+    def drain(self) -> None:
+        """Read to the end (tar's zero blocks and padding count in the digest too)."""
+        while self.read(CHUNK):
+            pass
 
 
 def _syncfs(path: Path) -> None:
@@ -316,11 +364,9 @@ class RemoteStore:
                     raise RemoteCacheError(f"the service sent an unsafe output name {name!r}")
                 total += output["size"]
                 if output.get("kind") == "tar":
-                    blob = staging / f".{name}.tar"
-                    self.client.download(output["sha256"], output["size"], blob)
-                    with tarfile.open(blob) as tar:
-                        tar.extractall(staging, filter=_tar_filter)
-                    blob.unlink()
+                    # unpacked while it streams in (no temporary copy); the digest is checked at the end
+                    # and a mismatch discards the whole staging directory: nothing unverified is published
+                    self.client.extract(output["sha256"], output["size"], staging)
                 else:
                     target = staging / name
                     target.parent.mkdir(parents=True, exist_ok=True)

@@ -146,3 +146,20 @@ def test_a_test_run_is_attached_to_the_pushed_build(tmp_path: Path) -> None:
         assert run["counts"]["errors"] == 1 and run["counts"]["passed"] == 1
         page = store.client.http.get(f"/builds/{KEY}").text
         assert "Kernel panic" not in page and "console log" in page and "JUnit XML" in page
+
+
+def test_a_corrupt_remote_blob_is_a_miss_and_leaves_nothing_locally(tmp_path: Path) -> None:
+    with server_in_thread(ServerConfig(data=tmp_path / "server")) as server:
+        first = RemoteStore(LocalStore(tmp_path / "a"), CacheClient(RemoteConfig(server.url, TOKEN)))
+        first.put(KEY, synthetic_outputs(tmp_path), INPUTS, move=True)
+        doc = first.client.get_manifest(KEY)
+        assert doc is not None
+        tar = next(o for o in doc["outputs"] if o["name"] == "kbuild")
+        blob = server.data / "blobs" / tar["sha256"][:2] / tar["sha256"]
+        blob.write_bytes(blob.read_bytes().replace(b"CONFIG_X 1", b"CONFIG_X 0"))  # bit rot, same size
+        second = RemoteStore(LocalStore(tmp_path / "b"), CacheClient(RemoteConfig(server.url)))
+        assert second.get(KEY) is None
+        assert second.local.get(KEY) is None
+        assert list(second.local.tmp_dir.iterdir()) == []  # the partial restore was discarded
+        first.push(KEY, first.local.get(KEY))  # type: ignore[arg-type]  # the next push heals the service
+        assert second.get(KEY) is not None
