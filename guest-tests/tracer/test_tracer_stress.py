@@ -4,7 +4,7 @@ The cycles run with kprobe jump optimization off (/proc/sys/debug/kprobes-optimi
 after), so every probe is an int3 probe whose handlers run in the NMI-like int3 context. With it on, an
 unregistered optimized probe is unoptimized later by the kprobe optimizer, and a load inside that window
 reuses it (reuse_unused_kprobe): on this 5.10 kernel under QEMU TCG that livelocked the optimizer once in
-about 500 cycles (an endless int3 at schedule+0x0 that memory no longer held, RCU stall, hung guest) -
+about 400 cycles (an endless int3 at schedule+0x0 that memory no longer held, RCU stall, hung guest) -
 a kprobe-core/emulator problem, not tracer.ko's, and not something a module can wait for. The other
 test files run with optimization on (the default)."""
 
