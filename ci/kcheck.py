@@ -76,7 +76,9 @@ def checkpatch(
             check=False,
         )
         findings = _checkpatch_findings(run.output)
-        if run.returncode != 0 and not findings:  # it did not run (no perl, no such file), not "clean"
+        # exit 1 with only accepted complaints is normal (its "total:" line is there); exit != 0 without
+        # any report means it did not run (no perl, no such file): not "clean"
+        if run.returncode != 0 and not findings and not re.search(r"^total: ", run.output, re.M):
             findings.append(f"checkpatch.pl failed (exit {run.returncode}); see output")
         results.append(CheckResult("checkpatch", str(target), findings, run.output))
     return results
