@@ -55,6 +55,9 @@ def checkpatch(
     results = []
     for target in targets:
         target = target.resolve()
+        if not target.is_file():  # checkpatch.pl -f exits 0 on a missing file
+            results.append(CheckResult("checkpatch", str(target), [f"{target}: no such file"]))
+            continue
         argv = [
             "perl",
             "/kernel/scripts/checkpatch.pl",
