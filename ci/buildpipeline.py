@@ -6,6 +6,7 @@ them knows about the others.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from ci.ui import console, step, warn
 
 BASE_FRAGMENT = KCONFIG_DIR / "base.config"
 BUILD_TARGETS = "bzImage modules modules_install"
+OBJECT_TREES_KEPT = 3  # per patched source tree
 
 
 @dataclass
@@ -184,7 +186,9 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
     step("configure")
     tree_id = _digest_text(source_id + json.dumps(patch_digests, sort_keys=True))[:16]
     src_tree = _prepare_tree(src, chosen, tree_id)
-    out_tree = cache_dir("work", tree_id) / "out"
+    # One object tree per (patched source, requested config): builds of different configs never undo each
+    # other's objects, and a rebuild of the same config stays incremental.
+    out_tree = cache_dir("work", tree_id) / f"out-{_digest_text(merged_text)[:12]}"
     env = builder.BuildEnv(
         image=image,
         src=src_tree,
@@ -194,7 +198,7 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         timestamp=kbuild_timestamp(src.tree),
         use_ccache=request.use_ccache,
     )
-    with _work_lock(out_tree.parent):  # one build at a time in a work tree; --fresh empties it under the lock
+    with _ObjectTreeLock(out_tree):  # one build at a time per object tree; --fresh empties it under the lock
         if request.fresh and out_tree.exists():
             shutil.rmtree(out_tree)
         t0 = time.monotonic()
@@ -304,17 +308,34 @@ def _restore(entry: Path, key: str, request: BuildRequest, started: float, why: 
     return BuildResult(key, request.output, metadata, True, time.monotonic() - started)
 
 
-class _work_lock:
-    """One build at a time in a work tree (two different keys may share the same patched tree)."""
+class _ObjectTreeLock:
+    """An exclusive flock on <object tree>.lock for the length of a configure + build."""
 
-    def __init__(self, work: Path) -> None:
-        self.path = work / ".lock"
+    def __init__(self, out_tree: Path) -> None:
+        self.path = out_tree.with_name(out_tree.name + ".lock")
 
     def __enter__(self) -> None:
-        import fcntl
-
         self.handle = self.path.open("w")
         fcntl.flock(self.handle, fcntl.LOCK_EX)
+        tree = self.path.with_suffix("")
+        if tree.is_dir():
+            os.utime(tree)  # "recently used", for pruning
 
     def __exit__(self, *exc: object) -> None:
         self.handle.close()
+        _prune_object_trees(self.path.parent)
+
+
+def _prune_object_trees(work: Path, keep: int = OBJECT_TREES_KEPT) -> None:
+    """Delete all but the `keep` most recently used object trees of a work dir (never one in use)."""
+    trees = sorted(
+        (p for p in work.glob("out-*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for tree in trees[keep:]:
+        lock = tree.with_name(tree.name + ".lock")
+        with lock.open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(tree, ignore_errors=True)
