@@ -45,7 +45,7 @@
 #define MAX_TOTAL	PTRACE_SNAPSHOT_MAX_TOTAL
 #define PG		4096UL
 
-int main(void);
+int main(int argc, char **argv);
 
 /* ------------------------------------------------------------------ checks */
 
@@ -142,7 +142,9 @@ static bool expect(long got, long want, const char *what)
 
 /* ----------------------------------------------------------------- tracees */
 
-enum { CMD_NONE, CMD_FILL, CMD_PROTECT, CMD_UNMAP, CMD_EXIT, CMD_MUTATE };
+enum { CMD_NONE, CMD_FILL, CMD_PROTECT, CMD_UNMAP, CMD_EXIT, CMD_MUTATE, CMD_EXEC };
+
+#define IDLE_ARG	"--stopped-tracee"
 
 struct command {
 	int op;
@@ -187,6 +189,13 @@ static void tracee_on_usr1(int sig)
 	case CMD_MUTATE:
 		mutate(p, cmd.len, cmd.gen);
 		break;
+	case CMD_EXEC: {
+		char *const argv[] = { "ptrace-snapshot", IDLE_ARG, NULL };
+
+		execv("/proc/self/exe", argv);
+		r = -1;
+		break;
+	}
 	}
 	cmd.result = r ? errno : 0;
 }
@@ -1215,6 +1224,41 @@ out:
 	free(big);
 }
 
+/* A tracee that exec()s: its snapshots describe an address space that is gone. */
+static void dropped_on_exec(void)
+{
+	unsigned char *big = malloc(MAX_LEN + 64);
+	struct command c = { .op = CMD_EXEC };
+	pid_t pid = -1, waited;
+	int status = 0;
+
+	if (!check(big != NULL, "malloc"))
+		goto out;
+	pattern(big, MAX_LEN + 64, 17);
+	pid = spawn_tracee();
+	if (!check(pid > 0, "tracee started"))
+		goto out;
+	EXPECT(pt(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_EXITKILL | PTRACE_O_TRACEEXEC), 0);
+	check(fill_quota(pid, big), "4 MiB of snapshots");
+	EXPECT(snap(pid, big + 5, 1), -ENOSPC);
+	if (!check(vm_write(pid, &cmd, &c, sizeof(c)) && pt(PTRACE_CONT, pid, 0, SIGUSR1) == 0,
+		   "tracee told to exec itself"))
+		goto out;
+	waited = waitpid(pid, &status, __WALL);
+	check(waited == pid && WIFSTOPPED(status) &&
+	      status >> 8 == (SIGTRAP | (PTRACE_EVENT_EXEC << 8)),
+	      "PTRACE_EVENT_EXEC stop (status 0x%x)", status);
+	EXPECT(getsnap(pid, big, NULL, 0), -ENOENT);
+	EXPECT(restore(pid, big + 1, MAX_LEN), -ENOENT);
+	EXPECT(pt(PTRACE_CONT, pid, 0, 0), 0);
+	check(wait_stopped(pid), "the new program stopped itself");
+	EXPECT(getsnap(pid, big + 2, NULL, 0), -ENOENT);
+	EXPECT(snap(pid, (void *)main, 16), -EIO);	/* the new image's text */
+out:
+	reap(pid);
+	free(big);
+}
+
 /* ---------------------------------------------------------------- concurrency */
 
 struct worker {
@@ -1875,6 +1919,7 @@ static const struct scenario scenarios[] = {
 	SCENARIO(running_tracee),
 	SCENARIO(freed_on_detach),
 	SCENARIO(freed_on_exit),
+	SCENARIO(dropped_on_exec),
 	SCENARIO(concurrent_tracees),
 	SCENARIO(shared_mm_threads),
 	SCENARIO(killed_mid_request),
@@ -1943,10 +1988,14 @@ static void kmsg_check(int fd)
 	check(found == 0, "no kernel warning, BUG, oops or lockdep report (%d)", found);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	size_t i;
 
+	if (argc > 1 && !strcmp(argv[1], IDLE_ARG)) {	/* a tracee after CMD_EXEC */
+		for (;;)
+			raise(SIGSTOP);
+	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	prctl(PR_SET_CHILD_SUBREAPER, 1);
 	signal(SIGPIPE, SIG_IGN);
