@@ -316,7 +316,13 @@ class _ObjectTreeLock:
 
     def __enter__(self) -> None:
         self.handle = self.path.open("w")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(
+                f"waiting for another build of the same sources and config ({self.path.with_suffix('')})"
+            )
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
         tree = self.path.with_suffix("")
         if tree.is_dir():
             os.utime(tree)  # "recently used", for pruning
