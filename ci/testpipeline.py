@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from ci import (
     scanner,
     suites,
 )
+from ci.buildpipeline import BuildRequest
 from ci.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
 from ci.ui import console, step, warn
 
@@ -67,6 +68,11 @@ def suite_kselftest_targets(names: Sequence[str] | None = None) -> list[str]:
     """The tools/testing/selftests targets the chosen kselftest suites run (built with the kernel)."""
     chosen = suites.load_suites(GUEST_TESTS, names)
     return sorted({target for s in chosen if s.language == "kselftest" for target in s.targets})
+
+
+def for_suites(request: BuildRequest, names: Sequence[str] | None = None) -> BuildRequest:
+    """The build request made to run the named suites (default: all): their kconfig and kselftests."""
+    return replace(request, extra_fragments=suite_fragments(names), kselftests=suite_kselftest_targets(names))
 
 
 def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Suite]:

@@ -32,10 +32,10 @@ def bzimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if explicit:
         return Path(explicit)
     from ci.buildpipeline import BuildRequest, build
-    from ci.testpipeline import suite_fragments
+    from ci.testpipeline import for_suites
 
     out = tmp_path_factory.mktemp("guest-boot-build") / "build"
-    return build(BuildRequest(output=out, extra_fragments=suite_fragments())).bzimage
+    return build(for_suites(BuildRequest(output=out))).bzimage
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 from ci.buildpipeline import BuildRequest, BuildResult, build
 from ci.results import Outcome
-from ci.testpipeline import TestOptions, run_tests, suite_fragments, suite_kselftest_targets
+from ci.testpipeline import TestOptions, for_suites, run_tests
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.slow
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
     """The default build (every series, every suite's kconfig): a build-cache hit after the first."""
     out = tmp_path_factory.mktemp("build")
-    return build(
-        BuildRequest(
-            output=out / "build", extra_fragments=suite_fragments(), kselftests=suite_kselftest_targets()
-        )
-    )
+    return build(for_suites(BuildRequest(output=out / "build")))
 
 
 def _suite(
