@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,23 +145,10 @@ def ratio(figures: list[Figure], ours: str, theirs: str) -> str:
     return f"{a / b:.2f}" if a and b else "n/a"
 
 
-def run_bench(output: Path, *, skip_reference: bool = False, kernel: str | None = None) -> dict:
-    output.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
-    figures: list[Figure] = []
-    try:
-        build_part, cold = build_figures(work, kernel)
-        figures += build_part
-        if not skip_reference:
-            step("bench: tuxmake on the same tree and config")
-            figures += tuxmake_figures(work, cold)
-        from ci.guestbench import guest_figures
-
-        figures += guest_figures(work, cold, skip_reference=skip_reference)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def _report(figures: list[Figure]) -> dict:
     report = {
         "machine": machine_description(),
+        "load_average": os.getloadavg(),
         "command": " ".join(["kernel-ci", *sys.argv[1:]]) if sys.argv else "kernel-ci bench",
         "figures": [asdict(f) for f in figures],
         "ratios": {
@@ -169,13 +156,51 @@ def run_bench(output: Path, *, skip_reference: bool = False, kernel: str | None 
             "ccache-warm / tuxmake ccache-warm": ratio(
                 figures, "build: ccache-warm, clean tree", "tuxmake: ccache-warm #2"
             ),
+            "boot-to-first-test / virtme-ng": ratio(
+                figures, "guest: boot-to-first-test, TCG", "virtme-ng: boot + uname -r, TCG"
+            ),
         },
         "ccache": {"note": "cold uses an empty ccache dir of its own; the user's ccache is not touched"},
     }
     boot = [f.seconds for f in figures if f.name.startswith("guest: boot-to-first-test") and f.seconds]
     if boot:
         report["boot_median"] = statistics.median(boot)
-    (output / "bench.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+PARTS = ("build", "guest")
+
+
+def run_bench(
+    output: Path, *, skip_reference: bool = False, kernel: str | None = None, parts: Sequence[str] = PARTS
+) -> dict:
+    """Measure the parts asked for; bench.json is rewritten after each part, so an interrupted run keeps
+    what it measured."""
+    output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
+    figures: list[Figure] = []
+
+    def save() -> dict:
+        report = _report(figures)
+        (output / "bench.json").write_text(json.dumps(report, indent=1))
+        return report
+
+    try:
+        if "build" in parts:
+            build_part, cold = build_figures(work, kernel)
+            figures += build_part
+            save()
+            if not skip_reference:
+                step("bench: tuxmake on the same tree and config")
+                figures += tuxmake_figures(work, cold)
+                save()
+        if "guest" in parts:
+            from ci.guestbench import guest_figures
+
+            figures += guest_figures(work, skip_reference=skip_reference)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        report = save()
     console.print(render(figures))
     console.print(f"ratios: {report['ratios']}")
     console.print(f"JSON: {output / 'bench.json'}")

@@ -139,9 +139,10 @@ def cmd_repro(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ci.bench import run_bench
+    from ci.bench import PARTS, run_bench
 
-    run_bench(args.output / "bench", skip_reference=args.skip_reference, kernel=args.kernel)
+    parts = args.part or PARTS
+    run_bench(args.output / "bench", skip_reference=args.skip_reference, kernel=args.kernel, parts=parts)
     return 0
 
 
@@ -186,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure build, cache, boot and test times (JSON + table)")
     bench.add_argument("--kernel", default=None)
     bench.add_argument("--skip-reference", action="store_true", help="skip tuxmake and virtme-ng")
+    bench.add_argument(
+        "--part", action="append", choices=["build", "guest"], help="only these parts (repeatable)"
+    )
     bench.set_defaults(func=cmd_bench)
 
     from ci.cicommands import register

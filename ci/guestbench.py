@@ -98,9 +98,9 @@ def _virtme_figures(kernel: BuildResult) -> list[Figure]:
     return [Figure("virtme-ng: boot + uname -r, TCG", statistics.median(times))]
 
 
-def guest_figures(work: Path, kernel: BuildResult, *, skip_reference: bool = False) -> list[Figure]:
+def guest_figures(work: Path, *, skip_reference: bool = False) -> list[Figure]:
     figures = _rootfs_figures(work)
-    # The bench's cold build is vanilla kconfig-wise; the smoke suites need their fragments.
+    # The kernel every suite can run on (their kconfig and kselftests), as `kernel-ci test` builds it.
     smoke_kernel = build(for_suites(BuildRequest(output=work / "smoke-build")))
     figures += _smoke_figures(work, smoke_kernel)
     if not skip_reference:
