@@ -15,6 +15,7 @@ from pathlib import Path
 from ci.ui import console
 
 TAIL_LINES = 60
+STOP_GRACE_SECONDS = 10.0
 
 
 class CommandError(RuntimeError):
@@ -95,7 +96,7 @@ def run(
         def kill() -> None:
             nonlocal timed_out
             timed_out = True
-            proc.kill()
+            _stop(proc)
 
         timer = threading.Timer(timeout, kill)
         timer.start()
@@ -110,8 +111,7 @@ def run(
                 console.print(f"[dim]{_escape(line)}[/]", highlight=False)
         proc.wait()
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         raise
     finally:
         if timer is not None:
@@ -120,6 +120,19 @@ def run(
     if check and (proc.returncode != 0 or timed_out):
         raise CommandError(args, proc.returncode, output, timed_out=timed_out)
     return Result(args, proc.returncode, output, time.monotonic() - start)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM first (a `docker run` client forwards it to the container, so the build inside stops too;
+    SIGKILL of the client would leave the container running), SIGKILL after the grace period."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def capture(
