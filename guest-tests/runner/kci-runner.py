@@ -73,6 +73,14 @@ def killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def default_signals() -> None:
+    """In the child: SIGINT (how a timeout asks a suite to stop) and SIGQUIT as default. An ignored signal
+    is inherited across exec (a runner started in the background by a shell ignores SIGINT), and Python
+    installs no KeyboardInterrupt handler for an ignored SIGINT: pytest could not write its results."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def run_suite_process(
     argv: list[str], cwd: str, env: dict[str, str], timeout: float, output: str, name: str, grace: float
 ) -> tuple[int, bool]:
@@ -91,6 +99,7 @@ def run_suite_process(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=default_signals,
             )
         except OSError as exc:
             tee.write(f"kci-runner: cannot start {argv[0]}: {exc}\n".encode())
