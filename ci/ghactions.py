@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ci.patches import PatchApplyError
+from ci.patches import PatchApplyError, header_lines
 from ci.paths import KERNEL_PATCHES, REPO_ROOT
 
 
@@ -74,32 +74,15 @@ def hunk_lines(patch_text: str) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     current: str | None = None
     old_path: str | None = None
-    old_left = new_left = 0
-    for number, line in enumerate(patch_text.splitlines(), start=1):
-        if old_left > 0 or new_left > 0:
-            tag = line[:1]
-            if tag == "\\":
-                continue
-            if tag in (" ", ""):
-                old_left, new_left = old_left - 1, new_left - 1
-                continue
-            if tag == "-":
-                old_left -= 1
-                continue
-            if tag == "+":
-                new_left -= 1
-                continue
-            old_left = new_left = 0
+    for number, line in header_lines(patch_text):
         if match := _DIFF_GIT.match(line):
             current = match.group(2)
         elif line.startswith("--- "):
             old_path = _header_path(line)
         elif line.startswith("+++ "):
             current = _header_path(line) or old_path or current
-        elif (match := _HUNK.match(line)) and current is not None:
+        elif _HUNK.match(line) and current is not None:
             found.setdefault(current, []).append(number)
-            old_left = int(match.group(1)) if match.group(1) is not None else 1
-            new_left = int(match.group(2)) if match.group(2) is not None else 1
     return found
 
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -191,20 +191,14 @@ def _strip_one(path: str) -> str | None:
     return parts[1] if len(parts) == 2 and parts[1] else None
 
 
-def patch_targets(patch_text: str) -> list[str]:
-    """Every tree-relative path a -p1 patch modifies, creates, deletes or renames, in order of appearance.
+def header_lines(patch_text: str) -> Iterator[tuple[int, str]]:
+    """(1-based number, line) of every line of a patch outside hunk bodies: file headers and @@ lines.
 
-    Header lines are only read outside hunks (hunk lengths are counted), so a removed line that
-    happens to start with "-- " is not mistaken for a file header.
+    Hunk bodies are skipped by their counted lengths, so a removed line that happens to start with
+    "--- " is never taken for a file header.
     """
-    targets: list[str] = []
     old_left = new_left = 0
-
-    def add(path: str | None) -> None:
-        if path is not None and path not in targets:
-            targets.append(path)
-
-    for line in patch_text.splitlines():
+    for number, line in enumerate(patch_text.splitlines(), start=1):
         if old_left > 0 or new_left > 0:
             tag = line[:1]
             if tag == "\\":
@@ -218,17 +212,28 @@ def patch_targets(patch_text: str) -> list[str]:
             if tag == "+":
                 new_left -= 1
                 continue
-            old_left = new_left = 0  # malformed hunk: read the line as a header below
-        hunk = _HUNK_RE.match(line)
-        if hunk:
+            old_left = new_left = 0  # malformed hunk: read the line as a header
+        if hunk := _HUNK_RE.match(line):
             old_left = int(hunk.group(1)) if hunk.group(1) is not None else 1
             new_left = int(hunk.group(2)) if hunk.group(2) is not None else 1
-        elif line.startswith(("--- ", "+++ ")):
+        yield number, line
+
+
+def patch_targets(patch_text: str) -> list[str]:
+    """Every tree-relative path a -p1 patch modifies, creates, deletes or renames, in order of appearance."""
+    targets: list[str] = []
+
+    def add(path: str | None) -> None:
+        if path is not None and path not in targets:
+            targets.append(path)
+
+    for _number, line in header_lines(patch_text):
+        if _HUNK_RE.match(line):
+            continue
+        if line.startswith(("--- ", "+++ ")):
             add(_strip_one(line[4:]))
-        else:
-            git = _GIT_HEADER_RE.fullmatch(line)
-            if git:
-                add(_unquote_git_path(git.group(3)))
+        elif git := _GIT_HEADER_RE.fullmatch(line):
+            add(_unquote_git_path(git.group(3)))
     for target in targets:
         pure = PurePosixPath(target)
         if pure.is_absolute() or ".." in pure.parts:
