@@ -248,6 +248,16 @@ def kernel_append(cfg: QemuConfig) -> str:
     return " ".join((*PROTOCOL_APPEND, *cfg.tuning, *cfg.extra_append))
 
 
+def accel_option(accel: Accel) -> str:
+    """-accel's value. TCG runs single-threaded (all vCPUs in one host thread) unless
+    KERNEL_CI_TCG_THREAD=multi: with multi-threaded TCG a vCPU can keep executing a stale translation of
+    kernel text that another vCPU has just patched (kprobe arming and disarming), loop on an int3 that is
+    no longer in memory and starve RCU; seen twice in ~20 runs of the tracer suite's load/unload cycles."""
+    if accel != "tcg":
+        return accel
+    return f"tcg,thread={os.environ.get('KERNEL_CI_TCG_THREAD', 'single')}"
+
+
 def build_command(cfg: QemuConfig) -> list[str]:
     """The QEMU argv for cfg (pure). Console: ttyS0 on stdio through a mux (Ctrl-A b = serial break)."""
     cpu = "host" if cfg.accel == "kvm" else "max"
@@ -260,7 +270,7 @@ def build_command(cfg: QemuConfig) -> list[str]:
         QEMU,
         "-name", "kci-guest",
         "-machine", cfg.machine,
-        "-accel", cfg.accel,
+        "-accel", accel_option(cfg.accel),
         "-cpu", cpu,
         "-m", cfg.memory,
         "-smp", smp,

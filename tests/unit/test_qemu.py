@@ -48,7 +48,7 @@ def test_build_command_shape(tmp_path: Path) -> None:
         assert flag in argv
     assert option(argv, "-display") == ["none"]
     assert option(argv, "-machine") == [qemu.MACHINE]
-    assert option(argv, "-accel") == ["tcg"]
+    assert option(argv, "-accel") == ["tcg,thread=single"]
     assert option(argv, "-cpu") == ["max"]
     assert option(argv, "-m") == ["1024M"]
     assert option(argv, "-smp") == ["2,sockets=2,cores=1,threads=1"]
