@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from ci import proc
+from ci.cacheserver.server import wait_healthy
 from ci.cachestore import LocalStore
 from ci.paths import REPO_ROOT
 from ci.ui import console, step
@@ -100,14 +101,8 @@ def service(data: Path, workers: int = 1) -> Iterator[str]:
     worker.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            if not worker.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the cache service did not start for the bench (exit {worker.exitcode})")
-            time.sleep(0.1)
+        if not wait_healthy(url, worker.is_alive):
+            raise RuntimeError(f"the cache service did not start for the bench (exit {worker.exitcode})")
         yield url
     finally:
         worker.terminate()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from ci.cacheserver.server import ServerConfig, make_app
+from ci.cacheserver.server import ServerConfig, make_app, wait_healthy
 from ci.cacheserver.service import CacheService
 
 TOKEN = "write-token-for-tests"
@@ -89,17 +89,11 @@ def server_process(data: Path, *extra: str, env: dict[str, str] | None = None) -
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError(
-                    f"cache service did not start: {(data.parent / f'server-{port}.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.1)
+        if not wait_healthy(url, lambda: proc.poll() is None):
+            log.flush()
+            raise RuntimeError(
+                f"cache service did not start: {(data.parent / f'server-{port}.log').read_text()[-3000:]}"
+            )
         yield Running(url, None, data)
     finally:
         proc.terminate()

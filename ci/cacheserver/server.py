@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,3 +117,18 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info", w
     app, service = make_app(config)
     log.info("index: %s; blobs: %s", service.index.describe(), service.blobs.describe())
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def wait_healthy(url: str, alive: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll <url>/healthz until it answers 200 (True), or the process stops being alive or the timeout
+    passes (False): how a caller that started a service knows it is ready."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return True
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
