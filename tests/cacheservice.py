@@ -133,6 +133,8 @@ class TcpProxy:
         """Refuse new connections and reset every open one (a crashed server, as its clients see it)."""
         with self._lock:
             if self._listener is not None:
+                with contextlib.suppress(OSError):
+                    self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
                 self._listener.close()
                 self._listener = None
             for conn in self._conns:
@@ -153,6 +155,10 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # stopped while this one was being accepted
+                    client.close()
+                    upstream.close()
+                    return
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
