@@ -28,6 +28,7 @@ RESERVED_OUTPUTS = frozenset({"entry.json", "manifest.json"})
 OUTPUT_KINDS = frozenset({"file", "tar"})
 MAX_OUTPUTS = 10_000
 MAX_CASES = 5_000
+MAX_JUNIT_BYTES = 32 << 20  # parsed in memory: a report that size is ~100k test cases
 
 
 class ServiceError(Exception):
@@ -391,6 +392,11 @@ class CacheService:
                 raise ServiceError("outcome: expected a short string")
             run["outcome"] = outcome
         if "junit" in run:
+            stored = self.index.blob_sizes([run["junit"]["sha256"]]).get(run["junit"]["sha256"], 0)
+            if stored > MAX_JUNIT_BYTES:  # the stored size, not the one the document claims
+                raise ServiceError(
+                    f"the JUnit report is {stored} bytes; at most {MAX_JUNIT_BYTES} are parsed", 413
+                )
             blob = self.blobs.get(run["junit"]["sha256"])
             if blob is None:
                 raise ServiceError("the JUnit blob is not uploaded; upload it first", 409)

@@ -79,10 +79,10 @@ def test_a_failed_commit_leaves_the_connection_usable(tmp_path: Path) -> None:
                 failed = exc
                 break
         assert failed is not None, "the index never ran out of space"
-        assert getattr(failed, "status", None) == 507, repr(failed)
         filler.unlink()
         index.blob_add(sha(b"after"), 5)  # the same thread, the same connection
         assert index.blob_sizes([sha(b"after")]) == {sha(b"after"): 5}
+        assert getattr(failed, "status", None) == 507, repr(failed)  # and the full disk was a 507
 
 
 # -- one clock, and a re-upload during collection ----------------------------------------------------
