@@ -5,15 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-import anyio.from_thread
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -152,39 +149,6 @@ def _digits(raw: str) -> bool:
     return raw.isascii() and raw.isdigit()
 
 
-class _BodyReader(io.RawIOBase):
-    """A blocking file-like view of the request body, read from a worker thread (streams, no spooling)."""
-
-    def __init__(self, request: Request) -> None:
-        self._stream = request.stream().__aiter__()
-        self._buffer = b""
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    async def _next(self) -> bytes:
-        try:
-            return await self._stream.__anext__()
-        except StopAsyncIteration:
-            return b""
-
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        while not self._buffer and not self._done:
-            chunk = anyio.from_thread.run(self._next)
-            if not chunk:
-                # the stream also yields b"" once before its end: ask once more to be sure
-                chunk = anyio.from_thread.run(self._next)
-                if not chunk:
-                    self._done = True
-            self._buffer = chunk
-        if size < 0 or size >= len(self._buffer):
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
-
-
 async def _read_limited(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and (not _digits(length) or int(length) > limit):
@@ -197,6 +161,29 @@ async def _read_limited(request: Request, limit: int) -> bytes:
             raise ServiceError(f"request body larger than the limit of {limit} bytes", 413)
         parts.append(chunk)
     return b"".join(parts)
+
+
+UPLOAD_BATCH = 1 << 20
+
+
+async def _upload(service: CacheService, request: Request, digest: str, size: int) -> bool:
+    """Stream a blob upload: the body is awaited on the event loop and handed to a worker thread in 1 MiB
+    batches (hash + write), so that a stalled client holds a connection, never a worker thread (40 stalled
+    uploads would otherwise leave no thread for any reader)."""
+    writer = await run_in_threadpool(service.begin_blob, digest, size)
+    try:
+        batch = bytearray()
+        async for chunk in request.stream():
+            batch += chunk
+            if len(batch) >= UPLOAD_BATCH:
+                await run_in_threadpool(writer.write, bytes(batch))
+                batch.clear()
+        if batch:
+            await run_in_threadpool(writer.write, bytes(batch))
+    except BaseException:
+        writer.abort()  # closes and unlinks a temporary file: quick, and must happen even when cancelled
+        raise
+    return await run_in_threadpool(service.finish_blob, digest, size, writer)
 
 
 def _blob_response(blob: Blob, headers: dict[str, str] | None = None) -> Response:
@@ -410,7 +397,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
             raise ServiceError(
                 f"blob of {size} bytes exceeds the limit of {service.limits.max_blob_bytes}", 413
             )
-        created = await run_in_threadpool(service.put_blob, digest, size, _BodyReader(request))
+        created = await _upload(service, request, digest, size)
         return JSONResponse({"sha256": digest, "size": size}, status_code=201 if created else 200)
 
     async def missing_blobs(request: Request) -> Response:

@@ -63,6 +63,17 @@ def disk_full_is_507(where: str) -> Iterator[None]:
         raise
 
 
+class BlobWriter(Protocol):
+    """An upload fed chunk by chunk (each write is short: the HTTP layer never parks a thread on a slow
+    client between chunks); finish() verifies size and digest."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Staged: ...
+
+    def abort(self) -> None: ...
+
+
 class Staged(Protocol):
     """A verified upload waiting to be published under its digest."""
 
@@ -105,6 +116,10 @@ class Blob:
 
 @runtime_checkable
 class BlobStore(Protocol):
+    def writer(self, digest: str, size: int) -> BlobWriter:
+        """A writer for size bytes under digest (nothing visible before the Staged is published)."""
+        ...
+
     def stage(self, digest: str, size: int, stream: BinaryIO) -> Staged:
         """Read size bytes from stream and verify them (DigestMismatch: nothing kept); not yet visible."""
         ...
@@ -193,25 +208,11 @@ class LocalBlobStore:
         check_digest(digest)
         return self.root / digest[:2] / digest
 
-    def stage(self, digest: str, size: int, stream: BinaryIO) -> _LocalStaged:
-        final = self.path(digest)
-        verifier = _Verifier(digest, size)
-        with disk_full_is_507(str(self.tmp)):
-            fd, name = tempfile.mkstemp(dir=self.tmp, prefix=f"{digest[:16]}.")
-        tmp = Path(name)
-        try:
-            with disk_full_is_507(str(self.tmp)), os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    verifier.update(chunk)
-                    out.write(chunk)
-                verifier.check()
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        return _LocalStaged(tmp, final)
+    def writer(self, digest: str, size: int) -> _LocalWriter:
+        return _LocalWriter(self, digest, size)
+
+    def stage(self, digest: str, size: int, stream: BinaryIO) -> Staged:
+        return stage_from(self.writer(digest, size), stream)
 
     def put(self, digest: str, size: int, stream: BinaryIO) -> bool:
         staged = self.stage(digest, size, stream)
@@ -289,3 +290,52 @@ class _LocalStaged:
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
+
+
+class _LocalWriter:
+    def __init__(self, store: LocalBlobStore, digest: str, size: int) -> None:
+        self.final = store.path(digest)
+        self.where = str(store.tmp)
+        self.verifier = _Verifier(digest, size)
+        with disk_full_is_507(self.where):
+            fd, name = tempfile.mkstemp(dir=store.tmp, prefix=f"{digest[:16]}.")
+        self.tmp = Path(name)
+        self.out = os.fdopen(fd, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.verifier.update(chunk)
+            with disk_full_is_507(self.where):
+                self.out.write(chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self) -> _LocalStaged:
+        try:
+            self.verifier.check()
+            with disk_full_is_507(self.where):
+                self.out.flush()
+                os.fsync(self.out.fileno())
+                self.out.close()
+        except BaseException:
+            self.abort()
+            raise
+        return _LocalStaged(self.tmp, self.final)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.out.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+def stage_from(writer: BlobWriter, stream: BinaryIO) -> Staged:
+    """Feed a whole blocking stream to a writer (callers that already run in a worker thread)."""
+    try:
+        while chunk := stream.read(CHUNK):
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()

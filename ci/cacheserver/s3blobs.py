@@ -28,6 +28,7 @@ from ci.cacheserver.blobs import (
     _Verifier,
     check_digest,
     disk_full_is_507,
+    stage_from,
 )
 
 log = logging.getLogger("kernel_ci.cacheserver")
@@ -68,6 +69,37 @@ class _S3Staged:
         return True
 
     def discard(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+
+class _S3Writer:
+    def __init__(self, store: S3BlobStore, digest: str, size: int, spool: BinaryIO | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self.spool = spool
+        self.verifier = _Verifier(digest, size)
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.verifier.update(chunk)
+            if self.spool is not None:
+                with disk_full_is_507("the S3 upload spool"):
+                    self.spool.write(chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self) -> _S3Staged:
+        try:
+            self.verifier.check()
+        except BaseException:
+            self.abort()
+            raise
+        return _S3Staged(self.store, self.digest, self.size, self.spool)
+
+    def abort(self) -> None:
         if self.spool is not None:
             self.spool.close()
 
@@ -117,26 +149,17 @@ class S3BlobStore:
     def _tempfile(self) -> BinaryIO:
         return tempfile.TemporaryFile(dir=self.spool)
 
-    def stage(self, digest: str, size: int, stream: BinaryIO) -> _S3Staged:
+    def writer(self, digest: str, size: int) -> _S3Writer:
         self._key(digest)
-        verifier = _Verifier(digest, size)
-        if self.size(digest) == size:
-            # drain what the client sends so that the connection stays usable; nothing to store
-            while chunk := stream.read(CHUNK):
-                verifier.update(chunk)
-            verifier.check()
-            return _S3Staged(self, digest, size, None)
-        with disk_full_is_507("the S3 upload spool"):
-            spool = self._tempfile()
-            try:
-                while chunk := stream.read(CHUNK):
-                    verifier.update(chunk)
-                    spool.write(chunk)
-                verifier.check()
-            except BaseException:
-                spool.close()
-                raise
-        return _S3Staged(self, digest, size, spool)
+        # already there: only verify what the client sends (the connection stays usable), store nothing
+        spool = None
+        if self.size(digest) != size:
+            with disk_full_is_507("the S3 upload spool"):
+                spool = self._tempfile()
+        return _S3Writer(self, digest, size, spool)
+
+    def stage(self, digest: str, size: int, stream: BinaryIO) -> _S3Staged:
+        return stage_from(self.writer(digest, size), stream)  # type: ignore[return-value]
 
     def put(self, digest: str, size: int, stream: BinaryIO) -> bool:
         staged = self.stage(digest, size, stream)

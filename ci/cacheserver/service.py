@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ci.cacheserver.blobs import Blob, BlobError, BlobStore, check_digest
+from ci.cacheserver.blobs import Blob, BlobError, BlobStore, BlobWriter, check_digest
 from ci.cacheserver.index import BuildRow, Index
 
 log = logging.getLogger("kernel_ci.cacheserver")
@@ -291,11 +291,29 @@ class CacheService:
     # -- blobs --------------------------------------------------------------------------------
 
     def put_blob(self, digest: str, size: int, stream: BinaryIO) -> bool:
+        writer = self.begin_blob(digest, size)
+        try:
+            while chunk := stream.read(1 << 20):
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return self.finish_blob(digest, size, writer)
+
+    def begin_blob(self, digest: str, size: int) -> BlobWriter:
+        """Check and make room for an upload; the caller feeds the writer, then calls finish_blob."""
         check_digest(digest)
         if size > self.limits.max_blob_bytes:
             raise ServiceError(f"blob of {size} bytes exceeds the limit of {self.limits.max_blob_bytes}", 413)
         self.ensure_room(size)
-        created = self._store(digest, size, stream)
+        return self.blobs.writer(digest, size)
+
+    def finish_blob(self, digest: str, size: int, writer: BlobWriter) -> bool:
+        staged = writer.finish()
+        try:
+            created = self.index.blob_add(digest, size, staged.publish)
+        finally:
+            staged.discard()
         self.metrics.inc("kernel_ci_cache_uploaded_bytes_total", size, kind="blob")
         return created
 

@@ -408,3 +408,25 @@ def test_a_huge_junit_report_is_refused_not_parsed(tmp_path: Path) -> None:
         response = client.put(f"/api/v1/builds/{KEY}/runs/r1", json=run)
         assert response.status_code == 413, response.text
         assert "JUnit" in response.json()["error"]
+
+
+def test_stalled_uploads_do_not_starve_the_readers(server: Running) -> None:
+    """A write token holder opens many uploads and sends nothing more: each must not pin a worker thread
+    for its whole duration, or the thread pool (40) is exhausted and every read that needs it waits."""
+    host, port = server.url.removeprefix("http://").split(":")
+    stalled = []
+    try:
+        for i in range(48):
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            digest = sha(str(i).encode())
+            sock.sendall(
+                f"PUT /api/v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Length: {1 << 20}\r\n\r\nx".encode()
+            )
+            stalled.append(sock)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            assert client.get("/api/v1/builds").status_code == 200
+            assert client.get(f"/api/v1/blobs/{sha(b'none')}").status_code == 404
+    finally:
+        for sock in stalled:
+            sock.close()
