@@ -536,6 +536,9 @@ class PostgresIndex(SqlIndex):
             conn = self._conn()
             with conn.transaction():
                 yield _PgTx(conn)
+        except psycopg.errors.DiskFull as exc:  # an OperationalError too, but the store is full, not down
+            reason = redact_text(str(exc).strip().splitlines()[0], self.dsn)
+            raise IndexError_(f"the PostgreSQL index is out of space ({reason}); try later", 507) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._discard(conn)
             reason = redact_text(str(exc).strip(), self.dsn)

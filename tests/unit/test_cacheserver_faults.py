@@ -261,3 +261,48 @@ def test_s3_down_is_a_503_then_recovers(tmp_path: Path) -> None:
             assert client.put(f"/api/v1/blobs/{sha(other)}", content=other).status_code == 201
     finally:
         proxy.stop()
+
+
+def test_a_failed_postgresql_commit_leaves_the_connection_usable(pg_schema: tuple[str, str]) -> None:
+    """A deferred constraint trigger refuses one row at COMMIT time: the next transaction on the same
+    thread (the same pooled connection) must not find itself inside the failed one. PostgreSQL ends a
+    transaction whose COMMIT fails; this keeps _tx from ever relying on anything else."""
+    from ci.cacheserver.index import PostgresIndex
+
+    dsn, schema = pg_schema
+    index = PostgresIndex(f"{dsn}?options=-csearch_path%3D{schema}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.size = 13 THEN RAISE EXCEPTION 'refused at commit'; END IF; RETURN NEW; END $$"
+        )
+        conn.execute(
+            f"CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON {schema}.blobs DEFERRABLE INITIALLY DEFERRED "
+            f"FOR EACH ROW EXECUTE FUNCTION {schema}.refuse()"
+        )
+    with pytest.raises(psycopg.Error, match="refused at commit"):
+        index.blob_add(sha(b"refused"), 13)
+    index.blob_add(sha(b"accepted"), 8)
+    assert index.blob_sizes([sha(b"refused"), sha(b"accepted")]) == {sha(b"accepted"): 8}
+
+
+def test_postgresql_out_of_disk_is_a_507(tmp_path: Path, pg_schema: tuple[str, str]) -> None:
+    """PostgreSQL's own "disk full" (SQLSTATE 53100, raised here by a trigger as the server would) is the
+    store being full, a 507 like a full blob directory; other outages are 503."""
+    dsn, schema = pg_schema
+    index = f"{dsn}?options=-csearch_path%3D{schema}"
+    with server_in_thread(ServerConfig(data=tmp_path / "d", index_url=index)) as server:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                f"CREATE FUNCTION {schema}.disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100'; END $$"
+            )
+            conn.execute(
+                f"CREATE TRIGGER disk_full BEFORE INSERT ON {schema}.blobs "
+                f"FOR EACH ROW EXECUTE FUNCTION {schema}.disk_full()"
+            )
+        with server.client() as client:
+            data = b"no room in the index"
+            response = client.put(f"/api/v1/blobs/{sha(data)}", content=data)
+            assert response.status_code == 507, response.text
+            assert client.get("/api/v1/builds").status_code == 200  # reads still work
