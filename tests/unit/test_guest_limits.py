@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from junit_check import read_back, suite_properties, suite_text
 
-from ci import guestfiles, ktap, results
+from ci import guestfiles, ktap, results, testpipeline
 from ci.payload import PYTEST_ARGV, Plan, PlanSuite
 from ci.results import GuestEnd, Outcome, collect, write_junit
 from ci.scanner import MAX_FAULTS, MAX_SUITE_SPANS, ConsoleScanner, scan
@@ -322,3 +322,28 @@ def test_a_flood_of_suite_markers_is_bounded():
     report = scanner.report()
     assert len(report.suites) <= MAX_SUITE_SPANS
     assert report.dropped_suites == 5_000
+
+
+def test_the_console_tail_is_read_from_the_end_only(tmp_path):
+    """console.log can be as big as its cap (or, for a log from elsewhere, sparse and huge): the report's
+    tail must not read it whole."""
+    log = tmp_path / "console.log"
+    with log.open("wb") as handle:
+        handle.truncate(64 * 2**30)
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"".join(b"line %d\n" % n for n in range(100)))
+    tail = testpipeline._tail(log, lines=3)
+    assert tail == "line 97\nline 98\nline 99"
+
+
+def test_a_guest_symlink_under_mapped_xattr_is_still_called_a_symlink(tmp_path):
+    """Under mapped-xattr a guest symlink is a host file holding the target path, its real mode in
+    user.virtfs.mode: reported as the symlink it is, not read as the suite's output."""
+    directory = suite(tmp_path / "results", C_SUITE.name, output=None)
+    mapped = directory / "output.txt"
+    mapped.write_text("/etc/shadow")
+    os.setxattr(mapped, guestfiles.VIRTFS_MODE_XATTR, (stat.S_IFLNK | 0o777).to_bytes(4, "little"))
+    good_python_suite(tmp_path / "results")
+    _, junit, _ = collect_and_write(tmp_path)
+    case = cases_of(junit)[(C_SUITE.name, "results: output.txt")]
+    assert "a symlink (as the guest made it)" in case.message
