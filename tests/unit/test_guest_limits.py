@@ -347,3 +347,12 @@ def test_a_guest_symlink_under_mapped_xattr_is_still_called_a_symlink(tmp_path):
     _, junit, _ = collect_and_write(tmp_path)
     case = cases_of(junit)[(C_SUITE.name, "results: output.txt")]
     assert "a symlink (as the guest made it)" in case.message
+
+
+def test_ktap_results_and_errors_kept_are_bounded():
+    count = ktap.MAX_TESTS + 5000
+    text = "KTAP version 1\n" + "".join(f"ok {n * 2} t\n" for n in range(1, count + 1))  # every number wrong
+    report = ktap.parse(text)
+    assert len(report.tests) == ktap.MAX_TESTS
+    assert len(report.errors) <= ktap.MAX_ERRORS + 1
+    assert report.errors[-1].endswith("more parse errors not listed")
