@@ -95,6 +95,7 @@ class GuestEnd:
     detail: str = ""
     console_tail: str = ""
     sysrq_dump: str = ""
+    console_dropped_bytes: int = 0  # console output past the console.log limit (a flooding guest)
 
 
 CaseState = Literal["passed", "failed", "error", "skipped"]
@@ -269,6 +270,12 @@ def _boot_suite(console: ConsoleReport, end: GuestEnd, stop: _Stop) -> SuiteResu
             cases.append(_problem("runner", BOOT_SUITE, "error", message, tail, stop.outcome))
         else:
             cases.append(Case("runner", BOOT_SUITE, "skipped", message=f"not finished: {stop.not_run}"))
+    if end.console_dropped_bytes:
+        message = (
+            f"the guest flooded the console: {end.console_dropped_bytes} bytes past the console.log limit "
+            "were read and scanned but not kept"
+        )
+        cases.append(_problem("console", BOOT_SUITE, "failed", message, "", Outcome.TEST_FAILURE))
     properties = {"guest.end": end.kind}
     if end.detail:
         properties["guest.end.detail"] = end.detail

@@ -234,7 +234,11 @@ def boot_and_collect(
     live.scanner.finish()
     report_in = live.scanner.report()
     end = results.GuestEnd(
-        kind=run.end, detail=run.detail, console_tail=_tail(run.console_log), sysrq_dump=run.sysrq_dump
+        kind=run.end,
+        detail=run.detail,
+        console_tail=_tail(run.console_log),
+        sysrq_dump=run.sysrq_dump,
+        console_dropped_bytes=run.console_dropped_bytes,
     )
     properties = {
         "kernel.version": metadata["kernel"]["version"],

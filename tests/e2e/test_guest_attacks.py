@@ -160,7 +160,7 @@ def test_a_hostile_guest_cannot_reach_the_host(
     assert report_in.dropped_faults > 0 and len(report_in.faults) <= scanner.MAX_FAULTS + 1
 
     # The report: well-formed, failed, and without the host's secret.
-    end = results.GuestEnd(kind=run.end, detail=run.detail)
+    end = results.GuestEnd(kind=run.end, detail=run.detail, console_dropped_bytes=run.console_dropped_bytes)
     report = results.collect(read_plan(payload / "plan.json"), cfg.results_dir, report_in, end)
     junit = results.write_junit(report, tmp_path / "junit.xml")
     text = junit.read_text()
@@ -172,5 +172,6 @@ def test_a_hostile_guest_cannot_reach_the_host(
     assert (("dirlink", "results: status.json")) in cases
     assert ("deep", "results: KTAP") in cases
     assert ("flood", "flooded") in cases
+    assert cases[("boot", "console")].result[0].message.startswith("the guest flooded the console")
     status = json.loads((cfg.results_dir / "leak" / "status.json").read_text())
     assert status["rc"] == 0

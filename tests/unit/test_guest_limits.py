@@ -356,3 +356,14 @@ def test_ktap_results_and_errors_kept_are_bounded():
     assert len(report.tests) == ktap.MAX_TESTS
     assert len(report.errors) <= ktap.MAX_ERRORS + 1
     assert report.errors[-1].endswith("more parse errors not listed")
+
+
+def test_a_flooded_console_is_a_failed_case_in_the_boot_suite(tmp_path):
+    suite(tmp_path / "results", C_SUITE.name)
+    good_python_suite(tmp_path / "results")
+    end = GuestEnd("poweroff", console_dropped_bytes=300 * 2**20)
+    report = collect(PLAN, tmp_path / "results", scan(console_text()), end)
+    junit = write_junit(report, tmp_path / "junit.xml")
+    case = cases_of(junit)[("boot", "console")]
+    assert case.state == "failed" and str(300 * 2**20) in case.message
+    assert report.outcome is Outcome.TEST_FAILURE
