@@ -226,6 +226,8 @@ class KtapParser:
     def _route(self, line: str) -> tuple[int, str]:
         """The deepest open block this line belongs to, and the line with that block's prefixes removed."""
         content = line
+        width = _width(content)  # once per prefix removed, not per level: a line can be long
+        blank = not content.strip()
         depth = 0
         for index in range(1, len(self._stack)):
             frame = self._stack[index]
@@ -234,7 +236,9 @@ class KtapParser:
                 if prefix is None:
                     break
                 content = content[prefix.end() :]
-            elif _width(content) < frame.indent or not content.strip():
+                width = _width(content)
+                blank = not content.strip()
+            elif width < frame.indent or blank:
                 break
             depth = index
         return depth, content
