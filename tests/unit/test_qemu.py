@@ -297,3 +297,36 @@ def _write_lines(fd: int, line: bytes, count: int, last: bytes) -> None:
         for _ in range(count):
             pipe.write(line)
         pipe.write(last)
+
+
+@pytest.mark.timeout(300)
+def test_a_console_flood_of_hundreds_of_megabytes_stays_bounded(tmp_path: Path) -> None:
+    """256 MiB through the real console reader at the default cap: console.log stops at 64 MiB, and a
+    scanner that falls behind makes the reader wait (bounded queue) instead of buffering the flood."""
+    read_fd, write_fd = os.pipe()
+    log = tmp_path / "console.log"
+    line = b"F" * 1023 + b"\n"
+    count = 256 * 1024  # 256 MiB
+    with os.fdopen(read_fd, "rb") as stream:
+        out = qemu._Console(stream, log)
+        writer = threading.Thread(target=lambda: _write_lines(write_fd, line, count, b"KCI-RUNNER: done\n"))
+        writer.start()
+        time.sleep(2.0)  # the consumer is slow: nothing is taken for a while
+        assert out.lines.qsize() <= qemu.CONSOLE_QUEUE_LINES
+        seen = 0
+        while out.lines.get(timeout=60) is not None:
+            seen += 1
+        writer.join()
+        out.join(5)
+    assert seen == count + 1
+    assert log.stat().st_size <= qemu.CONSOLE_LOG_LIMIT + 200
+    kept = log.stat().st_size - _note(log)
+    assert out.dropped_bytes == count * len(line) + len("KCI-RUNNER: done\n") - kept
+
+
+def _note(log: Path) -> int:
+    """The length of the cut note at the end of console.log."""
+    with log.open("rb") as handle:
+        handle.seek(-200, os.SEEK_END)
+        tail = handle.read()
+    return len(tail.splitlines(keepends=True)[-1])
