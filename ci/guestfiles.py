@@ -194,8 +194,12 @@ def walk(dir_fd: int, *, max_files: int, max_depth: int = MAX_DEPTH) -> Walk:
 
 
 def _walk(dir_fd: int, prefix: str, max_files: int, depth_left: int, found: Walk) -> None:
-    with os.scandir(dir_fd) as entries:
-        names = sorted(entry.name for entry in entries)
+    try:
+        with os.scandir(dir_fd) as entries:
+            names = sorted(entry.name for entry in entries)
+    except OSError as exc:
+        found.refused.append(f"{prefix or './'}: cannot be listed: {exc.strerror}")
+        return
     for name in names:
         if found.full:
             return

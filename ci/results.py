@@ -641,6 +641,9 @@ def _read_suite_files(results_dir: Path, name: str) -> _SuiteFiles:
     except guestfiles.GuestFileError as exc:
         reason = f"the suite's results directory {exc}: nothing in it was read"
         files.status_error = files.output_error = files.junit_error = reason
+    except OSError as exc:  # unreadable in some other way: a failed testcase, never a crash
+        reason = f"the suite's results directory cannot be read: {exc.strerror}"
+        files.status_error = files.output_error = files.junit_error = reason
     return files
 
 
@@ -706,6 +709,10 @@ def _artifacts(suite_fd: int, where: Path, files: _SuiteFiles) -> None:
     except guestfiles.GuestFileError as exc:
         files.properties["artifacts.rejected"] = "1"
         files.artifacts = f"\n--- artifacts/ is {exc}: {_NOT_READ} ---"
+        return
+    except OSError as exc:
+        files.properties["artifacts.rejected"] = "1"
+        files.artifacts = f"\n--- artifacts/ cannot be read: {exc.strerror} ---"
         return
     try:
         found = guestfiles.walk(fd, max_files=ARTIFACT_MAX_FILES)

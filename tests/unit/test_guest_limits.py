@@ -367,3 +367,14 @@ def test_a_flooded_console_is_a_failed_case_in_the_boot_suite(tmp_path):
     case = cases_of(junit)[("boot", "console")]
     assert case.state == "failed" and str(300 * 2**20) in case.message
     assert report.outcome is Outcome.TEST_FAILURE
+
+
+def test_an_artifacts_directory_that_is_a_symlink_is_not_entered(tmp_path, secret):
+    directory = suite(tmp_path / "results", C_SUITE.name)
+    (directory / "artifacts").rmdir()
+    (directory / "artifacts").symlink_to(secret.parent, target_is_directory=True)
+    good_python_suite(tmp_path / "results")
+    _, junit, text = collect_and_write(tmp_path)
+    assert SECRET not in text
+    assert "artifacts/ is a symlink" in suite_text(junit, C_SUITE.name)
+    assert suite_properties(junit, C_SUITE.name)["artifacts.rejected"] == "1"
