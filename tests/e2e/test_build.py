@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,48 @@ def test_a_changed_config_symbol_is_named_on_a_miss(
     changed = build(BuildRequest(output=tmp_path / "b", fragments=[fragment]), store=store)
     assert not changed.cache_hit
     assert "CONFIG_IKCONFIG_PROC" in capsys.readouterr().err
+
+
+BUILD_CHILD = """
+import sys
+from pathlib import Path
+from ci.buildpipeline import BuildRequest, build
+build(BuildRequest(output=Path(sys.argv[1]), use_cache=False, fresh=True))
+"""
+
+
+def _build_containers() -> dict[str, str]:
+    listing = subprocess.run(
+        ["docker", "ps", "-a", "--no-trunc", "--format", "{{.Names}}\t{{.Command}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = dict(line.split("\t", 1) for line in listing.splitlines() if line.startswith("kci-build-"))
+    return names
+
+
+def test_sigkill_mid_build_leaves_no_container_and_the_rerun_builds(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", BUILD_CHILD, str(tmp_path / "killed")])
+    try:
+        deadline = time.monotonic() + 600
+        name = None
+        while name is None:
+            assert child.poll() is None, "the build ended before it was killed"
+            assert time.monotonic() < deadline, "kbuild never started"
+            name = next((n for n, cmd in _build_containers().items() if "bzImage" in cmd), None)
+            time.sleep(0.5)
+        time.sleep(20)  # well into the compile
+        assert name in _build_containers()
+        child.kill()  # SIGKILL: kernel-ci runs no handler
+        child.wait()
+        deadline = time.monotonic() + 15
+        while name in _build_containers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert name not in _build_containers(), "the build container outlived kernel-ci"
+    finally:
+        child.kill()
+        child.wait()
+    # The rerun resumes in the object tree the killed build left (half-written objects included).
+    rerun = build(BuildRequest(output=tmp_path / "rerun", use_cache=False))
+    assert not rerun.cache_hit and rerun.bzimage.stat().st_size > 1_000_000
