@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from ci.buildpipeline import BuildRequest, build
 from ci.cachestore import LocalStore
+from ci.paths import cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +105,37 @@ def test_sigkill_mid_build_leaves_no_container_and_the_rerun_builds(tmp_path: Pa
     # The rerun resumes in the object tree the killed build left (half-written objects included).
     rerun = build(BuildRequest(output=tmp_path / "rerun", use_cache=False))
     assert not rerun.cache_hit and rerun.bzimage.stat().st_size > 1_000_000
+
+
+CONCURRENT_CHILD = """
+import json, sys
+from pathlib import Path
+from ci.buildpipeline import BuildRequest, build
+result = build(BuildRequest(output=Path(sys.argv[1]), ccache_dir=Path(sys.argv[2])))
+print(json.dumps({"key": result.key, "cache_hit": result.cache_hit}))
+"""
+
+
+def test_two_concurrent_builds_on_a_cold_work_dir_build_once(tmp_path: Path) -> None:
+    shared_downloads, shared_ccache = cache_dir("downloads"), cache_dir("ccache")
+    # A cold cache (no unpacked source, no patched tree, no object tree, empty build store); only the
+    # downloaded tarball and the compiler cache are shared, so that the test costs one warm build.
+    cold = tmp_path / "cache"
+    cold.mkdir()
+    (cold / "downloads").symlink_to(shared_downloads)
+    env = {**os.environ, "KERNEL_CI_CACHE": str(cold)}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_CHILD, str(tmp_path / f"out-{i}"), str(shared_ccache)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [child.communicate(timeout=1800)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert results[0]["key"] == results[1]["key"]
+    assert sorted(r["cache_hit"] for r in results) == [False, True]  # built once, restored once
+    assert len(list((cold / "sources").glob("*/.complete"))) == 1
