@@ -113,8 +113,17 @@ def reproduce_command(request: BuildRequest, version: str, series: Sequence[patc
 
 
 def _prepare_tree(src: source.KernelSource, series: Sequence[patches.Series], tree_id: str) -> Path:
-    """A patched copy of the pristine tree (hard links; patched files get their own copies), made once."""
+    """A patched copy of the pristine tree (hard links; patched files get their own copies), made once.
+
+    Under the work dir's lock: a second build of the same sources waits for the first one's tree instead of
+    deleting it (it was being built from) and making its own.
+    """
     work = cache_dir("work", tree_id)
+    with source.locked(work.with_name(work.name + ".lock"), "another build preparing the same patched tree"):
+        return _prepare_tree_locked(src, series, work)
+
+
+def _prepare_tree_locked(src: source.KernelSource, series: Sequence[patches.Series], work: Path) -> Path:
     tree = work / "src"
     marker = work / "src.applied.json"
     if marker.exists() and tree.is_dir():

@@ -58,12 +58,14 @@ def build(
     with tempfile.TemporaryDirectory(prefix=f"extmod-{module.name}-") as scratch:
         tree = Path(scratch) / module.name
         shutil.copytree(module.path, tree, ignore=shutil.ignore_patterns(*(f"*{s}" for s in BUILD_LEFTOVERS)))
+        builder.give_to_build_user(tree)  # the module's Makefile is patch-author code: build unprivileged
         builder.run_in_toolchain(
             image,
             ["make", "-C", "/kbuild", "M=/mod", *extra_make, "modules"],
             {kbuild.resolve(): "/kbuild:ro", tree: "/mod"},
             "/mod",
             quiet=True,
+            as_build_user=True,
         )
         kos = sorted(tree.glob("*.ko"))
         if not kos:

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from ci import builder, proc
+from ci import builder
 
 SELFTESTS = f"{builder.SRC}/tools/testing/selftests"
 BUILD_DIR = "kselftest"  # under the object tree: selftests objects and installed headers
@@ -69,7 +69,7 @@ def build_selftests(env: builder.BuildEnv, targets: Sequence[str], dest: Path) -
     install = env.out / INSTALL_DIR
     if install.exists():
         shutil.rmtree(install)  # a target of an earlier build must not ride along
-    proc.run(builder.docker_run_argv(env, make_argv(env, targets)), quiet=True)
+    builder.run_container(env, make_argv(env, targets), quiet=True)
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(install, dest, symlinks=True)

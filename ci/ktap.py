@@ -13,6 +13,9 @@ recognised three ways, mixed freely:
 A block belongs to the next result line at its parent's level. Diagnostic and unknown lines belong
 to the next result line of the level they are on (they are kept as that test's output); lines with
 no result line after them end up in `KtapReport.trailing`. Unknown lines never change a status.
+
+The text comes from the guest, which may be hostile: nesting is bounded (MAX_DEPTH; deeper structural
+lines are kept as plain output and `too_deep` is set), as are the results and parse errors kept.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Status = Literal["ok", "fail", "skip", "todo", "error"]
+
+MAX_DEPTH = 64  # nested blocks; real KTAP (KUnit, kselftest) nests 2-3 deep
+MAX_TESTS = 20_000  # result lines kept, all levels together
+MAX_ERRORS = 200  # parse errors kept (one more says how many were dropped)
 
 _VERSION = re.compile(r"^(?:KTAP version \d+|TAP version \d+)$")
 _PLAN = re.compile(r"^1\.\.(\d+)(?:\s*#\s*(.*))?$")
@@ -70,6 +77,7 @@ class KtapReport:
     errors: list[str]
     found_ktap: bool
     trailing: str = ""
+    too_deep: bool = False  # nesting went past MAX_DEPTH: the deeper lines are output, not results
 
     def missing(self) -> int:
         """How many top-level tests the plan announced but no result line reported."""
@@ -144,6 +152,10 @@ class KtapParser:
         self._stack: list[_Frame] = [_Frame(indent=0, hashed=False)]
         self._started = False
         self._errors: list[str] = []
+        self._dropped_errors = 0
+        self._too_deep = False
+        self._results = 0
+        self._dropped_results = 0
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\r\n")
@@ -151,8 +163,9 @@ class KtapParser:
         frame = self._stack[depth]
         hashed = _HASH_PREFIX.match(content)
         if self._started and hashed is not None and _VERSION.match(content[hashed.end() :].strip()):
-            self._close_to(depth)
-            self._stack.append(_Frame(indent=_width(content[hashed.end() :]), hashed=True))
+            if not self._nests_too_deep(depth, content):
+                self._close_to(depth)
+                self._stack.append(_Frame(indent=_width(content[hashed.end() :]), hashed=True))
             return
         body = content.strip()
         width = _width(content)
@@ -160,13 +173,13 @@ class KtapParser:
             self._maybe_start(line, body, width)
             return
         if _VERSION.match(body):
-            self._on_version(depth, width)
+            self._on_version(depth, width, content)
         elif (sub := _SUBTEST.match(body)) is not None:
             self._on_subtest(depth, width, sub.group(1), content)
         elif (plan := _PLAN.match(body)) is not None:
-            self._on_plan(depth, width, int(plan.group(1)))
+            self._on_plan(depth, width, int(plan.group(1)), content)
         elif (result := _parse_result(body)) is not None:
-            self._on_result(depth, width, result)
+            self._on_result(depth, width, result, content)
         else:
             frame.pending.append(_dedent(content, frame.indent))
 
@@ -180,13 +193,41 @@ class KtapParser:
         root = self._stack[0]
         self._check_plan(root, "top level")
         trailing = "\n".join(root.pending)
-        return KtapReport(list(root.tests), root.plan, list(self._errors), self._started, trailing)
+        if self._dropped_results:
+            self._error(f"{self._dropped_results} result lines after the first {MAX_TESTS} ignored")
+        errors = list(self._errors)
+        if self._dropped_errors:
+            errors.append(f"{self._dropped_errors} more parse errors not listed")
+        return KtapReport(list(root.tests), root.plan, errors, self._started, trailing, self._too_deep)
+
+    # -- bounds --------------------------------------------------------------------------------------
+
+    def _error(self, message: str) -> None:
+        if len(self._errors) < MAX_ERRORS:
+            self._errors.append(message)
+        else:
+            self._dropped_errors += 1
+
+    def _nests_too_deep(self, depth: int, content: str) -> bool:
+        """A block under depth would pass MAX_DEPTH: keep the line as output of the deepest block."""
+        if depth + 1 <= MAX_DEPTH:
+            return False
+        if not self._too_deep:
+            self._too_deep = True
+            self._error(
+                f"{self._where()}: nested deeper than {MAX_DEPTH} levels; deeper lines kept as output"
+            )
+        frame = self._stack[depth]
+        frame.pending.append(_dedent(content, frame.indent))
+        return True
 
     # -- routing -------------------------------------------------------------------------------------
 
     def _route(self, line: str) -> tuple[int, str]:
         """The deepest open block this line belongs to, and the line with that block's prefixes removed."""
         content = line
+        width = _width(content)  # once per prefix removed, not per level: a line can be long
+        blank = not content.strip()
         depth = 0
         for index in range(1, len(self._stack)):
             frame = self._stack[index]
@@ -195,7 +236,9 @@ class KtapParser:
                 if prefix is None:
                     break
                 content = content[prefix.end() :]
-            elif _width(content) < frame.indent or not content.strip():
+                width = _width(content)
+                blank = not content.strip()
+            elif width < frame.indent or blank:
                 break
             depth = index
         return depth, content
@@ -213,37 +256,47 @@ class KtapParser:
 
     # -- structural lines ----------------------------------------------------------------------------
 
-    def _on_version(self, depth: int, width: int) -> None:
+    def _on_version(self, depth: int, width: int, content: str) -> None:
         frame = self._stack[depth]
         if width > frame.indent:
-            self._open(depth, _Frame(indent=width, hashed=False))
+            if not self._nests_too_deep(depth, content):
+                self._open(depth, _Frame(indent=width, hashed=False))
         elif depth > 0 and not frame.empty():
             self._restart_block(frame)
         elif depth == 0 and not frame.empty():
-            self._errors.append("unexpected version line after the tests started")
+            self._error("unexpected version line after the tests started")
 
     def _on_subtest(self, depth: int, width: int, name: str, content: str) -> None:
         frame = self._stack[depth]
         if depth > 0 and width == frame.indent and frame.name is None and frame.empty():
             frame.name = name
         elif width > frame.indent:
-            self._open(depth, _Frame(indent=width, hashed=False, name=name))
+            if not self._nests_too_deep(depth, content):
+                self._open(depth, _Frame(indent=width, hashed=False, name=name))
         elif depth > 0 and not frame.empty():
             self._restart_block(frame).name = name
         else:
             frame.pending.append(_dedent(content, frame.indent))
 
-    def _on_plan(self, depth: int, width: int, count: int) -> None:
+    def _on_plan(self, depth: int, width: int, count: int, content: str) -> None:
         frame = self._stack[depth]
         if width > frame.indent:
+            if self._nests_too_deep(depth, content):
+                return
             frame = self._open(depth, _Frame(indent=width, hashed=False))
         if frame.plan is None:
             frame.plan = count
         else:
-            self._errors.append(f"{self._where()}: second plan line 1..{count} ignored")
+            self._error(f"{self._where()}: second plan line 1..{count} ignored")
 
-    def _on_result(self, depth: int, width: int, result: _Result) -> None:
+    def _on_result(self, depth: int, width: int, result: _Result, content: str) -> None:
+        if self._results >= MAX_TESTS:
+            self._dropped_results += 1
+            return
+        self._results += 1
         if width > self._stack[depth].indent:
+            if self._nests_too_deep(depth, content):
+                return
             # A result deeper than its level with no header: an implicit block, which adopts any
             # still deeper block as the subtests of this result.
             depth += 1
@@ -260,7 +313,7 @@ class KtapParser:
         expected = len(frame.tests) + 1
         number = result.number if result.number is not None else expected
         if number != expected:
-            self._errors.append(f"{self._where()}: result number {number} where {expected} was expected")
+            self._error(f"{self._where()}: result number {number} where {expected} was expected")
         frame.pending.clear()
         frame.tests.append(
             KtapTest(
@@ -301,7 +354,7 @@ class KtapParser:
         number = len(parent.tests) + 1
         name = child.name or f"test {number}"
         self._check_plan(child, name)
-        self._errors.append(f"{self._where()}: no result line for test {number} ({name})")
+        self._error(f"{self._where()}: no result line for test {number} ({name})")
         parent.tests.append(
             KtapTest(
                 name=name,
@@ -317,7 +370,7 @@ class KtapParser:
 
     def _check_plan(self, frame: _Frame, name: str) -> None:
         if frame.plan is not None and len(frame.tests) != frame.plan:
-            self._errors.append(f"{name}: plan 1..{frame.plan} but {len(frame.tests)} results")
+            self._error(f"{name}: plan 1..{frame.plan} but {len(frame.tests)} results")
 
     def _where(self) -> str:
         names = [frame.name or "?" for frame in self._stack[1:]]

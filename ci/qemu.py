@@ -6,10 +6,16 @@ The QEMU process itself is started with subprocess.Popen here, not through ci.pr
 QEMU's stdout, its own diagnostics are stderr (kept apart so they never reach the console scanner), the
 host writes to its stdin while it runs (serial break + sysrq key), and it is stopped on a silence
 timeout, when no line arrives at all. Every other command here goes through ci.proc.
+
+The guest runs patch authors' tests as root, so everything it can send the host is bounded: the console
+log on disk (console_limit; the rest is still read and scanned, and the cut is said), the lines queued
+for the scanner, the sysrq dump kept; the results share cannot make host files that are anything but
+plain files (build_command).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import json
@@ -55,6 +61,20 @@ SYSRQ_KEYS = "8tl"
 SYSRQ_QUIET_SECONDS = 2.0
 SYSRQ_MAX_SECONDS = 15.0
 MAX_LINE_BYTES = 64 * 1024
+CONSOLE_LOG_LIMIT = 64 * 2**20  # console.log on disk; past it the console is read and scanned, not kept
+CONSOLE_QUEUE_LINES = 10_000  # lines between the reader thread and the watcher (the reader waits)
+SYSRQ_DUMP_LINES = 20_000  # lines of the sysrq dump kept
+QEMU_STDERR_LINES = 1000
+# The 9p results share. mapped-xattr: what the guest creates is a plain file (0600) or directory (0700)
+# on the host, its owner, mode, symlink target and device numbers kept in user.virtfs.* xattrs, never
+# made real; so a root guest cannot leave a symlink for the host to follow, a device node, a FIFO or a
+# set-id or executable file in out/runs/. Chosen over dropping QEMU's root (-runas): that alone would
+# still let a guest symlink be a real symlink on the host, and it needs every payload file readable by
+# the unprivileged user (tests/e2e/test_guest_attacks.py shows both shares as they are now).
+RESULTS_SHARE = "security_model=mapped-xattr"
+# The payload share is read-only: the guest cannot create anything there, and model none shows it the
+# host's modes as they are (the suites' binaries are executable).
+PAYLOAD_SHARE = "security_model=none,readonly=on"
 KVM_PROBE_TIMEOUT = 10.0
 KVM_PROBE_TTL = 1800.0
 
@@ -227,6 +247,7 @@ class QemuConfig:
     boot_timeout: float = 120.0  # no "KCI-INIT: ready" after this many seconds
     idle_timeout: float = 300.0  # after ready: no console output for this many seconds = hang
     global_timeout: float = 3600.0  # the whole run
+    console_limit: int = CONSOLE_LOG_LIMIT  # bytes of console.log kept on disk
     machine: str = MACHINE
     tuning: tuple[str, ...] = field(default=TUNING_APPEND)
 
@@ -283,8 +304,8 @@ def build_command(cfg: QemuConfig) -> list[str]:
         "-kernel", str(cfg.kernel.absolute()),
         "-append", kernel_append(cfg),
         "-drive", f"file={_opt(cfg.overlay)},format=qcow2,if=virtio,cache=unsafe",
-        "-virtfs", f"local,path={payload},mount_tag=kci-payload,security_model=none,readonly=on,id=payload",
-        "-virtfs", f"local,path={results},mount_tag=kci-results,security_model=none,id=results",
+        "-virtfs", f"local,path={payload},mount_tag=kci-payload,{PAYLOAD_SHARE},id=payload",
+        "-virtfs", f"local,path={results},mount_tag=kci-results,{RESULTS_SHARE},id=results",
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
 
@@ -352,6 +373,7 @@ class GuestRun:
     command: list[str]
     detail: str
     sysrq_dump: str
+    console_dropped_bytes: int = 0  # console bytes past console_limit, read and scanned but not in the log
 
 
 def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
@@ -379,9 +401,11 @@ def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
         return GuestRun(
             "qemu_failed", None, 0.0, None, None, cfg.console_log, argv, f"cannot start: {exc}", ""
         )
+    out = _Console(qemu.stdout, cfg.console_log, cfg.console_limit)  # type: ignore[arg-type]
     try:
-        return _watch(cfg, argv, qemu, started, on_line)
+        return _watch(cfg, argv, qemu, started, on_line, out)
     finally:
+        out.abandon()
         _stop(qemu)
         cfg.monitor_socket.unlink(missing_ok=True)
 
@@ -393,16 +417,25 @@ def _die_with_parent() -> None:
 
 
 class _Console:
-    """Reads QEMU's stdout on a thread: whole lines go to console.log and a queue; any byte counts as
-    activity for the idle timeout (a hung guest may stop mid-line)."""
+    """Reads QEMU's stdout on a thread: whole lines go to console.log (up to limit bytes) and a bounded
+    queue; any byte counts as activity for the idle timeout (a hung guest may stop mid-line). A full
+    queue makes the thread wait, and QEMU's serial line with it, rather than grow without end."""
 
-    def __init__(self, stream: IO[bytes], log_path: Path):
-        self.lines: queue.Queue[str | None] = queue.Queue()
+    def __init__(self, stream: IO[bytes], log_path: Path, limit: int = CONSOLE_LOG_LIMIT):
+        self.lines: queue.Queue[str | None] = queue.Queue(maxsize=CONSOLE_QUEUE_LINES)
         self.last_output = time.monotonic()
+        self.dropped_bytes = 0
         self._stream = stream
-        self._log = log_path.open("w", buffering=1, encoding="utf-8", errors="replace")
+        self._limit = limit
+        self._written = 0
+        self._abandoned = False
+        self._log = log_path.open("wb")
         self._thread = threading.Thread(target=self._pump, name="qemu-console", daemon=True)
         self._thread.start()
+
+    def abandon(self) -> None:
+        """Nobody reads the queue any more: drop lines instead of waiting (the thread then ends)."""
+        self._abandoned = True
 
     def _pump(self) -> None:
         pending = b""
@@ -421,12 +454,33 @@ class _Console:
                 self._emit(pending)
         finally:
             self._log.close()
-            self.lines.put(None)
+            self._put(None)
 
     def _emit(self, raw: bytes) -> None:
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
-        self._log.write(line + "\n")
-        self.lines.put(line)
+        self._keep(line.encode("utf-8", errors="replace") + b"\n")
+        self._put(line)
+
+    def _keep(self, data: bytes) -> None:
+        """Append to console.log while under the limit; past it, say so once and count what is dropped."""
+        if self.dropped_bytes == 0 and self._written + len(data) <= self._limit:
+            self._log.write(data)
+            self._log.flush()
+            self._written += len(data)
+            return
+        if self.dropped_bytes == 0:
+            note = f"[kernel-ci: console.log cut at {self._written} bytes; the rest was read, not kept]\n"
+            self._log.write(note.encode())
+            self._log.flush()
+        self.dropped_bytes += len(data)
+
+    def _put(self, line: str | None) -> None:
+        while not self._abandoned:
+            try:
+                self.lines.put(line, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -436,7 +490,7 @@ class _Stderr:
     """Collects QEMU's own messages (errors, warnings) on a thread; notices a KVM internal error."""
 
     def __init__(self, stream: IO[bytes]):
-        self.text: list[str] = []
+        self.text: collections.deque[str] = collections.deque(maxlen=QEMU_STDERR_LINES)
         self.kvm_error = False
         self._stream = stream
         self._thread = threading.Thread(target=self._pump, name="qemu-stderr", daemon=True)
@@ -450,7 +504,7 @@ class _Stderr:
                 self.kvm_error = True
 
     def tail(self, n: int = 20) -> str:
-        return "\n".join(self.text[-n:])
+        return "\n".join(list(self.text)[-n:])
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -464,10 +518,14 @@ class _Marks:
 
 
 def _watch(
-    cfg: QemuConfig, argv: list[str], qemu: subprocess.Popen[bytes], started: float, on_line: LineSink | None
+    cfg: QemuConfig,
+    argv: list[str],
+    qemu: subprocess.Popen[bytes],
+    started: float,
+    on_line: LineSink | None,
+    out: _Console,
 ) -> GuestRun:
-    assert qemu.stdout is not None and qemu.stderr is not None
-    out = _Console(qemu.stdout, cfg.console_log)
+    assert qemu.stderr is not None
     err = _Stderr(qemu.stderr)
     marks = _Marks()
 
@@ -532,6 +590,7 @@ def _watch(
         command=argv,
         detail=detail,
         sysrq_dump=sysrq_dump,
+        console_dropped_bytes=out.dropped_bytes,
     )
 
 
@@ -549,7 +608,7 @@ def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -
 def _sysrq_dump(qemu: subprocess.Popen[bytes], out: _Console, take: LineSink) -> tuple[str, bool]:
     """Ask the guest for its stacks over the serial line and collect what it prints: until the console
     has been quiet for SYSRQ_QUIET_SECONDS (at most SYSRQ_MAX_SECONDS). Returns (dump, saw_eof)."""
-    dump: list[str] = []
+    dump: collections.deque[str] = collections.deque(maxlen=SYSRQ_DUMP_LINES)
     send_sysrq(qemu, SYSRQ_KEYS)
     sent = time.monotonic()
     while True:

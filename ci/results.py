@@ -3,12 +3,17 @@
 Inputs: the plan (plan.json), the results dir (`<suite>/output.txt`, `status.json`, `junit.xml`,
 `artifacts/`), the console report from ci.scanner and how the guest ended (GuestEnd, from the caller).
 Every problem becomes a testcase with an Outcome; the run's outcome is the worst of them.
+
+The results dir is written by the guest, which runs patch authors' tests as root: it is read only through
+ci.guestfiles (no symlink followed, regular files only, names checked, every read capped), and whatever
+was refused or cut is said in the report. Parsed content is bounded too (testcases per suite, KTAP depth).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import os
 import signal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +33,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ci import guestfiles
+from ci.ktap import MAX_DEPTH as KTAP_MAX_DEPTH
 from ci.ktap import KtapReport, KtapTest, flatten
 from ci.ktap import parse as parse_ktap
 from ci.payload import Plan, PlanSuite
@@ -37,6 +44,12 @@ OUTPUT_LIMIT = 64 * 1024  # characters of output.txt kept in a suite's system-ou
 CASE_OUTPUT_LIMIT = 16 * 1024
 ARTIFACT_TEXT_LIMIT = 8 * 1024  # artifacts up to this size that decode as UTF-8 are shown inline
 ARTIFACT_INLINE_FILES = 20
+# What the host reads of the guest's files at most (the guest can leave sparse files of any size).
+OUTPUT_READ_LIMIT = 4 * 2**20  # output.txt: its head (KTAP's version and plan come first)
+STATUS_READ_LIMIT = 64 * 2**10  # status.json: the runner writes ~200 bytes
+JUNIT_READ_LIMIT = 8 * 2**20  # a pytest junit.xml; a bigger one is refused, not cut (cut XML is invalid)
+ARTIFACT_MAX_FILES = 1000  # artifacts listed as properties
+MAX_CASES_PER_SUITE = 5000  # testcases kept per suite; one failed case says how many more there were
 BOOT_SUITE = "boot"
 
 
@@ -82,6 +95,7 @@ class GuestEnd:
     detail: str = ""
     console_tail: str = ""
     sysrq_dump: str = ""
+    console_dropped_bytes: int = 0  # console output past the console.log limit (a flooding guest)
 
 
 CaseState = Literal["passed", "failed", "error", "skipped"]
@@ -186,7 +200,7 @@ def collect(
     run_stop = _run_stop(console, end)
     suites = [_boot_suite(console, end, run_stop)]
     for planned in plan.suites:
-        suites.append(_suite(planned, results_dir / planned.name, console, run_stop))
+        suites.append(_suite(planned, results_dir, console, run_stop))
     _place_run_faults(suites, console, end)
     for suite in suites:
         suite.properties = {**props, **suite.properties}
@@ -256,6 +270,12 @@ def _boot_suite(console: ConsoleReport, end: GuestEnd, stop: _Stop) -> SuiteResu
             cases.append(_problem("runner", BOOT_SUITE, "error", message, tail, stop.outcome))
         else:
             cases.append(Case("runner", BOOT_SUITE, "skipped", message=f"not finished: {stop.not_run}"))
+    if end.console_dropped_bytes:
+        message = (
+            f"the guest flooded the console: {end.console_dropped_bytes} bytes past the console.log limit "
+            "were read and scanned but not kept"
+        )
+        cases.append(_problem("console", BOOT_SUITE, "failed", message, "", Outcome.TEST_FAILURE))
     properties = {"guest.end": end.kind}
     if end.detail:
         properties["guest.end.detail"] = end.detail
@@ -312,10 +332,11 @@ def _oops_case(fault: Fault, classname: str) -> Case:
     )
 
 
-def _suite(planned: PlanSuite, directory: Path, console: ConsoleReport, run_stop: _Stop) -> SuiteResult:
+def _suite(planned: PlanSuite, results_dir: Path, console: ConsoleReport, run_stop: _Stop) -> SuiteResult:
     name = planned.name
     span = console.suite(name)
-    status, status_error = _read_status(directory / "status.json")
+    files = _read_suite_files(results_dir, name)
+    status, status_error = files.status, files.status_error
     started = span is not None or status is not None or status_error is not None
     ended = (span is not None and span.ended) or status is not None
     result = SuiteResult(name, [], {"language": planned.language, "timeout": str(planned.timeout)})
@@ -323,8 +344,9 @@ def _suite(planned: PlanSuite, directory: Path, console: ConsoleReport, run_stop
         result.cases.append(Case(name, name, "skipped", message=f"not run: {run_stop.not_run}"))
         result.properties["state"] = "not run"
         return result
-    output = _read_text(directory / "output.txt")
-    result.output = _tail(output or "", OUTPUT_LIMIT) + _artifacts(directory / "artifacts", result.properties)
+    output = files.output
+    result.properties.update(files.properties)
+    result.output = files.notes + _tail(output or "", OUTPUT_LIMIT) + files.artifacts
     stop: _Stop | None = None
     if not ended:
         stop = _Stop(f"interrupted: {run_stop.reason}", run_stop.outcome, f"not run: {run_stop.not_run}")
@@ -360,9 +382,12 @@ def _suite(planned: PlanSuite, directory: Path, console: ConsoleReport, run_stop
         )
         if not ran:
             return _with_oopses(result, console)
-    if output is None and ended and status is not None:
+    output_problem = files.output_error
+    if output_problem is None and output is None and ended and status is not None:
+        output_problem = "output.txt is missing"
+    if output_problem is not None:
         result.cases.append(
-            _problem("results: output.txt", name, "failed", "output.txt is missing", "", Outcome.TEST_FAILURE)
+            _problem("results: output.txt", name, "failed", output_problem, "", Outcome.TEST_FAILURE)
         )
     elif planned.language in ("c", "kselftest"):  # KTAP; kselftest's runner prints TAP 13, which it reads
         ktap = parse_ktap(output or "")
@@ -371,10 +396,27 @@ def _suite(planned: PlanSuite, directory: Path, console: ConsoleReport, run_stop
         if planned.expected_failures:
             cases = _expected_failures(name, cases, planned.expected_failures, stop)
             result.properties["expected_failures"] = str(len(planned.expected_failures))
+        if ktap.too_deep:
+            message = (
+                f"KTAP nested deeper than {KTAP_MAX_DEPTH} levels: the deeper lines were kept as output, "
+                "not read as results"
+            )
+            cases.append(_problem("results: KTAP", name, "failed", message, "", Outcome.TEST_FAILURE))
         result.cases += cases
     else:
-        result.cases += _python_cases(name, directory / "junit.xml", output or "", rc, stop)
+        result.cases += _python_cases(name, files.junit, files.junit_error, output or "", rc, stop)
+    result.cases = _capped(name, result.cases)
     return _with_oopses(result, console)
+
+
+def _capped(suite: str, cases: list[Case]) -> list[Case]:
+    """At most MAX_CASES_PER_SUITE testcases (a guest can print a million result lines); the cut is a
+    failed case saying how many there were."""
+    if len(cases) <= MAX_CASES_PER_SUITE:
+        return cases
+    message = f"{len(cases)} test results; only the first {MAX_CASES_PER_SUITE} are in this report"
+    kept = cases[:MAX_CASES_PER_SUITE]
+    return [*kept, _problem("results: too many tests", suite, "failed", message, "", Outcome.TEST_FAILURE)]
 
 
 def _with_oopses(result: SuiteResult, console: ConsoleReport) -> SuiteResult:
@@ -498,9 +540,15 @@ def _missing_cases(suite: str, report: KtapReport, stop: _Stop | None, running_k
 # --- Python suites: pytest's junit.xml ---------------------------------------------------------------
 
 
-def _python_cases(suite: str, junit: Path, output: str, rc: int | None, stop: _Stop | None) -> list[Case]:
+def _python_cases(
+    suite: str, junit: bytes | None, junit_error: str | None, output: str, rc: int | None, stop: _Stop | None
+) -> list[Case]:
     cases: list[Case] = []
-    if junit.is_file():
+    if junit_error is not None:
+        return [
+            _problem("results: junit.xml", suite, "failed", junit_error, _tail(output), Outcome.TEST_FAILURE)
+        ]
+    if junit is not None:
         try:
             cases = _read_pytest_junit(suite, junit)
         except (JUnitXmlError, OSError, ValueError, SyntaxError) as exc:
@@ -512,7 +560,7 @@ def _python_cases(suite: str, junit: Path, output: str, rc: int | None, stop: _S
         message = f"{stop.reason}; the test running then is not in pytest's report"
         cases.append(_problem(suite, suite, "error", message, _tail(output), stop.outcome))
         return cases
-    if not junit.is_file():
+    if junit is None:
         message = f"pytest wrote no junit.xml (exit status {_describe_rc(rc)})"
         return [_problem(suite, suite, "failed", message, _tail(output), Outcome.TEST_FAILURE)]
     if rc == 5 or (rc == 0 and not cases):
@@ -525,8 +573,12 @@ def _python_cases(suite: str, junit: Path, output: str, rc: int | None, stop: _S
     return cases
 
 
-def _read_pytest_junit(suite: str, path: Path) -> list[Case]:
-    xml = JUnitXml.fromfile(str(path))
+def _read_pytest_junit(suite: str, data: bytes) -> list[Case]:
+    """pytest's junit.xml, from the bytes already read. A DTD is refused: pytest never writes one, and
+    entities are how XML pulls in other files or expands a few bytes into gigabytes."""
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise ValueError("it has a <!DOCTYPE>/<!ENTITY> declaration (pytest writes none): refused")
+    xml = JUnitXml.fromstring(data)
     parsed: list[ParsedSuite] = [xml] if isinstance(xml, ParsedSuite) else list(xml)
     cases = []
     for testsuite in parsed:
@@ -558,47 +610,139 @@ def _read_pytest_junit(suite: str, path: Path) -> list[Case]:
 # --- files -------------------------------------------------------------------------------------------
 
 
-def _read_status(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(status, None), (None, None) when absent, or (None, why it is unusable)."""
-    if not path.exists():
+@dataclass
+class _SuiteFiles:
+    """What the guest left in results/<suite>/, read through ci.guestfiles."""
+
+    status: dict[str, Any] | None = None
+    status_error: str | None = None
+    output: str | None = None
+    output_error: str | None = None
+    junit: bytes | None = None
+    junit_error: str | None = None
+    artifacts: str = ""  # the artifacts' part of the suite's system-out
+    notes: str = ""  # what was cut or refused, first in the suite's system-out
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+_NOT_READ = "not read (the host reads only regular files from the guest)"
+
+
+def _read_suite_files(results_dir: Path, name: str) -> _SuiteFiles:
+    files = _SuiteFiles()
+    try:
+        with guestfiles.open_dir(results_dir, [name]) as fd:
+            _read_status(fd, files)
+            _read_output(fd, files)
+            _read_junit(fd, files)
+            _artifacts(fd, results_dir / name / "artifacts", files)
+    except FileNotFoundError:
+        return files
+    except guestfiles.GuestFileError as exc:
+        reason = f"the suite's results directory {exc}: nothing in it was read"
+        files.status_error = files.output_error = files.junit_error = reason
+    except OSError as exc:  # unreadable in some other way: a failed testcase, never a crash
+        reason = f"the suite's results directory cannot be read: {exc.strerror}"
+        files.status_error = files.output_error = files.junit_error = reason
+    return files
+
+
+def _guest_read(dir_fd: int, name: str, limit: int) -> tuple[guestfiles.GuestFile | None, str | None]:
+    """(file, None), (None, None) when absent, or (None, why it was not read)."""
+    try:
+        return guestfiles.read_at(dir_fd, name, limit), None
+    except FileNotFoundError:
         return None, None
+    except guestfiles.GuestFileError as exc:
+        return None, f"{name} is {exc}: {_NOT_READ}"
+    except OSError as exc:
+        return None, f"{name} cannot be read: {exc.strerror}"
+
+
+def _read_status(dir_fd: int, files: _SuiteFiles) -> None:
+    got, files.status_error = _guest_read(dir_fd, "status.json", STATUS_READ_LIMIT)
+    if got is None:
+        return
+    if got.truncated:
+        files.status_error = f"status.json is larger than {STATUS_READ_LIMIT} bytes ({got.size}): not read"
+        return
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return None, f"status.json is malformed: {exc}"
+        data = json.loads(got.data)
+    except ValueError as exc:
+        files.status_error = f"status.json is malformed: {exc}"
+        return
     if not isinstance(data, dict) or "rc" not in data or "timed_out" not in data:
-        return None, "status.json is malformed: not an object with rc and timed_out"
-    return data, None
+        files.status_error = "status.json is malformed: not an object with rc and timed_out"
+        return
+    files.status = data
 
 
-def _read_text(path: Path) -> str | None:
+def _read_output(dir_fd: int, files: _SuiteFiles) -> None:
+    got, files.output_error = _guest_read(dir_fd, "output.txt", OUTPUT_READ_LIMIT)
+    if got is None:
+        return
+    files.output = got.text()
+    if got.truncated:
+        files.properties["output.truncated"] = f"read {len(got.data)} of {got.size} bytes"
+        files.notes += (
+            f"[kernel-ci: output.txt is {got.size} bytes; only the first {len(got.data)} were read]\n"
+        )
+
+
+def _read_junit(dir_fd: int, files: _SuiteFiles) -> None:
+    got, files.junit_error = _guest_read(dir_fd, "junit.xml", JUNIT_READ_LIMIT)
+    if got is None:
+        return
+    if got.truncated:
+        files.junit_error = f"junit.xml is larger than {JUNIT_READ_LIMIT} bytes ({got.size}): not read"
+        return
+    files.junit = got.data
+
+
+def _artifacts(suite_fd: int, where: Path, files: _SuiteFiles) -> None:
+    """List the suite's artifacts as properties (at most ARTIFACT_MAX_FILES); small text ones are shown
+    in the suite's system-out. Symlinks, FIFOs, devices and bad names are listed as refused, not read."""
     try:
-        return path.read_bytes().decode("utf-8", errors="replace")
-    except OSError:
-        return None
+        fd = guestfiles.open_entry(suite_fd, "artifacts", want_dir=True)
+    except FileNotFoundError:
+        return
+    except guestfiles.GuestFileError as exc:
+        files.properties["artifacts.rejected"] = "1"
+        files.artifacts = f"\n--- artifacts/ is {exc}: {_NOT_READ} ---"
+        return
+    except OSError as exc:
+        files.properties["artifacts.rejected"] = "1"
+        files.artifacts = f"\n--- artifacts/ cannot be read: {exc.strerror} ---"
+        return
+    try:
+        found = guestfiles.walk(fd, max_files=ARTIFACT_MAX_FILES)
+        shown = [
+            _artifact_line(fd, relative, size, where, files, index)
+            for index, (relative, size) in enumerate(found.files)
+        ]
+    finally:
+        os.close(fd)
+    shown += [f"--- artifact {line} ---" for line in found.refused]
+    shown += [f"--- artifacts: {line} ---" for line in found.cut]
+    if found.refused:
+        files.properties["artifacts.rejected"] = str(len(found.refused))
+    if found.cut:
+        files.properties["artifacts.truncated"] = "; ".join(found.cut)
+    files.artifacts = ("\n" + "\n".join(shown)) if shown else ""
 
 
-def _artifacts(directory: Path, properties: dict[str, str]) -> str:
-    """List the suite's artifacts as properties; small text ones are shown in the suite's system-out."""
-    if not directory.is_dir():
-        return ""
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    shown = []
-    for path in files:
-        relative = path.relative_to(directory).as_posix()
-        properties[f"artifact:{relative}"] = str(path)
-        size = path.stat().st_size
-        text = None
-        if size <= ARTIFACT_TEXT_LIMIT and len(shown) < ARTIFACT_INLINE_FILES:
-            try:
-                text = path.read_bytes().decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                text = None
-        if text is not None:
-            shown.append(f"--- artifact {relative} ({size} bytes) ---\n{text.rstrip()}")
-        else:
-            shown.append(f"--- artifact {relative} ({size} bytes, not shown) ---")
-    return ("\n" + "\n".join(shown)) if shown else ""
+def _artifact_line(dir_fd: int, relative: str, size: int, where: Path, files: _SuiteFiles, index: int) -> str:
+    files.properties[f"artifact:{relative}"] = str(where / relative)
+    text = None
+    if size <= ARTIFACT_TEXT_LIMIT and index < ARTIFACT_INLINE_FILES:
+        try:
+            got = guestfiles.read_under(dir_fd, relative.split("/"), ARTIFACT_TEXT_LIMIT)
+            text = got.data.decode("utf-8") if not got.truncated else None
+        except (OSError, guestfiles.GuestFileError, UnicodeDecodeError):
+            text = None
+    if text is not None:
+        return f"--- artifact {relative} ({size} bytes) ---\n{text.rstrip()}"
+    return f"--- artifact {relative} ({size} bytes, not shown) ---"
 
 
 # --- helpers -----------------------------------------------------------------------------------------

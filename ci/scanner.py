@@ -5,6 +5,10 @@ panic or for silence while the guest runs; `scan(text)` reads a whole log. Fault
 suite that was running (between its KCI-SUITE-START and KCI-SUITE-END markers) when their first line
 appeared. Lines the runner copied from a suite's output (`[<suite>] ...`) are never read as faults or
 markers, so a test that prints "BUG:" does not fake a kernel bug.
+
+A root guest can also write straight to /dev/kmsg or the console, as fast as the serial line goes: what the
+scanner keeps is bounded (MAX_FAULTS reports, plus the first panic whenever it comes; MAX_SUITE_SPANS
+suite markers), and what it dropped is counted in the report.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ FaultKind = Literal["panic", "oops", "bug", "warn", "kasan", "ubsan", "gpf"]
 Phase = Literal["boot", "suite", "runner", "shutdown"]
 
 MAX_FAULT_LINES = 400
+MAX_FAULTS = 200  # kernel reports kept (a panic is kept beyond it)
+MAX_SUITE_SPANS = 1000  # suite START/END markers kept; a plan has a handful of suites
 PANIC_CONTEXT_LINES = 25
 TAIL_LINES = 60
 
@@ -176,6 +182,8 @@ class ConsoleReport:
     kernel_release: str | None
     last_timestamp: float | None
     lines: int
+    dropped_faults: int = 0  # kernel reports past MAX_FAULTS, not kept
+    dropped_suites: int = 0  # suite markers past MAX_SUITE_SPANS, not kept
 
     @property
     def panic(self) -> Fault | None:
@@ -236,6 +244,8 @@ class ConsoleScanner:
         self._boot_tail: list[str] | None = None
         self._context: collections.deque[str] = collections.deque(maxlen=PANIC_CONTEXT_LINES)
         self._lines_since_fault: int | None = None
+        self._dropped_faults = 0
+        self._dropped_suites = 0
 
     @property
     def running_suite(self) -> str | None:
@@ -281,6 +291,8 @@ class ConsoleScanner:
             kernel_release=self._kernel_release,
             last_timestamp=self._last_timestamp,
             lines=self._line,
+            dropped_faults=self._dropped_faults,
+            dropped_suites=self._dropped_suites,
         )
 
     def tail(self) -> str:
@@ -299,8 +311,11 @@ class ConsoleScanner:
             self._init_failed = True
             return [InitFailed(self._line)]
         if (end := _SUITE_END.search(text)) is not None:
-            return [SuiteEnded(self._end_suite(end))]
+            span = self._end_suite(end)
+            return [SuiteEnded(span)] if span is not None else []
         if (start := _SUITE_START.search(text)) is not None:
+            if not self._room_for_suite():
+                return []
             self._suites.append(SuiteSpan(name=start.group(1), start_line=self._line))
             return [SuiteStarted(start.group(1), self._line)]
         if _RUNNER_DONE.search(text):
@@ -311,10 +326,18 @@ class ConsoleScanner:
             return [RunnerCrashed(self._line, crashed.group(1))]
         return []
 
-    def _end_suite(self, match: re.Match[str]) -> SuiteSpan:
+    def _room_for_suite(self) -> bool:
+        if len(self._suites) < MAX_SUITE_SPANS:
+            return True
+        self._dropped_suites += 1
+        return False
+
+    def _end_suite(self, match: re.Match[str]) -> SuiteSpan | None:
         name = match.group(1)
         span = next((s for s in reversed(self._suites) if s.name == name and not s.ended), None)
         if span is None:  # an END without its START (lost console output): keep what it says
+            if not self._room_for_suite():
+                return None
             span = SuiteSpan(name=name, start_line=self._line)
             self._suites.append(span)
         span.end_line = self._line
@@ -359,8 +382,16 @@ class ConsoleScanner:
             opened.lines += self._panic_preamble()
         self._open = opened
         self._append(opened, text)
-        events.append(FaultStarted(opened.kind, opened.title, opened.line, opened.suite))
+        if self._keeps(opened.kind):
+            events.append(FaultStarted(opened.kind, opened.title, opened.line, opened.suite))
         return events
+
+    def _keeps(self, kind: FaultKind) -> bool:
+        """Whether a report of kind is kept: the first MAX_FAULTS, and the first panic whenever it comes
+        (a flood of fake WARNINGs must not hide the panic that decides the outcome)."""
+        if len(self._faults) < MAX_FAULTS:
+            return True
+        return kind == "panic" and not any(fault.kind == "panic" for fault in self._faults)
 
     def _continues(self, current: _Open, text: str) -> bool:
         """Whether text still belongs to the open report (reports with an end marker run to it)."""
@@ -382,9 +413,12 @@ class ConsoleScanner:
             return []
         self._open = None
         fault = self._to_fault(current, complete)
-        self._faults.append(fault)
         self._context.clear()
         self._lines_since_fault = 0
+        if not self._keeps(fault.kind):
+            self._dropped_faults += 1
+            return []
+        self._faults.append(fault)
         return [FaultEnded(fault)]
 
     def _to_fault(self, current: _Open, complete: bool) -> Fault:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -10,7 +12,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,9 +158,30 @@ def fetch_tarball(tarball: Tarball, urls: Sequence[str] | None = None) -> tuple[
     raise SourceError(f"could not get {tarball.filename}:\n  " + "\n  ".join(failures))
 
 
+@contextlib.contextmanager
+def locked(path: Path, waiting: str) -> Iterator[None]:
+    """An exclusive flock on path (created if needed) for the block; says what it waits for if it must."""
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"waiting for {waiting} ({path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock, also when the process dies
+
+
 def unpack(tarball: Tarball, archive_path: Path) -> Path:
-    """Unpack once into the source cache (atomically) and return the pristine tree."""
+    """Unpack once into the source cache (atomically) and return the pristine tree.
+
+    Under a lock: a second process unpacking the same tarball waits for the first and reuses its tree (without
+    it, it unpacked again and replaced the tree the first one was already building from).
+    """
     root = cache_dir("sources", tarball.sha256[:16])
+    with locked(root.with_name(root.name + ".lock"), f"another process unpacking {archive_path.name}"):
+        return _unpack_locked(tarball, archive_path, root)
+
+
+def _unpack_locked(tarball: Tarball, archive_path: Path, root: Path) -> Path:
     tree = root / tarball.top_dir
     if (root / ".complete").exists() and tree.is_dir():
         return tree

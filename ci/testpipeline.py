@@ -228,7 +228,11 @@ def boot_and_collect(
     live.scanner.finish()
     report_in = live.scanner.report()
     end = results.GuestEnd(
-        kind=run.end, detail=run.detail, console_tail=_tail(run.console_log), sysrq_dump=run.sysrq_dump
+        kind=run.end,
+        detail=run.detail,
+        console_tail=_tail(run.console_log),
+        sysrq_dump=run.sysrq_dump,
+        console_dropped_bytes=run.console_dropped_bytes,
     )
     properties = {
         "kernel.version": metadata.kernel.version,
@@ -240,6 +244,7 @@ def boot_and_collect(
         "rootfs": run_info["rootfs"]["key"],
         "guest.end": run.end,
         "boot_seconds": "" if run.boot_seconds is None else f"{run.boot_seconds:.2f}",
+        **_cut_properties(run, report_in),
         **options.extra_properties,
     }
     plan = payload.read_plan(payload_dir / "plan.json")
@@ -266,11 +271,29 @@ def boot_and_collect(
     return report
 
 
+def _cut_properties(run: qemu.GuestRun, console_report: scanner.ConsoleReport) -> dict[str, str]:
+    """What the host did not keep of a flooding guest's console, said in the report."""
+    cut: dict[str, str] = {}
+    if run.console_dropped_bytes:
+        cut["console.truncated"] = f"{run.console_dropped_bytes} bytes past the console.log limit not kept"
+    if console_report.dropped_faults:
+        cut["kernel.reports.dropped"] = f"{console_report.dropped_faults} (over {scanner.MAX_FAULTS} kept)"
+    if console_report.dropped_suites:
+        cut["console.suite_markers.dropped"] = str(console_report.dropped_suites)
+    return cut
+
+
+TAIL_BYTES = 256 * 1024  # the console tail read back for the report (console.log can be 64 MiB)
+
+
 def _tail(path: Path, lines: int = 60) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - TAIL_BYTES))
+            data = handle.read(TAIL_BYTES)
     except OSError:
         return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
 def _publish(output: Path, run_dir: Path) -> None:

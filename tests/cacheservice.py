@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -34,6 +35,8 @@ class Running:
     url: str
     service: CacheService | None
     data: Path
+    app: Any = None  # the Starlette app (in-thread servers): its routing table for route-complete tests
+    pid: int | None = None  # the server process (subprocess servers): for /proc/<pid>/io
 
     def client(self, token: str | None = TOKEN, **kwargs) -> httpx.Client:  # type: ignore[no-untyped-def]
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -65,7 +68,7 @@ def server_in_thread(config: ServerConfig) -> Iterator[Running]:
             raise RuntimeError("the cache service did not start")
         time.sleep(0.02)
     try:
-        yield Running(f"http://127.0.0.1:{port}", service, config.data)
+        yield Running(f"http://127.0.0.1:{port}", service, config.data, app=app)
     finally:
         server.should_exit = True
         thread.join(timeout=20)
@@ -94,7 +97,7 @@ def server_process(data: Path, *extra: str, env: dict[str, str] | None = None) -
             raise RuntimeError(
                 f"cache service did not start: {(data.parent / f'server-{port}.log').read_text()[-3000:]}"
             )
-        yield Running(url, None, data)
+        yield Running(url, None, data, pid=proc.pid)
     finally:
         proc.terminate()
         try:
@@ -103,3 +106,74 @@ def server_process(data: Path, *extra: str, env: dict[str, str] | None = None) -
             proc.kill()
             proc.wait()
         log.close()
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to a real service (PostgreSQL, s3rver) that a test can cut and restore:
+    "the database went away" without stopping the shared service other tests use."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listener = free_socket_on(self.port)
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Refuse new connections and reset every open one (a crashed server, as its clients see it)."""
+        with self._lock:
+            if self._listener is not None:
+                with contextlib.suppress(OSError):
+                    self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+                self._listener.close()
+                self._listener = None
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # stopped while this one was being accepted
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def free_socket_on(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
-import io
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-import anyio.from_thread
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -26,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ci import buildkey
 from ci.cacheserver import web
 from ci.cacheserver.blobs import Blob, BlobError
+from ci.cacheserver.index import IndexError_
 from ci.cacheserver.openapi import openapi_schema
 from ci.cacheserver.service import (
     CacheService,
@@ -33,9 +29,14 @@ from ci.cacheserver.service import (
     ccache_key_from_path,
     check_key,
     check_output_name,
+    parse_json,
 )
 
 log = logging.getLogger("kernel_ci.cacheserver")
+
+# POST routes that only read (a query with a body); every other PUT/POST/DELETE needs a write token
+READ_ONLY_POSTS = frozenset({("POST", "/api/v1/missing-blobs")})
+INLINE_HASH_MAX = 64 << 10  # the most bytes hashed on the event loop for one request (ccache fast path)
 
 
 @dataclass
@@ -80,6 +81,15 @@ def _matches(token: str, candidates: list[str]) -> bool:
     return found
 
 
+def has_valid_token(request: Request, auth: AuthConfig) -> bool:
+    """Whether the request carries a valid read or write token (never raises)."""
+    try:
+        token = _presented_token(request)
+    except _Denied:
+        return False
+    return token is not None and (_matches(token, auth.write_tokens) or _matches(token, auth.read_tokens))
+
+
 def authorize(request: Request, auth: AuthConfig, write: bool) -> None:
     token = _presented_token(request)
     if token is None:
@@ -118,6 +128,10 @@ def _guard(handler: Handler) -> Handler:
         except ServiceError as exc:
             return _error(exc.status, str(exc), **exc.extra)
         except BlobError as exc:
+            _log_unavailable(exc.status, exc)
+            return _error(exc.status, str(exc))
+        except IndexError_ as exc:
+            _log_unavailable(exc.status, exc)
             return _error(exc.status, str(exc))
         except ClientDisconnect:
             return Response(status_code=400)
@@ -125,42 +139,19 @@ def _guard(handler: Handler) -> Handler:
     return wrapped
 
 
-class _BodyReader(io.RawIOBase):
-    """A blocking file-like view of the request body, read from a worker thread (streams, no spooling)."""
+def _log_unavailable(status: int, exc: Exception) -> None:
+    if status >= 500:  # the operator's problem (a store down or full), not the client's
+        log.warning("answered %d: %s", status, exc)
 
-    def __init__(self, request: Request) -> None:
-        self._stream = request.stream().__aiter__()
-        self._buffer = b""
-        self._done = False
 
-    def readable(self) -> bool:
-        return True
-
-    async def _next(self) -> bytes:
-        try:
-            return await self._stream.__anext__()
-        except StopAsyncIteration:
-            return b""
-
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
-        while not self._buffer and not self._done:
-            chunk = anyio.from_thread.run(self._next)
-            if not chunk:
-                # the stream also yields b"" once before its end: ask once more to be sure
-                chunk = anyio.from_thread.run(self._next)
-                if not chunk:
-                    self._done = True
-            self._buffer = chunk
-        if size < 0 or size >= len(self._buffer):
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+def _digits(raw: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and other scripts' digits, which int() refuses."""
+    return raw.isascii() and raw.isdigit()
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    if length is not None and (not _digits(length) or int(length) > limit):
         raise ServiceError(f"request body larger than the limit of {limit} bytes", 413)
     parts = []
     total = 0
@@ -172,6 +163,29 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+UPLOAD_BATCH = 1 << 20
+
+
+async def _upload(service: CacheService, request: Request, digest: str, size: int) -> bool:
+    """Stream a blob upload: the body is awaited on the event loop and handed to a worker thread in 1 MiB
+    batches (hash + write), so that a stalled client holds a connection, never a worker thread (40 stalled
+    uploads would otherwise leave no thread for any reader)."""
+    writer = await run_in_threadpool(service.begin_blob, digest, size)
+    try:
+        batch = bytearray()
+        async for chunk in request.stream():
+            batch += chunk
+            if len(batch) >= UPLOAD_BATCH:
+                await run_in_threadpool(writer.write, bytes(batch))
+                batch.clear()
+        if batch:
+            await run_in_threadpool(writer.write, bytes(batch))
+    except BaseException:
+        writer.abort()  # closes and unlinks a temporary file: quick, and must happen even when cancelled
+        raise
+    return await run_in_threadpool(service.finish_blob, digest, size, writer)
+
+
 def _blob_response(blob: Blob, headers: dict[str, str] | None = None) -> Response:
     headers = {"Content-Length": str(blob.size), **(headers or {})}
     if blob.data is not None:
@@ -179,6 +193,53 @@ def _blob_response(blob: Blob, headers: dict[str, str] | None = None) -> Respons
     return StreamingResponse(
         iterate_in_threadpool(blob.chunks()), media_type="application/octet-stream", headers=headers
     )
+
+
+MAX_PATH = 1024  # the longest route (a build's file) is under 400 characters
+
+
+class _PathGuard:
+    """Pure ASGI middleware, before routing: a request path that tries to step outside its route is a 400.
+
+    Routing alone would answer many of these with a 404 ("no such route") or hand them to a handler that
+    parses a catch-all ``{path:path}``: refusing them here, from the raw and the decoded path, is one rule
+    for every route, current and future. Refused: '.' and '..' segments, backslashes, NUL and other
+    control characters, encoded '/' '\\' '.' and NUL, empty segments, and paths longer than MAX_PATH."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = path_problem(scope.get("raw_path") or scope["path"].encode(), scope["path"])
+            if problem:
+                response = _error(400, f"refused request path: {problem}")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+_ENCODED_REFUSED = (b"%2f", b"%5c", b"%2e", b"%00")
+
+
+def path_problem(raw: bytes, path: str) -> str | None:
+    """Why a request path is refused, or None."""
+    raw = raw.split(b"?", 1)[0]
+    if len(raw) > MAX_PATH or len(path) > MAX_PATH:
+        return f"longer than {MAX_PATH} characters"
+    lowered = raw.lower()
+    if any(code in lowered for code in _ENCODED_REFUSED):
+        return "percent-encoded '/', '\\', '.' or NUL"
+    if "\\" in path:
+        return "a backslash"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return "a control character"
+    segments = path.split("/")[1:]
+    if any(s in (".", "..") for s in segments):
+        return "a '.' or '..' segment"
+    if any(s == "" for s in segments[:-1]):
+        return "an empty segment ('//')"
+    return None
 
 
 class _Timing:
@@ -242,14 +303,25 @@ class _CcacheReads:
         try:
             key = ccache_key_from_path(scope["path"][len("/ccache/") :])
             authorize(Request(scope), self.auth, write=False)
-        except (ServiceError, _Denied):
+            found = self.service.ccache_lookup(key)
+        except (ServiceError, _Denied, IndexError_):
             await self.app(scope, receive, send)
             return
+        if found is not None and found[1] > INLINE_HASH_MAX and method == "GET":
+            await self.app(scope, receive, send)  # a big object: read and verified off the event loop
+            return
         body = b""
-        if method == "HEAD":
-            size = self.service.ccache_head(key)
-        else:
-            blob = self.service.ccache_get(key)
+        size = None if found is None else found[1]
+        if method == "GET":
+            blob = None
+            if found is None:
+                self.service.ccache_count(None)
+            else:
+                try:
+                    blob = self.service.ccache_read(key, found[0])
+                except (BlobError, IndexError_):
+                    await self.app(scope, receive, send)
+                    return
             size = None if blob is None else blob.size
             if blob is not None:
                 body = blob.data if blob.data is not None else b"".join(blob.chunks())
@@ -274,20 +346,23 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
     # -- health, metrics, schema --------------------------------------------------------------
 
     async def healthz(request: Request) -> Response:
+        """Open to anyone (load balancers), but where the data lives (paths, bucket, endpoint, database
+        host) and why it is unhealthy are shown to token holders only; counts follow --no-anonymous-read."""
+        trusted = has_valid_token(request, auth)
         try:
             totals = await run_in_threadpool(service.index.totals)
         except Exception as exc:
-            return JSONResponse({"status": "unhealthy", "error": str(exc)}, status_code=503)
-        return JSONResponse(
-            {
-                "status": "ok",
-                "index": service.index.describe(),
-                "blob_store": service.blobs.describe(),
-                **totals,
-            }
-        )
+            detail = {"error": str(exc)} if trusted else {}
+            return JSONResponse({"status": "unhealthy", **detail}, status_code=503)
+        doc: dict[str, Any] = {"status": "ok"}
+        if trusted:
+            doc |= {"index": service.index.describe(), "blob_store": service.blobs.describe()}
+        if trusted or auth.anonymous_read:
+            doc |= totals
+        return JSONResponse(doc)
 
     async def metrics(request: Request) -> Response:
+        await read_guard(request)
         await run_in_threadpool(service.access.flush)
         gauges = await run_in_threadpool(service.gauges)
         return PlainTextResponse(
@@ -295,6 +370,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
         )
 
     async def openapi(request: Request) -> Response:
+        await read_guard(request)
         return JSONResponse(openapi_schema())
 
     # -- blobs --------------------------------------------------------------------------------
@@ -314,23 +390,20 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
             return _blob_response(found)
         authorize(request, auth, write=True)
         length = request.headers.get("content-length")
-        if length is None or not length.isdigit():
+        if length is None or not _digits(length):
             raise ServiceError("PUT a blob with a Content-Length header (its exact size)", 411)
         size = int(length)
         if size > service.limits.max_blob_bytes:
             raise ServiceError(
                 f"blob of {size} bytes exceeds the limit of {service.limits.max_blob_bytes}", 413
             )
-        created = await run_in_threadpool(service.put_blob, digest, size, _BodyReader(request))
+        created = await _upload(service, request, digest, size)
         return JSONResponse({"sha256": digest, "size": size}, status_code=201 if created else 200)
 
     async def missing_blobs(request: Request) -> Response:
         await read_guard(request)
         body = await _read_limited(request, 4 << 20)
-        try:
-            doc = json.loads(body)
-        except ValueError as exc:
-            raise ServiceError(f"not JSON: {exc}") from exc
+        doc = await run_in_threadpool(parse_json, body, "the request")
         digests = doc.get("digests") if isinstance(doc, dict) else None
         if not isinstance(digests, list) or len(digests) > 20_000:
             raise ServiceError("expected {'digests': [<sha256>, ...]} (at most 20000)")
@@ -428,10 +501,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
         if request.method == "PUT":
             authorize(request, auth, write=True)
             body = await _read_limited(request, 1024)
-            try:
-                doc = json.loads(body)
-            except ValueError as exc:
-                raise ServiceError(f"not JSON: {exc}") from exc
+            doc = parse_json(body, "the alias")
             key = check_key(doc.get("key") if isinstance(doc, dict) else None)  # type: ignore[arg-type]
             await run_in_threadpool(service.index.alias_put, request_key, key)
             return JSONResponse({"request_key": request_key, "key": key})
@@ -448,30 +518,33 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
         key = ccache_key_from_path(request.path_params["path"])
         if method in ("GET", "HEAD"):
             await read_guard(request)
-            # ccache objects are small and a look-up is one indexed SQLite row and one file read: done on
-            # the event loop, as a thread hop per request would cost more than the work itself
-            if method == "HEAD":
-                size = (
-                    service.ccache_head(key)
-                    if inline_reads
-                    else await run_in_threadpool(service.ccache_head, key)
-                )
-                if size is None:
-                    return Response(status_code=404)
-                return Response(headers={"Content-Length": str(size)})
+            # a look-up is one indexed SQLite row: done on the event loop, as a thread hop per request
+            # would cost more than the work; reading (and hashing) the object too, if it is small
             found = (
-                service.ccache_get(key) if inline_reads else await run_in_threadpool(service.ccache_get, key)
+                service.ccache_lookup(key)
+                if inline_reads
+                else await run_in_threadpool(service.ccache_lookup, key)
             )
             if found is None:
+                if method == "GET":
+                    service.ccache_count(None)
                 return Response(status_code=404)
-            return _blob_response(found)
+            digest, size = found
+            if method == "HEAD":
+                return Response(headers={"Content-Length": str(size)})
+            if inline_reads and size <= INLINE_HASH_MAX:
+                blob = service.ccache_read(key, digest)
+            else:
+                blob = await run_in_threadpool(service.ccache_read, key, digest)
+            if blob is None:
+                return Response(status_code=404)
+            return _blob_response(blob)
         authorize(request, auth, write=True)
         if method == "DELETE":
             existed = await run_in_threadpool(service.ccache_delete, key)
             return Response(status_code=200 if existed else 404)
         data = await _read_limited(request, service.limits.max_ccache_object_bytes)
-        digest = hashlib.sha256(data).hexdigest()
-        await run_in_threadpool(service.ccache_put, key, data, digest)
+        await run_in_threadpool(service.ccache_put, key, data)  # hashes: never on the event loop
         return Response(status_code=201)
 
     # -- web pages ----------------------------------------------------------------------------
@@ -522,6 +595,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
     app = Starlette(routes=routes, lifespan=contextlib.asynccontextmanager(_lifespan))
     if inline_reads:
         app.add_middleware(_CcacheReads, service=service, auth=auth)  # type: ignore[arg-type]
+    app.add_middleware(_PathGuard)  # type: ignore[arg-type]  # before anything looks at the path
     app.add_middleware(_Timing, service=service)  # type: ignore[arg-type]  # outermost: times everything
     return app
 
@@ -530,7 +604,7 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not _digits(raw) or not low <= int(raw) <= high:
         raise ServiceError(f"query parameter {name}: expected an integer from {low} to {high}")
     return int(raw)
 

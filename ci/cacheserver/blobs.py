@@ -1,14 +1,20 @@
-"""Content-addressed blob storage: sha256 hex digest -> bytes, verified when written and when read.
+"""Content-addressed blob storage: sha256 hex digest -> bytes, verified when written and at rest.
 
-Every writer streams into a private temporary object and only publishes it (rename, or completing an S3
-multipart upload) once its sha256 and size match what the caller announced: a reader never sees partial or
-wrong bytes under a digest. Every reader re-hashes before handing the bytes out; a mismatch (bit rot, a
-hand-edited file) is logged, the bad copy is moved aside, and the blob is reported as missing.
+Every writer streams into a private temporary object (``stage``) and only publishes it (rename, or an S3
+upload) once its sha256 and size match what the caller announced: a reader never sees partial or wrong
+bytes under a digest. Publishing is a separate step so that the index can do it inside its transaction
+(a blob re-uploaded while garbage collection deletes it is never lost: see ``index.blob_add``).
+
+Reads of small blobs (ccache objects) re-hash them, which costs nothing next to reading them; large blobs
+are NOT re-hashed per request (an anonymous reader could otherwise keep every worker hashing gigabytes):
+they were verified as they were written, and ``verify`` (``kernel-ci cache scrub``) checks them at rest.
+A mismatch (bit rot, a hand-edited file) is logged, the bad copy is moved aside, the blob is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -39,6 +45,43 @@ class BlobError(Exception):
 class DigestMismatch(BlobError):
     def __init__(self, message: str) -> None:
         super().__init__(message, 422)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def disk_full_is_507(where: str) -> Iterator[None]:
+    """A full filesystem is the store's state, not a bug: 507 with what filled up, not a 500."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise BlobError(
+                f"the blob store is out of space ({where}: {exc.strerror}); try later", 507
+            ) from exc
+        raise
+
+
+class BlobWriter(Protocol):
+    """An upload fed chunk by chunk (each write is short: the HTTP layer never parks a thread on a slow
+    client between chunks); finish() verifies size and digest."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Staged: ...
+
+    def abort(self) -> None: ...
+
+
+class Staged(Protocol):
+    """A verified upload waiting to be published under its digest."""
+
+    def publish(self) -> bool:
+        """Make it visible under its digest; False if that digest was already stored (same bytes)."""
+        ...
+
+    def discard(self) -> None: ...
 
 
 def check_digest(digest: str) -> str:
@@ -73,6 +116,18 @@ class Blob:
 
 @runtime_checkable
 class BlobStore(Protocol):
+    def writer(self, digest: str, size: int) -> BlobWriter:
+        """A writer for size bytes under digest (nothing visible before the Staged is published)."""
+        ...
+
+    def stage(self, digest: str, size: int, stream: BinaryIO) -> Staged:
+        """Read size bytes from stream and verify them (DigestMismatch: nothing kept); not yet visible."""
+        ...
+
+    def verify(self, digest: str) -> bool | None:
+        """Re-hash a stored blob (the scrub): True if good, False if corrupt (set aside), None if absent."""
+        ...
+
     def put(self, digest: str, size: int, stream: BinaryIO) -> bool:
         """Store size bytes read from stream under digest, verified; False if it was already there.
 
@@ -153,29 +208,30 @@ class LocalBlobStore:
         check_digest(digest)
         return self.root / digest[:2] / digest
 
+    def writer(self, digest: str, size: int) -> _LocalWriter:
+        return _LocalWriter(self, digest, size)
+
+    def stage(self, digest: str, size: int, stream: BinaryIO) -> Staged:
+        return stage_from(self.writer(digest, size), stream)
+
     def put(self, digest: str, size: int, stream: BinaryIO) -> bool:
-        final = self.path(digest)
-        verifier = _Verifier(digest, size)
-        fd, name = tempfile.mkstemp(dir=self.tmp, prefix=f"{digest[:16]}.")
-        tmp = Path(name)
+        staged = self.stage(digest, size, stream)
         try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    verifier.update(chunk)
-                    out.write(chunk)
-                verifier.check()
-                out.flush()
-                os.fsync(out.fileno())
-            if final.exists():
-                tmp.unlink()
-                return False
-            final.parent.mkdir(exist_ok=True)
-            os.rename(tmp, final)  # same digest from a concurrent writer: same bytes, either wins
-            return True
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+            return staged.publish()
+        finally:
+            staged.discard()
+
+    def verify(self, digest: str) -> bool | None:
+        path = self.path(digest)
+        try:
+            with open(path, "rb") as handle:
+                got, _count = _hash_file(handle)
+        except FileNotFoundError:
+            return None
+        if got != digest:
+            self._set_aside(digest, path)
+            return False
+        return True
 
     def get(self, digest: str) -> Blob | None:
         path = self.path(digest)
@@ -192,12 +248,7 @@ class LocalBlobStore:
                     self._set_aside(digest, path)
                     return None
                 return Blob(size, data=data)
-            got, _count = _hash_file(handle)
-            if got != digest:
-                handle.close()
-                self._set_aside(digest, path)
-                return None
-            handle.seek(0)
+            # large: verified when written and by the scrub, not per request (see the module docstring)
             return Blob(size, file=handle)
         except BaseException:
             handle.close()
@@ -221,3 +272,70 @@ class LocalBlobStore:
     def delete(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
+
+
+class _LocalStaged:
+    def __init__(self, tmp: Path, final: Path) -> None:
+        self.tmp = tmp
+        self.final = final
+
+    def publish(self) -> bool:
+        existed = self.final.exists()
+        self.final.parent.mkdir(exist_ok=True)
+        # always renamed in, even over an existing copy (same bytes): garbage collection may be deleting
+        # that copy right now, and the index's lock orders the two (see index.blob_add)
+        os.rename(self.tmp, self.final)
+        return not existed
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+class _LocalWriter:
+    def __init__(self, store: LocalBlobStore, digest: str, size: int) -> None:
+        self.final = store.path(digest)
+        self.where = str(store.tmp)
+        self.verifier = _Verifier(digest, size)
+        with disk_full_is_507(self.where):
+            fd, name = tempfile.mkstemp(dir=store.tmp, prefix=f"{digest[:16]}.")
+        self.tmp = Path(name)
+        self.out = os.fdopen(fd, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.verifier.update(chunk)
+            with disk_full_is_507(self.where):
+                self.out.write(chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self) -> _LocalStaged:
+        try:
+            self.verifier.check()
+            with disk_full_is_507(self.where):
+                self.out.flush()
+                os.fsync(self.out.fileno())
+                self.out.close()
+        except BaseException:
+            self.abort()
+            raise
+        return _LocalStaged(self.tmp, self.final)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.out.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+def stage_from(writer: BlobWriter, stream: BinaryIO) -> Staged:
+    """Feed a whole blocking stream to a writer (callers that already run in a worker thread)."""
+    try:
+        while chunk := stream.read(CHUNK):
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()

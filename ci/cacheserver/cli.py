@@ -33,6 +33,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scrub(args: argparse.Namespace) -> int:
+    """Re-hash every blob at rest (reads do not re-hash large blobs): exit 1 if any was corrupt/missing."""
+    from ci.cacheserver.server import ServerConfig, make_service
+
+    service = make_service(ServerConfig(data=args.data, index_url=args.index, blobs_url=args.blobs))
+    problems = service.scrub()
+    for digest, problem in problems:
+        print(f"{problem}: {digest} (forgotten; re-upload it to heal the builds that use it)")
+    print(f"scrub: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ci.cachebench import run_cache_bench
 
@@ -68,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve.add_argument("--max-blob-bytes", type=_size, default=4 << 30, help="largest accepted blob")
     serve.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default 1)")
     serve.set_defaults(func=cmd_serve)
+    scrub = cache.add_parser("scrub", help="re-hash every stored blob; forget the corrupt ones (cron this)")
+    scrub.add_argument("--data", type=Path, required=True, help="state directory, as for serve")
+    scrub.add_argument("--index", help="as for serve")
+    scrub.add_argument("--blobs", help="as for serve")
+    scrub.set_defaults(func=cmd_scrub)
     bench = cache.add_parser("bench", help="restore time from the service; ccache objects/s vs nginx WebDAV")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (wrk)")
     bench.add_argument("--connections", type=int, default=16)

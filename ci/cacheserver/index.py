@@ -4,19 +4,33 @@ One SQL implementation over two engines: SQLite (default, a file next to the blo
 PostgreSQL (``postgresql://...``: several stateless service replicas share it). Blobs are only deleted
 when nothing references them (no build, no test run, no ccache key) and they are older than a grace
 period (so that a blob uploaded for a manifest that is not published yet survives eviction).
+
+One clock: every time the index stores or compares (created, last access, the garbage collector's cut-off)
+is the database's own ``now`` (``NOW`` below), never a replica's ``time.time()``: replicas whose clocks
+disagree would otherwise collect each other's fresh uploads. Publishing a blob's bytes and deleting them
+both happen inside the index transaction that records it, under the reference lock, so that a blob
+re-uploaded while the collector deletes it is either kept by the collector or re-published after it.
+
+Failures are typed for HTTP: an unreachable or locked database is ``IndexError_`` 503, a full disk 507;
+a transaction whose COMMIT fails is rolled back, so the connection is never left inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
 import sqlite3
 import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+log = logging.getLogger("kernel_ci.cacheserver")
+NOW = "{now}"  # replaced by each engine's expression for "seconds since the epoch, database clock"
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS blobs (
@@ -65,7 +79,7 @@ class BuildSummary:
 
 class Index(Protocol):
     def describe(self) -> str: ...
-    def blob_add(self, digest: str, size: int) -> None: ...
+    def blob_add(self, digest: str, size: int, publish: Callable[[], bool] | None = None) -> bool: ...
     def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]: ...
     def blob_forget(self, digest: str) -> None: ...
     def build_put(
@@ -85,7 +99,8 @@ class Index(Protocol):
     def touch(self, builds: dict[str, float], ccache: dict[str, float]) -> None: ...
     def totals(self) -> dict[str, int]: ...
     def evict_lru(self, count: int) -> list[tuple[str, str]]: ...
-    def collect_garbage(self, older_than: float) -> list[str]: ...
+    def collect_garbage(self, grace_seconds: float, delete: Callable[[str], None]) -> list[str]: ...
+    def all_blobs(self) -> list[str]: ...
 
 
 class _Tx(Protocol):
@@ -95,14 +110,23 @@ class _Tx(Protocol):
 
 
 class IndexError_(RuntimeError):
-    """The index database is unusable (bad URL, unreachable server)."""
+    """The index database is unusable (bad URL, unreachable server); ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class SqlIndex:
     """The index over any DB-API engine; subclasses provide ``_tx`` (a transaction) and ``describe``."""
 
+    now_sql = "0"
+
     def _tx(self, write: bool = False) -> contextlib.AbstractContextManager[_Tx]:
         raise NotImplementedError
+
+    def _now(self, sql: str) -> str:
+        return sql.replace(NOW, self.now_sql)
 
     def _create(self) -> None:
         with self._tx(write=True) as tx:
@@ -111,13 +135,25 @@ class SqlIndex:
 
     # -- blobs --------------------------------------------------------------------------------
 
-    def blob_add(self, digest: str, size: int) -> None:
+    def blob_add(self, digest: str, size: int, publish: Callable[[], bool] | None = None) -> bool:
+        """Record a blob; ``publish`` (make its bytes visible) runs inside the same transaction, under the
+        shared reference lock, so the collector cannot delete the bytes between publishing and recording.
+        Returns what publish returned (True: new bytes), True without one."""
         with self._tx(write=True) as tx:
+            self._lock_refs(tx, exclusive=False)
+            created = publish() if publish is not None else True
             tx.x(
-                "INSERT INTO blobs (digest, size, created) VALUES (?, ?, ?) "
-                "ON CONFLICT (digest) DO UPDATE SET created = excluded.created",
-                (digest, size, time.time()),
+                self._now(
+                    f"INSERT INTO blobs (digest, size, created) VALUES (?, ?, {NOW}) "
+                    "ON CONFLICT (digest) DO UPDATE SET created = excluded.created"
+                ),
+                (digest, size),
             )
+        return created
+
+    def all_blobs(self) -> list[str]:
+        with self._tx() as tx:
+            return [str(r[0]) for r in tx.q("SELECT digest FROM blobs ORDER BY digest")]
 
     def blob_sizes(self, digests: Iterable[str]) -> dict[str, int]:
         wanted = sorted(set(digests))
@@ -141,7 +177,6 @@ class SqlIndex:
     ) -> str:
         """'created', 'exists' (a complete entry is already there: kept), or 'missing:<digests>'."""
         digests = sorted({o["sha256"] for o in doc["outputs"]})
-        now = time.time()
         with self._tx(write=True) as tx:
             self._lock_refs(tx, exclusive=False)
             marks = ",".join("?" * len(digests))
@@ -162,9 +197,11 @@ class SqlIndex:
                 tx.x("DELETE FROM builds WHERE key = ?", (key,))
                 tx.x("DELETE FROM refs WHERE key = ? AND digest NOT IN (SELECT digest FROM blobs)", (key,))
             inserted = tx.x(
-                "INSERT INTO builds (key, doc, inputs, summary, created, last_access, pinned, bytes) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (key) DO NOTHING",
-                (key, json.dumps(doc), json.dumps(inputs), json.dumps(summary), now, now, size),
+                self._now(
+                    "INSERT INTO builds (key, doc, inputs, summary, created, last_access, pinned, bytes) "
+                    f"VALUES (?, ?, ?, ?, {NOW}, {NOW}, 0, ?) ON CONFLICT (key) DO NOTHING"
+                ),
+                (key, json.dumps(doc), json.dumps(inputs), json.dumps(summary), size),
             )
             if not inserted:  # a concurrent publisher (another replica) committed it first: keep theirs
                 return "exists"
@@ -227,9 +264,11 @@ class SqlIndex:
                     return "missing:" + ",".join(missing)
             replaced = bool(tx.q("SELECT 1 FROM runs WHERE key = ? AND run_id = ?", (key, run_id)))
             tx.x(
-                "INSERT INTO runs (key, run_id, doc, created) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key, run_id) DO UPDATE SET doc = excluded.doc, created = excluded.created",
-                (key, run_id, json.dumps(doc), time.time()),
+                self._now(
+                    f"INSERT INTO runs (key, run_id, doc, created) VALUES (?, ?, ?, {NOW}) "
+                    "ON CONFLICT (key, run_id) DO UPDATE SET doc = excluded.doc, created = excluded.created"
+                ),
+                (key, run_id, json.dumps(doc)),
             )
             tx.many(
                 "INSERT INTO refs (key, digest) VALUES (?, ?) ON CONFLICT DO NOTHING",
@@ -262,10 +301,12 @@ class SqlIndex:
     def ccache_put(self, key: str, digest: str, size: int) -> None:
         with self._tx(write=True) as tx:
             tx.x(
-                "INSERT INTO ccache (key, digest, size, last_access) VALUES (?, ?, ?, ?) ON CONFLICT (key) "
-                "DO UPDATE SET digest = excluded.digest, size = excluded.size, "
-                "last_access = excluded.last_access",
-                (key, digest, size, time.time()),
+                self._now(
+                    f"INSERT INTO ccache (key, digest, size, last_access) VALUES (?, ?, ?, {NOW}) "
+                    "ON CONFLICT (key) DO UPDATE SET digest = excluded.digest, size = excluded.size, "
+                    "last_access = excluded.last_access"
+                ),
+                (key, digest, size),
             )
 
     def ccache_delete(self, key: str) -> bool:
@@ -275,19 +316,16 @@ class SqlIndex:
     # -- LRU, totals, eviction ----------------------------------------------------------------
 
     def touch(self, builds: dict[str, float], ccache: dict[str, float]) -> None:
+        """Mark keys used; the time is the index's now at the flush (one clock), not the host's."""
         if not builds and not ccache:
             return
         with self._tx(write=True) as tx:
-            if builds:
-                tx.many(
-                    "UPDATE builds SET last_access = ? WHERE key = ? AND last_access < ?",
-                    [(t, k, t) for k, t in builds.items()],
-                )
-            if ccache:
-                tx.many(
-                    "UPDATE ccache SET last_access = ? WHERE key = ? AND last_access < ?",
-                    [(t, k, t) for k, t in ccache.items()],
-                )
+            for table, keys in (("builds", builds), ("ccache", ccache)):
+                if keys:
+                    tx.many(
+                        self._now(f"UPDATE {table} SET last_access = {NOW} WHERE key = ?"),
+                        [(k,) for k in keys],
+                    )
 
     def totals(self) -> dict[str, int]:
         with self._tx() as tx:
@@ -324,22 +362,33 @@ class SqlIndex:
                     tx.x("DELETE FROM ccache WHERE key = ?", (key,))
         return [(str(kind), str(key)) for kind, key in victims]
 
-    def collect_garbage(self, older_than: float) -> list[str]:
-        """Forget blobs that nothing references and that were written before older_than; returns them.
+    def collect_garbage(self, grace_seconds: float, delete: Callable[[str], None]) -> list[str]:
+        """Delete blobs that nothing references and that are older than grace_seconds (index clock).
 
-        The caller deletes the bytes afterwards (a reader between the two finds the blob missing: a miss).
+        ``delete`` removes the bytes inside this transaction, under the exclusive reference lock: an upload
+        of the same digest waits (blob_add) and publishes its bytes again afterwards. A blob whose bytes
+        could not be deleted keeps its row (tried again next time). Returns the digests deleted.
         """
+        deleted: list[str] = []
         with self._tx(write=True) as tx:
             self._lock_refs(tx, exclusive=True)
             rows = tx.q(
-                "SELECT digest FROM blobs WHERE created < ? "
-                "AND NOT EXISTS (SELECT 1 FROM refs WHERE refs.digest = blobs.digest) "
-                "AND NOT EXISTS (SELECT 1 FROM ccache WHERE ccache.digest = blobs.digest)",
-                (older_than,),
+                self._now(
+                    f"SELECT digest FROM blobs WHERE created < {NOW} - ? "
+                    "AND NOT EXISTS (SELECT 1 FROM refs WHERE refs.digest = blobs.digest) "
+                    "AND NOT EXISTS (SELECT 1 FROM ccache WHERE ccache.digest = blobs.digest)"
+                ),
+                (grace_seconds,),
             )
-            digests = [r[0] for r in rows]
-            tx.many("DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests])
-        return digests
+            for (digest,) in rows:
+                try:
+                    delete(digest)
+                except Exception as exc:  # S3 down, a permission: keep the row, retry on the next pass
+                    log.warning("could not delete unreferenced blob %s: %s", digest, exc)
+                    continue
+                deleted.append(str(digest))
+            tx.many("DELETE FROM blobs WHERE digest = ?", [(d,) for d in deleted])
+        return deleted
 
 
 _RUNS_SQL = "SELECT doc FROM runs"
@@ -362,6 +411,8 @@ class _SqliteTx:
 class SqliteIndex(SqlIndex):
     """The index in one SQLite file (WAL mode: readers never wait for the writer); a connection per thread."""
 
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -383,19 +434,39 @@ class SqliteIndex(SqlIndex):
 
     def ccache_get(self, key: str) -> tuple[str, int] | None:
         # one statement: atomic on its own, no BEGIN/COMMIT around it (the hot path of ccache reads)
-        row = self._conn().execute("SELECT digest, size FROM ccache WHERE key = ?", (key,)).fetchone()
+        with _sqlite_errors():
+            row = self._conn().execute("SELECT digest, size FROM ccache WHERE key = ?", (key,)).fetchone()
         return (row[0], int(row[1])) if row else None
 
     @contextlib.contextmanager
     def _tx(self, write: bool = False) -> Iterator[_Tx]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield _SqliteTx(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with _sqlite_errors():
+            conn = self._conn()
+            if conn.in_transaction:  # never expected: a transaction some bug left open; do not join it
+                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield _SqliteTx(conn)
+                conn.execute("COMMIT")
+            finally:
+                # the body raised, or COMMIT itself failed (disk full, I/O error): SQLite then keeps the
+                # transaction open, and every later BEGIN on this thread's connection would fail
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "full" in text:
+            raise IndexError_(f"the index is out of space ({text}); try later", 507) from exc
+        if "locked" in text or "busy" in text or "disk I/O" in text or "unable to open" in text:
+            raise IndexError_(f"the index is unavailable ({text}); retry later", 503) from exc
+        raise
 
 
 class _PgTx:
@@ -441,7 +512,9 @@ class PostgresIndex(SqlIndex):
                 for statement in SCHEMA:
                     tx.x(statement)
         except psycopg.Error as exc:
-            raise IndexError_(f"cannot use the PostgreSQL index at {_redact(dsn)}: {exc}") from exc
+            raise IndexError_(
+                f"cannot use the PostgreSQL index at {_redact(dsn)}: {redact_text(str(exc), dsn)}"
+            ) from exc
 
     def describe(self) -> str:
         return f"PostgreSQL {_redact(self.dsn)}"
@@ -453,25 +526,87 @@ class PostgresIndex(SqlIndex):
             self._local.conn = conn
         return conn
 
+    now_sql = "extract(epoch from clock_timestamp())::double precision"
+
     @contextlib.contextmanager
     def _tx(self, write: bool = False) -> Iterator[_Tx]:
-        conn = self._conn()
-        with conn.transaction():
-            yield _PgTx(conn)
+        psycopg = self._psycopg
+        conn = None
+        try:
+            conn = self._conn()
+            with conn.transaction():
+                yield _PgTx(conn)
+        except psycopg.errors.DiskFull as exc:  # an OperationalError too, but the store is full, not down
+            reason = redact_text(str(exc).strip().splitlines()[0], self.dsn)
+            raise IndexError_(f"the PostgreSQL index is out of space ({reason}); try later", 507) from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._discard(conn)
+            reason = redact_text(str(exc).strip(), self.dsn)
+            raise IndexError_(f"the PostgreSQL index is unavailable ({reason}); retry later") from exc
+        except BaseException:
+            # a failed COMMIT or ROLLBACK: never hand this connection to the next request mid-transaction
+            if conn is not None and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self._discard(conn)
+            raise
+
+    def _discard(self, conn: Any) -> None:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._local.conn = None
 
     def _lock_refs(self, tx: _Tx, exclusive: bool) -> None:
         fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         tx.q(f"SELECT {fn}(?)", (_GC_LOCK,))
 
 
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_SECRET_PARAMS = {"password", "sslpassword", "passfile", "sslkey"}
+
+
 def _redact(url: str) -> str:
-    """A database URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+    """A database URL (or libpq key=value string) without its password, wherever the password is:
+    ``user:PASS@host``, ``?password=PASS``, ``password=PASS`` (conninfo)."""
+    if "://" not in url:
+        return _CONNINFO_PASSWORD.sub(r"\1***", url)
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            creds, host = netloc.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            netloc = f"{user}:***@{host}" if ":" in creds else f"{user}@{host}"
+        query = urlencode(
+            [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, True)],
+            safe="*/:=%",
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"  # unparseable: show nothing of it
+
+
+def dsn_secrets(url: str | None) -> list[str]:
+    """The password(s) in a database URL, as they may appear in text (raw and percent-decoded)."""
+    if not url:
+        return []
+    found: list[str] = [m.group(2).strip("'") for m in _CONNINFO_PASSWORD.finditer(url)]
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        if parts.password:
+            found.append(parts.password)
+        found += [v for k, v in parse_qsl(parts.query, True) if k.lower() in _SECRET_PARAMS]
+        if "@" in parts.netloc and ":" in parts.netloc.rsplit("@", 1)[0]:
+            found.append(parts.netloc.rsplit("@", 1)[0].split(":", 1)[1])  # as written (percent-encoded)
+    from urllib.parse import unquote
+
+    return sorted({s for f in found for s in (f, unquote(f)) if s}, key=len, reverse=True)
+
+
+def redact_text(text: str, url: str | None) -> str:
+    """text with every password of url replaced by *** (database errors may quote the connection string)."""
+    for secret in dsn_secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def open_index(url: str | None, data: Path) -> Index:
@@ -481,4 +616,4 @@ def open_index(url: str | None, data: Path) -> Index:
         return PostgresIndex(url)
     if url.startswith("sqlite:///"):
         return SqliteIndex(Path(url.removeprefix("sqlite://")))
-    raise IndexError_(f"unsupported index URL {_redact(url)!r}: use postgresql://... or sqlite:///PATH")
+    raise IndexError_(f"unsupported index URL {_redact(url)!r}: use postgresql://... or sqlite:///PATH", 400)

@@ -4,7 +4,9 @@
 usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, config files). An upload is first spooled
 to a local temporary file while it is hashed, and only a verified file is sent (boto3 switches to a
 multipart upload above 8 MiB; an interrupted multipart upload is aborted and never becomes visible). A
-read is spooled and re-hashed before any byte is handed out.
+small read is re-hashed before any byte is handed out; a large one is streamed as it comes (verified when
+written, and at rest by ``verify``: the scrub). An unreachable or failing S3 is a 503 (BlobError), never a
+500, so that clients retry instead of giving up.
 """
 
 from __future__ import annotations
@@ -13,13 +15,93 @@ import contextlib
 import hashlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlparse
 
-from ci.cacheserver.blobs import CHUNK, SMALL_BLOB, Blob, BlobError, _Verifier, check_digest
+from ci.cacheserver.blobs import (
+    CHUNK,
+    SMALL_BLOB,
+    Blob,
+    BlobError,
+    _Verifier,
+    check_digest,
+    disk_full_is_507,
+    stage_from,
+)
 
 log = logging.getLogger("kernel_ci.cacheserver")
+
+
+@contextlib.contextmanager
+def _unavailable_is_503(what: str) -> Iterator[None]:
+    """S3 down (refused, reset, timed out) or failing (5xx, throttled) -> BlobError 503."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "RequestTimeout"):
+            raise BlobError(
+                f"the S3 blob store failed to {what} ({code or status}); retry later", 503
+            ) from exc
+        raise
+    except BotoCoreError as exc:
+        raise BlobError(f"the S3 blob store is unreachable ({type(exc).__name__}); retry later", 503) from exc
+
+
+class _S3Staged:
+    def __init__(self, store: S3BlobStore, digest: str, size: int, spool: BinaryIO | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self.spool = spool
+
+    def publish(self) -> bool:
+        if self.spool is None or self.store.size(self.digest) == self.size:
+            return False
+        self.spool.seek(0)
+        with _unavailable_is_503("store a blob"):
+            self.store.client.upload_fileobj(self.spool, self.store.bucket, self.store._key(self.digest))
+        return True
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+
+class _S3Writer:
+    def __init__(self, store: S3BlobStore, digest: str, size: int, spool: BinaryIO | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self.spool = spool
+        self.verifier = _Verifier(digest, size)
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.verifier.update(chunk)
+            if self.spool is not None:
+                with disk_full_is_507("the S3 upload spool"):
+                    self.spool.write(chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self) -> _S3Staged:
+        try:
+            self.verifier.check()
+        except BaseException:
+            self.abort()
+            raise
+        return _S3Staged(self.store, self.digest, self.size, self.spool)
+
+    def abort(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
 
 
 class S3BlobStore:
@@ -41,7 +123,12 @@ class S3BlobStore:
             "s3",
             endpoint_url=self.endpoint,
             region_name=query.get("region", "us-east-1"),
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 3},
+                connect_timeout=5,
+                read_timeout=60,
+            ),
         )
         if query.get("create", "1") == "1":
             with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
@@ -62,55 +149,62 @@ class S3BlobStore:
     def _tempfile(self) -> BinaryIO:
         return tempfile.TemporaryFile(dir=self.spool)
 
+    def writer(self, digest: str, size: int) -> _S3Writer:
+        self._key(digest)
+        # already there: only verify what the client sends (the connection stays usable), store nothing
+        spool = None
+        if self.size(digest) != size:
+            with disk_full_is_507("the S3 upload spool"):
+                spool = self._tempfile()
+        return _S3Writer(self, digest, size, spool)
+
+    def stage(self, digest: str, size: int, stream: BinaryIO) -> _S3Staged:
+        return stage_from(self.writer(digest, size), stream)  # type: ignore[return-value]
+
     def put(self, digest: str, size: int, stream: BinaryIO) -> bool:
+        staged = self.stage(digest, size, stream)
+        try:
+            return staged.publish()
+        finally:
+            staged.discard()
+
+    def _open(self, digest: str) -> tuple[str, Any] | None:
         key = self._key(digest)
-        if self.size(digest) == size:
-            # drain what the client sends so that the connection stays usable; nothing to store
-            verifier = _Verifier(digest, size)
-            while chunk := stream.read(CHUNK):
-                verifier.update(chunk)
-            verifier.check()
-            return False
-        verifier = _Verifier(digest, size)
-        with self._tempfile() as spool:
-            while chunk := stream.read(CHUNK):
-                verifier.update(chunk)
-                spool.write(chunk)
-            verifier.check()
-            spool.seek(0)
-            self.client.upload_fileobj(spool, self.bucket, key)
-        return True
+        with _unavailable_is_503("read a blob"):
+            try:
+                return key, self.client.get_object(Bucket=self.bucket, Key=key)
+            except self.client.exceptions.NoSuchKey:
+                return None
 
     def get(self, digest: str) -> Blob | None:
-        key = self._key(digest)
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=key)
-        except self.client.exceptions.NoSuchKey:
+        opened = self._open(digest)
+        if opened is None:
             return None
+        key, response = opened
         body = response["Body"]
         size = int(response["ContentLength"])
-        hasher = hashlib.sha256()
-        if size <= SMALL_BLOB:
+        if size > SMALL_BLOB:
+            return Blob(size, file=body)  # streamed as S3 sends it: no spool, no re-hash (module docstring)
+        with _unavailable_is_503("read a blob"):
             data = body.read()
-            hasher.update(data)
-            if hasher.hexdigest() != digest:
-                self._set_aside(digest, key)
-                return None
-            return Blob(len(data), data=data)
-        spool = self._tempfile()
-        try:
-            for chunk in body.iter_chunks(CHUNK):
+        if hashlib.sha256(data).hexdigest() != digest:
+            self._set_aside(digest, key)
+            return None
+        return Blob(len(data), data=data)
+
+    def verify(self, digest: str) -> bool | None:
+        opened = self._open(digest)
+        if opened is None:
+            return None
+        key, response = opened
+        hasher = hashlib.sha256()
+        with _unavailable_is_503("read a blob"):
+            for chunk in response["Body"].iter_chunks(CHUNK):
                 hasher.update(chunk)
-                spool.write(chunk)
-            if hasher.hexdigest() != digest:
-                spool.close()
-                self._set_aside(digest, key)
-                return None
-            spool.seek(0)
-            return Blob(size, file=spool)
-        except BaseException:
-            spool.close()
-            raise
+        if hasher.hexdigest() != digest:
+            self._set_aside(digest, key)
+            return False
+        return True
 
     def _set_aside(self, digest: str, key: str) -> None:
         log.error(
@@ -123,13 +217,15 @@ class S3BlobStore:
         return self.size(digest) is not None
 
     def size(self, digest: str) -> int | None:
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(digest))
-        except self.client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+        with _unavailable_is_503("look a blob up"):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self._key(digest))
+            except self.client.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
         return int(head["ContentLength"])
 
     def delete(self, digest: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(digest))
+        with _unavailable_is_503("delete a blob"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(digest))

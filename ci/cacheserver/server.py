@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ci.cacheserver.app import AuthConfig, create_app
 from ci.cacheserver.blobs import BlobStore, LocalBlobStore
-from ci.cacheserver.index import open_index
+from ci.cacheserver.index import dsn_secrets, open_index
 from ci.cacheserver.service import CacheService, Limits
 
 TOKENS_ENV = "KERNEL_CI_CACHE_SERVER_TOKENS"  # comma-separated write tokens (keeps them out of `ps`)
@@ -48,7 +48,52 @@ def env_tokens(name: str) -> list[str]:
     return [t.strip() for t in os.environ.get(name, "").split(",") if t.strip()]
 
 
+class _Redactor:
+    """A log record factory that removes secrets (database passwords, tokens) from every record of every
+    logger, message and traceback alike: uvicorn's, psycopg's and boto's records included, whatever
+    handler formats them. A record factory rather than a handler filter, as uvicorn installs its own
+    handlers after this process configured logging."""
+
+    secrets: set[str] = set()
+    installed = False
+
+    @classmethod
+    def install(cls, secrets: list[str]) -> None:
+        cls.secrets.update(s for s in secrets if len(s) >= 3)
+        if cls.installed:
+            return
+        cls.installed = True
+        previous = logging.getLogRecordFactory()
+
+        def factory(*args, **kwargs) -> logging.LogRecord:  # type: ignore[no-untyped-def]
+            record = previous(*args, **kwargs)
+            if cls.secrets:
+                cls._scrub(record)
+            return record
+
+        logging.setLogRecordFactory(factory)
+
+    @classmethod
+    def redact(cls, text: str) -> str:
+        for secret in sorted(cls.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    @classmethod
+    def _scrub(cls, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to logging's own error report
+            return
+        record.msg, record.args = cls.redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = cls.redact(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = cls.redact(record.stack_info)
+
+
 def make_service(config: ServerConfig) -> CacheService:
+    _Redactor.install([*dsn_secrets(config.index_url), *config.tokens, *config.read_tokens])
     config.data.mkdir(parents=True, exist_ok=True)
     return CacheService(
         open_index(config.index_url, config.data), open_blobs(config.blobs_url, config.data), config.limits

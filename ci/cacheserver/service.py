@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ci.cacheserver.blobs import Blob, BlobError, BlobStore, check_digest
+from ci.cacheserver.blobs import Blob, BlobError, BlobStore, BlobWriter, check_digest
 from ci.cacheserver.index import BuildRow, Index
 
 log = logging.getLogger("kernel_ci.cacheserver")
@@ -27,6 +28,7 @@ RESERVED_OUTPUTS = frozenset({"entry.json", "manifest.json"})
 OUTPUT_KINDS = frozenset({"file", "tar"})
 MAX_OUTPUTS = 10_000
 MAX_CASES = 5_000
+MAX_JUNIT_BYTES = 32 << 20  # parsed in memory: a report that size is ~100k test cases
 
 
 class ServiceError(Exception):
@@ -42,6 +44,22 @@ def check_key(key: str, what: str = "build key") -> str:
     if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise ServiceError(f"invalid {what} {key!r}: expected 64 lowercase hex characters (sha256)")
     return key
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (JSON has no NaN or Infinity)")
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    """A request's JSON document, or a 400 saying why not. Refused besides syntax errors: NaN/Infinity
+    (Python accepts them, JSON responses then fail to render), lone surrogates (cannot be encoded back to
+    UTF-8), and nesting deep enough to exhaust the parser's recursion limit (RecursionError)."""
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        raise ServiceError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
+    return doc
 
 
 def check_output_name(name: object) -> str:
@@ -71,9 +89,8 @@ def ccache_key_from_path(path: str) -> str:
         if len(head) == 2 and CCACHE_KEY_RE.fullmatch(head + rest):
             return head + rest
     raise ServiceError(
-        f"invalid ccache path {path!r}: expected /ccache/<2 chars>/<rest of key> (subdirs), "
+        f"invalid ccache path {path[:100]!r}: expected /ccache/<2 chars>/<rest of key> (subdirs), "
         "/ccache/<key> (flat) or /ccache/ac/<64 hex> (bazel); keys are 33 chars of [0-9a-v] or 40 hex",
-        404,
     )
 
 
@@ -204,7 +221,7 @@ class CacheService:
         self.metrics = Metrics()
         self.access = _AccessTimes(index)
         self._evict_lock = threading.Lock()
-        self._last_gc = 0.0
+        self._last_gc = -math.inf  # time.monotonic() of the last collection (a throttle, not a cut-off)
         self._used = (0, 0.0)  # (bytes stored, when the index last summed them)
 
     # -- space --------------------------------------------------------------------------------
@@ -212,10 +229,10 @@ class CacheService:
     def ensure_room(self, incoming: int) -> None:
         """Evict least recently used unpinned entries until incoming bytes fit under the cap, or raise 507."""
         cap = self.limits.max_bytes
-        now = time.time()
+        now = time.monotonic()
         if now - self._last_gc > 60:
             self._last_gc = now
-            self._collect(now - self.limits.gc_grace_seconds)
+            self.collect_garbage()
         if not cap:
             return
         with self._evict_lock:
@@ -233,7 +250,7 @@ class CacheService:
         with self._evict_lock:
             while True:
                 used = self.index.totals()["bytes"]
-                self._used = (used, time.time())
+                self._used = (used, time.monotonic())
                 if used + incoming <= cap:
                     self._used = (used + incoming, self._used[1])
                     return
@@ -241,7 +258,7 @@ class CacheService:
                 for kind, key in dropped:
                     self.metrics.inc("kernel_ci_cache_evictions_total", kind=kind)
                     log.info("evicted %s %s (store over its cap of %d bytes)", kind, key, cap)
-                freed = self._collect(time.time() - self.limits.gc_grace_seconds)
+                freed = len(self.collect_garbage())
                 if not dropped and not freed:
                     raise ServiceError(
                         f"the build cache is full: {used} of {cap} bytes used and nothing can be evicted "
@@ -250,23 +267,63 @@ class CacheService:
                         507,
                     )
 
-    def _collect(self, older_than: float) -> int:
-        digests = self.index.collect_garbage(older_than)
-        for digest in digests:
-            self.blobs.delete(digest)
-        return len(digests)
+    def collect_garbage(self) -> list[str]:
+        """Delete unreferenced blobs older than the grace period, by the index's clock (index.py)."""
+        return self.index.collect_garbage(self.limits.gc_grace_seconds, self.blobs.delete)
+
+    def scrub(self) -> list[tuple[str, str]]:
+        """Re-hash every indexed blob at rest; forget the corrupt (set aside) and missing ones.
+        Returns (digest, "corrupt" | "missing") for each problem found."""
+        problems = []
+        for digest in self.index.all_blobs():
+            verdict = self.blobs.verify(digest)
+            if verdict is True:
+                continue
+            problem = "missing" if verdict is None else "corrupt"
+            log.error(
+                "scrub: blob %s is %s: forgotten (manifests using it are no longer complete)", digest, problem
+            )
+            self.metrics.inc("kernel_ci_cache_corrupt_blobs_total")
+            self.index.blob_forget(digest)
+            problems.append((digest, problem))
+        return problems
 
     # -- blobs --------------------------------------------------------------------------------
 
     def put_blob(self, digest: str, size: int, stream: BinaryIO) -> bool:
+        writer = self.begin_blob(digest, size)
+        try:
+            while chunk := stream.read(1 << 20):
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return self.finish_blob(digest, size, writer)
+
+    def begin_blob(self, digest: str, size: int) -> BlobWriter:
+        """Check and make room for an upload; the caller feeds the writer, then calls finish_blob."""
         check_digest(digest)
         if size > self.limits.max_blob_bytes:
             raise ServiceError(f"blob of {size} bytes exceeds the limit of {self.limits.max_blob_bytes}", 413)
         self.ensure_room(size)
-        created = self.blobs.put(digest, size, stream)
-        self.index.blob_add(digest, size)
+        return self.blobs.writer(digest, size)
+
+    def finish_blob(self, digest: str, size: int, writer: BlobWriter) -> bool:
+        staged = writer.finish()
+        try:
+            created = self.index.blob_add(digest, size, staged.publish)
+        finally:
+            staged.discard()
         self.metrics.inc("kernel_ci_cache_uploaded_bytes_total", size, kind="blob")
         return created
+
+    def _store(self, digest: str, size: int, stream: BinaryIO) -> bool:
+        """Verify into a staging copy, then publish it and record it in one index transaction."""
+        staged = self.blobs.stage(digest, size, stream)
+        try:
+            return self.index.blob_add(digest, size, staged.publish)
+        finally:
+            staged.discard()
 
     def get_blob(self, digest: str, kind: str = "blob") -> Blob | None:
         check_digest(digest)
@@ -290,11 +347,7 @@ class CacheService:
         check_key(key)
         if len(body) > self.limits.max_manifest_bytes:
             raise ServiceError(f"manifest larger than {self.limits.max_manifest_bytes} bytes", 413)
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ServiceError(f"the manifest is not JSON: {exc}") from exc
-        doc = validate_manifest(doc)
+        doc = validate_manifest(parse_json(body, "the manifest"))
         total = sum(o["size"] for o in doc["outputs"])
         sizes = self.index.blob_sizes(o["sha256"] for o in doc["outputs"])
         wrong = [
@@ -334,10 +387,7 @@ class CacheService:
         check_key(key)
         if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
             raise ServiceError(f"invalid run id {run_id!r}: 1-64 letters, digits, '.', '_', '-'")
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ServiceError(f"the run document is not JSON: {exc}") from exc
+        doc = parse_json(body, "the run document")
         if not isinstance(doc, dict):
             raise ServiceError("the run document must be a JSON object")
         run: dict[str, Any] = {"run_id": run_id}
@@ -360,6 +410,11 @@ class CacheService:
                 raise ServiceError("outcome: expected a short string")
             run["outcome"] = outcome
         if "junit" in run:
+            stored = self.index.blob_sizes([run["junit"]["sha256"]]).get(run["junit"]["sha256"], 0)
+            if stored > MAX_JUNIT_BYTES:  # the stored size, not the one the document claims
+                raise ServiceError(
+                    f"the JUnit report is {stored} bytes; at most {MAX_JUNIT_BYTES} are parsed", 413
+                )
             blob = self.blobs.get(run["junit"]["sha256"])
             if blob is None:
                 raise ServiceError("the JUnit blob is not uploaded; upload it first", 409)
@@ -375,31 +430,44 @@ class CacheService:
     # -- ccache -------------------------------------------------------------------------------
 
     def ccache_get(self, key: str) -> Blob | None:
-        found = self.index.ccache_get(key)
-        blob = None
-        if found is not None:
-            blob = self.blobs.get(found[0])
-            if blob is None:
-                self.metrics.inc("kernel_ci_cache_corrupt_blobs_total")
-                self.index.ccache_delete(key)
-                self.index.blob_forget(found[0])
-            else:
-                self.access.touch("ccache", key)
-        self.metrics.inc("kernel_ci_cache_requests_total", kind="ccache", result="hit" if blob else "miss")
+        found = self.ccache_lookup(key)
+        if found is None:
+            self.ccache_count(None)
+            return None
+        return self.ccache_read(key, found[0])
+
+    def ccache_lookup(self, key: str) -> tuple[str, int] | None:
+        """(digest, size) of a ccache key: one indexed row, cheap enough for the event loop."""
+        return self.index.ccache_get(key)
+
+    def ccache_read(self, key: str, digest: str) -> Blob | None:
+        """The object of a looked-up key (verified if small, see blobs.py); a corrupt one is forgotten."""
+        blob = self.blobs.get(digest)
+        if blob is None:
+            self.metrics.inc("kernel_ci_cache_corrupt_blobs_total")
+            self.index.ccache_delete(key)
+            self.index.blob_forget(digest)
+        else:
+            self.access.touch("ccache", key)
+        self.ccache_count(blob)
         return blob
+
+    def ccache_count(self, blob: Blob | None) -> None:
+        self.metrics.inc("kernel_ci_cache_requests_total", kind="ccache", result="hit" if blob else "miss")
 
     def ccache_head(self, key: str) -> int | None:
         found = self.index.ccache_get(key)
         return found[1] if found else None
 
-    def ccache_put(self, key: str, data: bytes, digest: str) -> None:
+    def ccache_put(self, key: str, data: bytes) -> None:
+        """Store a ccache object (hashed here: callers run this off the event loop)."""
         if len(data) > self.limits.max_ccache_object_bytes:
             raise ServiceError(
                 f"ccache object of {len(data)} bytes exceeds {self.limits.max_ccache_object_bytes}", 413
             )
+        digest = hashlib.sha256(data).hexdigest()
         self.ensure_room(len(data))
-        self.blobs.put(digest, len(data), io.BytesIO(data))
-        self.index.blob_add(digest, len(data))
+        self._store(digest, len(data), io.BytesIO(data))
         self.index.ccache_put(key, digest, len(data))
         self.metrics.inc("kernel_ci_cache_uploaded_bytes_total", len(data), kind="ccache")
 
@@ -460,7 +528,31 @@ def validate_manifest(doc: object) -> dict[str, Any]:
     metadata = doc.get("metadata", {})
     if not isinstance(metadata, dict):
         raise ServiceError("metadata: expected an object (metadata.json of the build)")
+    check_metadata(metadata)
     return {"schema": 1, "outputs": clean_outputs, "inputs": inputs, "metadata": metadata}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_metadata(meta: dict[str, Any]) -> None:
+    """The fields of metadata.json that the pages and the build list show must have the types ci.build
+    writes (other fields are kept as they are): a wrong type is refused here, not rendered as a 500."""
+    for name in ("kernel", "toolchain", "ccache", "kbuild"):
+        if name in meta and not isinstance(meta[name], dict):
+            raise ServiceError(f"metadata.{name}: expected an object, got {type(meta[name]).__name__}")
+    for name in ("series", "fragments"):
+        value = meta.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ServiceError(f"metadata.{name}: expected a list of strings")
+    for name in ("reproduce", "created"):
+        if name in meta and not isinstance(meta[name], str):
+            raise ServiceError(f"metadata.{name}: expected a string")
+    ccache = meta.get("ccache", {})
+    for name in ("hit_rate", "hits", "misses"):
+        if name in ccache and ccache[name] is not None and not _finite(ccache[name]):
+            raise ServiceError(f"metadata.ccache.{name}: expected a number")
 
 
 def build_summary(doc: dict[str, Any]) -> dict[str, Any]:

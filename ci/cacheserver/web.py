@@ -1,4 +1,8 @@
-"""Server-rendered HTML: the build list (newest first) and a page per build. No JavaScript, no build step."""
+"""Server-rendered HTML: the build list (newest first) and a page per build. No JavaScript, no build step.
+
+Every stored value is escaped, and every stored value is read through ``_dict`` / ``_strs`` / ``_num``:
+an entry stored before the service validated metadata (or by another version) renders with blanks
+instead of making its page fail on every visit."""
 
 from __future__ import annotations
 
@@ -25,14 +29,33 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _when(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+def _when(timestamp: object) -> str:
+    if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
+        return "?"
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (ValueError, OverflowError, OSError):
+        return "?"
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _strs(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return None
+    return float(value)
 
 
 def _counts(runs: list[dict[str, Any]]) -> dict[str, int] | None:
     """Test counts of the newest run that carried a JUnit report."""
     for run in reversed(runs):
-        if isinstance(run.get("counts"), dict):
+        if isinstance(run, dict) and isinstance(run.get("counts"), dict):
             return run["counts"]
     return None
 
@@ -60,17 +83,21 @@ def _run_url(key: str, run_id: str, part: str) -> str:
 def _tests_cell(counts: dict[str, int] | None) -> str:
     if counts is None:
         return "<span class=muted>no test run</span>"
-    bad = counts.get("failed", 0) + counts.get("errors", 0)
+    bad = int(_num(counts.get("failed")) or 0) + int(_num(counts.get("errors")) or 0)
     return (
-        f"<span class=pass>{counts.get('passed', 0)} passed</span> / "
+        f"<span class=pass>{int(_num(counts.get('passed')) or 0)} passed</span> / "
         f'<span class="{"fail" if bad else "muted"}">{bad} failed</span>'
-        + (f" <span class=muted>({counts['skipped']} skipped)</span>" if counts.get("skipped") else "")
+        + (
+            f" <span class=muted>({int(_num(counts['skipped']) or 0)} skipped)</span>"
+            if counts.get("skipped")
+            else ""
+        )
     )
 
 
 def _downloads(key: str, outputs: list[str], runs: list[dict[str, Any]]) -> str:
     links = []
-    for name in outputs:
+    for name in _strs(outputs):
         if name == "bzImage" or name.endswith((".mbox", ".patch")):
             links.append(f'<a class=dl href="{_file_url(key, name)}">{escape(name.rsplit("/", 1)[-1])}</a>')
     for run in runs[-1:]:
@@ -89,15 +116,15 @@ def list_page(rows: list[BuildSummary], total: int, limit: int, offset: int) -> 
     )
     lines = []
     for row in rows:
-        s = row.summary
-        rate = s.get("ccache_hit_rate")
+        s = _dict(row.summary)
+        rate = _num(s.get("ccache_hit_rate"))
         lines.append(
             "<tr>"
             f"<td>{escape(_when(row.created))}</td>"
-            f"<td>{escape(s.get('kernel_version', ''))}<br><span class=muted>"
-            f"{escape(s.get('kernel_release', ''))}</span></td>"
-            f"<td>{escape(', '.join(s.get('series', [])) or 'none (vanilla)')}</td>"
-            f"<td>{'<br>'.join(escape(f) for f in s.get('fragments', []))}</td>"
+            f"<td>{escape(str(s.get('kernel_version', '')))}<br><span class=muted>"
+            f"{escape(str(s.get('kernel_release', '')))}</span></td>"
+            f"<td>{escape(', '.join(_strs(s.get('series'))) or 'none (vanilla)')}</td>"
+            f"<td>{'<br>'.join(escape(f) for f in _strs(s.get('fragments')))}</td>"
             f"<td>{_tests_cell(_counts(row.runs))}</td>"
             f"<td>{'-' if rate is None else f'{rate:.0%}'}</td>"
             f"<td>{_downloads(row.key, s.get('outputs', []), row.runs)}</td>"
@@ -120,15 +147,15 @@ def list_page(rows: list[BuildSummary], total: int, limit: int, offset: int) -> 
 
 def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
     doc = row.doc
-    meta = doc.get("metadata") or {}
-    kernel = meta.get("kernel") if isinstance(meta.get("kernel"), dict) else {}
+    meta = _dict(doc.get("metadata"))
+    kernel = _dict(meta.get("kernel"))
     key = row.key
     facts = [
         ("build key", f"<code>{key}</code>" + (" (pinned)" if row.pinned else "")),
         ("kernel", escape(f"{kernel.get('version', '')} release {kernel.get('release', '')}")),
-        ("patch series", escape(", ".join(str(s) for s in meta.get("series", [])) or "none (vanilla)")),
-        ("config fragments", "<br>".join(escape(str(f)) for f in meta.get("fragments", []))),
-        ("toolchain", escape(str((meta.get("toolchain") or {}).get("gcc", "")))),
+        ("patch series", escape(", ".join(_strs(meta.get("series"))) or "none (vanilla)")),
+        ("config fragments", "<br>".join(escape(f) for f in _strs(meta.get("fragments")))),
+        ("toolchain", escape(str(_dict(meta.get("toolchain")).get("gcc", "")))),
         ("ccache", escape(_ccache_text(meta.get("ccache")))),
         ("published", escape(_when(doc.get("published", row.created)))),
         ("reproduce", f"<code>{escape(str(meta.get('reproduce', '')))}</code>"),
@@ -141,7 +168,7 @@ def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
         for o in doc["outputs"]
     )
     runs_html = []
-    for run in reversed(row.runs):
+    for run in reversed([r for r in row.runs if isinstance(r, dict)]):
         run_id = str(run.get("run_id"))
         links = []
         if "junit" in run:
@@ -149,14 +176,16 @@ def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
         if "console" in run:
             links.append(f'<a href="{_run_url(key, run_id, "console.log")}">console log</a>')
         cases = "".join(
-            f"<tr><td>{escape(c['suite'])}</td><td>{escape(c['name'])}</td>"
-            f'<td class="{_status_class(c["status"])}">'
-            f"{escape(c['status'])}</td><td>{escape(c['time'])}</td><td>{escape(c['message'])}</td></tr>"
+            f"<tr><td>{escape(str(c.get('suite', '')))}</td><td>{escape(str(c.get('name', '')))}</td>"
+            f'<td class="{_status_class(str(c.get("status", "")))}">'
+            f"{escape(str(c.get('status', '')))}</td><td>{escape(str(c.get('time', '')))}</td>"
+            f"<td>{escape(str(c.get('message', '')))}</td></tr>"
             for c in run.get("cases", [])
+            if isinstance(c, dict)
         )
         runs_html.append(
             f"<h3>run {escape(run_id)} {escape(str(run.get('outcome', '')))}</h3>"
-            f"<p>{_tests_cell(run.get('counts'))} · {' · '.join(links)}</p>"
+            f"<p>{_tests_cell(_dict(run.get('counts')) or None)} · {' · '.join(links)}</p>"
             + (
                 "<table class=cases><tr><th>suite</th><th>test</th><th>result</th><th>s</th>"
                 "<th>message</th></tr>"
@@ -184,10 +213,11 @@ def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
 
 
 def _ccache_text(ccache: object) -> str:
-    if not isinstance(ccache, dict) or "hit_rate" not in ccache:
+    rate = _num(_dict(ccache).get("hit_rate"))
+    if rate is None:
         return "-"
-    hits, misses = ccache.get("hits", 0), ccache.get("misses", 0)
-    return f"{ccache.get('hit_rate', 0):.0%} hits ({hits} hits, {misses} misses)"
+    hits, misses = _dict(ccache).get("hits", 0), _dict(ccache).get("misses", 0)
+    return f"{rate:.0%} hits ({hits} hits, {misses} misses)"
 
 
 def _status_class(status: str) -> str:

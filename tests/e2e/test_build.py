@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from ci.buildpipeline import BuildRequest, build
 from ci.cachestore import LocalStore
+from ci.paths import cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +60,82 @@ def test_a_changed_config_symbol_is_named_on_a_miss(
     changed = build(BuildRequest(output=tmp_path / "b", fragments=[fragment]), store=store)
     assert not changed.cache_hit
     assert "CONFIG_IKCONFIG_PROC" in capsys.readouterr().err
+
+
+BUILD_CHILD = """
+import sys
+from pathlib import Path
+from ci.buildpipeline import BuildRequest, build
+build(BuildRequest(output=Path(sys.argv[1]), use_cache=False, fresh=True))
+"""
+
+
+def _build_containers() -> dict[str, str]:
+    listing = subprocess.run(
+        ["docker", "ps", "-a", "--no-trunc", "--format", "{{.Names}}\t{{.Command}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = dict(line.split("\t", 1) for line in listing.splitlines() if line.startswith("kci-build-"))
+    return names
+
+
+def test_sigkill_mid_build_leaves_no_container_and_the_rerun_builds(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", BUILD_CHILD, str(tmp_path / "killed")])
+    try:
+        deadline = time.monotonic() + 600
+        name = None
+        while name is None:
+            assert child.poll() is None, "the build ended before it was killed"
+            assert time.monotonic() < deadline, "kbuild never started"
+            name = next((n for n, cmd in _build_containers().items() if "bzImage" in cmd), None)
+            time.sleep(0.5)
+        time.sleep(20)  # well into the compile
+        assert name in _build_containers()
+        child.kill()  # SIGKILL: kernel-ci runs no handler
+        child.wait()
+        deadline = time.monotonic() + 15
+        while name in _build_containers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert name not in _build_containers(), "the build container outlived kernel-ci"
+    finally:
+        child.kill()
+        child.wait()
+    # The rerun resumes in the object tree the killed build left (half-written objects included).
+    rerun = build(BuildRequest(output=tmp_path / "rerun", use_cache=False))
+    assert not rerun.cache_hit and rerun.bzimage.stat().st_size > 1_000_000
+
+
+CONCURRENT_CHILD = """
+import json, sys
+from pathlib import Path
+from ci.buildpipeline import BuildRequest, build
+result = build(BuildRequest(output=Path(sys.argv[1]), ccache_dir=Path(sys.argv[2])))
+print(json.dumps({"key": result.key, "cache_hit": result.cache_hit}))
+"""
+
+
+def test_two_concurrent_builds_on_a_cold_work_dir_build_once(tmp_path: Path) -> None:
+    shared_downloads, shared_ccache = cache_dir("downloads"), cache_dir("ccache")
+    # A cold cache (no unpacked source, no patched tree, no object tree, empty build store); only the
+    # downloaded tarball and the compiler cache are shared, so that the test costs one warm build.
+    cold = tmp_path / "cache"
+    cold.mkdir()
+    (cold / "downloads").symlink_to(shared_downloads)
+    env = {**os.environ, "KERNEL_CI_CACHE": str(cold)}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_CHILD, str(tmp_path / f"out-{i}"), str(shared_ccache)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [child.communicate(timeout=1800)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert results[0]["key"] == results[1]["key"]
+    assert sorted(r["cache_hit"] for r in results) == [False, True]  # built once, restored once
+    assert len(list((cold / "sources").glob("*/.complete"))) == 1

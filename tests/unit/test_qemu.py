@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -63,7 +65,10 @@ def test_build_command_shape(tmp_path: Path) -> None:
     assert payload == (
         f"local,path={tmp_path}/payload,mount_tag=kci-payload,security_model=none,readonly=on,id=payload"
     )
-    assert results == f"local,path={tmp_path}/results,mount_tag=kci-results,security_model=none,id=results"
+    # guest-made files are plain files on the host (no symlink, device, set-id file): see the e2e attacks
+    assert results == (
+        f"local,path={tmp_path}/results,mount_tag=kci-results,security_model=mapped-xattr,id=results"
+    )
     (append,) = option(argv, "-append")
     assert append.startswith(PROTOCOL + " ")
     assert append.endswith(" kci.debug=1 loglevel=8")
@@ -260,3 +265,68 @@ def test_monitor_command_talks_to_a_real_monitor(tmp_path: Path) -> None:
     finally:
         vm.kill()
         vm.wait()
+
+
+def test_console_log_is_capped_and_says_so(tmp_path: Path) -> None:
+    """A guest flooding the console: console.log stops at the limit with a note; every line is still
+    handed on (the scanner must see the markers after the cut), through a bounded queue."""
+    read_fd, write_fd = os.pipe()
+    log = tmp_path / "console.log"
+    limit = 64 * 1024
+    with os.fdopen(read_fd, "rb") as stream:
+        out = qemu._Console(stream, log, limit)
+        assert out.lines.maxsize == qemu.CONSOLE_QUEUE_LINES
+        seen = 0
+        line = b"A" * 99 + b"\n"
+        writer = threading.Thread(target=lambda: _write_lines(write_fd, line, 20_000, b"KCI-RUNNER: done\n"))
+        writer.start()
+        last = ""
+        while (got := out.lines.get(timeout=30)) is not None:
+            seen += 1
+            last = got
+        writer.join()
+        out.join(5)
+    assert seen == 20_001 and last == "KCI-RUNNER: done"
+    assert log.stat().st_size <= limit + 200
+    assert log.read_text().splitlines()[-1].startswith("[kernel-ci: console.log cut at")
+    assert out.dropped_bytes == (20_000 - limit // 100) * 100 + len("KCI-RUNNER: done\n")
+
+
+def _write_lines(fd: int, line: bytes, count: int, last: bytes) -> None:
+    with os.fdopen(fd, "wb") as pipe:
+        for _ in range(count):
+            pipe.write(line)
+        pipe.write(last)
+
+
+@pytest.mark.timeout(300)
+def test_a_console_flood_of_hundreds_of_megabytes_stays_bounded(tmp_path: Path) -> None:
+    """256 MiB through the real console reader at the default cap: console.log stops at 64 MiB, and a
+    scanner that falls behind makes the reader wait (bounded queue) instead of buffering the flood."""
+    read_fd, write_fd = os.pipe()
+    log = tmp_path / "console.log"
+    line = b"F" * 1023 + b"\n"
+    count = 256 * 1024  # 256 MiB
+    with os.fdopen(read_fd, "rb") as stream:
+        out = qemu._Console(stream, log)
+        writer = threading.Thread(target=lambda: _write_lines(write_fd, line, count, b"KCI-RUNNER: done\n"))
+        writer.start()
+        time.sleep(2.0)  # the consumer is slow: nothing is taken for a while
+        assert out.lines.qsize() <= qemu.CONSOLE_QUEUE_LINES
+        seen = 0
+        while out.lines.get(timeout=60) is not None:
+            seen += 1
+        writer.join()
+        out.join(5)
+    assert seen == count + 1
+    assert log.stat().st_size <= qemu.CONSOLE_LOG_LIMIT + 200
+    kept = log.stat().st_size - _note(log)
+    assert out.dropped_bytes == count * len(line) + len("KCI-RUNNER: done\n") - kept
+
+
+def _note(log: Path) -> int:
+    """The length of the cut note at the end of console.log."""
+    with log.open("rb") as handle:
+        handle.seek(-200, os.SEEK_END)
+        tail = handle.read()
+    return len(tail.splitlines(keepends=True)[-1])

@@ -3,6 +3,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -103,3 +106,33 @@ def test_repo_lock_pins_every_reachable_tarball() -> None:
     for name in ("5.10.223", "5.10.262", "6.1.176"):
         tarball = lock.tarballs[name]
         assert len(tarball.sha256) == 64 and tarball.origin == "debian"
+
+
+UNPACK_CHILD = """
+import sys
+from pathlib import Path
+from ci import source
+tarball = source.Tarball("9.9.0", "debian", "p/linux_9.9.0.orig.tar.xz", sys.argv[2], "linux-9.9.0")
+tree = source.unpack(tarball, Path(sys.argv[1]))
+print(tree.stat().st_ino, (tree / "Makefile").read_text().splitlines()[0])
+"""
+
+
+def test_two_processes_unpacking_the_same_tarball_unpack_it_once(tmp_path: Path) -> None:
+    blob = _tarball_bytes("linux-9.9.0")
+    archive = tmp_path / "linux_9.9.0.orig.tar.xz"
+    archive.write_bytes(blob)
+    # A slow tar that counts its runs: the two unpacks overlap for sure.
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    runs = tmp_path / "tar-runs"
+    (shims / "tar").write_text(f'#!/bin/sh\necho run >> {runs}\nsleep 2\nexec /usr/bin/tar "$@"\n')
+    (shims / "tar").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"}
+    argv = [sys.executable, "-c", UNPACK_CHILD, str(archive), hashlib.sha256(blob).hexdigest()]
+    children = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [child.communicate(timeout=60)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    assert outputs[0] == outputs[1]  # the same tree (inode), complete, for both
+    assert outputs[0].split()[1:] == ["VERSION", "=", "5"]
+    assert runs.read_text().count("run") == 1

@@ -1,0 +1,136 @@
+"""ci.proc.run: a timeout or an interrupt stops the whole process tree it started, and the call returns even
+when a grandchild (or one that escaped the group) keeps the output pipe open."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ci import proc
+
+GRACE = 1.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent or by init) is gone for our purpose.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _pids(pidfile: Path) -> list[int]:
+    return [int(p) for p in pidfile.read_text().split()]
+
+
+def _wait_gone(pids: list[int], seconds: float = 3.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.fixture
+def no_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proc, "STOP_GRACE_SECONDS", GRACE)
+
+
+@pytest.mark.timeout(30)
+def test_a_timeout_kills_a_grandchild_that_holds_the_output_pipe(tmp_path: Path, no_grace: None) -> None:
+    pidfile = tmp_path / "pids"
+    # The grandchild inherits stdout (the pipe) and outlives its parent's SIGTERM unless it is signalled too.
+    script = f"sleep 1000 & echo $! >> {pidfile}; echo $$ >> {pidfile}; echo started; sleep 1000"
+    start = time.monotonic()
+    with pytest.raises(proc.CommandError) as caught:
+        proc.run(["sh", "-c", script], timeout=1.0, quiet=True)
+    elapsed = time.monotonic() - start
+    assert caught.value.timed_out
+    assert "started" in caught.value.output
+    assert elapsed < 1.0 + GRACE + 3.0, elapsed
+    assert _wait_gone(_pids(pidfile)) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path, no_grace: None) -> None:
+    pidfile = tmp_path / "pids"
+    script = (
+        "trap '' TERM; "
+        + f"sleep 1000 & echo $! >> {pidfile}; echo $$ >> {pidfile}; while :; do sleep 1; done"
+    )
+    start = time.monotonic()
+    with pytest.raises(proc.CommandError):
+        proc.run(["sh", "-c", script], timeout=1.0, quiet=True)
+    assert time.monotonic() - start < 1.0 + GRACE + 3.0
+    assert _wait_gone(_pids(pidfile)) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_process_that_escaped_the_group_does_not_hang_the_caller(tmp_path: Path, no_grace: None) -> None:
+    pidfile = tmp_path / "pids"
+    # setsid puts the grandchild in a session of its own: signalling our group cannot reach it, but it still
+    # holds the pipe. The caller must return anyway (and we clean it up ourselves afterwards).
+    script = f"setsid sh -c 'echo $$ >> {pidfile}; exec sleep 1000' & sleep 1000"
+    start = time.monotonic()
+    try:
+        with pytest.raises(proc.CommandError) as caught:
+            proc.run(["sh", "-c", script], timeout=1.0, quiet=True)
+        assert caught.value.timed_out
+        assert time.monotonic() - start < 1.0 + GRACE + 3.0
+    finally:
+        for pid in _pids(pidfile) if pidfile.exists() else []:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(30)
+def test_exit_of_the_child_returns_even_if_a_background_grandchild_holds_the_pipe(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    # A daemonising child: it exits 0 at once, its background grandchild keeps stdout. Today's caller reads
+    # the pipe until EOF and hangs; the child's exit must end the call (and the leftover tree is stopped).
+    script = f"sleep 1000 & echo $! >> {pidfile}; echo done"
+    start = time.monotonic()
+    result = proc.run(["sh", "-c", script], quiet=True)
+    assert result.returncode == 0
+    assert "done" in result.output
+    assert time.monotonic() - start < STOP_BOUND
+    assert _wait_gone(_pids(pidfile)) == []
+
+
+STOP_BOUND = proc.STOP_GRACE_SECONDS + 5.0
+
+
+@pytest.mark.timeout(30)
+def test_an_interrupt_stops_the_tree(tmp_path: Path, no_grace: None) -> None:
+    pidfile = tmp_path / "pids"
+    script = f"sleep 1000 & echo $! >> {pidfile}; echo $$ >> {pidfile}; echo started; sleep 1000"
+    seen = threading.Event()
+
+    def on_line(line: str) -> None:
+        if line == "started":
+            seen.set()
+            raise KeyboardInterrupt  # what Ctrl-C raises in the reading thread
+
+    with pytest.raises(KeyboardInterrupt):
+        proc.run(["sh", "-c", script], on_line=on_line)
+    assert seen.is_set()
+    assert _wait_gone(_pids(pidfile)) == []
+
+
+def test_output_and_status_are_unchanged_for_ordinary_commands() -> None:
+    result = proc.run(["sh", "-c", "echo one; echo two >&2; exit 0"], quiet=True)
+    assert result.output.splitlines() == ["one", "two"]
+    with pytest.raises(proc.CommandError) as caught:
+        proc.run(["sh", "-c", "echo bad; exit 3"], quiet=True)
+    assert caught.value.returncode == 3 and not caught.value.timed_out
