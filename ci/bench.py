@@ -81,7 +81,7 @@ def build_figures(work: Path, kernel: str | None) -> tuple[list[Figure], BuildRe
     warm = build(
         BuildRequest(kernel=kernel, output=out / "warm", fresh=True, use_cache=False, ccache_dir=ccache)
     )
-    rate = warm.metadata.get("ccache", {}).get("hit_rate", 0.0)
+    rate = warm.metadata.ccache.hit_rate if warm.metadata.ccache else 0.0
     figures.append(
         Figure("build: ccache-warm, clean tree", warm.seconds, "< 90 s", f"ccache {rate:.0%} hits")
     )
@@ -111,7 +111,7 @@ def tuxmake_figures(work: Path, reference: BuildResult) -> list[Figure]:
     tree = reference.work / "src"
     config = reference.output / "config"
     env = {
-        "KBUILD_BUILD_TIMESTAMP": reference.metadata["kbuild"]["KBUILD_BUILD_TIMESTAMP"],
+        "KBUILD_BUILD_TIMESTAMP": reference.metadata.kbuild_timestamp,
         "CCACHE_DIR": str(work / "tuxmake-ccache"),
     }
     figures = []

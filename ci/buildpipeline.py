@@ -22,6 +22,7 @@ from pathlib import Path
 from ci import (
     builder,
     buildkey,
+    buildplan,
     extmodules,
     hostsetup,
     images,
@@ -32,12 +33,12 @@ from ci import (
     proc,
     source,
 )
+from ci.buildplan import BASE_FRAGMENT, BUILD_TARGETS  # noqa: F401  (their home used to be here)
+from ci.buildrecords import METADATA_SCHEMA, BuildMetadata, CcacheFigures, KernelInfo, ToolchainInfo
 from ci.cachestore import BuildStore, LocalStore
-from ci.paths import KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES, REPO_ROOT, cache_dir
+from ci.paths import GUEST_TESTS, REPO_ROOT, cache_dir
 from ci.ui import console, step, warn
 
-BASE_FRAGMENT = KCONFIG_DIR / "base.config"
-BUILD_TARGETS = "bzImage modules modules_install"
 OBJECT_TREES_KEPT = 3  # per patched source tree
 
 
@@ -46,7 +47,9 @@ class BuildRequest:
     kernel: str | None = None  # a version or alias from kernel-sources.lock.toml; None = its default
     series: Sequence[str] | None = None  # None = every series under kernel-patches/
     fragments: Sequence[Path] = ()  # extra kconfig fragments from the user
-    extra_fragments: Sequence[kconfig.Fragment] = ()  # from the pipeline (e.g. the guest suites' needs)
+    # Whose guest suites' needs (kconfig, kselftest targets) the kernel carries: every suite there, whichever
+    # of them a run then chooses (None: none). A suite never changes what is built, only what runs.
+    suites_dir: Path | None = GUEST_TESTS
     output: Path = REPO_ROOT / "out" / "build"
     jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
     use_cache: bool = True  # the build cache (never ccache: see use_ccache)
@@ -54,14 +57,29 @@ class BuildRequest:
     fresh: bool = False  # start from an empty object tree (no incremental build)
     ccache_dir: Path | None = None  # default: the per-user ccache of kernel-ci
     external_modules: bool = True  # build every kernel-modules/<name> against the kernel (extmod/)
-    kselftests: Sequence[str] = ()  # tools/testing/selftests targets built from the same tree (kselftest/)
+
+
+# The fields of a BuildRequest that say how to build, not what: they never reach a key. Every other field
+# must reach the plan (plan_request); tests/unit/test_buildplan.py holds the two lists together.
+HOW_NOT_WHAT = frozenset({"output", "jobs", "use_cache", "use_ccache", "fresh", "ccache_dir"})
+
+
+def plan_request(request: BuildRequest) -> buildplan.PlannedBuild:
+    """The plan of what a request builds (files only: no network, no Docker)."""
+    return buildplan.make_plan(
+        request.kernel,
+        request.series,
+        request.fragments,
+        suites_dir=request.suites_dir,
+        external_modules=request.external_modules,
+    )
 
 
 @dataclass
 class BuildResult:
     key: str
     output: Path
-    metadata: dict
+    metadata: BuildMetadata
     cache_hit: bool
     seconds: float
     work: Path | None = None  # the patched source and object trees (None on a cache hit)
@@ -72,7 +90,7 @@ class BuildResult:
 
     @property
     def kernel_release(self) -> str:
-        return self.metadata["kernel"]["release"]
+        return self.metadata.kernel.release
 
 
 def _digest_text(text: str) -> str:
@@ -142,48 +160,24 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
     durations: dict[str, float] = {}
     step("kernel source")
     hostsetup.prepare_build_host()
+    planned = plan_request(request)
     src = source.resolve(request.kernel)
-    chosen = patches.discover_series(KERNEL_PATCHES, None if request.series is None else list(request.series))
-    patch_digests: dict[str, str] = {}
-    for s in chosen:
-        patch_digests.update(patches.series_digest(s))
-    modules = extmodules.discover(KERNEL_MODULES) if request.external_modules else []
-    module_digests = extmodules.digests(modules)
+    plan = planned.plan.resolved(src.tarball)
+    chosen = planned.series
+    patch_digests = dict(plan.patches)
 
     step("toolchain")
     image = images.ensure_builder_image()
+    if image != plan.toolchain_recipe:  # both are digests of the same recipe files: a bug if they differ
+        raise buildplan.PlanError(f"the builder image is {image}, the plan expected {plan.toolchain_recipe}")
     toolchain = images.toolchain(image)
     console.print(f"toolchain {toolchain.gcc_version}, image {image} ({toolchain.image_id[7:19]})")
 
-    fragments = [kconfig.Fragment.from_file(BASE_FRAGMENT, "kconfig/base.config")]
-    fragments += [
-        kconfig.Fragment.from_file(f, f"series {s.name}: {f.name}") for s in chosen for f in s.fragments
-    ]
-    fragments += list(request.extra_fragments)
-    fragments += [kconfig.Fragment.from_file(Path(f)) for f in request.fragments]
-    merged = kconfig.merge(fragments)
-    for redefinition in merged.redefinitions:
+    for redefinition in planned.merged.redefinitions:
         warn(redefinition.describe())
-    merged_text = merged.render()
-
-    flags = {
-        "flag:arch": builder.ARCH,
-        "flag:targets": BUILD_TARGETS,
-        "flag:kbuild": f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source",
-    }
-    selftest_targets = kselftest.normalize_targets(request.kselftests)
-    if selftest_targets:  # absent when none: the keys of builds without selftests stay as they were
-        flags["flag:kselftest"] = " ".join(selftest_targets)
-    source_id = f"linux-{src.version} sha256:{src.tarball.sha256}"
-    request_manifest = {
-        "source": source_id,
-        "toolchain": toolchain.fingerprint,
-        "fragment": _digest_text(merged_text),
-        **{f"patch:{name}": digest for name, digest in patch_digests.items()},
-        **module_digests,
-        **flags,
-    }
-    request_key = buildkey.build_key(request_manifest)
+    merged_text = plan.kconfig
+    source_id = plan.source[0].render()
+    request_key = plan.request_key(toolchain.fingerprint)
     store = store or LocalStore()
 
     if request.use_cache:
@@ -213,20 +207,8 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         t0 = time.monotonic()
         final_config = builder.configure(env, merged_text)
         durations["configure"] = round(time.monotonic() - t0, 2)
-        lost = kconfig.verify(final_config, merged.requests)
-        if lost:
-            raise kconfig.KconfigError(
-                "requested kconfig options did not survive olddefconfig:\n  "
-                + "\n  ".join(item.describe() for item in lost)
-            )
-        manifest = {
-            "source": source_id,
-            "toolchain": toolchain.fingerprint,
-            **{f"patch:{name}": digest for name, digest in patch_digests.items()},
-            **buildkey.config_entries(final_config),
-            **module_digests,
-            **flags,
-        }
+        _check_config(planned, final_config)
+        manifest = plan.build_inputs(final_config, toolchain.fingerprint)
         key = buildkey.build_key(manifest)
         if request.use_cache:
             entry = store.get(key)
@@ -255,50 +237,53 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
                     patches.export_series(s, staging / "patches")
                 durations["collect"] = round(time.monotonic() - t0, 2)
                 t0 = time.monotonic()
-                built_modules = extmodules.build_all(image, staging / "kbuild", modules, staging / "extmod")
+                built_modules = extmodules.build_all(
+                    image, staging / "kbuild", planned.modules, staging / "extmod"
+                )
                 durations["external_modules"] = round(time.monotonic() - t0, 2)
                 t0 = time.monotonic()
-                selftests = kselftest.build_selftests(env, selftest_targets, staging / "kselftest")
+                selftests = kselftest.build_selftests(env, plan.kselftests, staging / "kselftest")
                 if selftests:
                     durations["kselftests"] = round(time.monotonic() - t0, 2)
-                metadata = {
-                    "schema": 1,
-                    "build_key": key,
-                    "request_key": request_key,
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "kernel": {
-                        "requested": src.requested,
-                        "version": src.version,
-                        "release": release,
-                        "tarball": src.tarball.filename,
-                        "sha256": src.tarball.sha256,
-                        "fetched_from": src.url,
-                        "fallbacks": list(src.fallback_notes),
-                    },
-                    "patches": list(patch_digests),
-                    "external_modules": {
-                        name: [f"extmod/{name}/{ko.name}" for ko in kos]
+                metadata = BuildMetadata(
+                    schema=METADATA_SCHEMA,
+                    build_key=key,
+                    request_key=request_key,
+                    recipe_key=planned.plan.recipe_key(),
+                    created=datetime.now(UTC).isoformat(timespec="seconds"),
+                    kernel=KernelInfo(
+                        requested=src.requested,
+                        version=src.version,
+                        release=release,
+                        tarball=src.tarball.filename,
+                        sha256=src.tarball.sha256,
+                        fetched_from=src.url,
+                        fallbacks=tuple(src.fallback_notes),
+                    ),
+                    series=plan.series,
+                    patches=tuple(patch_digests),
+                    fragments=tuple(f.name for f in planned.fragments),
+                    external_modules={
+                        name: tuple(f"extmod/{name}/{ko.name}" for ko in kos)
                         for name, kos in built_modules.items()
                     },
-                    "kselftests": {
-                        target: [f.relative_to(staging).as_posix() for f in files]
+                    kselftests={
+                        target: tuple(f.relative_to(staging).as_posix() for f in files)
                         for target, files in selftests.items()
                     },
-                    "series": [s.name for s in chosen],
-                    "fragments": [f.name for f in fragments],
-                    "toolchain": {
-                        "image": image,
-                        "image_id": toolchain.image_id,
-                        "fingerprint": toolchain.fingerprint,
-                        "gcc": toolchain.gcc_version,
-                    },
-                    "kbuild": env.kbuild_vars() | {"jobs": request.jobs, "steps": steps},
-                    "durations": durations,
-                    "ccache": ccache,
-                    "inputs": manifest,
-                    "reproduce": reproduce_command(request, src.version, chosen),
-                }
-                (staging / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
+                    toolchain=ToolchainInfo(
+                        image=image,
+                        image_id=toolchain.image_id,
+                        fingerprint=toolchain.fingerprint,
+                        gcc=toolchain.gcc_version,
+                    ),
+                    kbuild=env.kbuild_vars() | {"jobs": request.jobs, "steps": steps},
+                    durations=durations,
+                    ccache=CcacheFigures(**ccache) if ccache else None,
+                    inputs=manifest,
+                    reproduce=reproduce_command(request, src.version, chosen),
+                )
+                metadata.write(staging)
                 if request.use_cache:
                     entry = store.put(key, staging, manifest, move=True)
                     store.put_alias(request_key, key)
@@ -312,9 +297,22 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
 
 def _restore(entry: Path, key: str, request: BuildRequest, started: float, why: str) -> BuildResult:
     _link_or_copy_tree(entry, request.output)
-    metadata = json.loads((request.output / "metadata.json").read_text())
+    metadata = BuildMetadata.read(request.output)
     console.print(f"[green]build cache hit[/] ({why}): {key[:16]} restored to {request.output}")
     return BuildResult(key, request.output, metadata, True, time.monotonic() - started)
+
+
+def _check_config(planned: buildplan.PlannedBuild, final_config: str) -> None:
+    """Every requested symbol survived olddefconfig, or a clear error; a suite's need the chosen series
+    cannot meet is a warning (kernel-ci test skips that suite), not a reason to refuse the build."""
+    errors, suite_only = planned.unmet_needs(final_config)
+    for item in suite_only:
+        warn(f"{item.request.fragment} will be skipped on this kernel: {item.describe()}")
+    if errors:
+        raise kconfig.KconfigError(
+            "requested kconfig options did not survive olddefconfig:\n  "
+            + "\n  ".join(item.describe() for item in errors)
+        )
 
 
 class _ObjectTreeLock:

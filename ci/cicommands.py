@@ -15,11 +15,14 @@ AddBuildOptions = Callable[[argparse.ArgumentParser], None]
 
 
 def cmd_key(args: argparse.Namespace) -> int:
+    """The recipe key of the plan `kernel-ci build` with the same options makes (the same request, the same
+    derivation: ci.buildplan), so that a CI cache keyed by it holds exactly that build."""
     from ci import recipekey
-    from ci.testpipeline import suite_fragments
+    from ci.buildpipeline import plan_request
+    from ci.cli import _build_request, warn_suite_ignored
 
-    series = None if args.series is None else [s for s in args.series if s != "none"]
-    manifest = recipekey.recipe_manifest(args.kernel, series, args.fragment, suite_fragments(args.suite))
+    warn_suite_ignored(args)
+    manifest = plan_request(_build_request(args)).plan.recipe_inputs()
     key = recipekey.recipe_key(manifest)
     if args.json:
         print(json.dumps({"key": key, "inputs": manifest}, indent=1))
@@ -91,7 +94,7 @@ def register(sub: argparse._SubParsersAction, add_build_options: AddBuildOptions
         help="print the recipe key of a build (its inputs as files; no Docker): for CI cache keys",
     )
     add_build_options(key)
-    key.add_argument("--suite", action="append", help="guest suites whose kconfig is included (default all)")
+    key.add_argument("--suite", action="append", help="deprecated, ignored: every build carries every suite")
     key.add_argument("--json", action="store_true", help="print the key and every input's digest")
     key.set_defaults(func=cmd_key)
 

@@ -37,16 +37,15 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _build_request(args: argparse.Namespace, extra_fragments=(), kselftests=()):  # type: ignore[no-untyped-def]
+def _build_request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The build the options ask for. Never the suites: the kernel carries every suite's needs, so that
+    `kernel-ci test --suite X` tests the very kernel a full `kernel-ci test` (or `kernel-ci build`) built."""
     from ci.buildpipeline import BuildRequest
 
-    series = None if args.series is None else [s for s in args.series if s != "none"]
     return BuildRequest(
         kernel=args.kernel,
-        series=series,
+        series=_series(args),
         fragments=args.fragment,
-        extra_fragments=extra_fragments,
-        kselftests=kselftests,
         output=args.output / "build",
         jobs=args.jobs,
         use_cache=not args.no_cache,
@@ -55,38 +54,55 @@ def _build_request(args: argparse.Namespace, extra_fragments=(), kselftests=()):
     )
 
 
+def _series(args: argparse.Namespace) -> list[str] | None:
+    """--series as the pipeline takes it: None = every series; 'none' alone = a vanilla kernel."""
+    return None if args.series is None else [s for s in args.series if s != "none"]
+
+
 def build_summary(result) -> Table:  # type: ignore[no-untyped-def]
     meta = result.metadata
-    kernel = meta["kernel"]
+    kernel = meta.kernel
     table = Table(title="kernel build", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    version = kernel["version"]
-    if kernel["requested"] != version:
-        version += f"  (requested {kernel['requested']})"
-    table.add_row("kernel", f"{version}  release {kernel['release']}")
-    for note in kernel.get("fallbacks", []):
+    version = kernel.version
+    if kernel.requested != version:
+        version += f"  (requested {kernel.requested})"
+    table.add_row("kernel", f"{version}  release {kernel.release}")
+    for note in kernel.fallbacks:
         table.add_row("fallback", f"[yellow]{note}[/]")
-    table.add_row("patches", "\n".join(meta["patches"]) or "none (vanilla)")
-    table.add_row("build key", meta["build_key"])
+    table.add_row("patches", "\n".join(meta.patches) or "none (vanilla)")
+    table.add_row("build key", meta.build_key)
     how = "[green]build cache hit[/]" if result.cache_hit else "built"
     table.add_row("time", f"{result.seconds:.1f} s ({how})")
-    ccache = meta.get("ccache") or {}
+    ccache = meta.ccache
     if ccache and not result.cache_hit:
-        table.add_row(
-            "ccache", f"{ccache['hit_rate']:.0%} hits ({ccache['hits']} hits, {ccache['misses']} misses)"
-        )
-    table.add_row("toolchain", f"{meta['toolchain']['gcc']} ({meta['toolchain']['image']})")
+        table.add_row("ccache", f"{ccache.hit_rate:.0%} hits ({ccache.hits} hits, {ccache.misses} misses)")
+    table.add_row("toolchain", f"{meta.toolchain.gcc} ({meta.toolchain.image})")
     table.add_row("outputs", str(result.output))
-    table.add_row("reproduce", meta["reproduce"])
+    table.add_row("reproduce", meta.reproduce)
     return table
+
+
+SUITE_NO_LONGER_BUILDS = (
+    "--suite no longer changes the kernel: every build carries every guest suite's kconfig and kselftests, "
+    "so this is the kernel `kernel-ci test` tests; choose the suites to run with `kernel-ci test --suite`"
+)
+
+
+def warn_suite_ignored(args: argparse.Namespace) -> None:
+    """`build --suite` / `key --suite` are accepted (scripts that pass them keep working) and ignored."""
+    if getattr(args, "suite", None):
+        from ci.ui import warn
+
+        warn(f"{SUITE_NO_LONGER_BUILDS} (ignored: --suite {' --suite '.join(args.suite)})")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from ci.buildpipeline import build
-    from ci.testpipeline import suite_fragments, suite_kselftest_targets
 
-    request = _build_request(args, suite_fragments(args.suite), suite_kselftest_targets(args.suite))
+    warn_suite_ignored(args)
+    request = _build_request(args)
     result = build(request, store=_store(args))
     console.print(build_summary(result))
     return 0
@@ -100,13 +116,13 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from ci.testpipeline import TestOptions, run_tests, suite_fragments, suite_kselftest_targets
+    from ci.testpipeline import TestOptions, run_tests
 
     store = _store(args)
     if args.kernel_dir is None:
         from ci.buildpipeline import build
 
-        request = _build_request(args, suite_fragments(args.suite), suite_kselftest_targets(args.suite))
+        request = _build_request(args)
         result = build(request, store=store)
         console.print(build_summary(result))
         kernel_dir = result.output
@@ -168,15 +184,18 @@ def parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build the kernel (or restore it from the build cache)")
     _add_build_options(build)
-    build.add_argument(
-        "--suite", action="append", help="guest suites whose kconfig needs to include (default all)"
-    )
+    build.add_argument("--suite", action="append", help="deprecated, ignored: " + SUITE_NO_LONGER_BUILDS)
     build.set_defaults(func=cmd_build)
 
     test = sub.add_parser("test", help="build (cached), boot in QEMU, run the guest suites, write JUnit")
     _add_build_options(test)
     _add_test_options(test)
-    test.add_argument("--suite", action="append", help="guest suite to run (repeatable; default: all)")
+    test.add_argument(
+        "--suite",
+        action="append",
+        help="guest suite to run (repeatable; default: all); it does not change the kernel, which carries "
+        "every suite's needs",
+    )
     test.set_defaults(func=cmd_test)
 
     repro = sub.add_parser("repro", help="boot the kernel and rootfs of an earlier run again")

@@ -12,7 +12,7 @@ from pathlib import Path
 from ci import hostsetup, proc, rootfs
 from ci.bench import Figure
 from ci.buildpipeline import BuildRequest, BuildResult, build
-from ci.testpipeline import GUEST_INIT, ROOTFS_RECIPE, TestOptions, for_suites, run_tests
+from ci.testpipeline import GUEST_INIT, ROOTFS_RECIPE, TestOptions, run_tests
 from ci.ui import step
 
 BOOT_RUNS = 3
@@ -60,7 +60,7 @@ def _smoke_figures(work: Path, kernel: BuildResult) -> list[Figure]:
         )
     step("bench: warm `kernel-ci test` (build-cache hit + smoke run)")
     start = time.monotonic()
-    warm = build(for_suites(BuildRequest(output=work / "warm-build")))
+    warm = build(BuildRequest(output=work / "warm-build"))
     run_tests(TestOptions(kernel_dir=warm.output, output=work / "warm-test", accel="tcg"))
     figures.append(Figure("kernel test: warm, smoke suites", time.monotonic() - start, "< 60 s"))
     return figures
@@ -100,8 +100,8 @@ def _virtme_figures(kernel: BuildResult) -> list[Figure]:
 
 def guest_figures(work: Path, *, skip_reference: bool = False) -> list[Figure]:
     figures = _rootfs_figures(work)
-    # The kernel every suite can run on (their kconfig and kselftests), as `kernel-ci test` builds it.
-    smoke_kernel = build(for_suites(BuildRequest(output=work / "smoke-build")))
+    # The kernel every suite can run on (every build carries their kconfig and kselftests).
+    smoke_kernel = build(BuildRequest(output=work / "smoke-build"))
     figures += _smoke_figures(work, smoke_kernel)
     if not skip_reference:
         figures += _virtme_figures(smoke_kernel)

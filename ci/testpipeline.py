@@ -12,12 +12,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ci import (
     builder,
+    buildplan,
     extmodules,
     hostsetup,
     images,
@@ -29,7 +30,7 @@ from ci import (
     scanner,
     suites,
 )
-from ci.buildpipeline import BuildRequest
+from ci.buildrecords import BuildMetadata
 from ci.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
 from ci.ui import console, step, warn
 
@@ -58,21 +59,14 @@ class TestOptions:
 
 
 def suite_fragments(names: Sequence[str] | None = None) -> list[kconfig.Fragment]:
-    """One kconfig fragment per guest suite, from its manifest's `kconfig` list."""
-    chosen = suites.load_suites(GUEST_TESTS, names)
-    suites.kconfig_lines(chosen)  # two suites asking for different values is an error
-    return [kconfig.Fragment(f"suite {s.name}", "\n".join(s.kconfig) + "\n") for s in chosen if s.kconfig]
+    """One kconfig fragment per guest suite, from its manifest's `kconfig` list (the build carries all of
+    them: ci.buildplan)."""
+    return list(buildplan.suite_needs(GUEST_TESTS, names).fragments)
 
 
 def suite_kselftest_targets(names: Sequence[str] | None = None) -> list[str]:
     """The tools/testing/selftests targets the chosen kselftest suites run (built with the kernel)."""
-    chosen = suites.load_suites(GUEST_TESTS, names)
-    return sorted({target for s in chosen if s.language == "kselftest" for target in s.targets})
-
-
-def for_suites(request: BuildRequest, names: Sequence[str] | None = None) -> BuildRequest:
-    """The build request made to run the named suites (default: all): their kconfig and kselftests."""
-    return replace(request, extra_fragments=suite_fragments(names), kselftests=suite_kselftest_targets(names))
+    return list(buildplan.suite_needs(GUEST_TESTS, names).kselftests)
 
 
 def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Suite]:
@@ -160,7 +154,7 @@ def run_tests(options: TestOptions) -> results.RunReport:
     hostsetup.prepare_test_host()
     hostsetup.prepare_build_host()
     kernel_dir = options.kernel_dir
-    metadata = json.loads((kernel_dir / "metadata.json").read_text())
+    metadata = BuildMetadata.read(kernel_dir)
     found = suites.load_suites(options.suites_dir, options.suites)
     chosen = _runnable(found, (kernel_dir / "config").read_text())
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -175,7 +169,7 @@ def run_tests(options: TestOptions) -> results.RunReport:
     payload_dir = payload.assemble_payload(
         chosen,
         run_dir / "payload",
-        metadata["kernel"]["release"],
+        metadata.kernel.release,
         c_compiler(image),
         module_kos,
         kselftest_dir=kernel_dir / "kselftest",
@@ -185,10 +179,10 @@ def run_tests(options: TestOptions) -> results.RunReport:
     run_info = {
         "schema": 1,
         "created": stamp,
-        "build_key": metadata["build_key"],
+        "build_key": metadata.build_key,
         "kernel_dir": str(kernel_dir.resolve()),
-        "kernel": metadata["kernel"],
-        "reproduce_build": metadata["reproduce"],
+        "kernel": asdict(metadata.kernel),
+        "reproduce_build": metadata.reproduce,
         "rootfs": {"key": base.key, "path": str(base.path)},
         "suites": [s.name for s in chosen],
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
@@ -205,7 +199,7 @@ def boot_and_collect(
     bzimage: Path,
     base_image: Path,
     payload_dir: Path,
-    metadata: dict,
+    metadata: BuildMetadata,
     options: TestOptions,
     run_info: dict,
 ) -> results.RunReport:
@@ -241,12 +235,12 @@ def boot_and_collect(
         console_dropped_bytes=run.console_dropped_bytes,
     )
     properties = {
-        "kernel.version": metadata["kernel"]["version"],
-        "kernel.requested": metadata["kernel"]["requested"],
-        "kernel.release": metadata["kernel"]["release"],
-        "build_key": metadata["build_key"],
+        "kernel.version": metadata.kernel.version,
+        "kernel.requested": metadata.kernel.requested,
+        "kernel.release": metadata.kernel.release,
+        "build_key": metadata.build_key,
         "accelerator": accel,
-        "patches": " ".join(metadata["patches"]) or "none",
+        "patches": " ".join(metadata.patches) or "none",
         "rootfs": run_info["rootfs"]["key"],
         "guest.end": run.end,
         "boot_seconds": "" if run.boot_seconds is None else f"{run.boot_seconds:.2f}",
@@ -330,7 +324,7 @@ def reproduce(run_dir: Path, *, interactive: bool = False) -> results.RunReport:
         raise RuntimeError(
             f"rootfs image {base} (key {info['rootfs']['key'][:16]}) is gone: rerun kernel-ci test"
         )
-    metadata = json.loads((kernel_dir / "metadata.json").read_text())
+    metadata = BuildMetadata.read(kernel_dir)
     options = TestOptions(kernel_dir=kernel_dir, output=run_dir.parent)
     for name, value in info["options"].items():
         if name in ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout"):

@@ -36,11 +36,11 @@ def test_two_fresh_builds_are_bit_identical_and_the_third_is_a_cache_hit(tmp_pat
     assert first_files == second_files
 
     meta = first.metadata
-    assert meta["kernel"]["version"] == "5.10.223"  # the nearest reachable to the course's 5.10.224
-    assert meta["kernel"]["release"] == "5.10.223-kci"
-    assert "ci-smoke/0001-proc-add-proc-ci-smoke.patch" in meta["patches"]
-    assert meta["inputs"]["config:CONFIG_CI_SMOKE"] == "y"
-    assert meta["reproduce"].startswith("kernel-ci build --kernel 5.10.223")
+    assert meta.kernel.version == "5.10.223"  # the nearest reachable to the course's 5.10.224
+    assert meta.kernel.release == "5.10.223-kci"
+    assert "ci-smoke/0001-proc-add-proc-ci-smoke.patch" in meta.patches
+    assert meta.inputs["config:CONFIG_CI_SMOKE"] == "y"
+    assert meta.reproduce.startswith("kernel-ci build --kernel 5.10.223")
     assert (first.output / "patches" / "ci-smoke.mbox").read_text().startswith("From ")
     assert json.loads((first.output / "metadata.json").read_text())["build_key"] == first.key
     assert (first.output / "kbuild" / "Module.symvers").exists()

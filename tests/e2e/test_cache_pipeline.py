@@ -31,7 +31,7 @@ def test_a_build_pushed_by_one_machine_is_restored_by_another(tmp_path: Path) ->
         assert not first.cache_hit  # machine A's local store was empty: it built (incrementally) and pushed
         listing = httpx.get(f"{server.url}/api/v1/builds").json()
         assert [b["key"] for b in listing["builds"]] == [first.key]
-        assert listing["builds"][0]["kernel_version"] == first.metadata["kernel"]["version"]
+        assert listing["builds"][0]["kernel_version"] == first.metadata.kernel.version
 
         reader = RemoteStore(LocalStore(tmp_path / "machine-b"), CacheClient(RemoteConfig(server.url)))
         second = build(BuildRequest(output=tmp_path / "out-b"), store=reader)

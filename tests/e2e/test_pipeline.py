@@ -15,7 +15,7 @@ import pytest
 
 from ci.buildpipeline import BuildRequest, BuildResult, build
 from ci.results import Outcome
-from ci.testpipeline import TestOptions, for_suites, run_tests
+from ci.testpipeline import TestOptions, run_tests
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
     """The default build (every series, every suite's kconfig): a build-cache hit after the first."""
     out = tmp_path_factory.mktemp("build")
-    return build(for_suites(BuildRequest(output=out / "build")))
+    return build(BuildRequest(output=out / "build"))
 
 
 def _suite(
@@ -81,7 +81,7 @@ def test_smoke_suites_pass_and_the_report_carries_the_build(kernel: BuildResult,
     suites = {suite.name: suite for suite in xml}
     assert {"boot", "smoke-c", "smoke-py"} <= set(suites)
     props = {p.name: p.value for p in suites["smoke-c"].properties()}
-    assert props["kernel.version"] == kernel.metadata["kernel"]["version"]
+    assert props["kernel.version"] == kernel.metadata.kernel.version
     assert props["build_key"] == kernel.key
     assert props["accelerator"] in ("kvm", "tcg")
     assert "ci-smoke/0001-proc-add-proc-ci-smoke.patch" in props["patches"]

@@ -14,7 +14,6 @@ import pytest
 
 from ci import images, kcheck, source
 from ci.buildpipeline import BuildRequest, build
-from ci.testpipeline import for_suites
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +30,8 @@ def _sources(module: str) -> list[Path]:
 def kernel(tmp_path_factory: pytest.TempPathFactory):
     """(builder image, kbuild tree, kernel source tree) of the CI kernel the tracer suite runs on."""
     out = tmp_path_factory.mktemp("tracer-checks") / "build"
-    result = build(for_suites(BuildRequest(series=["ci-smoke"], output=out), ["tracer"]))
-    tree = source.resolve(result.metadata["kernel"]["version"]).tree
+    result = build(BuildRequest(output=out))  # every build carries every suite's needs: the CI kernel
+    tree = source.resolve(result.metadata.kernel.version).tree
     return images.ensure_builder_image(), result.output / "kbuild", tree
 
 
