@@ -36,8 +36,8 @@ def test(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "ci", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "ci", "tests", "noxfile.py")
+    session.run("ruff", "check", "kernel_ci", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "kernel_ci", "tests", "noxfile.py")
 
 
 @nox.session(python=PYTHON)

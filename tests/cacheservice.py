@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from ci.cacheserver.server import ServerConfig, make_app, wait_healthy
-from ci.cacheserver.service import CacheService
+from kernel_ci.cache.server.server import ServerConfig, make_app, wait_healthy
+from kernel_ci.cache.server.service import CacheService
 
 TOKEN = "write-token-for-tests"
 READ_TOKEN = "read-token-for-tests"
@@ -84,7 +84,17 @@ def free_port() -> int:
 def server_process(data: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Running]:
     """`kernel-ci cache serve` as a subprocess (as an operator runs it); stopped and reaped at the end."""
     port = free_port()
-    argv = [sys.executable, "-m", "ci.cli", "cache", "serve", "--data", str(data), "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "kernel_ci.cli.main",
+        "cache",
+        "serve",
+        "--data",
+        str(data),
+        "--port",
+        str(port),
+    ]
     argv += ["--token", TOKEN, *extra]
     log = open(data.parent / f"server-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ci.buildpipeline import BuildRequest, build
-from ci.cachestore import LocalStore
-from ci.paths import cache_dir
+from kernel_ci.cache.store import LocalStore
+from kernel_ci.core.paths import cache_dir
+from kernel_ci.flow.build import BuildRequest, build
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_a_changed_config_symbol_is_named_on_a_miss(
 BUILD_CHILD = """
 import sys
 from pathlib import Path
-from ci.buildpipeline import BuildRequest, build
+from kernel_ci.flow.build import BuildRequest, build
 build(BuildRequest(output=Path(sys.argv[1]), use_cache=False, fresh=True))
 """
 
@@ -110,7 +110,7 @@ def test_sigkill_mid_build_leaves_no_container_and_the_rerun_builds(tmp_path: Pa
 CONCURRENT_CHILD = """
 import json, sys
 from pathlib import Path
-from ci.buildpipeline import BuildRequest, build
+from kernel_ci.flow.build import BuildRequest, build
 result = build(BuildRequest(output=Path(sys.argv[1]), ccache_dir=Path(sys.argv[2])))
 print(json.dumps({"key": result.key, "cache_hit": result.cache_hit}))
 """

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from ci import builder, images, proc
+from kernel_ci.build import images
+from kernel_ci.build import kbuild as builder
+from kernel_ci.core import proc
 
 pytestmark = pytest.mark.slow
 
@@ -185,7 +187,7 @@ def _container_exists(container: str) -> bool:
 CHILD = """
 import json, sys
 from pathlib import Path
-from ci import builder
+from kernel_ci.build import kbuild as builder
 spec = json.loads(sys.argv[1])
 env = builder.BuildEnv(image=spec["image"], src=Path(spec["src"]), out=Path(spec["out"]),
                        ccache_dir=Path(spec["ccache"]), jobs=1, timestamp="x", use_ccache=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import proc
+from kernel_ci.core import proc
 from tests.cacheservice import TOKEN, Running, server_process
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_ccache_gets_remote_hits_after_its_local_cache_is_wiped(
 ) -> None:
     host = server.url.removeprefix("http://")
     remote = {
-        # what ci.remotestore configures: the token in ccache's bearer-token attribute, default layout
+        # what kernel_ci.cache.remote configures: the token in ccache's bearer-token attribute, default layout
         "bearer-subdirs": f"http://{host}/ccache/|bearer-token={TOKEN}",
         # the other way ccache authenticates: user:password in the URL (sent as Basic auth)
         "basic-flat": f"http://ccache:{TOKEN}@{host}/ccache/|layout=flat",

@@ -1,4 +1,4 @@
-"""The shared cache through ci.buildpipeline: one machine builds and pushes, another restores; and the
+"""The shared cache through kernel_ci.flow.build: one machine builds and pushes, another restores; and the
 builder container reaching the service's ccache storage over host networking."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ci import builder, images, proc
-from ci.buildpipeline import BuildRequest, build
-from ci.cachestore import LocalStore
-from ci.remotestore import CacheClient, RemoteConfig, RemoteStore
+from kernel_ci.build import images
+from kernel_ci.build import kbuild as builder
+from kernel_ci.cache.remote import CacheClient, RemoteConfig, RemoteStore
+from kernel_ci.cache.store import LocalStore
+from kernel_ci.core import proc
+from kernel_ci.flow.build import BuildRequest, build
 from tests.cacheservice import TOKEN, server_process
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from ci.cacheserver.server import ServerConfig
-from ci.cacheserver.service import Limits
+from kernel_ci.cache.server.server import ServerConfig
+from kernel_ci.cache.server.service import Limits
 from tests.cacheservice import TOKEN, server_in_thread
 
 pytestmark = pytest.mark.slow

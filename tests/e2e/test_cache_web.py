@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ci.cacheserver.server import ServerConfig
+from kernel_ci.cache.server.server import ServerConfig
 from tests.cacheservice import Running, server_in_thread, sha
 
 pytestmark = pytest.mark.slow

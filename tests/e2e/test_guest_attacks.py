@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from junitparser import JUnitXml
 
-from ci import qemu, results, rootfs, scanner
-from ci.payload import read_plan
+from kernel_ci.guest import qemu, rootfs, scanner
+from kernel_ci.guest.payload import read_plan
+from kernel_ci.report import results
 from tests.e2e.test_guest_boot import accel, base_image, bzimage, guest_config, make_payload, shell_suite
 
 __all__ = ["accel", "base_image", "bzimage"]  # fixtures, imported for pytest

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import qemu, rootfs
-from ci.paths import CONTAINERS, GUEST_TESTS
+from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS
+from kernel_ci.guest import qemu, rootfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -31,7 +31,7 @@ def bzimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     explicit = os.environ.get("KCI_TEST_BZIMAGE")
     if explicit:
         return Path(explicit)
-    from ci.buildpipeline import BuildRequest, build
+    from kernel_ci.flow.build import BuildRequest, build
 
     out = tmp_path_factory.mktemp("guest-boot-build") / "build"
     return build(BuildRequest(output=out)).bzimage

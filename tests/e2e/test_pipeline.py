@@ -13,9 +13,9 @@ from pathlib import Path
 import junitparser
 import pytest
 
-from ci.buildpipeline import BuildRequest, BuildResult, build
-from ci.results import Outcome
-from ci.testpipeline import TestOptions, run_tests
+from kernel_ci.flow.build import BuildRequest, BuildResult, build
+from kernel_ci.flow.test import TestOptions, run_tests
+from kernel_ci.report.results import Outcome
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""End to end: the kernel-style checks of the tracer modules (issue 6), run by the pipeline's ci.kcheck.
+"""End to end: the kernel-style checks of the tracer modules (issue 6), run by the pipeline's
+kernel_ci.build.kcheck.
 
 checkpatch.pl (--no-tree --terse -f) over every source and header, sparse (`make C=2`) and cppcheck over
 each module, against the kbuild tree of the CI kernel (built, or restored from the build cache). Each
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import images, kcheck, source
-from ci.buildpipeline import BuildRequest, build
+from kernel_ci.build import images, kcheck, source
+from kernel_ci.flow.build import BuildRequest, build
 
 pytestmark = pytest.mark.slow
 

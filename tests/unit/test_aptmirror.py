@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ci import aptmirror
+from kernel_ci.host import aptmirror
 
 DEB822 = """Types: deb deb-src
 URIs: http://mirror.invalid/debian

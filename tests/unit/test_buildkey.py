@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from ci.buildkey import (
+from kernel_ci.build.keys import (
     InputDifference,
     MissExplanation,
     build_key,

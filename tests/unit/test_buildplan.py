@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from ci import buildpipeline, cli, kconfig, recipekey, source
-from ci.buildpipeline import HOW_NOT_WHAT, BuildRequest, plan_request
-from ci.buildplan import BuildPlan, PlanError, SourcePin, make_plan, suite_needs
-from ci.paths import GUEST_TESTS
+from kernel_ci.build import kconfig, source
+from kernel_ci.build import recipe as recipekey
+from kernel_ci.build.plan import BuildPlan, PlanError, SourcePin, make_plan, suite_needs
+from kernel_ci.cli import main as cli
+from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.flow import build as buildpipeline
+from kernel_ci.flow.build import HOW_NOT_WHAT, BuildRequest, plan_request
 
 FINGERPRINT = "7d13f7fb1ee4cd046c9c404e7bf7ebe4"  # a toolchain fingerprint (a digest of package versions)
 FINAL_CONFIG = "CONFIG_64BIT=y\nCONFIG_PROC_FS=y\n# CONFIG_KASAN is not set\n"

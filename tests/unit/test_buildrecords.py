@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ci.buildrecords import (
+from kernel_ci.build.records import (
     METADATA_SCHEMA,
     BuildMetadata,
     CcacheFigures,

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ci.cacheserver.server import ServerConfig
-from ci.cacheserver.service import Limits
+from kernel_ci.cache.server.server import ServerConfig
+from kernel_ci.cache.server.service import Limits
 from tests.cacheservice import READ_TOKEN, TOKEN, Running, server_in_thread, sha
 
 KEY = "ab" * 32

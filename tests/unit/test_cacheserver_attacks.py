@@ -19,8 +19,8 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-from ci.cacheserver.server import ServerConfig
-from ci.cacheserver.service import Limits
+from kernel_ci.cache.server.server import ServerConfig
+from kernel_ci.cache.server.service import Limits
 from tests.cacheservice import READ_TOKEN, REPO, TOKEN, Running, server_in_thread, server_process, sha
 
 KEY = "ab" * 32
@@ -59,13 +59,13 @@ def _routes(app: Any) -> list[tuple[str, str, str]]:
 
 
 def _read_posts_static() -> frozenset[tuple[str, str]]:
-    from ci.cacheserver.app import READ_ONLY_POSTS
+    from kernel_ci.cache.server.app import READ_ONLY_POSTS
 
     return READ_ONLY_POSTS
 
 
 def _write_routes(app: Any) -> list[tuple[str, str, str]]:
-    from ci.cacheserver.app import READ_ONLY_POSTS
+    from kernel_ci.cache.server.app import READ_ONLY_POSTS
 
     return [r for r in _routes(app) if r[0] in WRITE_METHODS and (r[0], r[1]) not in READ_ONLY_POSTS]
 
@@ -74,7 +74,7 @@ def _app_routes() -> list[tuple[str, str, str]]:
     """The routing table of a real app, read when the tests are collected: one test per route."""
     import tempfile
 
-    from ci.cacheserver.server import make_app
+    from kernel_ci.cache.server.server import make_app
 
     with tempfile.TemporaryDirectory() as scratch:
         app, _service = make_app(ServerConfig(data=Path(scratch)))
@@ -125,7 +125,7 @@ def test_every_read_route_refuses_anonymous_callers_when_reads_are_closed(tmp_pa
 
 
 def _read_posts() -> set[tuple[str, str]]:
-    from ci.cacheserver.app import READ_ONLY_POSTS
+    from kernel_ci.cache.server.app import READ_ONLY_POSTS
 
     return set(READ_ONLY_POSTS)
 
@@ -324,7 +324,7 @@ def test_scrub_finds_a_corrupt_large_blob_and_forgets_it(tmp_path: Path) -> None
     path = tmp_path / "data" / "blobs" / digest[:2] / digest
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # bit rot in a large blob
     scrub = subprocess.run(
-        [sys.executable, "-m", "ci.cli", "cache", "scrub", "--data", str(tmp_path / "data")],
+        [sys.executable, "-m", "kernel_ci.cli.main", "cache", "scrub", "--data", str(tmp_path / "data")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -381,7 +381,7 @@ def test_ccache_hashing_never_runs_big_inputs_on_the_event_loop(
         assert client.put(f"/ccache/{CCACHE_KEY}", content=big).status_code == 201
         assert client.get(f"/ccache/{CCACHE_KEY}").content == big
         assert client.get(f"/ccache/{CCACHE_KEY[:2]}/{CCACHE_KEY[2:]}").content == big
-    from ci.cacheserver.app import INLINE_HASH_MAX
+    from kernel_ci.cache.server.app import INLINE_HASH_MAX
 
     assert max(spy.on_loop, default=0) <= INLINE_HASH_MAX, sorted(spy.on_loop)[-3:]
 
@@ -396,7 +396,7 @@ def test_oversize_limits_are_kept_with_small_limits(tmp_path: Path) -> None:
 
 def test_a_huge_junit_report_is_refused_not_parsed(tmp_path: Path) -> None:
     """A write token holder must not make the service read a multi-GiB blob into memory to parse it."""
-    from ci.cacheserver.service import MAX_JUNIT_BYTES
+    from kernel_ci.cache.server.service import MAX_JUNIT_BYTES
 
     with server_in_thread(ServerConfig(data=tmp_path / "d")) as server, server.client() as client:
         digest = sha(b"kernel")

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from ci.cacheserver.blobs import LocalBlobStore
-from ci.cacheserver.index import IndexError_, SqliteIndex
-from ci.cacheserver.server import ServerConfig
-from ci.cacheserver.service import CacheService, Limits
+from kernel_ci.cache.server.blobs import LocalBlobStore
+from kernel_ci.cache.server.index import IndexError_, SqliteIndex
+from kernel_ci.cache.server.server import ServerConfig
+from kernel_ci.cache.server.service import CacheService, Limits
 from tests.cacheservice import REPO, TOKEN, TcpProxy, free_port, server_in_thread, sha
 
 CCACHE_KEY = "0123" + "abcdefghijklmnopqrstuv0123456"
@@ -218,7 +218,17 @@ def test_postgresql_down_is_a_503_then_recovers_and_the_password_stays_out_of_lo
 def test_the_database_password_is_in_no_output_of_a_failing_server(tmp_path: Path, index: str) -> None:
     url = index.format(port=free_port())  # nothing listens there
     proc = subprocess.run(
-        [sys.executable, "-m", "ci.cli", "cache", "serve", "--data", str(tmp_path / "d"), "--index", url],
+        [
+            sys.executable,
+            "-m",
+            "kernel_ci.cli.main",
+            "cache",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--index",
+            url,
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -267,7 +277,7 @@ def test_a_failed_postgresql_commit_leaves_the_connection_usable(pg_schema: tupl
     """A deferred constraint trigger refuses one row at COMMIT time: the next transaction on the same
     thread (the same pooled connection) must not find itself inside the failed one. PostgreSQL ends a
     transaction whose COMMIT fails; this keeps _tx from ever relying on anything else."""
-    from ci.cacheserver.index import PostgresIndex
+    from kernel_ci.cache.server.index import PostgresIndex
 
     dsn, schema = pg_schema
     index = PostgresIndex(f"{dsn}?options=-csearch_path%3D{schema}")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import cachestore
-from ci.cachestore import BuildStore, CacheStoreError, LocalStore
+from kernel_ci.cache import store as cachestore
+from kernel_ci.cache.store import BuildStore, CacheStoreError, LocalStore
 
 KEY_A = "a1" + "0" * 62
 KEY_B = "b2" + "0" * 62

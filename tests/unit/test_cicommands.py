@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ci import cli, patchexport, recipekey, summary
-from ci.paths import KERNEL_PATCHES
-from ci.proc import capture
-from ci.results import Case, Outcome, RunReport, SuiteResult, write_junit
+from kernel_ci.build import patchexport
+from kernel_ci.build import recipe as recipekey
+from kernel_ci.cli import main as cli
+from kernel_ci.core.paths import KERNEL_PATCHES
+from kernel_ci.core.proc import capture
+from kernel_ci.report import summary
+from kernel_ci.report.results import Case, Outcome, RunReport, SuiteResult, write_junit
 from tests.unit.test_patches import GIT, VANILLA, PatchMaker, edited, make_series, write_tree
 
 PROPS = {"kernel.version": "5.10.223", "kernel.requested": "5.10.224", "build_key": "ab" * 32}
@@ -187,7 +190,7 @@ def test_export_refuses_to_replace_a_folder_it_did_not_write(tmp_path: Path) -> 
 
 
 def test_finding_locations_point_at_the_repository_patch_and_line(tmp_path: Path) -> None:
-    from ci.kcheck import CheckResult
+    from kernel_ci.build.kcheck import CheckResult
 
     result = patchexport.run(tmp_path / "patches", check=False)
     exported = result.patch_files[0]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ci import cli, ghactions
-from ci.errors import BUILD_FAILED_EXIT
-from ci.patches import PatchApplyError, apply_series, discover_series
+from kernel_ci.build.patches import PatchApplyError, apply_series, discover_series
+from kernel_ci.cli import main as cli
+from kernel_ci.core.errors import BUILD_FAILED_EXIT
+from kernel_ci.report import github as ghactions
 from tests.unit.test_patches import VANILLA, PatchMaker, edited, make_series, write_tree
 
 TREE_MAKEFILE = "VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 223\nEXTRAVERSION =\n"
@@ -123,8 +124,8 @@ def test_kernel_ci_build_prints_the_failing_hunk_as_an_annotation_and_exits_10(
         apply_series(discover_series(root), tree)  # raises the real PatchApplyError
         raise AssertionError("the series should not apply")
 
-    monkeypatch.setattr("ci.buildpipeline.build", build)
-    monkeypatch.setattr("ci.testpipeline.suite_fragments", lambda names=None: [])
+    monkeypatch.setattr("kernel_ci.flow.build.build", build)
+    monkeypatch.setattr("kernel_ci.flow.test.suite_fragments", lambda names=None: [])
     monkeypatch.setattr(ghactions, "KERNEL_PATCHES", root)
     monkeypatch.setattr(ghactions, "REPO_ROOT", tmp_path)
     monkeypatch.setenv("GITHUB_ACTIONS", "true")

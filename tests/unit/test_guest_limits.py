@@ -2,7 +2,8 @@
 
 The guest runs patch authors' tests as root and writes the results share. These tests craft that share
 by hand (symlinks to host files, FIFOs, device nodes, sparse giants, bad names, nesting without end,
-XML entities) and check that ci.results reads none of the host's other files, never blocks, never reads
+XML entities) and check that kernel_ci.report.results reads none of the host's other files, never blocks,
+never reads
 more than its caps, and still writes a well-formed JUnit report that says what was refused.
 (tests/e2e/test_guest_attacks.py makes the same attacks from inside a real guest.)
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 import pytest
 from junit_check import read_back, suite_properties, suite_text
 
-from ci import guestfiles, ktap, results, testpipeline
-from ci.payload import PYTEST_ARGV, Plan, PlanSuite
-from ci.results import GuestEnd, Outcome, collect, write_junit
-from ci.scanner import MAX_FAULTS, MAX_SUITE_SPANS, ConsoleScanner, scan
+from kernel_ci.flow import test as testpipeline
+from kernel_ci.guest.payload import PYTEST_ARGV, Plan, PlanSuite
+from kernel_ci.guest.scanner import MAX_FAULTS, MAX_SUITE_SPANS, ConsoleScanner, scan
+from kernel_ci.report import guestfiles, ktap, results
+from kernel_ci.report.results import GuestEnd, Outcome, collect, write_junit
 
 pytestmark = pytest.mark.timeout(60)  # a FIFO read by the old code blocks forever: fail, do not hang
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from ci import kconfig
-from ci.kconfig import Fragment
+from kernel_ci.build import kconfig
+from kernel_ci.build.kconfig import Fragment
 
 
 def test_parse_reads_set_unset_and_strings() -> None:
@@ -54,7 +54,7 @@ def test_verify_treats_absent_as_not_set() -> None:
 
 
 def test_base_fragment_parses() -> None:
-    from ci.buildpipeline import BASE_FRAGMENT
+    from kernel_ci.flow.build import BASE_FRAGMENT
 
     values = kconfig.parse(BASE_FRAGMENT.read_text(), str(BASE_FRAGMENT))
     for needed in ("CONFIG_VIRTIO_BLK", "CONFIG_9P_FS", "CONFIG_EXT4_FS", "CONFIG_SERIAL_8250_CONSOLE",

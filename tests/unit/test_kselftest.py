@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 from junit_check import read_back
 
-from ci import builder, kselftest, proc
-from ci.paths import GUEST_TESTS
-from ci.payload import KSELFTEST_ARGV, PayloadError, Plan, PlanSuite, assemble_payload, read_plan
-from ci.results import GuestEnd, Outcome, collect, write_junit
-from ci.scanner import scan
-from ci.suites import ExpectedFailure, ManifestError, load_suite, load_suites
-from ci.testpipeline import suite_kselftest_targets
+from kernel_ci.build import kbuild as builder
+from kernel_ci.build import kselftest
+from kernel_ci.core import proc
+from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.flow.test import suite_kselftest_targets
+from kernel_ci.guest.payload import KSELFTEST_ARGV, PayloadError, Plan, PlanSuite, assemble_payload, read_plan
+from kernel_ci.guest.scanner import scan
+from kernel_ci.guest.suites import ExpectedFailure, ManifestError, load_suite, load_suites
+from kernel_ci.report.results import GuestEnd, Outcome, collect, write_junit
 
 KSELFTEST = 'name = "{name}"\nlanguage = "kselftest"\ntimeout = 60\ntargets = ["ptrace"]\n'
 XFAIL = '[[xfail]]\ntest = "ptrace:vmaccess"\ncase = "global.attach"\nkernels = ["5.10"]\nreason = "no fix"\n'

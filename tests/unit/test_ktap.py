@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ci.ktap import KtapParser, flatten, parse, strip_prefix
+from kernel_ci.report.ktap import KtapParser, flatten, parse, strip_prefix
 
 SPEC_EXAMPLE = """\
 KTAP version 1

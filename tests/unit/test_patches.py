@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ci.patches import (
+from kernel_ci.build.patches import (
     PatchApplyError,
     PatchToolMissingError,
     Series,
@@ -22,8 +22,8 @@ from ci.patches import (
     patch_targets,
     series_digest,
 )
-from ci.paths import KERNEL_PATCHES
-from ci.proc import capture, run
+from kernel_ci.core.paths import KERNEL_PATCHES
+from kernel_ci.core.proc import capture, run
 
 GIT = [
     "git",

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ci import proc
-from ci.ktap import flatten, parse
-from ci.paths import GUEST_TESTS
-from ci.payload import PYTEST_ARGV, PayloadError, assemble_payload, read_plan
-from ci.suites import ManifestError, kconfig_lines, load_suites
+from kernel_ci.core import proc
+from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.guest.payload import PYTEST_ARGV, PayloadError, assemble_payload, read_plan
+from kernel_ci.guest.suites import ManifestError, kconfig_lines, load_suites
+from kernel_ci.report.ktap import flatten, parse
 
 CFLAGS = ["-static", "-O2", "-Wall", "-Wextra", "-Werror"]
 

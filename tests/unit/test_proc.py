@@ -1,4 +1,5 @@
-"""ci.proc.run: a timeout or an interrupt stops the whole process tree it started, and the call returns even
+"""kernel_ci.core.proc.run: a timeout or an interrupt stops the whole process tree it started, and the call
+returns even
 when a grandchild (or one that escaped the group) keeps the output pipe open."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import proc
+from kernel_ci.core import proc
 
 GRACE = 1.0
 

@@ -1,4 +1,5 @@
-"""ci.qemu without a guest kernel: the command line, the accelerator decision, the probe cache, the
+"""kernel_ci.guest.qemu without a guest kernel: the command line, the accelerator decision, the probe cache,
+the
 overlay (real qemu-img and qemu-io), the monitor helper and QEMU failing to start (real QEMU)."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import qemu
+from kernel_ci.guest import qemu
 
 needs_qemu_img = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-io") is None, reason="qemu-utils is not installed"

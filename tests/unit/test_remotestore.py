@@ -1,4 +1,5 @@
-"""ci.remotestore against a real service on 127.0.0.1: push an entry, restore it into another local store."""
+"""kernel_ci.cache.remote against a real service on 127.0.0.1: push an entry, restore it into another local
+store."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from ci.cacheserver.server import ServerConfig
-from ci.cachestore import BuildStore, LocalStore
-from ci.remotestore import CacheClient, RemoteConfig, RemoteStore, attach_test_run, open_store, write_tar
+from kernel_ci.cache.remote import (
+    CacheClient,
+    RemoteConfig,
+    RemoteStore,
+    attach_test_run,
+    open_store,
+    write_tar,
+)
+from kernel_ci.cache.server.server import ServerConfig
+from kernel_ci.cache.store import BuildStore, LocalStore
 from tests.cacheservice import TOKEN, server_in_thread
 
 KEY = "5e" * 32

@@ -9,10 +9,18 @@ import pytest
 from junit_check import read_back, suite_properties, suite_text
 from rich.console import Console
 
-from ci import proc
-from ci.payload import PYTEST_ARGV, Plan, PlanSuite
-from ci.results import GuestEnd, Outcome, collect, render_report, render_summary, worst, write_junit
-from ci.scanner import scan
+from kernel_ci.core import proc
+from kernel_ci.guest.payload import PYTEST_ARGV, Plan, PlanSuite
+from kernel_ci.guest.scanner import scan
+from kernel_ci.report.results import (
+    GuestEnd,
+    Outcome,
+    collect,
+    render_report,
+    render_summary,
+    worst,
+    write_junit,
+)
 
 DATA = Path(__file__).parent / "data" / "console"
 PLAN = Plan(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import rootfs
-from ci.paths import CONTAINERS, GUEST_TESTS
+from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS
+from kernel_ci.guest import rootfs
 
 RECIPE = CONTAINERS / "rootfs"
 INIT = GUEST_TESTS / "init" / "kci-init"

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from ci import proc
-from ci.paths import GUEST_TESTS
-from ci.payload import PYTEST_ARGV, read_plan
-from ci.results import GuestEnd, Outcome, collect
-from ci.scanner import scan
+from kernel_ci.core import proc
+from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.guest.payload import PYTEST_ARGV, read_plan
+from kernel_ci.guest.scanner import scan
+from kernel_ci.report.results import GuestEnd, Outcome, collect
 
 RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
 

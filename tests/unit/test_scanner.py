@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ci.scanner import (
+from kernel_ci.guest.scanner import (
     ConsoleScanner,
     FaultEnded,
     FaultStarted,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ci import aptmirror, source
+from kernel_ci.build import source
+from kernel_ci.host import aptmirror
 
 
 def _tarball_bytes(top: str) -> bytes:
@@ -111,7 +112,7 @@ def test_repo_lock_pins_every_reachable_tarball() -> None:
 UNPACK_CHILD = """
 import sys
 from pathlib import Path
-from ci import source
+from kernel_ci.build import source
 tarball = source.Tarball("9.9.0", "debian", "p/linux_9.9.0.orig.tar.xz", sys.argv[2], "linux-9.9.0")
 tree = source.unpack(tarball, Path(sys.argv[1]))
 print(tree.stat().st_ino, (tree / "Makefile").read_text().splitlines()[0])

@@ -11,7 +11,8 @@ from pathlib import Path
 CHILD = """
 import sys
 from pathlib import Path
-from ci import buildpipeline, source
+from kernel_ci.build import source
+from kernel_ci.flow import build as buildpipeline
 tarball = source.Tarball("9.9.0", "debian", "p/linux_9.9.0.orig.tar.xz", "0" * 64, "linux-9.9.0")
 src = source.KernelSource("9.9.0", tarball, Path(sys.argv[1]), "cache:")
 tree = buildpipeline._prepare_tree(src, [], "t" * 16)

@@ -15,9 +15,10 @@ import nox
 import pytest
 import yaml
 
-from ci import images, matrix
-from ci.paths import REPO_ROOT, SOURCES_LOCK
-from ci.proc import run
+from kernel_ci.build import images
+from kernel_ci.cli import matrix
+from kernel_ci.core.paths import REPO_ROOT, SOURCES_LOCK
+from kernel_ci.core.proc import run
 
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "kernel.yml"
 NOX_SESSION = re.compile(r"\bnox\s+(?:-s|--sessions?)\s+((?:[\w-]+\s*)+?)(?=\s*(?:--|$|\n|&|;|\|))", re.M)
@@ -144,7 +145,7 @@ def test_matrix_main_writes_the_github_output(tmp_path: Path, monkeypatch: pytes
 
 def test_build_and_test_take_their_matrix_from_the_matrix_job() -> None:
     jobs = workflow()["jobs"]
-    assert any("python3 -m ci.matrix --github-output" in s for s in scripts("matrix"))
+    assert any("python3 -m kernel_ci.cli.matrix --github-output" in s for s in scripts("matrix"))
     assert jobs["matrix"]["outputs"]["matrix"] == "${{ steps.matrix.outputs.matrix }}"
     for name in ("build", "test"):
         strategy = jobs[name]["strategy"]

@@ -1,0 +1,210 @@
+"""`kernel-ci bench`: measured figures for the build and boot loop, beside the tools people use today.
+
+Build: cold (empty ccache, empty object tree), ccache-warm clean tree, incremental after touching
+kernel/ptrace.c, build-cache hit; beside them tuxmake building the same tree and config (cold, and with a
+warm ccache). Guest: rootfs cold and cached, boot-to-first-test and a full smoke run under TCG; beside them
+virtme-ng booting the same bzImage to run one command. Results: JSON and a table; aims are shown, never
+asserted (speed is not a test verdict).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from kernel_ci.cache.store import LocalStore
+from kernel_ci.core import proc
+from kernel_ci.core.console import console, step, warn
+from kernel_ci.flow.build import BuildRequest, BuildResult, build
+from kernel_ci.host import setup as hostsetup
+
+HOST_BUILD_DEPS = ["gcc", "make", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "ccache", "cpio", "kmod"]
+
+
+@dataclass
+class Figure:
+    name: str
+    seconds: float | None
+    aim: str = ""
+    note: str = ""
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.monotonic()
+    value = fn()
+    return time.monotonic() - start, value
+
+
+def machine_description() -> dict[str, str | int]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpus": os.cpu_count() or 0,
+        "cpu": cpu,
+        "memory_gib": round(mem_kb / 2**20),
+        "kernel": platform.release(),
+    }
+
+
+def build_figures(work: Path, kernel: str | None) -> tuple[list[Figure], BuildResult]:
+    ccache = work / "ccache"
+    store = LocalStore(work / "store")
+    out = work / "out"
+
+    step("bench: cold build (empty ccache, empty object tree, no build cache)")
+    cold = build(
+        BuildRequest(kernel=kernel, output=out / "cold", fresh=True, use_cache=False, ccache_dir=ccache)
+    )
+    figures = [Figure("build: cold, CI config", cold.seconds, "< 300 s")]
+
+    step("bench: ccache-warm build of a clean tree")
+    warm = build(
+        BuildRequest(kernel=kernel, output=out / "warm", fresh=True, use_cache=False, ccache_dir=ccache)
+    )
+    rate = warm.metadata.ccache.hit_rate if warm.metadata.ccache else 0.0
+    figures.append(
+        Figure("build: ccache-warm, clean tree", warm.seconds, "< 90 s", f"ccache {rate:.0%} hits")
+    )
+
+    step("bench: incremental build after touching kernel/ptrace.c")
+    assert warm.work is not None
+    (warm.work / "src" / "kernel" / "ptrace.c").touch()
+    incremental = build(BuildRequest(kernel=kernel, output=out / "incr", use_cache=False, ccache_dir=ccache))
+    figures.append(Figure("build: incremental (kernel/ptrace.c touched)", incremental.seconds, "< 30 s"))
+
+    step("bench: build cache hit")
+    build(BuildRequest(kernel=kernel, output=out / "seed", use_cache=True, ccache_dir=ccache), store=store)
+    hit = build(
+        BuildRequest(kernel=kernel, output=out / "hit", use_cache=True, ccache_dir=ccache), store=store
+    )
+    figures.append(Figure("build: build-cache hit", hit.seconds, "< 5 s", "hit" if hit.cache_hit else "MISS"))
+    return figures, cold
+
+
+def tuxmake_figures(work: Path, reference: BuildResult) -> list[Figure]:
+    """tuxmake on the host (--runtime null: no toolchain image can be pulled here), same tree and config."""
+    if shutil.which("tuxmake") is None:
+        return [Figure("tuxmake: cold", None, note="tuxmake not installed (pip install tuxmake)")]
+    if hostsetup.can_install():
+        hostsetup.apt_install(HOST_BUILD_DEPS)
+    assert reference.work is not None
+    tree = reference.work / "src"
+    config = reference.output / "config"
+    env = {
+        "KBUILD_BUILD_TIMESTAMP": reference.metadata.kbuild_timestamp,
+        "CCACHE_DIR": str(work / "tuxmake-ccache"),
+    }
+    figures = []
+    for label, extra in (("cold", []), ("ccache-warm #1 (fills ccache)", ["--wrapper", "ccache"]),
+                         ("ccache-warm #2", ["--wrapper", "ccache"])):  # fmt: skip
+        build_dir = work / "tuxmake-build"
+        shutil.rmtree(build_dir, ignore_errors=True)
+        argv = ["tuxmake", "--runtime", "null", "--target-arch", "x86_64", "--toolchain", "gcc",
+                "--kconfig", str(config), "-C", str(tree), "-b", str(build_dir),
+                "-o", str(work / "tuxmake-out"), *extra, "kernel", "modules"]  # fmt: skip
+        seconds, _ = _timed(lambda argv=argv: proc.run(argv, env=env, keep_output=False, quiet=True))
+        figures.append(Figure(f"tuxmake: {label}", seconds))
+    return figures
+
+
+def render(figures: list[Figure]) -> Table:
+    table = Table(title="kernel-ci bench", title_justify="left")
+    table.add_column("measure")
+    table.add_column("seconds", justify="right")
+    table.add_column("aim")
+    table.add_column("note")
+    for figure in figures:
+        shown = "-" if figure.seconds is None else f"{figure.seconds:.2f}"
+        table.add_row(figure.name, shown, figure.aim, figure.note)
+    return table
+
+
+def ratio(figures: list[Figure], ours: str, theirs: str) -> str:
+    by_name = {f.name: f.seconds for f in figures}
+    a, b = by_name.get(ours), by_name.get(theirs)
+    return f"{a / b:.2f}" if a and b else "n/a"
+
+
+def _report(figures: list[Figure]) -> dict:
+    report = {
+        "machine": machine_description(),
+        "load_average": os.getloadavg(),
+        "command": " ".join(["kernel-ci", *sys.argv[1:]]) if sys.argv else "kernel-ci bench",
+        "figures": [asdict(f) for f in figures],
+        "ratios": {
+            "cold build / tuxmake cold": ratio(figures, "build: cold, CI config", "tuxmake: cold"),
+            "ccache-warm / tuxmake ccache-warm": ratio(
+                figures, "build: ccache-warm, clean tree", "tuxmake: ccache-warm #2"
+            ),
+            "boot-to-first-test / virtme-ng": ratio(
+                figures, "guest: boot-to-first-test, TCG", "virtme-ng: boot + uname -r, TCG"
+            ),
+        },
+        "ccache": {"note": "cold uses an empty ccache dir of its own; the user's ccache is not touched"},
+    }
+    boot = [f.seconds for f in figures if f.name.startswith("guest: boot-to-first-test") and f.seconds]
+    if boot:
+        report["boot_median"] = statistics.median(boot)
+    return report
+
+
+PARTS = ("build", "guest")
+
+
+def run_bench(
+    output: Path, *, skip_reference: bool = False, kernel: str | None = None, parts: Sequence[str] = PARTS
+) -> dict:
+    """Measure the parts asked for; bench.json is rewritten after each part, so an interrupted run keeps
+    what it measured."""
+    output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
+    figures: list[Figure] = []
+
+    def save() -> dict:
+        report = _report(figures)
+        (output / "bench.json").write_text(json.dumps(report, indent=1))
+        return report
+
+    try:
+        if "build" in parts:
+            build_part, cold = build_figures(work, kernel)
+            figures += build_part
+            save()
+            if not skip_reference:
+                step("bench: tuxmake on the same tree and config")
+                figures += tuxmake_figures(work, cold)
+                save()
+        if "guest" in parts:
+            from kernel_ci.bench.guest import guest_figures
+
+            figures += guest_figures(work, skip_reference=skip_reference)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        report = save()
+    console.print(render(figures))
+    console.print(f"ratios: {report['ratios']}")
+    console.print(f"JSON: {output / 'bench.json'}")
+    if any(f.seconds is None for f in figures):
+        warn("some figures could not be measured: see the notes")
+    return report

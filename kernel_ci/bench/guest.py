@@ -1,0 +1,110 @@
+"""The guest half of `kernel-ci bench`: rootfs, boot-to-first-test and smoke runs, beside virtme-ng."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from kernel_ci.bench.build import Figure
+from kernel_ci.core import proc
+from kernel_ci.core.console import step
+from kernel_ci.flow.build import BuildRequest, BuildResult, build
+from kernel_ci.flow.test import GUEST_INIT, ROOTFS_RECIPE, TestOptions, run_tests
+from kernel_ci.guest import rootfs
+from kernel_ci.host import setup as hostsetup
+
+BOOT_RUNS = 3
+
+
+def _rootfs_figures(work: Path) -> list[Figure]:
+    step("bench: rootfs image, cold (own cache dir) and cached")
+    saved = os.environ.get("KERNEL_CI_CACHE")
+    os.environ["KERNEL_CI_CACHE"] = str(work / "rootfs-cache")
+    try:
+        start = time.monotonic()
+        rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
+        cold = time.monotonic() - start
+        start = time.monotonic()
+        rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
+        cached = time.monotonic() - start
+    finally:
+        if saved is None:
+            os.environ.pop("KERNEL_CI_CACHE", None)
+        else:
+            os.environ["KERNEL_CI_CACHE"] = saved
+        shutil.rmtree(work / "rootfs-cache", ignore_errors=True)
+    return [
+        Figure("rootfs: cold (debootstrap + mkfs.ext4 -d)", cold),
+        Figure("rootfs: cached", cached, "< 1 s"),
+    ]
+
+
+def _smoke_figures(work: Path, kernel: BuildResult) -> list[Figure]:
+    step(f"bench: smoke runs under TCG ({BOOT_RUNS}x)")
+    first_test: list[float] = []
+    full: list[float] = []
+    for index in range(BOOT_RUNS):
+        start = time.monotonic()
+        run_tests(TestOptions(kernel_dir=kernel.output, output=work / f"smoke-{index}", accel="tcg"))
+        full.append(time.monotonic() - start)
+        run = json.loads((work / f"smoke-{index}" / "latest" / "run.json").read_text())
+        seconds = run["first_test_seconds"]
+        if seconds is not None:
+            first_test.append(seconds)
+    figures = [Figure("guest: full smoke run (payload+boot+tests+report)", statistics.median(full))]
+    if first_test:
+        figures.insert(
+            0, Figure("guest: boot-to-first-test, TCG", statistics.median(first_test), "< 3 s, <= vng")
+        )
+    step("bench: warm `kernel-ci test` (build-cache hit + smoke run)")
+    start = time.monotonic()
+    warm = build(BuildRequest(output=work / "warm-build"))
+    run_tests(TestOptions(kernel_dir=warm.output, output=work / "warm-test", accel="tcg"))
+    figures.append(Figure("kernel test: warm, smoke suites", time.monotonic() - start, "< 60 s"))
+    return figures
+
+
+def _virtme_figures(kernel: BuildResult) -> list[Figure]:
+    """virtme-ng booting the same bzImage under TCG to run one command (median of BOOT_RUNS)."""
+    if shutil.which("vng") is None:
+        return [
+            Figure(
+                "virtme-ng: boot + uname -r, TCG",
+                None,
+                note="virtme-ng not installed (pip install virtme-ng)",
+            )
+        ]
+    if hostsetup.can_install():
+        hostsetup.apt_install(
+            ["udev", "busybox-static"]
+        )  # vng needs udev's files; prints nothing without them
+    step(f"bench: virtme-ng boot + one command under TCG ({BOOT_RUNS}x)")
+    times = []
+    for _ in range(BOOT_RUNS):
+        start = time.monotonic()
+        result = proc.run(
+            ["vng", "--run", kernel.output / "bzImage", "--disable-kvm", "--force-9p", "--", "uname", "-r"],
+            quiet=True,
+            check=False,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            return [
+                Figure("virtme-ng: boot + uname -r, TCG", None, note=f"vng failed: {result.output[-200:]}")
+            ]
+        times.append(time.monotonic() - start)
+    return [Figure("virtme-ng: boot + uname -r, TCG", statistics.median(times))]
+
+
+def guest_figures(work: Path, *, skip_reference: bool = False) -> list[Figure]:
+    figures = _rootfs_figures(work)
+    # The kernel every suite can run on (every build carries their kconfig and kselftests).
+    smoke_kernel = build(BuildRequest(output=work / "smoke-build"))
+    figures += _smoke_figures(work, smoke_kernel)
+    if not skip_reference:
+        figures += _virtme_figures(smoke_kernel)
+    return figures

@@ -1,0 +1,79 @@
+"""Out-of-tree modules (kernel-modules/<name>/): discovered, hashed, built against a kernel's kbuild tree.
+
+A module folder holds its sources, a Kbuild (and a Makefile for `make -C <tree> M=$PWD`) and a README.
+The pipeline builds every one of them against the kernel it just built, in the builder container, and the
+.ko files become part of that build's outputs and cache entry (`extmod/<name>/*.ko`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernel_ci.build import kbuild as builder
+
+BUILD_LEFTOVERS = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".order", ".symvers")
+
+
+class ModuleBuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    name: str
+    path: Path
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.endswith(BUILD_LEFTOVERS))
+
+
+def discover(root: Path, names: Sequence[str] | None = None) -> list[ModuleSource]:
+    found = {p.name: ModuleSource(p.name, p) for p in sorted(root.iterdir()) if (p / "Kbuild").is_file()}
+    if names is None:
+        return list(found.values())
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise ModuleBuildError(f"unknown module folder(s) {', '.join(unknown)}; known: {', '.join(found)}")
+    return [found[n] for n in names]
+
+
+def digests(modules: Sequence[ModuleSource]) -> dict[str, str]:
+    """ "module:<name>/<file>" -> sha256 of every source file: these go into the build key."""
+    return {
+        f"module:{m.name}/{f.relative_to(m.path).as_posix()}": hashlib.sha256(f.read_bytes()).hexdigest()
+        for m in modules
+        for f in m.files()
+    }
+
+
+def build(
+    image: str, kbuild: Path, module: ModuleSource, dest: Path, *, extra_make: Sequence[str] = ()
+) -> list[Path]:
+    """Build one module in a scratch copy (the repo stays clean); its .ko files land in dest/<name>/."""
+    with tempfile.TemporaryDirectory(prefix=f"extmod-{module.name}-") as scratch:
+        tree = Path(scratch) / module.name
+        shutil.copytree(module.path, tree, ignore=shutil.ignore_patterns(*(f"*{s}" for s in BUILD_LEFTOVERS)))
+        builder.give_to_build_user(tree)  # the module's Makefile is patch-author code: build unprivileged
+        builder.run_in_toolchain(
+            image,
+            ["make", "-C", "/kbuild", "M=/mod", *extra_make, "modules"],
+            {kbuild.resolve(): "/kbuild:ro", tree: "/mod"},
+            "/mod",
+            quiet=True,
+            as_build_user=True,
+        )
+        kos = sorted(tree.glob("*.ko"))
+        if not kos:
+            raise ModuleBuildError(f"module {module.name}: the build made no .ko file")
+        target = dest / module.name
+        target.mkdir(parents=True, exist_ok=True)
+        return [Path(shutil.copy2(ko, target / ko.name)) for ko in kos]
+
+
+def build_all(image: str, kbuild: Path, modules: Sequence[ModuleSource], dest: Path) -> dict[str, list[Path]]:
+    return {m.name: build(image, kbuild, m, dest) for m in modules}

@@ -1,0 +1,292 @@
+"""Run kbuild inside the builder container: configure, build, install modules, read ccache statistics.
+
+The container runs with the source tree (read-only), the output tree and the ccache directory mounted at
+fixed paths, so paths, user, host and timestamp baked into the kernel never depend on the machine: that, with
+KBUILD_BUILD_* pinned, makes the bzImage and modules bit-for-bit reproducible.
+
+The build runs code from patch authors (Makefiles, Kconfig, scripts), so the container is a trust boundary:
+an unprivileged uid even when kernel-ci runs as root, no capabilities, no privilege gain (setuid), no network,
+bounded memory and process count, a fixed name per object tree, and a watchdog that stops it when kernel-ci
+dies (see WATCHDOG).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from kernel_ci.core import proc
+from kernel_ci.core.console import console
+
+SRC = "/build/src"
+OUT = "/build/out"
+CCACHE = "/ccache"
+ARCH = "x86_64"
+KBUILD_USER = "kernel-ci"
+KBUILD_HOST = "kernel-ci"
+# The uid:gid builds run as when kernel-ci runs as root ("nobody"): never 0, so code from a patch cannot use
+# root's powers over the mounted trees or the container. A non-root caller builds as itself.
+UNPRIVILEGED_UID = 65534
+UNPRIVILEGED_GID = 65534
+# Generous for make -j on a laptop or CI runner (the kernel's link steps stay under 2 GiB); a fork or
+# allocation bomb in a Makefile hits these instead of the host. Overridable for big -j.
+MEMORY_LIMIT = os.environ.get("KERNEL_CI_BUILD_MEMORY", "6g")
+PIDS_LIMIT = os.environ.get("KERNEL_CI_BUILD_PIDS", "1024")
+# The container must die with kernel-ci, even on SIGKILL (which cannot be caught, so no cleanup handler can
+# run). `docker run -i` gets a stdin pipe that kernel-ci holds and never writes (proc.run hold_stdin): when
+# kernel-ci dies the kernel closes it, the container's stdin reaches EOF, `cat` returns and the watchdog
+# kills every process of the build uid in the container (kill -1 spares only itself and PID 1, docker-init,
+# which then exits with its child). This needs no extra process on the host and survives the docker client
+# being killed too (dockerd closes the stdin of a `-i` container when its client goes). The build itself
+# reads /dev/null, never the watchdog pipe.
+# (The shell gives background jobs /dev/null as stdin: the watcher reads the real stdin through fd 3.)
+WATCHDOG = (
+    'exec 3<&0; "$@" </dev/null & build=$!; { cat <&3 >/dev/null; kill -s KILL -- -1; } & wait "$build"'
+)
+_KBUILD_STEP = re.compile(r"^\s{2}([A-Z][A-Z0-9_-]{1,9})\s+(\S+)")
+
+
+@dataclass(frozen=True)
+class BuildEnv:
+    image: str
+    src: Path
+    out: Path
+    ccache_dir: Path
+    jobs: int
+    timestamp: str  # KBUILD_BUILD_TIMESTAMP
+    use_ccache: bool = True
+    extra_mounts: Mapping[Path, str] = field(default_factory=dict)
+
+    def kbuild_vars(self) -> dict[str, str]:
+        return {
+            "KBUILD_BUILD_TIMESTAMP": self.timestamp,
+            "KBUILD_BUILD_USER": KBUILD_USER,
+            "KBUILD_BUILD_HOST": KBUILD_HOST,
+            "KBUILD_BUILD_VERSION": "1",
+            "CCACHE_DIR": CCACHE,
+            "CCACHE_BASEDIR": "/build",
+            "CCACHE_COMPILERCHECK": "content",
+            "CCACHE_NOHASHDIR": "1",
+            "CCACHE_MAXSIZE": os.environ.get("KERNEL_CI_CCACHE_SIZE", "5G"),
+        }
+
+    def make_argv(self, *targets: str, extra: Sequence[str] = ()) -> list[str]:
+        argv = ["make", "-C", SRC, f"O={OUT}", f"ARCH={ARCH}", f"-j{self.jobs}"]
+        if self.use_ccache:
+            argv += ["CC=ccache gcc", "HOSTCC=ccache gcc"]
+        return [*argv, *extra, *targets]
+
+
+def build_user() -> tuple[int, int]:
+    """The uid:gid the builder container runs as: the caller, or an unprivileged one when that is root."""
+    if os.getuid() == 0:
+        return UNPRIVILEGED_UID, UNPRIVILEGED_GID
+    return os.getuid(), os.getgid()
+
+
+def give_to_build_user(path: Path) -> None:
+    """Make a tree the container writes (object tree, ccache) owned by the build user; root keeps full access.
+
+    Only root needs this (a non-root caller builds as itself). Every entry is checked, not just the top: a
+    file written by root into the tree since (kernel-ci's own configure step, an older kernel-ci that built
+    as root) would otherwise fail the next build. An lstat per file: tens of milliseconds for an object tree.
+    """
+    if os.getuid() != 0:
+        return
+    uid, gid = build_user()
+    path.mkdir(parents=True, exist_ok=True)
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            _chown_if_needed(os.path.join(root, name), uid, gid)
+    _chown_if_needed(os.fspath(path), uid, gid)
+
+
+def _chown_if_needed(path: str, uid: int, gid: int) -> None:
+    info = os.lstat(path)
+    if (info.st_uid, info.st_gid) != (uid, gid):
+        os.lchown(path, uid, gid)
+
+
+def container_name(env: BuildEnv) -> str:
+    """One name per object tree: only the holder of its lock builds in it, so the name is never contended;
+    a container left by a killed run is found (and removed) by the next build of the same tree."""
+    return "kci-build-" + hashlib.sha256(os.fsencode(env.out)).hexdigest()[:16]
+
+
+def hardening_argv(uid: int, gid: int) -> list[str]:
+    """The confinement of every toolchain container: who it runs as and what it may use."""
+    return [
+        "--user", f"{uid}:{gid}",
+        "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges",
+        "--memory", MEMORY_LIMIT, "--memory-swap", MEMORY_LIMIT,  # equal: no swap on top of the limit
+        "--pids-limit", PIDS_LIMIT,
+    ]  # fmt: skip
+
+
+def remove_stale_container(name: str) -> None:
+    """A container of that name left by a run that was killed before the watchdog could act."""
+    proc.capture(["docker", "rm", "--force", name], check=False)
+
+
+def docker_run_argv(
+    env: BuildEnv, command: Sequence[str], *, workdir: str = OUT, watchdog: bool = False
+) -> list[str]:
+    """The `docker run` of COMMAND in the builder container. With watchdog it must be run with its stdin held
+    open (run_container does): a closed stdin stops it at once. Without, the command should be short."""
+    # With a shared ccache configured (CCACHE_REMOTE_STORAGE, set by kernel_ci.cache.remote), the container
+    # needs
+    # the network to reach it: host networking, so that a service on the host's loopback is reachable as
+    # in the URL. The value (it may hold a token) is inherited from this process's environment by
+    # `docker run -e NAME`, never written on the (logged) command line.
+    remote_ccache = env.use_ccache and bool(os.environ.get("CCACHE_REMOTE_STORAGE"))
+    argv = [
+        "docker", "run", "--rm", "--network", "host" if remote_ccache else "none", "--init",
+        *hardening_argv(*build_user()),
+        "-v", f"{env.src}:{SRC}:ro",
+        "-v", f"{env.out}:{OUT}",
+        "-v", f"{env.ccache_dir}:{CCACHE}",
+        "-w", workdir,
+    ]  # fmt: skip
+    for host, guest in env.extra_mounts.items():
+        argv += ["-v", f"{host}:{guest}"]
+    for name, value in env.kbuild_vars().items():
+        argv += ["-e", f"{name}={value}"]
+    if remote_ccache:
+        argv += ["-e", "CCACHE_REMOTE_STORAGE"]
+    if watchdog:
+        argv += ["-i", "--name", container_name(env)]
+        return [*argv, env.image, "sh", "-c", WATCHDOG, "kci-watchdog", *command]
+    return [*argv, env.image, *command]
+
+
+def run_container(env: BuildEnv, command: Sequence[str], **run_args: Any) -> proc.Result:
+    """COMMAND in the builder container, tied to this process's life (WATCHDOG), writing as the build user."""
+    give_to_build_user(env.out)
+    if env.use_ccache:
+        give_to_build_user(env.ccache_dir)
+    remove_stale_container(container_name(env))
+    return proc.run(docker_run_argv(env, command, watchdog=True), hold_stdin=True, **run_args)
+
+
+class _KbuildProgress:
+    """Shows kbuild's steps (CC, LD, AR...) as a live line with a count, keeps the rest quiet."""
+
+    def __init__(self, title: str) -> None:
+        self.steps = 0
+        self.title = title
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task(title)
+
+    def __enter__(self) -> _KbuildProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, line: str) -> None:
+        match = _KBUILD_STEP.match(line)
+        if match:
+            self.steps += 1
+            what = f"{self.title}: {self.steps} steps, {match.group(1)} {match.group(2)}"
+            self.progress.update(self.task, description=what)
+            if not console.is_terminal and self.steps % 250 == 0:
+                console.print(f"[dim]{what}[/]")
+        elif "error" in line.lower() or "warning:" in line.lower():
+            console.print(line, highlight=False, markup=False)
+
+
+def run_make(env: BuildEnv, *targets: str, title: str, extra: Sequence[str] = ()) -> tuple[float, int]:
+    """make TARGETS in the container; returns (seconds, kbuild steps). Errors carry the output tail."""
+    start = time.monotonic()
+    with _KbuildProgress(title) as progress:
+        run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
+    return time.monotonic() - start, progress.steps
+
+
+def configure(env: BuildEnv, merged_fragment: str) -> str:
+    """allnoconfig + the merged fragment (KCONFIG_ALLCONFIG), then olddefconfig; returns the final .config."""
+    env.out.mkdir(parents=True, exist_ok=True)
+    fragment = env.out / "kci-fragment.config"
+    fragment.write_text(merged_fragment)
+    allconfig = f"KCONFIG_ALLCONFIG={OUT}/kci-fragment.config"
+    run_make(env, "allnoconfig", title="kconfig allnoconfig + fragments", extra=[allconfig])
+    run_make(env, "olddefconfig", title="kconfig olddefconfig")
+    return (env.out / ".config").read_text()
+
+
+def build(env: BuildEnv) -> tuple[float, int]:
+    """The kernel image and modules, then modules_install into out/.kci-modules."""
+    seconds, steps = run_make(env, "bzImage", "modules", title="kbuild")
+    staging = env.out / ".kci-modules"
+    if staging.exists():
+        proc.run(["rm", "-rf", staging], quiet=True)
+    run_make(env, "modules_install", title="modules_install", extra=[f"INSTALL_MOD_PATH={OUT}/.kci-modules"])
+    return seconds, steps
+
+
+def kernel_release(env: BuildEnv) -> str:
+    return (env.out / "include/config/kernel.release").read_text().strip()
+
+
+def ccache_counters(env: BuildEnv) -> dict[str, int]:
+    """ccache's machine-readable counters (`--print-stats`) for the mounted cache dir."""
+    if not env.use_ccache:
+        return {}
+    give_to_build_user(env.ccache_dir)
+    text = proc.capture(docker_run_argv(env, ["ccache", "--print-stats"]))
+    counters: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("\t")
+        if value.strip().isdigit():
+            counters[name.strip()] = int(value)
+    return counters
+
+
+def ccache_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, float | int]:
+    """Hits, misses and hit rate of one build, from counters read before and after it."""
+
+    def grew(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    hits = grew("direct_cache_hit") + grew("preprocessed_cache_hit")
+    misses = grew("cache_miss")
+    total = hits + misses
+    return {"hits": hits, "misses": misses, "hit_rate": round(hits / total, 4) if total else 0.0}
+
+
+def run_in_toolchain(
+    image: str,
+    command: Sequence[str],
+    mounts: Mapping[Path, str],
+    workdir: str,
+    *,
+    quiet: bool = False,
+    check: bool = True,
+    as_build_user: bool = False,
+) -> proc.Result:
+    """Any command in the builder image (C test binaries, out-of-tree modules), confined like a build and
+    tied to this process's life. As the invoking user unless as_build_user (then every writable mount must
+    already belong to the build user: see give_to_build_user)."""
+    uid, gid = build_user() if as_build_user else (os.getuid(), os.getgid())
+    argv = ["docker", "run", "--rm", "-i", "--init", "--network", "none", *hardening_argv(uid, gid)]
+    argv += ["-w", workdir]
+    for host, guest in mounts.items():
+        argv += ["-v", f"{host}:{guest}"]
+    argv += [image, "sh", "-c", WATCHDOG, "kci-watchdog", *command]
+    return proc.run(argv, quiet=quiet, check=check, hold_stdin=True)

@@ -1,0 +1,488 @@
+"""A BuildStore backed by the shared cache service (``kernel-ci cache serve``), in front of the local store.
+
+Look-ups go to the local store first, then to the service; a remote hit is downloaded, verified blob by
+blob and published into the local store atomically (``LocalStore.put``), so everything downstream still
+reads a local directory. After a successful build the entry is pushed: missing blobs first, the manifest
+last (the service refuses a manifest whose blobs are not all there). The service being down never fails a
+build: a failed look-up is a miss and a failed push a warning.
+
+How an entry is uploaded: its top-level files (bzImage, config, System.map, metadata.json) and the files of
+``patches/`` one blob each (people download those from the web page), every other directory (``kbuild/``:
+~11,000 files, ``modules/``, ``extmod/``) as ONE tar blob. One request per file would cost thousands of
+round trips and index rows per build for no benefit (nobody fetches one kbuild header alone), and a tar
+keeps symlinks (``modules/lib/modules/*/build``) and modes. The tar is reproducible for a given entry
+(sorted names, uid/gid 0, no user names, no hard-link records) so pushing the same entry twice uploads
+nothing; file mtimes are kept because kbuild compares them when building out-of-tree modules. No
+compression: the service is on a LAN or loopback, where zstd/gzip would cost more CPU time than it saves.
+
+Configuration (first found wins): ``--cache-url``, ``$KERNEL_CI_CACHE_URL`` (+ ``$KERNEL_CI_CACHE_TOKEN``),
+the ``[cache]`` table of ``$KERNEL_CI_CONFIG`` or ``~/.config/kernel-ci/config.toml``::
+
+    [cache]
+    url = "http://cache.example:8080"
+    token = "..."            # needed to push; reads may be anonymous
+    ccache = true            # also use the service as ccache remote storage (default true)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from kernel_ci.cache.store import ENTRY_FILE, MANIFEST_FILE, CacheStoreError, LocalStore
+from kernel_ci.core.console import console, warn
+
+URL_ENV = "KERNEL_CI_CACHE_URL"
+TOKEN_ENV = "KERNEL_CI_CACHE_TOKEN"
+CONFIG_ENV = "KERNEL_CI_CONFIG"
+FILE_BY_FILE_DIRS = frozenset({"patches"})
+CHUNK = 1024 * 1024
+
+
+class RemoteCacheError(RuntimeError):
+    pass
+
+
+@dataclass
+class RemoteConfig:
+    url: str
+    token: str | None = None
+    ccache: bool = True
+
+    @classmethod
+    def resolve(cls, cli_url: str | None = None) -> RemoteConfig | None:
+        table: dict[str, Any] = {}
+        path = Path(os.environ.get(CONFIG_ENV) or Path.home() / ".config" / "kernel-ci" / "config.toml")
+        if path.is_file():
+            try:
+                table = tomllib.loads(path.read_text()).get("cache", {})
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise RemoteCacheError(f"cannot read the cache configuration in {path}: {exc}") from exc
+        url = cli_url or os.environ.get(URL_ENV) or table.get("url")
+        if not url:
+            return None
+        if not url.startswith(("http://", "https://")):
+            raise RemoteCacheError(f"cache URL {url!r}: expected http://HOST:PORT or https://...")
+        token = os.environ.get(TOKEN_ENV) or table.get("token") or None
+        return cls(url=url.rstrip("/"), token=token, ccache=bool(table.get("ccache", True)))
+
+    def ccache_storage(self) -> str:
+        """CCACHE_REMOTE_STORAGE for this service (ccache sends the token as ``Authorization: Bearer``)."""
+        value = f"{self.url}/ccache/"
+        if self.token:
+            value += f"|bearer-token={self.token}"
+        return value
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def write_tar(directory: Path, arcname: str, out: BinaryIO) -> None:
+    """A reproducible tar of directory: sorted, uid/gid 0, no names, regular files never as hard links."""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for current, dirs, files in _sorted_walk(directory):
+            rel = Path(current).relative_to(directory)
+            for name in [*dirs, *files]:
+                path = Path(current, name)
+                st = path.lstat()
+                info = tarfile.TarInfo((Path(arcname) / rel / name).as_posix())
+                info.mode = stat.S_IMODE(st.st_mode)
+                info.mtime = int(st.st_mtime)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if stat.S_ISLNK(st.st_mode):
+                    info.type = tarfile.SYMTYPE
+                    info.linkname = os.readlink(path)
+                    tar.addfile(info)
+                elif stat.S_ISDIR(st.st_mode):
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                elif stat.S_ISREG(st.st_mode):
+                    info.size = st.st_size
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
+
+
+def _sorted_walk(directory: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    for current, dirs, files in os.walk(directory):
+        dirs.sort()
+        links = sorted(d for d in dirs if os.path.islink(os.path.join(current, d)))
+        dirs[:] = [d for d in dirs if d not in links]  # a symlink to a directory is a link, not descended
+        yield current, dirs, sorted([*files, *links])
+
+
+class CacheClient:
+    """The service's build API over HTTP (httpx)."""
+
+    def __init__(self, config: RemoteConfig, timeout: float = 60.0) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self.config = config
+        headers = {"User-Agent": "kernel-ci"}
+        if config.token:
+            headers["Authorization"] = f"Bearer {config.token}"
+        self.http = httpx.Client(base_url=config.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _check(self, response: Any, what: str) -> None:
+        if response.status_code >= 400:
+            try:
+                reason = response.json().get("error", response.text)
+            except ValueError:
+                reason = response.text[:300]
+            raise RemoteCacheError(f"{what}: HTTP {response.status_code}: {reason}")
+
+    def get_manifest(self, key: str) -> dict[str, Any] | None:
+        response = self.http.get(f"/api/v1/builds/{key}")
+        if response.status_code == 404:
+            return None
+        self._check(response, f"manifest {key[:12]}")
+        return response.json()
+
+    def get_alias(self, request_key: str) -> str | None:
+        response = self.http.get(f"/api/v1/aliases/{request_key}")
+        if response.status_code == 404:
+            return None
+        self._check(response, "alias")
+        return response.json()["key"]
+
+    def put_alias(self, request_key: str, key: str) -> None:
+        self._check(self.http.put(f"/api/v1/aliases/{request_key}", json={"key": key}), "alias")
+
+    def missing(self, digests: list[str]) -> list[str]:
+        response = self.http.post("/api/v1/missing-blobs", json={"digests": digests})
+        self._check(response, "missing blobs")
+        return response.json()["missing"]
+
+    def put_blob(self, digest: str, size: int, path: Path) -> None:
+        def body() -> Iterator[bytes]:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    yield chunk
+
+        response = self.http.put(
+            f"/api/v1/blobs/{digest}",
+            content=body(),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        )
+        self._check(response, f"upload of blob {digest[:12]}")
+
+    def put_manifest(self, key: str, doc: dict[str, Any]) -> str:
+        response = self.http.put(f"/api/v1/builds/{key}", json=doc)
+        self._check(response, f"publishing build {key[:12]}")
+        return response.json()["status"]
+
+    def download(self, digest: str, size: int, destination: Path) -> None:
+        """The blob into destination, verified against its digest and size (else nothing is left)."""
+        hasher = hashlib.sha256()
+        count = 0
+        try:
+            with self.http.stream("GET", f"/api/v1/blobs/{digest}") as response:
+                self._check(response, f"blob {digest[:12]}")
+                with open(destination, "wb") as out:
+                    for chunk in response.iter_bytes(CHUNK):
+                        hasher.update(chunk)
+                        count += len(chunk)
+                        out.write(chunk)
+            if count != size or hasher.hexdigest() != digest:
+                raise RemoteCacheError(
+                    f"blob {digest[:12]}: got {count} bytes hashing to {hasher.hexdigest()[:12]}, "
+                    f"expected {size} bytes hashing to {digest[:12]}"
+                )
+        except BaseException:
+            destination.unlink(missing_ok=True)
+            raise
+
+    def extract(self, digest: str, size: int, destination: Path) -> None:
+        """Unpack a tar blob into destination as it downloads; raises if its bytes do not match digest."""
+        with self.http.stream("GET", f"/api/v1/blobs/{digest}") as response:
+            self._check(response, f"blob {digest[:12]}")
+            reader = _HashingReader(response.iter_bytes(CHUNK))
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                tar.extractall(destination, filter=_tar_filter)
+            reader.drain()
+        if reader.count != size or reader.hash.hexdigest() != digest:
+            raise RemoteCacheError(
+                f"blob {digest[:12]}: got {reader.count} bytes hashing to {reader.hash.hexdigest()[:12]}, "
+                f"expected {size} bytes hashing to {digest[:12]}"
+            )
+
+    def put_run(self, key: str, run_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.put(f"/api/v1/builds/{key}/runs/{run_id}", json=doc)
+        self._check(response, f"attaching run {run_id}")
+        return response.json()
+
+
+class _HashingReader:
+    """A file-like reader over an iterator of byte chunks that hashes and counts what passes."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+        self._pos = 0
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        wanted = size
+        while wanted != 0:
+            if self._pos >= len(self._buffer):
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self.hash.update(chunk)
+                self.count += len(chunk)
+                self._buffer, self._pos = chunk, 0
+            end = len(self._buffer) if wanted < 0 else min(len(self._buffer), self._pos + wanted)
+            parts.append(self._buffer[self._pos : end])
+            if wanted > 0:
+                wanted -= end - self._pos
+            self._pos = end
+        return b"".join(parts)
+
+    def drain(self) -> None:
+        """Read to the end (tar's zero blocks and padding count in the digest too)."""
+        while self.read(CHUNK):
+            pass
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) on the filesystem holding path (os.sync() where libc has no syncfs)."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _tar_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+    # tarfile's "tar" filter: no absolute names, nothing outside the destination (symlinks resolved),
+    # no device files; absolute symlink targets are allowed (modules/lib/modules/*/build points at the
+    # build tree of the builder container, as in any modules_install)
+    return tarfile.tar_filter(member, path)
+
+
+class RemoteStore:
+    """BuildStore: local first, then the service; pushes what is built."""
+
+    def __init__(self, local: LocalStore, client: CacheClient, push: bool = True) -> None:
+        self.local = local
+        self.client = client
+        self.push_enabled = push and bool(client.config.token)
+        self.root = local.root
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.local!r}, {self.client.config.url!r})"
+
+    # -- BuildStore ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> Path | None:
+        found = self.local.get(key)
+        if found is not None:
+            return found
+        try:
+            return self.restore(key)
+        except Exception as exc:
+            warn(f"shared build cache {self.client.config.url}: look-up of {key[:12]} failed ({exc}); a miss")
+            return None
+
+    def put(self, key: str, outputs: Path, manifest: Mapping[str, str], *, move: bool = False) -> Path:
+        entry = self.local.put(key, outputs, manifest, move=move)
+        if self.push_enabled:
+            try:
+                self.push(key, entry)
+            except Exception as exc:
+                warn(f"could not push build {key[:12]} to {self.client.config.url}: {exc}")
+        return entry
+
+    def manifests(self) -> Iterator[tuple[str, dict[str, str]]]:
+        return self.local.manifests()
+
+    def get_alias(self, request_key: str) -> str | None:
+        found = self.local.get_alias(request_key)
+        if found is not None:
+            return found
+        try:
+            return self.client.get_alias(request_key)
+        except Exception as exc:
+            warn(f"shared build cache {self.client.config.url}: alias look-up failed ({exc})")
+            return None
+
+    def put_alias(self, request_key: str, key: str) -> None:
+        self.local.put_alias(request_key, key)
+        if self.push_enabled:
+            try:
+                self.client.put_alias(request_key, key)
+            except Exception as exc:
+                warn(f"could not push a build alias to {self.client.config.url}: {exc}")
+
+    def lock(self, key: str) -> AbstractContextManager[None]:
+        return self.local.lock(key)
+
+    # -- transfer -----------------------------------------------------------------------------
+
+    def restore(self, key: str) -> Path | None:
+        """Download a remote entry into the local store (verified, published atomically); None on a miss."""
+        doc = self.client.get_manifest(key)
+        if doc is None:
+            return None
+        started = time.monotonic()
+        staging = Path(tempfile.mkdtemp(prefix=f"restore-{key[:12]}.", dir=self.local.tmp_dir))
+        try:
+            total = 0
+            for output in doc["outputs"]:
+                name = output["name"]
+                if ".." in name.split("/") or name.startswith("/") or name in (ENTRY_FILE, MANIFEST_FILE):
+                    raise RemoteCacheError(f"the service sent an unsafe output name {name!r}")
+                total += output["size"]
+                if output.get("kind") == "tar":
+                    # unpacked while it streams in (no temporary copy); the digest is checked at the end
+                    # and a mismatch discards the whole staging directory: nothing unverified is published
+                    self.client.extract(output["sha256"], output["size"], staging)
+                else:
+                    target = staging / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self.client.download(output["sha256"], output["size"], target)
+            # LocalStore.put fsyncs every file (kbuild/ has ~11,000): one sync(2) first writes them all back
+            # in one go, so that those fsyncs find clean files (tens of seconds -> about one here)
+            _syncfs(staging)
+            entry = self.local.put(key, staging, doc.get("inputs", {}), move=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        seconds = time.monotonic() - started
+        console.print(
+            f"[green]shared build cache hit[/]: {key[:16]} downloaded from {self.client.config.url} "
+            f"({total / 1e6:.1f} MB in {seconds:.1f} s)"
+        )
+        return entry
+
+    def pack(self, entry: Path, workdir: Path) -> list[tuple[dict[str, Any], Path]]:
+        """The outputs of an entry as (output record, file to upload) pairs; tars are written to workdir."""
+        packed: list[tuple[dict[str, Any], Path]] = []
+        for child in sorted(entry.iterdir()):
+            name = child.name
+            if name in (ENTRY_FILE, MANIFEST_FILE):
+                continue
+            if child.is_symlink():
+                raise CacheStoreError(f"cannot push {entry}: top-level symlink {name}")
+            if child.is_dir() and name in FILE_BY_FILE_DIRS:
+                for path in sorted(p for p in child.rglob("*") if p.is_file() and not p.is_symlink()):
+                    packed.append(self._record(path.relative_to(entry).as_posix(), path, "file"))
+            elif child.is_dir():
+                tar_path = workdir / f"{name}.tar"
+                with open(tar_path, "wb") as out:
+                    write_tar(child, name, out)
+                packed.append(self._record(name, tar_path, "tar"))
+            elif child.is_file():
+                packed.append(self._record(name, child, "file"))
+        return packed
+
+    @staticmethod
+    def _record(name: str, path: Path, kind: str) -> tuple[dict[str, Any], Path]:
+        digest, size = file_digest(path)
+        return {"name": name, "sha256": digest, "size": size, "kind": kind}, path
+
+    def push(self, key: str, entry: Path) -> str:
+        """Upload the entry's missing blobs, then its manifest; returns the service's status."""
+        started = time.monotonic()
+        inputs = json.loads((entry / MANIFEST_FILE).read_text())
+        metadata_path = entry / "metadata.json"
+        metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+        workdir = Path(tempfile.mkdtemp(prefix=f"push-{key[:12]}.", dir=self.local.tmp_dir))
+        try:
+            packed = self.pack(entry, workdir)
+            missing = set(self.client.missing([record["sha256"] for record, _ in packed]))
+            sent = 0
+            for record, path in packed:
+                if record["sha256"] in missing:
+                    self.client.put_blob(record["sha256"], record["size"], path)
+                    missing.discard(record["sha256"])
+                    sent += record["size"]
+            doc = {"outputs": [record for record, _ in packed], "inputs": inputs, "metadata": metadata}
+            status = self.client.put_manifest(key, doc)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        console.print(
+            f"pushed build {key[:16]} to {self.client.config.url}: {status} "
+            f"({sent / 1e6:.1f} MB uploaded in {time.monotonic() - started:.1f} s)"
+        )
+        return status
+
+    def push_run(
+        self, key: str, run_id: str, junit: Path | None, console_log: Path | None, outcome: str | None = None
+    ) -> dict[str, Any]:
+        """Attach a test run's JUnit XML and console log to a published build."""
+        doc: dict[str, Any] = {}
+        if outcome:
+            doc["outcome"] = outcome
+        for part, path in (("junit", junit), ("console", console_log)):
+            if path is None or not path.is_file():
+                continue
+            digest, size = file_digest(path)
+            if self.client.missing([digest]):
+                self.client.put_blob(digest, size, path)
+            doc[part] = {"sha256": digest, "size": size}
+        return self.client.put_run(key, run_id, doc)
+
+
+def attach_test_run(store: object, kernel_dir: Path, output: Path, outcome: str) -> None:
+    """After `kernel-ci test`: attach the run's JUnit XML and console log to the build on the service."""
+    if not isinstance(store, RemoteStore) or not store.push_enabled:
+        return
+    try:
+        key = json.loads((kernel_dir / "metadata.json").read_text())["build_key"]
+        run_dir = (output / "latest").resolve()
+        run_id = re.sub(r"[^A-Za-z0-9._-]", "-", run_dir.name).lstrip(".-_")[:64] or "run"
+        done = store.push_run(key, run_id, run_dir / "junit.xml", run_dir / "console.log", outcome)
+        counts = done.get("counts") or {}
+        console.print(
+            f"attached test run {run_id} to build {key[:16]} on {store.client.config.url} "
+            f"({counts.get('passed', 0)} passed, {counts.get('failed', 0) + counts.get('errors', 0)} failed)"
+        )
+    except Exception as exc:
+        warn(f"could not attach the test run to the shared build cache: {exc}")
+
+
+def open_store(cli_url: str | None = None, local: LocalStore | None = None) -> LocalStore | RemoteStore:
+    """The build store the CLI hands to kernel_ci.flow.build.build: remote-backed when one is configured.
+
+    With a remote configured (and ccache not disabled in the config file), CCACHE_REMOTE_STORAGE is put
+    into this process's environment, which kernel_ci.build.kbuild passes on to the build container.
+    """
+    local = local or LocalStore()
+    config = RemoteConfig.resolve(cli_url)
+    if config is None:
+        return local
+    if config.ccache and "CCACHE_REMOTE_STORAGE" not in os.environ:
+        os.environ["CCACHE_REMOTE_STORAGE"] = config.ccache_storage()
+    if not config.token:
+        console.print(f"[dim]shared build cache {config.url}: read-only (no {TOKEN_ENV})[/]")
+    return RemoteStore(local, CacheClient(config))

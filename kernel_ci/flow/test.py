@@ -1,0 +1,337 @@
+"""The test half of the pipeline: built kernel -> rootfs overlay -> QEMU -> guest suites -> JUnit.
+
+It composes the stages (suites, payload, rootfs, qemu, scanner, results); none of them knows the others.
+A run lives in out/runs/<time>/: payload/, results/, console.log, qemu-cmdline.sh, run.json, junit.xml
+(and overlay.qcow2 when kept). out/junit.xml and out/latest point at the newest run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kernel_ci.build import extmodules, images, kconfig
+from kernel_ci.build import kbuild as builder
+from kernel_ci.build import plan as buildplan
+from kernel_ci.build.records import BuildMetadata
+from kernel_ci.core.console import console, step, warn
+from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
+from kernel_ci.guest import payload, qemu, rootfs, scanner, suites
+from kernel_ci.host import setup as hostsetup
+from kernel_ci.report import results
+
+ROOTFS_RECIPE = CONTAINERS / "rootfs"
+GUEST_INIT = GUEST_TESTS / "init" / "kci-init"
+C_FLAGS = ("-static", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
+
+
+@dataclass
+class TestOptions:
+    __test__ = False  # not a pytest test class
+
+    kernel_dir: Path  # a build output dir (bzImage, config, kbuild/, metadata.json)
+    output: Path
+    suites: Sequence[str] | None = None
+    suites_dir: Path = GUEST_TESTS  # where the suite folders are (tests use their own)
+    memory: str = "1024M"
+    cpus: int = 2
+    accel: str = "auto"
+    append: str = ""
+    boot_timeout: float = 120.0
+    idle_timeout: float = 120.0
+    timeout: float = 1800.0
+    keep_overlay: bool = False
+    extra_properties: dict[str, str] = field(default_factory=dict)
+
+
+def suite_fragments(names: Sequence[str] | None = None) -> list[kconfig.Fragment]:
+    """One kconfig fragment per guest suite, from its manifest's `kconfig` list (the build carries all of
+    them: kernel_ci.build.plan)."""
+    return list(buildplan.suite_needs(GUEST_TESTS, names).fragments)
+
+
+def suite_kselftest_targets(names: Sequence[str] | None = None) -> list[str]:
+    """The tools/testing/selftests targets the chosen kselftest suites run (built with the kernel)."""
+    return list(buildplan.suite_needs(GUEST_TESTS, names).kselftests)
+
+
+def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Suite]:
+    """Suites whose required kconfig the kernel has; the others are dropped with a warning."""
+    keep = []
+    for suite in chosen:
+        merged = kconfig.merge([kconfig.Fragment(f"suite {suite.name}", "\n".join(suite.kconfig) + "\n")])
+        lost = kconfig.verify(kernel_config, merged.requests)
+        if lost:
+            warn(f"suite {suite.name} skipped: " + "; ".join(item.describe() for item in lost))
+        else:
+            keep.append(suite)
+    return keep
+
+
+def module_files(image: str, kernel_dir: Path, names: Sequence[str], work: Path) -> dict[str, Path]:
+    """The .ko of each named kernel-modules/ folder: from the build's outputs (extmod/), else built now
+    against the build's kbuild tree (a build made with external modules off, or a module added since)."""
+    found: dict[str, Path] = {}
+    for name in names:
+        kos = sorted((kernel_dir / "extmod" / name).glob("*.ko"))
+        if not kos:
+            (module,) = extmodules.discover(KERNEL_MODULES, [name])
+            kos = extmodules.build(image, kernel_dir / "kbuild", module, work)
+        if len(kos) != 1:
+            raise payload.PayloadError(f"module {name}: expected one .ko, found {[k.name for k in kos]}")
+        found[name] = kos[0]
+    return found
+
+
+def c_compiler(image: str):  # type: ignore[no-untyped-def]
+    """compile_c for the payload: static binaries built in the builder container."""
+
+    def compile_c(src_dir: Path, c_files: list[str], out_binary: Path) -> None:
+        builder.run_in_toolchain(
+            image,
+            [
+                "gcc",
+                *C_FLAGS,
+                "-I",
+                "/src/lib",
+                "-o",
+                f"/out/{out_binary.name}",
+                *[f"/src/{f}" for f in c_files],
+            ],
+            {src_dir.resolve(): "/src:ro", out_binary.parent.resolve(): "/out"},
+            "/out",
+            quiet=True,
+        )
+
+    return compile_c
+
+
+class _LiveConsole:
+    """Feeds the console scanner and shows the run's phases (markers, faults) as they happen."""
+
+    def __init__(self) -> None:
+        self.scanner = scanner.ConsoleScanner()
+
+    def __call__(self, line: str) -> None:
+        for event in self.scanner.feed(line):
+            text = _describe(event)
+            if text:
+                console.print(f"[dim]guest:[/] {text}", highlight=False)
+
+
+def _describe(event: scanner.Event) -> str:
+    match event:
+        case scanner.InitReady():
+            return "init ready"
+        case scanner.InitFailed():
+            return "[red]init could not start the runner[/]"
+        case scanner.SuiteStarted(name=name):
+            return f"suite {name} started"
+        case scanner.SuiteEnded(span=span):
+            return f"suite {span.name} ended"
+        case scanner.RunnerDone():
+            return "all suites done"
+        case scanner.FaultStarted(kind=kind, title=title):
+            return f"[bold red]{kind}[/]: {title}"
+    return ""
+
+
+def run_tests(options: TestOptions) -> results.RunReport:
+    hostsetup.prepare_test_host()
+    hostsetup.prepare_build_host()
+    kernel_dir = options.kernel_dir
+    metadata = BuildMetadata.read(kernel_dir)
+    found = suites.load_suites(options.suites_dir, options.suites)
+    chosen = _runnable(found, (kernel_dir / "config").read_text())
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    runs = options.output / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=runs))
+
+    step(f"payload: {len(chosen)} suite(s)")
+    image = images.ensure_builder_image()
+    module_names = list(dict.fromkeys(m for s in chosen for m in s.all_modules))
+    module_kos = module_files(image, kernel_dir, module_names, run_dir / "modules-build")
+    payload_dir = payload.assemble_payload(
+        chosen,
+        run_dir / "payload",
+        metadata.kernel.release,
+        c_compiler(image),
+        module_kos,
+        kselftest_dir=kernel_dir / "kselftest",
+    )
+    step("rootfs")
+    base = rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
+    run_info = {
+        "schema": 1,
+        "created": stamp,
+        "build_key": metadata.build_key,
+        "kernel_dir": str(kernel_dir.resolve()),
+        "kernel": asdict(metadata.kernel),
+        "reproduce_build": metadata.reproduce,
+        "rootfs": {"key": base.key, "path": str(base.path)},
+        "suites": [s.name for s in chosen],
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+    }
+    report = boot_and_collect(
+        run_dir, kernel_dir / "bzImage", base.path, payload_dir, metadata, options, run_info
+    )
+    _publish(options.output, run_dir)
+    return report
+
+
+def boot_and_collect(
+    run_dir: Path,
+    bzimage: Path,
+    base_image: Path,
+    payload_dir: Path,
+    metadata: BuildMetadata,
+    options: TestOptions,
+    run_info: dict,
+) -> results.RunReport:
+    """Boot a fresh overlay with the payload, watch the console, turn what came back into a report."""
+    step("boot")
+    accel = qemu.choose_accelerator(bzimage, options.accel)
+    overlay = qemu.create_overlay(base_image, run_dir)
+    results_dir = run_dir / "results"
+    results_dir.mkdir(exist_ok=True)
+    cfg = qemu.QemuConfig(
+        kernel=bzimage,
+        overlay=overlay,
+        payload_dir=payload_dir,
+        results_dir=results_dir,
+        run_dir=run_dir,
+        accel=accel,
+        memory=options.memory,
+        cpus=options.cpus,
+        extra_append=tuple(options.append.split()),
+        boot_timeout=options.boot_timeout,
+        idle_timeout=options.idle_timeout,
+        global_timeout=options.timeout,
+    )
+    live = _LiveConsole()
+    run = qemu.run_guest(cfg, live)
+    live.scanner.finish()
+    report_in = live.scanner.report()
+    end = results.GuestEnd(
+        kind=run.end,
+        detail=run.detail,
+        console_tail=_tail(run.console_log),
+        sysrq_dump=run.sysrq_dump,
+        console_dropped_bytes=run.console_dropped_bytes,
+    )
+    properties = {
+        "kernel.version": metadata.kernel.version,
+        "kernel.requested": metadata.kernel.requested,
+        "kernel.release": metadata.kernel.release,
+        "build_key": metadata.build_key,
+        "accelerator": accel,
+        "patches": " ".join(metadata.patches) or "none",
+        "rootfs": run_info["rootfs"]["key"],
+        "guest.end": run.end,
+        "boot_seconds": "" if run.boot_seconds is None else f"{run.boot_seconds:.2f}",
+        **_cut_properties(run, report_in),
+        **options.extra_properties,
+    }
+    plan = payload.read_plan(payload_dir / "plan.json")
+    report = results.collect(plan, results_dir, report_in, end, properties)
+    results.write_junit(report, run_dir / "junit.xml")
+    keep = options.keep_overlay or report.outcome != results.Outcome.PASS
+    if not keep:
+        overlay.unlink(missing_ok=True)
+    run_info |= {
+        "accelerator": accel,
+        "qemu_command": run.command,
+        "overlay": str(overlay) if keep else None,
+        "payload": str(payload_dir),
+        "outcome": report.outcome.name,
+        "exit_code": int(report.outcome),
+        "guest_end": run.end,
+        "seconds": round(run.seconds, 2),
+        "boot_seconds": run.boot_seconds,
+        "first_test_seconds": run.first_test_seconds,
+    }
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
+    console.print(results.render_report(report))
+    console.print(f"run: {run_dir}  (reproduce: kernel-ci repro {run_dir})")
+    return report
+
+
+def _cut_properties(run: qemu.GuestRun, console_report: scanner.ConsoleReport) -> dict[str, str]:
+    """What the host did not keep of a flooding guest's console, said in the report."""
+    cut: dict[str, str] = {}
+    if run.console_dropped_bytes:
+        cut["console.truncated"] = f"{run.console_dropped_bytes} bytes past the console.log limit not kept"
+    if console_report.dropped_faults:
+        cut["kernel.reports.dropped"] = f"{console_report.dropped_faults} (over {scanner.MAX_FAULTS} kept)"
+    if console_report.dropped_suites:
+        cut["console.suite_markers.dropped"] = str(console_report.dropped_suites)
+    return cut
+
+
+TAIL_BYTES = 256 * 1024  # the console tail read back for the report (console.log can be 64 MiB)
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - TAIL_BYTES))
+            data = handle.read(TAIL_BYTES)
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def _publish(output: Path, run_dir: Path) -> None:
+    shutil.copyfile(run_dir / "junit.xml", output / "junit.xml")
+    latest = output / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run_dir.relative_to(output))
+
+
+def reproduce(run_dir: Path, *, interactive: bool = False) -> results.RunReport:
+    """Boot the same kernel (restored from the build cache by its key) on the same rootfs image with the
+    same payload, in a fresh overlay; results go to <run_dir>/repro-<time>/."""
+    from kernel_ci.cache.store import LocalStore
+
+    info = json.loads((run_dir / "run.json").read_text())
+    entry = LocalStore().get(info["build_key"])
+    kernel_dir = Path(info["kernel_dir"])
+    if entry is not None:
+        kernel_dir = entry
+    elif not (kernel_dir / "bzImage").exists():
+        raise RuntimeError(
+            f"build {info['build_key'][:16]} is neither in the build cache nor at {kernel_dir}; "
+            f"rebuild it with: {info['reproduce_build']}"
+        )
+    base = Path(info["rootfs"]["path"])
+    if not base.exists():
+        raise RuntimeError(
+            f"rootfs image {base} (key {info['rootfs']['key'][:16]}) is gone: rerun kernel-ci test"
+        )
+    metadata = BuildMetadata.read(kernel_dir)
+    options = TestOptions(kernel_dir=kernel_dir, output=run_dir.parent)
+    for name, value in info["options"].items():
+        if name in ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout"):
+            setattr(options, name, value)
+    repro_dir = run_dir / f"repro-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+    repro_dir.mkdir()
+    payload_dir = Path(info["payload"])
+    if interactive:
+        overlay = qemu.create_overlay(base, repro_dir)
+        argv = list(info["qemu_command"])
+        argv[argv.index("-kernel") + 1] = str(kernel_dir / "bzImage")
+        for index, arg in enumerate(argv):
+            if arg.startswith("file=") and "overlay.qcow2" in arg:
+                argv[index] = f"file={overlay},format=qcow2,if=virtio,cache=unsafe"
+        os.execvp(argv[0], argv)
+    return boot_and_collect(
+        repro_dir, kernel_dir / "bzImage", base, payload_dir, metadata, options, dict(info)
+    )

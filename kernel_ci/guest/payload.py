@@ -1,0 +1,236 @@
+"""The payload the guest mounts read-only at /kci: runner, plan.json, suites and modules (PROTOCOL.md).
+
+plan.json's schema lives here too (`Plan`, `read_plan`), since the host reads it back for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.guest.suites import LANGUAGES, Language, Suite
+
+RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
+KTAP_LIB = ("lib/ktap.c",)
+PYTEST_ARGV = (
+    "python3",
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "-o",
+    "junit_logging=all",
+    "--junitxml",
+    "$KCI_JUNIT",
+)
+
+KSELFTEST_ARGV = ("sh", "./kci-kselftest.sh")  # -> kselftest's own run_kselftest.sh (TAP 13 per binary)
+# kselftest's runner.sh writes the tests' output to /dev/stdout, which the guest's devtmpfs (no udev) does
+# not have: the redirection would create a regular file there and the output would be lost.
+KSELFTEST_WRAPPER = """\
+#!/bin/sh
+# kci: the /dev links udev would make, then kselftest's own runner.
+ln -sfn /proc/self/fd /dev/fd
+ln -sfn /proc/self/fd/0 /dev/stdin
+ln -sfn /proc/self/fd/1 /dev/stdout
+ln -sfn /proc/self/fd/2 /dev/stderr
+exec sh ./run_kselftest.sh "$@"
+"""
+
+# compile_c(src_dir, c_files, out_binary): build a static binary from c_files (paths relative to src_dir,
+# the guest-tests folder, so "lib/ktap.c" and the suite's own "<suite>/x.c" are both under it).
+CompileC = Callable[[Path, list[str], Path], None]
+
+
+class PayloadError(RuntimeError):
+    """The payload cannot be assembled (missing module, clashing file names, non-empty destination)."""
+
+
+@dataclass(frozen=True)
+class PlanSuite:
+    name: str
+    language: Language
+    timeout: int
+    modules: tuple[str, ...]  # paths under the payload root, loaded before the suite, unloaded after
+    argv: tuple[str, ...]
+    workdir: str  # under the payload root
+    junit: bool  # the suite writes $KCI_JUNIT itself
+    # kselftest: (testcase name, reason) of the tests expected to fail on this kernel (read by the host)
+    expected_failures: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.expected_failures:
+            extra["expected_failures"] = [{"test": t, "reason": r} for t, r in self.expected_failures]
+        return {
+            "name": self.name,
+            "language": self.language,
+            "timeout": self.timeout,
+            "modules": list(self.modules),
+            "argv": list(self.argv),
+            "workdir": self.workdir,
+            "junit": self.junit,
+            **extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PlanSuite:
+        language = data["language"]
+        if language not in LANGUAGES:
+            raise ValueError(f"suite {data.get('name')!r}: unknown language {language!r}")
+        return cls(
+            name=str(data["name"]),
+            language=language,
+            timeout=int(data["timeout"]),
+            modules=tuple(str(m) for m in data.get("modules", [])),
+            argv=tuple(str(a) for a in data["argv"]),
+            workdir=str(data["workdir"]),
+            junit=bool(data.get("junit", False)),
+            expected_failures=tuple(
+                (str(x["test"]), str(x["reason"])) for x in data.get("expected_failures", [])
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    kernel_release: str
+    suites: tuple[PlanSuite, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kernel_release": self.kernel_release, "suites": [s.to_json() for s in self.suites]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(str(data["kernel_release"]), tuple(PlanSuite.from_json(s) for s in data["suites"]))
+
+
+def read_plan(path: Path) -> Plan:
+    """plan.json, as written by assemble_payload."""
+    try:
+        return Plan.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PayloadError(f"{path}: not a usable plan.json: {exc}") from exc
+
+
+def assemble_payload(
+    suites: Sequence[Suite],
+    dest: Path,
+    kernel_release: str,
+    compile_c: CompileC,
+    module_kos: Mapping[str, Path],
+    *,
+    runner: Path = RUNNER,
+    kselftest_dir: Path | None = None,
+) -> Path:
+    """Write dest/kci-runner.py, dest/plan.json, dest/suites/<name>/... and dest/modules/*.ko.
+
+    module_kos maps a kernel-modules/ folder name (as the manifests name it) to its built .ko file.
+    kselftest_dir is the build's kselftest install tree (outputs' kselftest/), for kselftest suites.
+    """
+    if dest.exists() and any(dest.iterdir()):
+        raise PayloadError(f"{dest}: payload destination is not empty")
+    kos = _module_files(suites, module_kos)
+    (dest / "modules").mkdir(parents=True, exist_ok=True)
+    for name, ko in kos.items():
+        shutil.copyfile(ko, dest / "modules" / name)
+    shutil.copyfile(runner, dest / "kci-runner.py")
+    planned = []
+    for suite in suites:
+        workdir = Path("suites") / suite.name
+        (dest / workdir).mkdir(parents=True)
+        expected: tuple[tuple[str, str], ...] = ()
+        if suite.language == "c":
+            argv = _build_c(suite, dest / workdir, compile_c)
+        elif suite.language == "kselftest":
+            argv = _copy_kselftest(suite, dest / workdir, kselftest_dir)
+            expected = tuple(
+                (x.testcase, x.reason) for x in suite.expected_failures if x.applies_to(kernel_release)
+            )
+        else:
+            argv = _copy_python(suite, dest / workdir)
+        planned.append(
+            PlanSuite(
+                name=suite.name,
+                language=suite.language,
+                timeout=suite.timeout,
+                modules=tuple(f"modules/{module_kos[m].name}" for m in suite.modules),
+                argv=argv,
+                workdir=workdir.as_posix(),
+                junit=suite.language == "python",
+                expected_failures=expected,
+            )
+        )
+    plan = Plan(kernel_release, tuple(planned))
+    (dest / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    return dest
+
+
+def _module_files(suites: Sequence[Suite], module_kos: Mapping[str, Path]) -> dict[str, Path]:
+    """The .ko files to ship, by file name; every module a suite names must have been built."""
+    wanted = list(dict.fromkeys(m for suite in suites for m in suite.all_modules))
+    missing = [m for m in wanted if m not in module_kos]
+    if missing:
+        raise PayloadError(f"no built .ko for module folder(s) {', '.join(missing)} (needed by the suites)")
+    files: dict[str, Path] = {}
+    for module in wanted:
+        ko = module_kos[module]
+        if not ko.is_file():
+            raise PayloadError(f"module {module}: {ko} does not exist")
+        if ko.name in files and files[ko.name] != ko:
+            raise PayloadError(f"two modules would both be shipped as modules/{ko.name}")
+        files[ko.name] = ko
+    return files
+
+
+def _build_c(suite: Suite, out_dir: Path, compile_c: CompileC) -> tuple[str, ...]:
+    binary = out_dir / suite.name
+    sources = [f"{suite.name}/{src}" for src in suite.sources] + list(KTAP_LIB)
+    compile_c(suite.path.parent, sources, binary)
+    if not binary.is_file():
+        raise PayloadError(f"suite {suite.name}: the C compiler produced no {binary}")
+    binary.chmod(0o755)
+    return (f"./{suite.name}",)
+
+
+def _copy_python(suite: Suite, out_dir: Path) -> tuple[str, ...]:
+    for source in suite.sources:
+        target = out_dir / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(suite.path / source, target)
+    return (*PYTEST_ARGV, *suite.sources)
+
+
+def _copy_kselftest(suite: Suite, out_dir: Path, kselftest_dir: Path | None) -> tuple[str, ...]:
+    """kselftest's runner and the suite's targets from the build's install tree; the test list keeps only
+    the suite's targets, so run_kselftest.sh runs exactly those."""
+    hint = f"build the kernel with this suite (kernel-ci build --suite {suite.name})"
+    if kselftest_dir is None or not (kselftest_dir / "kselftest-list.txt").is_file():
+        raise PayloadError(f"suite {suite.name}: the build has no kselftests ({kselftest_dir}): {hint}")
+    missing = [t for t in suite.targets if not (kselftest_dir / t).is_dir()]
+    if missing:
+        raise PayloadError(
+            f"suite {suite.name}: the build has no kselftest target {', '.join(missing)}: {hint}"
+        )
+    shutil.copy2(kselftest_dir / "run_kselftest.sh", out_dir / "run_kselftest.sh")
+    shutil.copytree(kselftest_dir / "kselftest", out_dir / "kselftest")
+    for target in suite.targets:
+        shutil.copytree(kselftest_dir / target, out_dir / target, symlinks=True)
+    wanted = set(suite.targets)
+    lines = (kselftest_dir / "kselftest-list.txt").read_text().splitlines()
+    entries = [line for line in lines if line.partition(":")[0] in wanted]
+    if not entries:
+        raise PayloadError(
+            f"suite {suite.name}: kselftest-list.txt lists no test of {', '.join(suite.targets)}"
+        )
+    (out_dir / "kselftest-list.txt").write_text("\n".join(entries) + "\n")
+    wrapper = out_dir / "kci-kselftest.sh"
+    wrapper.write_text(KSELFTEST_WRAPPER)
+    wrapper.chmod(0o755)
+    return KSELFTEST_ARGV
