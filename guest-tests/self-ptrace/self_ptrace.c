@@ -30,6 +30,7 @@
 #include <linux/seccomp.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/user.h>
@@ -63,6 +64,28 @@ static long raw_syscall(long nr, long a1, long a2, long a3, long a4, long a5, lo
 		*after = addr;
 	return ret;
 }
+
+/*
+ * One 32-bit system call through int $0x80 from this 64-bit process: the compat entry, with the
+ * i386 numbers and registers (CONFIG_IA32_EMULATION; without it the instruction faults: SIGSEGV).
+ * r8-r11 are declared clobbered: kernels before 4.17.x did not preserve them on this path.
+ */
+static long int80_syscall(long nr, long a1, long a2, long a3)
+{
+	long ret;
+
+	__asm__ volatile("int $0x80"
+			 : "=a"(ret)
+			 : "0"(nr), "b"(a1), "c"(a2), "d"(a3)
+			 : "r8", "r9", "r10", "r11", "memory");
+	return ret;
+}
+
+/* i386 system call numbers (arch/x86/entry/syscalls/syscall_32.tbl) */
+#define NR32_fork	2
+#define NR32_execve	11
+#define NR32_getpid	20
+#define NR32_ptrace	26
 
 #define sys0(nr)		raw_syscall((nr), 0, 0, 0, 0, 0, 0, NULL)
 #define sys3(nr, a, b, c)	raw_syscall((nr), (long)(a), (long)(b), (long)(c), 0, 0, 0, NULL)
@@ -884,6 +907,312 @@ KTAP_TEST(seccomp_order)
 	report_bits("seccomp child", child > 0 ? wait_child(child) : -1000, names, 4);
 }
 
+/*
+ * The number of a 64-bit system call is all of rax. On 5.10 the dispatcher compares the whole
+ * register with NR_syscalls, so (1 << 32) | 39 is not getpid but ENOSYS; syscall_get_nr(), which
+ * the entry work code uses, is an int and would report it as 39. An armed thread must not turn
+ * such a number into another call: it fails with ENOSYS, without a SIGSYS, and stays armed.
+ */
+#define HIGH_BITS(nr)	((long)((1UL << 32) | (nr)))
+
+KTAP_TEST(out_of_range_number)
+{
+	long ret, off_ret;
+	int count;
+
+	handler_reset(EMULATE, EMULATED);
+	/* what the kernel does with it when the thread has no entry work: no system call */
+	expect_long("unarmed_high_bits_enosys", sys0(HIGH_BITS(SYS_getpid)), -ENOSYS);
+
+	if (!arm_or_fail("armed_high_bits_enosys"))
+		return;
+	ret = sys0(HIGH_BITS(SYS_getpid));
+	count = hs.count;
+	self_off();
+	if (count)
+		ktap_diag("reported to the handler as system call %d (rax %#lx)", hs.syscall, hs.rax);
+	ktap_ok(ret == -ENOSYS && count == 0, "armed_high_bits_enosys");
+
+	if (!arm_or_fail("armed_negative_high_bits_enosys"))
+		return;
+	ret = sys0((long)(0xffffffff00000000UL | SYS_getppid));
+	count = hs.count;
+	self_off();
+	ktap_ok(ret == -ENOSYS && count == 0, "armed_negative_high_bits_enosys");
+
+	/* ENOSYS leaves the thread armed, like any call that is not intercepted */
+	if (!arm_or_fail("still_armed_after_enosys"))
+		return;
+	sys0(HIGH_BITS(SYS_getpid));
+	ret = sys0(SYS_getpid);
+	self_off();
+	ktap_ok(ret == EMULATED && hs.count == 1 && hs.syscall == SYS_getpid, "still_armed_after_enosys");
+
+	/* the exempt numbers only count without high bits: this is not ptrace(PTRACE_SELF_OFF) */
+	handler_reset(EMULATE, EMULATED);
+	if (!arm_or_fail("high_bits_not_exempt"))
+		return;
+	off_ret = sys3(HIGH_BITS(SYS_ptrace), PTRACE_SELF_OFF, 0, 0);
+	ret = sys0(SYS_getpid);
+	self_off();
+	if (off_ret != -ENOSYS)
+		ktap_diag("(1 << 32) | __NR_ptrace returned %ld", off_ret);
+	ktap_ok(off_ret == -ENOSYS && ret == EMULATED && hs.count == 1, "high_bits_not_exempt");
+
+	/* a number that fits is intercepted even if the kernel has no such call: it can be emulated */
+	handler_reset(EMULATE, EMULATED);
+	if (!arm_or_fail("unknown_number_intercepted"))
+		return;
+	ret = sys0(1000);
+	self_off();
+	ktap_ok(ret == EMULATED && hs.count == 1 && hs.syscall == 1000 && hs.rax == 1000,
+		"unknown_number_intercepted");
+}
+
+/*
+ * Why self-ptrace cannot simply let such a number through: vanilla 5.10 truncates it as soon as
+ * the thread has entry work (here an allow-all seccomp filter), and (1 << 32) | 39 runs getpid.
+ */
+KTAP_TEST(entry_work_truncates)
+{
+	static const char *const names[] = { "filter_installed", "high_bits_run_getpid_with_entry_work" };
+	pid_t child;
+
+	child = fork();
+	if (child == 0) {
+		struct sock_filter insns[] = { BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW) };
+		struct sock_fprog prog = { KTAP_ARRAY_SIZE(insns), insns };
+
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
+		    syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog))
+			_exit(1);
+		_exit(sys0(HIGH_BITS(SYS_getpid)) == sys0(SYS_getpid) ? 0 : 2);
+	}
+	report_bits("seccomp child", child > 0 ? wait_child(child) : -1000, names, 2);
+}
+
+/* The compat exclusion: int $0x80 from an armed 64-bit thread runs, and leaves it armed. */
+KTAP_TEST(compat_int80)
+{
+	static const char *const names[] = { "int80_getpid_not_intercepted", "still_armed_after_int80",
+					     "compat_self_on_esrch", "compat_self_on_not_armed" };
+	pid_t child;
+	int st;
+
+	child = fork();
+	if (child == 0) {
+		pid_t pid = getpid();
+		int bits = 0;
+		long ret;
+
+		handler_reset(EMULATE, EMULATED);
+		if (self_on())
+			_exit(121);
+		ret = int80_syscall(NR32_getpid, 0, 0, 0);
+		if (ret != pid || hs.count)
+			bits |= 1;
+		ret = sys0(SYS_getpid);
+		if (ret != EMULATED || hs.count != 1)
+			bits |= 2;
+		self_off();
+		/* the requests are native only: the compat ptrace has no PTRACE_SELF_ON */
+		handler_reset(EMULATE, EMULATED);
+		ret = int80_syscall(NR32_ptrace, PTRACE_SELF_ON, 0, 0);
+		if (ret != -ESRCH)
+			bits |= 4;
+		ret = sys0(SYS_getpid);
+		self_off();
+		if (ret != pid || hs.count)
+			bits |= 8;
+		_exit(bits);
+	}
+	st = child > 0 ? wait_child(child) : -1000;
+	if (st == -SIGSEGV)
+		ktap_diag("int $0x80 faulted: is CONFIG_IA32_EMULATION set?");
+	report_bits("int $0x80 child", st, names, 4);
+}
+
+/*
+ * A fork that is not intercepted: the compat fork of an armed thread. The new task must start
+ * disarmed (copy_process()), its parent stays armed.
+ */
+KTAP_TEST(compat_fork_child_disarmed)
+{
+	static const char *const names[] = { "int80_fork_not_intercepted", "parent_still_armed",
+					     "child_starts_disarmed" };
+	pid_t child;
+	int st;
+
+	child = fork();
+	if (child == 0) {
+		int bits = 0, gst;
+		long ret, forked;
+
+		handler_reset(EMULATE, EMULATED);
+		if (self_on())
+			_exit(121);
+		ret = int80_syscall(NR32_fork, 0, 0, 0);
+		if (ret == 0) {
+			/* the new task: armed, this getppid would be a SIGSYS and count */
+			int before = hs.count;
+
+			sys0(SYS_getppid);
+			_exit(hs.count == before ? 0 : 1);
+		}
+		if (ret <= 0 || hs.count)
+			bits |= 1;
+		forked = ret;
+		ret = sys0(SYS_getpid);
+		self_off();
+		if (ret != EMULATED || hs.count != 1)
+			bits |= 2;
+		gst = forked > 0 ? wait_child((pid_t)forked) : -1000;
+		if (gst != 0)
+			bits |= 4;
+		_exit(bits);
+	}
+	st = child > 0 ? wait_child(child) : -1000;
+	if (st == -SIGSEGV)
+		ktap_diag("int $0x80 faulted: is CONFIG_IA32_EMULATION set?");
+	report_bits("int $0x80 fork child", st, names, 3);
+}
+
+/*
+ * An exec that is not intercepted: the compat execve of an armed thread. The new program must
+ * start disarmed (begin_new_exec()): armed, its first system call would kill it with SIGSYS.
+ * Its path and argv are 32-bit pointers, so they live in a MAP_32BIT page.
+ */
+KTAP_TEST(compat_exec_disarms)
+{
+	static const char path[] = "/proc/self/exe", arg0[] = "self-ptrace";
+	pid_t child;
+	int st;
+
+	child = fork();
+	if (child == 0) {
+		char *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+		uint32_t *argv32;
+		char *p, *a0, *a1;
+
+		if (page == MAP_FAILED)
+			_exit(120);
+		argv32 = (uint32_t *)page;
+		p = page + 64;
+		a0 = p + sizeof(path);
+		a1 = a0 + sizeof(arg0);
+		memcpy(p, path, sizeof(path));
+		memcpy(a0, arg0, sizeof(arg0));
+		memcpy(a1, EXEC_PROBE_ARG, sizeof(EXEC_PROBE_ARG));
+		argv32[0] = (uint32_t)(uintptr_t)a0;
+		argv32[1] = (uint32_t)(uintptr_t)a1;
+		argv32[2] = 0;
+		if (self_on())
+			_exit(121);
+		int80_syscall(NR32_execve, (long)(uintptr_t)p, (long)(uintptr_t)argv32, 0);
+		_exit(122);	/* the execve failed or was intercepted (then SIGSYS kills first) */
+	}
+	st = child > 0 ? wait_child(child) : -1000;
+	if (st != EXEC_PROBE_EXIT) {
+		diag_status("int $0x80 exec'd child", st);
+		if (st == -SIGSEGV)
+			ktap_diag("int $0x80 faulted: is CONFIG_IA32_EMULATION set?");
+	}
+	ktap_ok(st == EXEC_PROBE_EXIT, "new_image_not_armed");
+}
+
+/* The SelfPtrace: line of /proc/PID/status, -1 if there is none. */
+static int status_self_ptrace(pid_t pid)
+{
+	char path[64], line[256];
+	int val = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "SelfPtrace: %d", &val) == 1)
+			break;
+	fclose(f);
+	return val;
+}
+
+/*
+ * Wait (at most ~20 s) for *phase to leave `from`; returns the new phase, or -1 if the child
+ * exited first (its status in *st, as wait_child() gives it).
+ */
+static int wait_phase(atomic_int *phase, int from, pid_t child, int *st)
+{
+	int status, i;
+
+	for (i = 0; i < 200000; i++) {
+		if (atomic_load(phase) != from)
+			return atomic_load(phase);
+		if (*st == -2000 && waitpid(child, &status, WNOHANG) == child) {
+			*st = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+			return -1;
+		}
+		usleep(100);
+	}
+	return -1;
+}
+
+/*
+ * What a checkpoint/restore tool reads: SelfPtrace: in /proc/PID/status, 1 while the thread is
+ * armed. The child arms itself and spins without a system call while the parent looks.
+ */
+KTAP_TEST(proc_status)
+{
+	atomic_int *phase;
+	pid_t child;
+	int st = -2000, armed = -1, after = -1;
+
+	expect_long("status_unarmed", status_self_ptrace(getpid()), 0);
+	phase = mmap(NULL, sizeof(*phase), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (phase == MAP_FAILED) {
+		ktap_diag("mmap: %s", strerror(errno));
+		ktap_ok(false, "status_armed");
+		return;
+	}
+	atomic_store(phase, 0);
+	child = fork();
+	if (child == 0) {
+		handler_reset(EMULATE, EMULATED);
+		if (self_on())
+			_exit(121);
+		atomic_store(phase, 1);
+		while (atomic_load(phase) == 1)
+			;
+		sys0(SYS_getpid);	/* intercepted: disarms */
+		atomic_store(phase, 3);
+		while (atomic_load(phase) == 3)
+			;
+		_exit(hs.count == 1 ? 0 : 1);
+	}
+	if (child < 0) {
+		ktap_diag("fork: %s", strerror(errno));
+		ktap_ok(false, "status_armed");
+		return;
+	}
+	if (wait_phase(phase, 0, child, &st) == 1) {
+		armed = status_self_ptrace(child);
+		atomic_store(phase, 2);
+		if (wait_phase(phase, 2, child, &st) == 3)
+			after = status_self_ptrace(child);
+		atomic_store(phase, 4);
+	}
+	if (st == -2000)
+		st = wait_child(child);
+	expect_long("status_armed", armed, 1);
+	expect_long("status_disarmed_by_sigsys", after, 0);
+	if (st != 0)
+		diag_status("armed child", st);
+	ktap_ok(st == 0, "child_intercepted_once");
+	munmap(phase, sizeof(*phase));
+}
+
 static const struct ktap_case cases[] = {
 	KTAP_CASE(arm_and_getpid),
 	KTAP_CASE(call_not_executed),
@@ -900,6 +1229,12 @@ static const struct ktap_case cases[] = {
 	KTAP_CASE(exec_semantics),
 	KTAP_CASE(signal_masking),
 	KTAP_CASE(seccomp_order),
+	KTAP_CASE(out_of_range_number),
+	KTAP_CASE(entry_work_truncates),
+	KTAP_CASE(compat_int80),
+	KTAP_CASE(compat_fork_child_disarmed),
+	KTAP_CASE(compat_exec_disarms),
+	KTAP_CASE(proc_status),
 };
 
 int main(int argc, char **argv)
