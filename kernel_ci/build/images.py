@@ -16,12 +16,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from python_on_whales import DockerException, docker
-
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
 from kernel_ci.core.paths import CONTAINERS, cache_dir
-from kernel_ci.host import aptmirror
+from kernel_ci.host import aptmirror, docker
 
 BASE_RECIPE = CONTAINERS / "base" / "recipe.toml"
 BUILDER_DIR = CONTAINERS / "builder"
@@ -49,10 +47,6 @@ def _digest(*parts: bytes) -> str:
     return digest.hexdigest()
 
 
-def _image_exists(tag: str) -> bool:
-    return docker.image.exists(tag)
-
-
 def base_image_tag(recipe_path: Path = BASE_RECIPE) -> str:
     return f"kernel-ci/base:bookworm-{_digest(recipe_path.read_bytes())[:16]}"
 
@@ -60,13 +54,12 @@ def base_image_tag(recipe_path: Path = BASE_RECIPE) -> str:
 def ensure_base_image(recipe_path: Path = BASE_RECIPE) -> str:
     """The tag of the Debian 12 base image, debootstrapped and imported if not present."""
     tag = base_image_tag(recipe_path)
-    if _image_exists(tag):
+    if docker.image_exists(tag):
         return tag
     recipe = tomllib.loads(recipe_path.read_text())
     if os.environ.get("KERNEL_CI_BASE_FROM_REGISTRY") == "1":
         console.print(f"pulling base image {recipe['image']}")
-        docker.pull(recipe["image"])
-        docker.tag(recipe["image"], tag)
+        docker.pull(recipe["image"], tag)
         return tag
     mirrors = aptmirror.archive_bases("debian")
     if not mirrors:
@@ -87,8 +80,9 @@ def ensure_base_image(recipe_path: Path = BASE_RECIPE) -> str:
             for item in (root / "rootfs" / junk).glob("*"):
                 if item.is_file():
                     item.unlink()
-        tar = proc.capture(["sh", "-c", f"tar -C {root / 'rootfs'} -c . | docker import - {tag}"])
-        console.print(f"imported {tag}: {tar.strip()[:19]}")
+        tarball = root / "rootfs.tar"
+        proc.run(["tar", "-C", root / "rootfs", "-cf", tarball, "."], quiet=True)
+        console.print(f"imported {tag}: {docker.import_tarball(tarball, tag)[:19]}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return tag
@@ -114,44 +108,27 @@ def ensure_builder_image() -> str:
     """The tag of the builder image, built with BuildKit through python-on-whales when missing."""
     base = ensure_base_image()
     tag = builder_image_tag(base)
-    if _image_exists(tag):
+    if docker.image_exists(tag):
         return tag
     console.print(f"building the builder image {tag} with BuildKit")
     try:
-        docker.buildx.build(
-            BUILDER_DIR,
-            file=BUILDER_DIR / "Dockerfile",
-            build_args={"BASE": base},
-            tags=[tag],
-            load=True,
-            progress="plain",
-        )
-    except DockerException as exc:
-        raise ImageError(
-            f"building {tag} failed (exit {exc.return_code}):\n{exc.stderr or ''}\n{exc.stdout or ''}"
-        ) from exc
+        docker.build_image(BUILDER_DIR, BUILDER_DIR / "Dockerfile", tag, {"BASE": base})
+    except docker.DockerError as exc:
+        raise ImageError(str(exc)) from exc
     return tag
 
 
 def toolchain(tag: str) -> Toolchain:
     """The toolchain in an image: its id, package versions and fingerprint (recorded once per image id)."""
-    image_id = docker.image.inspect(tag).id
+    image_id = docker.image_id(tag)
     record = cache_dir("toolchains") / f"{image_id.replace(':', '-')}.json"
     if record.exists():
         data = json.loads(record.read_text())
     else:
-        listing = proc.capture(
-            [
-                "docker",
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                tag,
-                "sh",
-                "-c",
-                "cat /etc/kernel-ci/installed.txt; echo ---; gcc --version | head -1",
-            ]
+        listing = docker.run_capture(
+            tag,
+            ["sh", "-c", "cat /etc/kernel-ci/installed.txt; echo ---; gcc --version | head -1"],
+            ["--network", "none"],
         )
         packages_text, _, gcc = listing.partition("---\n")
         packages = sorted(line for line in packages_text.splitlines() if line.strip())

@@ -23,8 +23,10 @@ from typing import Any
 
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from kernel_ci.build import ccacherelay
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.host import docker
 
 SRC = "/build/src"
 OUT = "/build/out"
@@ -134,22 +136,33 @@ def hardening_argv(uid: int, gid: int) -> list[str]:
 
 def remove_stale_container(name: str) -> None:
     """A container of that name left by a run that was killed before the watchdog could act."""
-    proc.capture(["docker", "rm", "--force", name], check=False)
+    docker.remove_container(name)
+
+
+def remote_storage(env: BuildEnv) -> ccacherelay.Storage | None:
+    """The shared ccache the build reaches through the relay (CCACHE_REMOTE_STORAGE, set from the cache
+    configuration by kernel_ci.cache.remote.open_store), or None."""
+    value = os.environ.get("CCACHE_REMOTE_STORAGE", "").strip()
+    if not env.use_ccache or not value:
+        return None
+    return ccacherelay.parse_storage(value)
 
 
 def docker_run_argv(
-    env: BuildEnv, command: Sequence[str], *, workdir: str = OUT, watchdog: bool = False
+    env: BuildEnv,
+    command: Sequence[str],
+    *,
+    workdir: str = OUT,
+    watchdog: bool = False,
+    forwarder: ccacherelay.HostForwarder | None = None,
 ) -> list[str]:
     """The `docker run` of COMMAND in the builder container. With watchdog it must be run with its stdin held
-    open (run_container does): a closed stdin stops it at once. Without, the command should be short."""
-    # With a shared ccache configured (CCACHE_REMOTE_STORAGE, set by kernel_ci.cache.remote), the container
-    # needs
-    # the network to reach it: host networking, so that a service on the host's loopback is reachable as
-    # in the URL. The value (it may hold a token) is inherited from this process's environment by
-    # `docker run -e NAME`, never written on the (logged) command line.
-    remote_ccache = env.use_ccache and bool(os.environ.get("CCACHE_REMOTE_STORAGE"))
-    argv = [
-        "docker", "run", "--rm", "--network", "host" if remote_ccache else "none", "--init",
+    open (run_container does): a closed stdin stops it at once. Without, the command should be short.
+
+    The container never has a network (`--network none`), also with a shared ccache: then FORWARDER's
+    socket is its only way out, and only to the cache service (kernel_ci.build.ccacherelay says why)."""
+    options = [
+        "--network", "none", "--init",
         *hardening_argv(*build_user()),
         "-v", f"{env.src}:{SRC}:ro",
         "-v", f"{env.out}:{OUT}",
@@ -157,24 +170,30 @@ def docker_run_argv(
         "-w", workdir,
     ]  # fmt: skip
     for host, guest in env.extra_mounts.items():
-        argv += ["-v", f"{host}:{guest}"]
+        options += ["-v", f"{host}:{guest}"]
     for name, value in env.kbuild_vars().items():
-        argv += ["-e", f"{name}={value}"]
-    if remote_ccache:
-        argv += ["-e", "CCACHE_REMOTE_STORAGE"]
+        options += ["-e", f"{name}={value}"]
+    command = list(command)
+    if forwarder is not None:
+        options += ccacherelay.container_options(forwarder)
+        command = ccacherelay.wrap(command)
     if watchdog:
-        argv += ["-i", "--name", container_name(env)]
-        return [*argv, env.image, "sh", "-c", WATCHDOG, "kci-watchdog", *command]
-    return [*argv, env.image, *command]
+        options += ["-i", "--name", container_name(env)]
+        command = ["sh", "-c", WATCHDOG, "kci-watchdog", *command]
+    return docker.run_argv(env.image, command, options)
 
 
 def run_container(env: BuildEnv, command: Sequence[str], **run_args: Any) -> proc.Result:
-    """COMMAND in the builder container, tied to this process's life (WATCHDOG), writing as the build user."""
+    """COMMAND in the builder container, tied to this process's life (WATCHDOG), writing as the build user,
+    reaching the shared ccache (if one is configured) through the relay only."""
     give_to_build_user(env.out)
     if env.use_ccache:
         give_to_build_user(env.ccache_dir)
     remove_stale_container(container_name(env))
-    return proc.run(docker_run_argv(env, command, watchdog=True), hold_stdin=True, **run_args)
+    with ccacherelay.forwarding(remote_storage(env)) as forwarder:
+        argv = docker_run_argv(env, command, watchdog=True, forwarder=forwarder)
+        client_env = ccacherelay.client_env(forwarder) if forwarder else None
+        return proc.run(argv, hold_stdin=True, env=client_env, **run_args)
 
 
 class _KbuildProgress:
@@ -249,7 +268,7 @@ def ccache_counters(env: BuildEnv) -> dict[str, int]:
     if not env.use_ccache:
         return {}
     give_to_build_user(env.ccache_dir)
-    text = proc.capture(docker_run_argv(env, ["ccache", "--print-stats"]))
+    text = proc.capture(docker_run_argv(env, ["ccache", "--print-stats"]))  # local counters: no relay
     counters: dict[str, int] = {}
     for line in text.splitlines():
         name, _, value = line.partition("\t")
@@ -284,9 +303,8 @@ def run_in_toolchain(
     tied to this process's life. As the invoking user unless as_build_user (then every writable mount must
     already belong to the build user: see give_to_build_user)."""
     uid, gid = build_user() if as_build_user else (os.getuid(), os.getgid())
-    argv = ["docker", "run", "--rm", "-i", "--init", "--network", "none", *hardening_argv(uid, gid)]
-    argv += ["-w", workdir]
+    options = ["-i", "--init", "--network", "none", *hardening_argv(uid, gid), "-w", workdir]
     for host, guest in mounts.items():
-        argv += ["-v", f"{host}:{guest}"]
-    argv += [image, "sh", "-c", WATCHDOG, "kci-watchdog", *command]
-    return proc.run(argv, quiet=quiet, check=check, hold_stdin=True)
+        options += ["-v", f"{host}:{guest}"]
+    watched = ["sh", "-c", WATCHDOG, "kci-watchdog", *command]
+    return docker.run(image, watched, options, quiet=quiet, check=check, hold_stdin=True)

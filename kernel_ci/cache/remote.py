@@ -15,13 +15,18 @@ keeps symlinks (``modules/lib/modules/*/build``) and modes. The tar is reproduci
 nothing; file mtimes are kept because kbuild compares them when building out-of-tree modules. No
 compression: the service is on a LAN or loopback, where zstd/gzip would cost more CPU time than it saves.
 
-Configuration (first found wins): ``--cache-url``, ``$KERNEL_CI_CACHE_URL`` (+ ``$KERNEL_CI_CACHE_TOKEN``),
-the ``[cache]`` table of ``$KERNEL_CI_CONFIG`` or ``~/.config/kernel-ci/config.toml``::
+Configuration (first found wins): ``--cache-url``, ``$KERNEL_CI_CACHE_URL`` (+ ``$KERNEL_CI_CACHE_TOKEN``,
+``$KERNEL_CI_CACHE_READ_TOKEN``), the ``[cache]`` table of ``$KERNEL_CI_CONFIG`` or
+``~/.config/kernel-ci/config.toml``::
 
     [cache]
     url = "http://cache.example:8080"
     token = "..."            # needed to push; reads may be anonymous
+    read_token = "..."       # what the builder container gets for ccache (a --read-token of the service)
     ccache = true            # also use the service as ccache remote storage (default true)
+
+The builder container runs patch code, so its ccache credential is the read token (or none), never the
+write token, unless the user says the series is trusted (``--trusted-ccache-writes``): see SECURITY.md.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from kernel_ci.core.console import console, warn
 
 URL_ENV = "KERNEL_CI_CACHE_URL"
 TOKEN_ENV = "KERNEL_CI_CACHE_TOKEN"
+READ_TOKEN_ENV = "KERNEL_CI_CACHE_READ_TOKEN"
 CONFIG_ENV = "KERNEL_CI_CONFIG"
 FILE_BY_FILE_DIRS = frozenset({"patches"})
 CHUNK = 1024 * 1024
@@ -61,6 +67,7 @@ class RemoteConfig:
     url: str
     token: str | None = None
     ccache: bool = True
+    read_token: str | None = None  # for the builder container's ccache: it runs untrusted patch code
 
     @classmethod
     def resolve(cls, cli_url: str | None = None) -> RemoteConfig | None:
@@ -77,13 +84,23 @@ class RemoteConfig:
         if not url.startswith(("http://", "https://")):
             raise RemoteCacheError(f"cache URL {url!r}: expected http://HOST:PORT or https://...")
         token = os.environ.get(TOKEN_ENV) or table.get("token") or None
-        return cls(url=url.rstrip("/"), token=token, ccache=bool(table.get("ccache", True)))
+        read_token = os.environ.get(READ_TOKEN_ENV) or table.get("read_token") or None
+        return cls(
+            url=url.rstrip("/"), token=token, ccache=bool(table.get("ccache", True)), read_token=read_token
+        )
 
-    def ccache_storage(self) -> str:
-        """CCACHE_REMOTE_STORAGE for this service (ccache sends the token as ``Authorization: Bearer``)."""
+    def ccache_storage(self, *, trusted_writes: bool = False) -> str:
+        """CCACHE_REMOTE_STORAGE for this service (ccache sends the token as ``Authorization: Bearer``).
+
+        The builder container gets it, and patch code runs there: by default the read token (or none) and
+        ccache's ``read-only`` attribute, so that the shared ccache cannot be poisoned by a series; the write
+        token only when the user vouches for the series (trusted_writes, ``--trusted-ccache-writes``)."""
         value = f"{self.url}/ccache/"
-        if self.token:
-            value += f"|bearer-token={self.token}"
+        token = self.token if trusted_writes else self.read_token
+        if token:
+            value += f"|bearer-token={token}"
+        if not trusted_writes:
+            value += "|read-only=true"
         return value
 
 
@@ -471,18 +488,21 @@ def attach_test_run(store: object, kernel_dir: Path, output: Path, outcome: str)
         warn(f"could not attach the test run to the shared build cache: {exc}")
 
 
-def open_store(cli_url: str | None = None, local: LocalStore | None = None) -> LocalStore | RemoteStore:
+def open_store(
+    cli_url: str | None = None, local: LocalStore | None = None, *, trusted_ccache_writes: bool = False
+) -> LocalStore | RemoteStore:
     """The build store the CLI hands to kernel_ci.flow.build.build: remote-backed when one is configured.
 
     With a remote configured (and ccache not disabled in the config file), CCACHE_REMOTE_STORAGE is put
-    into this process's environment, which kernel_ci.build.kbuild passes on to the build container.
+    into this process's environment, which kernel_ci.build.kbuild relays to the build container: read-only
+    unless trusted_ccache_writes (RemoteConfig.ccache_storage).
     """
     local = local or LocalStore()
     config = RemoteConfig.resolve(cli_url)
     if config is None:
         return local
     if config.ccache and "CCACHE_REMOTE_STORAGE" not in os.environ:
-        os.environ["CCACHE_REMOTE_STORAGE"] = config.ccache_storage()
+        os.environ["CCACHE_REMOTE_STORAGE"] = config.ccache_storage(trusted_writes=trusted_ccache_writes)
     if not config.token:
         console.print(f"[dim]shared build cache {config.url}: read-only (no {TOKEN_ENV})[/]")
     return RemoteStore(local, CacheClient(config))

@@ -35,6 +35,12 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
         "--cache-url",
         help="shared build cache service (default: $KERNEL_CI_CACHE_URL, else the [cache] config table)",
     )
+    group.add_argument(
+        "--trusted-ccache-writes",
+        action="store_true",
+        help="the series is trusted: give the build container the cache's WRITE token for ccache "
+        "(default: the read token, so patch code cannot poison the shared ccache)",
+    )
 
 
 def _build_request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -112,7 +118,7 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The build store: the local one, behind the shared cache service when one is configured."""
     from kernel_ci.cache.remote import open_store
 
-    return open_store(args.cache_url)
+    return open_store(args.cache_url, trusted_ccache_writes=args.trusted_ccache_writes)
 
 
 def cmd_test(args: argparse.Namespace) -> int:

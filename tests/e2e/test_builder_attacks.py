@@ -8,6 +8,7 @@ protections are properties of the container, whatever the Makefile is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -19,11 +20,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kernel_ci.build import images
 from kernel_ci.build import kbuild as builder
+from kernel_ci.cache.remote import open_store
+from kernel_ci.cache.store import LocalStore
 from kernel_ci.core import proc
+from tests.cacheservice import READ_TOKEN, TOKEN, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +56,26 @@ MAKEFILE = textwrap.dedent(
     \t@hostname > $(O)/container; sleep 600
     quick:
     \t@echo "quick done" >> $(R)
+    ccache-reach:
+    \t@python3 $(CURDIR)/storage.py GET healthz 2>/dev/null && echo "ccache-reach succeeded" >> $(R) \\
+    \t  || echo "ccache-reach refused" >> $(R)
+    ccache-write:
+    \t@python3 $(CURDIR)/storage.py PUT ccache/0123456789abcdefghijklmnopqrstuv0 2>/dev/null \\
+    \t  && echo "ccache-write succeeded" >> $(R) || echo "ccache-write refused" >> $(R)
+    """
+)
+# What patch code can do with the ccache storage the container was given: a request to the service named in
+# $CCACHE_REMOTE_STORAGE, with its token; exits non-zero unless the service says 2xx.
+STORAGE = textwrap.dedent(
+    """\
+    import os, sys, urllib.parse, urllib.request
+    url, *attributes = os.environ["CCACHE_REMOTE_STORAGE"].split("|")
+    tokens = [a.split("=", 1)[1] for a in attributes if a.startswith("bearer-token=")]
+    headers = {"Authorization": "Bearer " + tokens[0]} if tokens else {}
+    root = urllib.parse.urljoin(url, "/")
+    data = b"poisoned object" if sys.argv[1] == "PUT" else None
+    request = urllib.request.Request(root + sys.argv[2], data=data, method=sys.argv[1], headers=headers)
+    urllib.request.urlopen(request, timeout=10)
     """
 )
 # Forks up to N children that sleep; prints how many it got, then kills them.
@@ -85,6 +110,7 @@ def env(tmp_path: Path, image: str) -> builder.BuildEnv:
     src.mkdir()
     (src / "Makefile").write_text(MAKEFILE)
     (src / "forks.py").write_text(FORKS)
+    (src / "storage.py").write_text(STORAGE)
     return builder.BuildEnv(
         image=image,
         src=src,
@@ -166,6 +192,49 @@ def test_a_makefile_cannot_reach_the_host(
     while not received and time.monotonic() < deadline:
         time.sleep(0.1)
     assert received == [b"x"]
+
+
+def test_with_a_shared_ccache_a_makefile_still_cannot_reach_host_services(
+    env: builder.BuildEnv,
+    listener: tuple[str, int, list[bytes]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shared ccache configured (as `--cache-url` does) must not give the build the host's network: neither
+    its loopback nor its address on the Docker bridge, only the cache service, through the relay."""
+    gateway, port, received = listener
+    with server_process(tmp_path / "server", "--read-token", READ_TOKEN) as server:
+        monkeypatch.setenv("CCACHE_REMOTE_STORAGE", f"{server.url}/ccache/|bearer-token={READ_TOKEN}")
+        shared = dataclasses.replace(env, use_ccache=True)
+        for host in ("127.0.0.1", gateway):
+            assert _attack(shared, "network", f"HOST={host}", f"PORT={port}")["network"] == "refused", host
+        service_port = server.url.rsplit(":", 1)[1]  # the service itself, other than through the relay
+        assert _attack(shared, "network", "HOST=127.0.0.1", f"PORT={service_port}")["network"] == "refused"
+        # Control: the storage the build was given does work (through the relay, to the service only).
+        assert _attack(shared, "ccache-reach")["ccache-reach"] == "succeeded"
+    assert received == []
+
+
+def test_with_a_shared_ccache_a_makefile_cannot_write_ccache_objects(
+    env: builder.BuildEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The credential the container gets (set up by open_store, as the CLI does) is read-only unless the
+    user says the series is trusted: patch code cannot poison the shared ccache."""
+    monkeypatch.delenv("CCACHE_REMOTE_STORAGE", raising=False)
+    monkeypatch.setenv("KERNEL_CI_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("KERNEL_CI_CACHE_TOKEN", TOKEN)
+    monkeypatch.setenv("KERNEL_CI_CACHE_READ_TOKEN", READ_TOKEN)
+    shared = dataclasses.replace(env, use_ccache=True)
+    with server_process(tmp_path / "server", "--read-token", READ_TOKEN) as server:
+        open_store(server.url, local=LocalStore(tmp_path / "store"))
+        assert _attack(shared, "ccache-reach")["ccache-reach"] == "succeeded"  # it may read
+        assert _attack(shared, "ccache-write")["ccache-write"] == "refused"
+        assert httpx.get(f"{server.url}/healthz").json()["ccache"] == 0
+        # Control: with the explicit opt-in the same write arrives (the attack is real).
+        monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
+        open_store(server.url, local=LocalStore(tmp_path / "store"), trusted_ccache_writes=True)
+        assert _attack(shared, "ccache-write")["ccache-write"] == "succeeded"
+        assert httpx.get(f"{server.url}/healthz").json()["ccache"] == 1
 
 
 def test_a_fork_bomb_is_bounded(env: builder.BuildEnv, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,5 @@
 """The shared cache through kernel_ci.flow.build: one machine builds and pushes, another restores; and the
-builder container reaching the service's ccache storage over host networking."""
+builder container reaching the service's ccache storage through the relay (it has no network)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kernel_ci.build import images
+from kernel_ci.build import ccacherelay, images
 from kernel_ci.build import kbuild as builder
 from kernel_ci.cache.remote import CacheClient, RemoteConfig, RemoteStore
 from kernel_ci.cache.store import LocalStore
-from kernel_ci.core import proc
 from kernel_ci.flow.build import BuildRequest, build
 from tests.cacheservice import TOKEN, server_process
 
@@ -68,12 +67,15 @@ def test_the_builder_container_reaches_the_ccache_storage(
             jobs=1,
             timestamp="Thu Jan  1 00:00:00 UTC 2024",
         )
-        argv = builder.docker_run_argv(
-            env, ["ccache", "gcc", "-c", f"{builder.SRC}/hello.c", "-o", "hello.o"]
-        )
-        assert argv[argv.index("--network") + 1] == "host"
+        compile_hello = ["ccache", "gcc", "-c", f"{builder.SRC}/hello.c", "-o", f"{builder.OUT}/hello.o"]
+        with ccacherelay.forwarding(builder.remote_storage(env)) as forwarder:
+            assert forwarder is not None
+            argv = builder.docker_run_argv(env, compile_hello, forwarder=forwarder)
+        # No network at all: the relay's socket is the only way to the service (kernel_ci.build.ccacherelay).
+        assert argv[argv.index("--network") + 1] == "none" and "host" not in argv
         assert "CCACHE_REMOTE_STORAGE" in argv and storage not in " ".join(argv)  # the token is not logged
-        proc.run(argv)
+        builder.run_container(env, compile_hello)
+        assert (tmp_path / "out" / "hello.o").is_file()
         assert httpx.get(f"{server.url}/healthz").json()["ccache"] >= 1  # the object went to the service
 
         monkeypatch.delenv("CCACHE_REMOTE_STORAGE")

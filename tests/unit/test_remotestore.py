@@ -115,6 +115,7 @@ def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("KERNEL_CI_CACHE_URL", raising=False)
     monkeypatch.delenv("KERNEL_CI_CACHE_TOKEN", raising=False)
     monkeypatch.delenv("CCACHE_REMOTE_STORAGE", raising=False)
+    monkeypatch.delenv("KERNEL_CI_CACHE_READ_TOKEN", raising=False)
     config_file = tmp_path / "config.toml"
     monkeypatch.setenv("KERNEL_CI_CONFIG", str(config_file))
     assert RemoteConfig.resolve() is None
@@ -128,6 +129,17 @@ def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config is not None and config.url == "http://127.0.0.1:3" and config.token == "from-env"
     store = open_store("http://127.0.0.1:3", local=LocalStore(tmp_path / "l"))
     assert isinstance(store, RemoteStore)
+    # The builder container (patch code) never gets the write token by default: no read token configured,
+    # so none at all, and ccache told the storage is read-only.
+    assert os.environ["CCACHE_REMOTE_STORAGE"] == "http://127.0.0.1:3/ccache/|read-only=true"
+    monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
+    monkeypatch.setenv("KERNEL_CI_CACHE_READ_TOKEN", "read-from-env")
+    open_store("http://127.0.0.1:3", local=LocalStore(tmp_path / "l"))
+    assert os.environ["CCACHE_REMOTE_STORAGE"] == (
+        "http://127.0.0.1:3/ccache/|bearer-token=read-from-env|read-only=true"
+    )
+    monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
+    open_store("http://127.0.0.1:3", local=LocalStore(tmp_path / "l"), trusted_ccache_writes=True)
     assert os.environ["CCACHE_REMOTE_STORAGE"] == "http://127.0.0.1:3/ccache/|bearer-token=from-env"
 
 

@@ -1,0 +1,137 @@
+"""The one seam between kernel-ci and Docker: every call to the engine goes through this module.
+
+Images and containers are managed through python-on-whales (the design's choice): build (BuildKit), inspect,
+import, pull, tag, remove, the list of containers. Errors come back as DockerError with Docker's own words.
+
+Running a container (`docker run`) is the exception: it goes through kernel_ci.core.proc, not
+python-on-whales, because the builder's life depends on three things only proc gives:
+- the output streamed line by line into our logging and progress display (kbuild prints for minutes);
+- a timeout or Ctrl-C stops the whole process tree (SIGTERM, then SIGKILL to the group), which the
+  `docker run` client forwards to the container;
+- the held stdin: proc keeps a pipe on the client's stdin that it never writes, so the container's
+  watchdog (kernel_ci.build.kbuild.WATCHDOG) sees EOF and kills the build when kernel-ci dies, even by
+  SIGKILL. python-on-whales' `docker.run` takes no open-ended stdin and kills only its own child.
+So this module builds the `docker run` command line (run_argv) and hands it to proc; nothing else in the
+package writes a `docker` command line (tests/unit/test_docker_seam.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from python_on_whales import DockerException, docker
+
+from kernel_ci.core import proc
+
+DOCKER = "docker"  # the client binary of every `docker run`
+
+
+class DockerError(RuntimeError):
+    """Docker refused or failed; the message carries its exit status and output."""
+
+
+def _failed(what: str, exc: DockerException) -> DockerError:
+    detail = "\n".join(part.strip() for part in (exc.stderr or "", exc.stdout or "") if part and part.strip())
+    return DockerError(f"{what} failed (docker exit {exc.return_code}):\n{detail or exc}")
+
+
+# -- images (python-on-whales) ---------------------------------------------------------------------------
+
+
+def image_exists(tag: str) -> bool:
+    try:
+        return docker.image.exists(tag)
+    except DockerException as exc:
+        raise _failed(f"looking up image {tag}", exc) from exc
+
+
+def image_id(tag: str) -> str:
+    """The image's id (sha256:...): what toolchain records are keyed by."""
+    try:
+        return docker.image.inspect(tag).id
+    except DockerException as exc:
+        raise _failed(f"inspecting image {tag}", exc) from exc
+
+
+def pull(source: str, tag: str) -> None:
+    """Pull SOURCE from its registry and tag it TAG."""
+    try:
+        docker.pull(source)
+        docker.tag(source, tag)
+    except DockerException as exc:
+        raise _failed(f"pulling {source}", exc) from exc
+
+
+def import_tarball(tarball: Path, tag: str) -> str:
+    """`docker import` of a root filesystem tarball as TAG; returns the new image's id."""
+    try:
+        return docker.image.import_(tarball, tag=tag).id
+    except DockerException as exc:
+        raise _failed(f"importing {tarball} as {tag}", exc) from exc
+
+
+def build_image(context: Path, dockerfile: Path, tag: str, build_args: Mapping[str, str]) -> None:
+    """A BuildKit build (buildx) of CONTEXT, loaded into the engine as TAG."""
+    try:
+        docker.buildx.build(
+            context, file=dockerfile, build_args=dict(build_args), tags=[tag], load=True, progress="plain"
+        )
+    except DockerException as exc:
+        raise _failed(f"building {tag}", exc) from exc
+
+
+def remove_image(tag: str) -> None:
+    try:
+        docker.image.remove(tag, force=True)
+    except DockerException as exc:
+        raise _failed(f"removing image {tag}", exc) from exc
+
+
+# -- containers ------------------------------------------------------------------------------------------
+
+
+def remove_container(name: str) -> None:
+    """Remove the container NAME, running or not; nothing to do when there is none."""
+    try:
+        if docker.container.exists(name):
+            docker.container.remove(name, force=True)
+    except DockerException as exc:
+        if docker.container.exists(name):  # not a race with its own --rm: really still there
+            raise _failed(f"removing container {name}", exc) from exc
+
+
+def container_exists(name_or_id: str) -> bool:
+    """Whether a container (running or stopped) of that name or id (a prefix of it) exists."""
+    try:
+        return any(
+            c.name == name_or_id or c.id.startswith(name_or_id) for c in docker.container.list(all=True)
+        )
+    except DockerException as exc:
+        raise _failed("listing containers", exc) from exc
+
+
+def run_argv(image: str, command: Sequence[str], options: Sequence[str] = ()) -> list[str]:
+    """The `docker run --rm` of COMMAND in IMAGE with OPTIONS (network, user, mounts...)."""
+    return [DOCKER, "run", "--rm", *options, image, *command]
+
+
+def run(
+    image: str,
+    command: Sequence[str],
+    options: Sequence[str] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    **proc_args: Any,
+) -> proc.Result:
+    """COMMAND in a fresh container, through proc.run (streamed, stoppable, hold_stdin: see above).
+
+    env is the CLIENT's extra environment: what `-e NAME` options (without a value) pass into the container,
+    so that a secret never appears on the logged command line."""
+    return proc.run(run_argv(image, command, options), env=env, **proc_args)
+
+
+def run_capture(image: str, command: Sequence[str], options: Sequence[str] = ()) -> str:
+    """A short command in a fresh container; its stdout (errors carry its output)."""
+    return proc.capture(run_argv(image, command, options))
