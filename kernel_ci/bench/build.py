@@ -17,7 +17,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.table import Table
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
+from kernel_ci.core.timing import measure_duration
 from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.host import setup as hostsetup
 
@@ -42,9 +42,9 @@ class Figure:
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.monotonic()
-    value = fn()
-    return time.monotonic() - start, value
+    with measure_duration() as took:
+        value = fn()
+    return took.seconds, value
 
 
 def machine_description() -> dict[str, str | int]:

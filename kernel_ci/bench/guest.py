@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 import statistics
-import time
 from pathlib import Path
 
 from kernel_ci.bench.build import Figure
 from kernel_ci.core import proc
 from kernel_ci.core.console import step
+from kernel_ci.core.timing import Duration, measure_duration
 from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.flow.test import GUEST_INIT, ROOTFS_RECIPE, TestOptions, run_tests
 from kernel_ci.guest import rootfs
@@ -25,12 +25,10 @@ def _rootfs_figures(work: Path) -> list[Figure]:
     saved = os.environ.get("KERNEL_CI_CACHE")
     os.environ["KERNEL_CI_CACHE"] = str(work / "rootfs-cache")
     try:
-        start = time.monotonic()
-        rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
-        cold = time.monotonic() - start
-        start = time.monotonic()
-        rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
-        cached = time.monotonic() - start
+        with measure_duration() as cold:
+            rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
+        with measure_duration() as cached:
+            rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
     finally:
         if saved is None:
             os.environ.pop("KERNEL_CI_CACHE", None)
@@ -38,8 +36,8 @@ def _rootfs_figures(work: Path) -> list[Figure]:
             os.environ["KERNEL_CI_CACHE"] = saved
         shutil.rmtree(work / "rootfs-cache", ignore_errors=True)
     return [
-        Figure("rootfs: cold (debootstrap + mkfs.ext4 -d)", cold),
-        Figure("rootfs: cached", cached, "< 1 s"),
+        Figure("rootfs: cold (debootstrap + mkfs.ext4 -d)", cold.seconds),
+        Figure("rootfs: cached", cached.seconds, "< 1 s"),
     ]
 
 
@@ -48,9 +46,9 @@ def _smoke_figures(work: Path, kernel: BuildResult) -> list[Figure]:
     first_test: list[float] = []
     full: list[float] = []
     for index in range(BOOT_RUNS):
-        start = time.monotonic()
-        run_tests(TestOptions(kernel_dir=kernel.output, output=work / f"smoke-{index}", accel="tcg"))
-        full.append(time.monotonic() - start)
+        with measure_duration() as took:
+            run_tests(TestOptions(kernel_dir=kernel.output, output=work / f"smoke-{index}", accel="tcg"))
+        full.append(took.seconds)
         run = json.loads((work / f"smoke-{index}" / "latest" / "run.json").read_text())
         seconds = run["first_test_seconds"]
         if seconds is not None:
@@ -61,10 +59,10 @@ def _smoke_figures(work: Path, kernel: BuildResult) -> list[Figure]:
             0, Figure("guest: boot-to-first-test, TCG", statistics.median(first_test), "< 3 s, <= vng")
         )
     step("bench: warm `kernel-ci test` (build-cache hit + smoke run)")
-    start = time.monotonic()
-    warm = build(BuildRequest(output=work / "warm-build"))
-    run_tests(TestOptions(kernel_dir=warm.output, output=work / "warm-test", accel="tcg"))
-    figures.append(Figure("kernel test: warm, smoke suites", time.monotonic() - start, "< 60 s"))
+    with measure_duration() as warm_run:
+        warm = build(BuildRequest(output=work / "warm-build"))
+        run_tests(TestOptions(kernel_dir=warm.output, output=work / "warm-test", accel="tcg"))
+    figures.append(Figure("kernel test: warm, smoke suites", warm_run.seconds, "< 60 s"))
     return figures
 
 
@@ -85,7 +83,7 @@ def _virtme_figures(kernel: BuildResult) -> list[Figure]:
     step(f"bench: virtme-ng boot + one command under TCG ({BOOT_RUNS}x)")
     times = []
     for _ in range(BOOT_RUNS):
-        start = time.monotonic()
+        took = Duration()
         result = proc.run(
             ["vng", "--run", kernel.output / "bzImage", "--disable-kvm", "--force-9p", "--", "uname", "-r"],
             quiet=True,
@@ -96,7 +94,7 @@ def _virtme_figures(kernel: BuildResult) -> list[Figure]:
             return [
                 Figure("virtme-ng: boot + uname -r, TCG", None, note=f"vng failed: {result.output[-200:]}")
             ]
-        times.append(time.monotonic() - start)
+        times.append(took.stop())
     return [Figure("virtme-ng: boot + uname -r, TCG", statistics.median(times))]
 
 

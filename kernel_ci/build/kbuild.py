@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kernel_ci.build import ccacherelay
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.timing import measure_duration
 from kernel_ci.host import docker
 
 SRC = "/build/src"
@@ -232,10 +232,9 @@ class _KbuildProgress:
 
 def run_make(env: BuildEnv, *targets: str, title: str, extra: Sequence[str] = ()) -> tuple[float, int]:
     """make TARGETS in the container; returns (seconds, kbuild steps). Errors carry the output tail."""
-    start = time.monotonic()
-    with _KbuildProgress(title) as progress:
+    with measure_duration() as took, _KbuildProgress(title) as progress:
         run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
-    return time.monotonic() - start, progress.steps
+    return took.seconds, progress.steps
 
 
 def configure(env: BuildEnv, merged_fragment: str) -> str:

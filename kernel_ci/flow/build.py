@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from kernel_ci.cache.store import BuildStore, LocalStore
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.paths import GUEST_TESTS, REPO_ROOT, cache_dir
+from kernel_ci.core.timing import Duration, measure_duration
 from kernel_ci.host import setup as hostsetup
 
 OBJECT_TREES_KEPT = 3  # per patched source tree
@@ -148,16 +148,82 @@ def _link_or_copy_tree(entry: Path, dest: Path) -> None:
         shutil.copytree(entry, dest, symlinks=True)
 
 
+@dataclass
+class _Job:
+    """What the plan step settled: the plan against the resolved source, the toolchain, the request key."""
+
+    request: BuildRequest
+    planned: buildplan.PlannedBuild
+    src: source.KernelSource
+    plan: buildplan.BuildPlan
+    image: str
+    toolchain: images.Toolchain
+    request_key: str
+    clock: Duration = field(default_factory=Duration)  # the whole build, from its first step
+    durations: dict[str, float] = field(default_factory=dict)  # per step, into metadata.json
+
+    @property
+    def patch_digests(self) -> dict[str, str]:
+        return dict(self.plan.patches)
+
+    def restored(self, entry: Path, key: str, why: str) -> BuildResult:
+        return _restore(entry, key, self.request, self.clock, why)
+
+
+@dataclass
+class _Configured:
+    """The configure step's outcome: the container set-up, the final config's inputs and the build key."""
+
+    env: builder.BuildEnv
+    manifest: dict[str, str]
+    key: str
+
+
+@dataclass
+class _Compiled:
+    steps: int  # kbuild steps (CC, LD...) of the kernel build
+    ccache: dict[str, float | int]  # hits, misses, hit rate of this build ({} without ccache)
+    release: str
+
+
 def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult:
-    started = time.monotonic()
-    durations: dict[str, float] = {}
+    """Plan, look up, configure, compile, collect, publish: each step below, in that order."""
+    job = plan_build(request)
+    store = store or LocalStore()
+    if request.use_cache:
+        hit = look_up_request(store, job)
+        if hit:
+            return hit
+    step("configure")
+    env = prepare_build_env(job)
+    with _ObjectTreeLock(env.out):  # one build at a time per object tree; --fresh empties it under the lock
+        configured = configure(job, env)
+        if request.use_cache:
+            hit = look_up_build(store, job, configured)
+            if hit:
+                return hit
+        with store.lock(configured.key):
+            entry = store.get(configured.key) if request.use_cache else None
+            if entry:  # another process built it while we waited for the lock
+                return job.restored(entry, configured.key, "built concurrently")
+            compiled = compile_kernel(job, configured)
+            staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
+            try:
+                metadata = collect(job, configured, compiled, staging)
+                publish(store, job, configured, staging)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return BuildResult(configured.key, request.output, metadata, False, job.clock.elapsed(), env.out.parent)
+
+
+def plan_build(request: BuildRequest) -> _Job:
+    """Plan: the request's plan resolved against the kernel source, and the toolchain it is built with."""
+    clock = Duration()
     step("kernel source")
     hostsetup.prepare_build_host()
     planned = plan_request(request)
     src = source.resolve(request.kernel)
     plan = planned.plan.resolved(src.tarball)
-    chosen = planned.series
-    patch_digests = dict(plan.patches)
 
     step("toolchain")
     image = images.ensure_builder_image()
@@ -165,134 +231,156 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         raise buildplan.PlanError(f"the builder image is {image}, the plan expected {plan.toolchain_recipe}")
     toolchain = images.toolchain(image)
     console.print(f"toolchain {toolchain.gcc_version}, image {image} ({toolchain.image_id[7:19]})")
-
     for redefinition in planned.merged.redefinitions:
         warn(redefinition.describe())
-    merged_text = plan.kconfig
-    source_id = plan.source[0].render()
     request_key = plan.request_key(toolchain.fingerprint)
-    store = store or LocalStore()
+    return _Job(request, planned, src, plan, image, toolchain, request_key, clock=clock)
 
-    if request.use_cache:
-        known = store.get_alias(request_key)
-        entry = store.get(known) if known else None
-        if known and entry:
-            return _restore(entry, known, request, started, "inputs unchanged")
 
-    step("configure")
-    tree_id = _digest_text(source_id + json.dumps(patch_digests, sort_keys=True))[:16]
-    src_tree = _prepare_tree(src, chosen, tree_id)
+def look_up_request(store: BuildStore, job: _Job) -> BuildResult | None:
+    """Look up by request key (inputs before configuring): the alias of a build made from the same inputs."""
+    known = store.get_alias(job.request_key)
+    entry = store.get(known) if known else None
+    if known and entry:
+        return job.restored(entry, known, "inputs unchanged")
+    return None
+
+
+def look_up_build(store: BuildStore, job: _Job, configured: _Configured) -> BuildResult | None:
+    """Look up by build key (after configuring: the final config); on a miss, say what differs."""
+    entry = store.get(configured.key)
+    if entry:
+        store.put_alias(job.request_key, configured.key)
+        return job.restored(entry, configured.key, "same final config")
+    console.print(buildkey.explain_miss(configured.manifest, store.manifests()).render())
+    return None
+
+
+def prepare_build_env(job: _Job) -> builder.BuildEnv:
+    """The patched source tree and the object tree of this config, as the builder container mounts them."""
+    source_id = job.plan.source[0].render()
+    tree_id = _digest_text(source_id + json.dumps(job.patch_digests, sort_keys=True))[:16]
+    src_tree = _prepare_tree(job.src, job.planned.series, tree_id)
     # One object tree per (patched source, requested config): builds of different configs never undo each
     # other's objects, and a rebuild of the same config stays incremental.
-    out_tree = cache_dir("work", tree_id) / f"out-{_digest_text(merged_text)[:12]}"
-    env = builder.BuildEnv(
-        image=image,
+    out_tree = cache_dir("work", tree_id) / f"out-{_digest_text(job.plan.kconfig)[:12]}"
+    return builder.BuildEnv(
+        image=job.image,
         src=src_tree,
         out=out_tree,
-        ccache_dir=request.ccache_dir or cache_dir("ccache"),
-        jobs=request.jobs,
-        timestamp=kbuild_timestamp(src.tree),
-        use_ccache=request.use_ccache,
+        ccache_dir=job.request.ccache_dir or cache_dir("ccache"),
+        jobs=job.request.jobs,
+        timestamp=kbuild_timestamp(job.src.tree),
+        use_ccache=job.request.use_ccache,
     )
-    with _ObjectTreeLock(out_tree):  # one build at a time per object tree; --fresh empties it under the lock
-        if request.fresh and out_tree.exists():
-            shutil.rmtree(out_tree)
-        t0 = time.monotonic()
-        final_config = builder.configure(env, merged_text)
-        durations["configure"] = round(time.monotonic() - t0, 2)
-        _check_config(planned, final_config)
-        manifest = plan.build_inputs(final_config, toolchain.fingerprint)
-        key = buildkey.build_key(manifest)
-        if request.use_cache:
-            entry = store.get(key)
-            if entry:
-                store.put_alias(request_key, key)
-                return _restore(entry, key, request, started, "same final config")
-            console.print(buildkey.explain_miss(manifest, store.manifests()).render())
-
-        with store.lock(key):
-            entry = store.get(key) if request.use_cache else None
-            if entry:  # another process built it while we waited for the lock
-                return _restore(entry, key, request, started, "built concurrently")
-            step(f"build {src.version} ({len(patch_digests)} patches) key {key[:16]}")
-            before = builder.ccache_counters(env)
-            t0 = time.monotonic()
-            _seconds, steps = builder.build(env)
-            durations["build"] = round(time.monotonic() - t0, 2)
-            ccache = builder.ccache_delta(before, builder.ccache_counters(env)) if request.use_ccache else {}
-            release = builder.kernel_release(env)
-
-            staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
-            try:
-                t0 = time.monotonic()
-                outputs.collect(src_tree, out_tree, staging)
-                for s in chosen:
-                    patches.export_series(s, staging / "patches")
-                durations["collect"] = round(time.monotonic() - t0, 2)
-                t0 = time.monotonic()
-                built_modules = extmodules.build_all(
-                    image, staging / "kbuild", planned.modules, staging / "extmod"
-                )
-                durations["external_modules"] = round(time.monotonic() - t0, 2)
-                t0 = time.monotonic()
-                selftests = kselftest.build_selftests(env, plan.kselftests, staging / "kselftest")
-                if selftests:
-                    durations["kselftests"] = round(time.monotonic() - t0, 2)
-                metadata = BuildMetadata(
-                    schema=METADATA_SCHEMA,
-                    build_key=key,
-                    request_key=request_key,
-                    recipe_key=planned.plan.recipe_key(),
-                    created=datetime.now(UTC).isoformat(timespec="seconds"),
-                    kernel=KernelInfo(
-                        requested=src.requested,
-                        version=src.version,
-                        release=release,
-                        tarball=src.tarball.filename,
-                        sha256=src.tarball.sha256,
-                        fetched_from=src.url,
-                        fallbacks=tuple(src.fallback_notes),
-                    ),
-                    series=plan.series,
-                    patches=tuple(patch_digests),
-                    fragments=tuple(f.name for f in planned.fragments),
-                    external_modules={
-                        name: tuple(f"extmod/{name}/{ko.name}" for ko in kos)
-                        for name, kos in built_modules.items()
-                    },
-                    kselftests={
-                        target: tuple(f.relative_to(staging).as_posix() for f in files)
-                        for target, files in selftests.items()
-                    },
-                    toolchain=ToolchainInfo(
-                        image=image,
-                        image_id=toolchain.image_id,
-                        fingerprint=toolchain.fingerprint,
-                        gcc=toolchain.gcc_version,
-                    ),
-                    kbuild=env.kbuild_vars() | {"jobs": request.jobs, "steps": steps},
-                    durations=durations,
-                    ccache=CcacheFigures(**ccache) if ccache else None,
-                    inputs=manifest,
-                    reproduce=reproduce_command(request, src.version, chosen),
-                )
-                metadata.write(staging)
-                if request.use_cache:
-                    entry = store.put(key, staging, manifest, move=True)
-                    store.put_alias(request_key, key)
-                else:
-                    entry = staging
-                _link_or_copy_tree(entry, request.output)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return BuildResult(key, request.output, metadata, False, time.monotonic() - started, out_tree.parent)
 
 
-def _restore(entry: Path, key: str, request: BuildRequest, started: float, why: str) -> BuildResult:
+def configure(job: _Job, env: builder.BuildEnv) -> _Configured:
+    """Configure (under the object tree's lock): the final .config, checked, and the build key it gives."""
+    if job.request.fresh and env.out.exists():
+        shutil.rmtree(env.out)
+    with measure_duration(job.durations, "configure"):
+        final_config = builder.configure(env, job.plan.kconfig)
+    _check_config(job.planned, final_config)
+    manifest = job.plan.build_inputs(final_config, job.toolchain.fingerprint)
+    return _Configured(env, manifest, buildkey.build_key(manifest))
+
+
+def compile_kernel(job: _Job, configured: _Configured) -> _Compiled:
+    """Compile: the kernel and its modules, with ccache's figures for this build."""
+    env = configured.env
+    step(f"build {job.src.version} ({len(job.patch_digests)} patches) key {configured.key[:16]}")
+    before = builder.ccache_counters(env)
+    with measure_duration(job.durations, "build"):
+        _seconds, steps = builder.build(env)
+    ccache = builder.ccache_delta(before, builder.ccache_counters(env)) if job.request.use_ccache else {}
+    return _Compiled(steps, ccache, builder.kernel_release(env))
+
+
+def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Path) -> BuildMetadata:
+    """Collect into staging: kernel outputs, the series as patches, external modules, kselftests, and the
+    metadata that describes them (written last)."""
+    env = configured.env
+    with measure_duration(job.durations, "collect"):
+        outputs.collect(env.src, env.out, staging)
+        for s in job.planned.series:
+            patches.export_series(s, staging / "patches")
+    with measure_duration(job.durations, "external_modules"):
+        built_modules = extmodules.build_all(
+            job.image, staging / "kbuild", job.planned.modules, staging / "extmod"
+        )
+    with measure_duration() as took:
+        selftests = kselftest.build_selftests(env, job.plan.kselftests, staging / "kselftest")
+    if selftests:
+        job.durations["kselftests"] = took.rounded
+    metadata = _metadata(job, configured, compiled, built_modules, selftests, staging)
+    metadata.write(staging)
+    return metadata
+
+
+def _metadata(
+    job: _Job,
+    configured: _Configured,
+    compiled: _Compiled,
+    built_modules: dict[str, list[Path]],
+    selftests: dict[str, list[Path]],
+    staging: Path,
+) -> BuildMetadata:
+    src, request = job.src, job.request
+    return BuildMetadata(
+        schema=METADATA_SCHEMA,
+        build_key=configured.key,
+        request_key=job.request_key,
+        recipe_key=job.planned.plan.recipe_key(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        kernel=KernelInfo(
+            requested=src.requested,
+            version=src.version,
+            release=compiled.release,
+            tarball=src.tarball.filename,
+            sha256=src.tarball.sha256,
+            fetched_from=src.url,
+            fallbacks=tuple(src.fallback_notes),
+        ),
+        series=job.plan.series,
+        patches=tuple(job.patch_digests),
+        fragments=tuple(f.name for f in job.planned.fragments),
+        external_modules={
+            name: tuple(f"extmod/{name}/{ko.name}" for ko in kos) for name, kos in built_modules.items()
+        },
+        kselftests={
+            target: tuple(f.relative_to(staging).as_posix() for f in files)
+            for target, files in selftests.items()
+        },
+        toolchain=ToolchainInfo(
+            image=job.image,
+            image_id=job.toolchain.image_id,
+            fingerprint=job.toolchain.fingerprint,
+            gcc=job.toolchain.gcc_version,
+        ),
+        kbuild=configured.env.kbuild_vars() | {"jobs": request.jobs, "steps": compiled.steps},
+        durations=job.durations,
+        ccache=CcacheFigures(**compiled.ccache) if compiled.ccache else None,
+        inputs=configured.manifest,
+        reproduce=reproduce_command(request, src.version, job.planned.series),
+    )
+
+
+def publish(store: BuildStore, job: _Job, configured: _Configured, staging: Path) -> None:
+    """Publish: into the build cache (entry and request alias), then to the output directory."""
+    if job.request.use_cache:
+        entry = store.put(configured.key, staging, configured.manifest, move=True)
+        store.put_alias(job.request_key, configured.key)
+    else:
+        entry = staging
+    _link_or_copy_tree(entry, job.request.output)
+
+
+def _restore(entry: Path, key: str, request: BuildRequest, clock: Duration, why: str) -> BuildResult:
     _link_or_copy_tree(entry, request.output)
     metadata = BuildMetadata.read(request.output)
     console.print(f"[green]build cache hit[/] ({why}): {key[:16]} restored to {request.output}")
-    return BuildResult(key, request.output, metadata, True, time.monotonic() - started)
+    return BuildResult(key, request.output, metadata, True, clock.elapsed())
 
 
 def _check_config(planned: buildplan.PlannedBuild, final_config: str) -> None:
