@@ -15,7 +15,7 @@ from pathlib import Path
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
 from kernel_ci.core.paths import cache_dir
-from kernel_ci.host import aptmirror
+from kernel_ci.host import aptmirror, docker
 
 BUILD_PACKAGES = {"docker": "docker.io", "debootstrap": "debootstrap"}
 TEST_PACKAGES = {
@@ -82,13 +82,7 @@ def _sbin(command: str) -> bool:
 
 
 def _docker_answers() -> tuple[bool, str]:
-    try:
-        done = subprocess.run(
-            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=20
-        )
-    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-        return False, str(exc)
-    return done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace").strip()
+    return docker.engine_version()
 
 
 def ensure_docker_engine() -> str:
@@ -136,8 +130,7 @@ def ensure_docker_engine() -> str:
 
 
 def buildx_available() -> bool:
-    done = subprocess.run(["docker", "buildx", "version"], capture_output=True)
-    return done.returncode == 0
+    return docker.buildx_available()
 
 
 def ensure_buildx() -> None:
