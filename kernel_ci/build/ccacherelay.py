@@ -39,6 +39,7 @@ SOCKET_DIR = "/run/kci-ccache"  # where the forwarder's directory is mounted in 
 SOCKET_NAME = "ccache.sock"
 CONNECT_TIMEOUT = 10.0
 CHUNK = 64 * 1024
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 class RelayError(ValueError):
@@ -114,6 +115,12 @@ class HostForwarder:
         # writable by it. Anyone on the host who can connect could reach the cache service directly anyway.
         self.directory.chmod(0o755)
         self.socket_path = self.directory / SOCKET_NAME
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise RelayError(
+                f"{self.socket_path}: too long for a unix socket ({MAX_SOCKET_PATH} bytes at most); "
+                "point KERNEL_CI_CACHE at a shorter directory"
+            )
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(os.fspath(self.socket_path))
         self.socket_path.chmod(0o666)
@@ -193,8 +200,12 @@ def join(inner):
     except OSError:
         inner.close()
         return
-    threading.Thread(target=pump, args=(outer, inner), daemon=True).start()
+    back = threading.Thread(target=pump, args=(outer, inner), daemon=True)
+    back.start()
     pump(inner, outer)
+    back.join()
+    inner.close()
+    outer.close()
 while True:
     conn, _ = listener.accept()
     threading.Thread(target=join, args=(conn,), daemon=True).start()

@@ -5,9 +5,10 @@ fixed paths, so paths, user, host and timestamp baked into the kernel never depe
 KBUILD_BUILD_* pinned, makes the bzImage and modules bit-for-bit reproducible.
 
 The build runs code from patch authors (Makefiles, Kconfig, scripts), so the container is a trust boundary:
-an unprivileged uid even when kernel-ci runs as root, no capabilities, no privilege gain (setuid), no network,
+an unprivileged uid even when kernel-ci runs as root, no capabilities, no privilege gain (setuid), no network
+(a shared ccache is reached through a relayed socket to that one service: kernel_ci.build.ccacherelay),
 bounded memory and process count, a fixed name per object tree, and a watchdog that stops it when kernel-ci
-dies (see WATCHDOG).
+dies (see WATCHDOG). Docker itself is driven through kernel_ci.host.docker.
 """
 
 from __future__ import annotations

@@ -209,3 +209,14 @@ def test_measure_duration_records_successful_steps_only() -> None:
     with pytest.raises(RuntimeError), measure_duration(durations, "failed"):
         raise RuntimeError("a failed step has no duration")
     assert "failed" not in durations
+
+
+def test_a_cache_dir_too_deep_for_a_unix_socket_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 100)
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(deep))
+    storage = ccacherelay.parse_storage("http://127.0.0.1:9/ccache/")
+    with pytest.raises(ccacherelay.RelayError, match="KERNEL_CI_CACHE"):
+        ccacherelay.HostForwarder(storage)
+    assert list((deep / "tmp").iterdir()) == []  # nothing left behind
