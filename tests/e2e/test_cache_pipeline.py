@@ -16,7 +16,7 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.cache.remote import CacheClient, RemoteConfig, RemoteStore
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.flow.build import BuildRequest, build
-from tests.cacheservice import TOKEN, server_process
+from tests.cacheservice import READ_TOKEN, TOKEN, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +82,56 @@ def test_the_builder_container_reaches_the_ccache_storage(
         offline = builder.docker_run_argv(env, ["true"])
         assert offline[offline.index("--network") + 1] == "none" and "CCACHE_REMOTE_STORAGE" not in offline
     assert os.environ.get("CCACHE_REMOTE_STORAGE") is None
+
+
+SOURCES = 60
+FANOUT_MAKEFILE = (
+    "OBJS := $(patsubst %.c,$(O)/%.o,$(notdir $(wildcard $(CURDIR)/*.c)))\n"
+    "all: $(OBJS)\n"
+    "$(O)/%.o: $(CURDIR)/%.c\n"
+    "\t$(CC) -O2 -c $< -o $@\n"
+)
+
+
+def test_a_read_only_builder_gets_remote_ccache_hits_through_the_relay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Machine A (trusted writes) fills the shared ccache; machine B, with an empty local ccache and the
+    read-only credential the CLI gives by default, compiles the same files as remote hits, through the relay
+    (one connection per object), and writes nothing."""
+    image = images.ensure_builder_image()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Makefile").write_text(FANOUT_MAKEFILE)
+    for index in range(SOURCES):
+        (src / f"f{index}.c").write_text(f"int f{index}(int x) {{ return x * {index} + {index % 7}; }}\n")
+
+    def machine(name: str) -> builder.BuildEnv:
+        (tmp_path / f"out-{name}").mkdir()
+        return builder.BuildEnv(
+            image=image,
+            src=src,
+            out=tmp_path / f"out-{name}",
+            ccache_dir=tmp_path / f"ccache-{name}",
+            jobs=4,
+            timestamp="Thu Jan  1 00:00:00 UTC 2024",
+        )
+
+    with server_process(tmp_path / "server", "--read-token", READ_TOKEN) as server:
+        monkeypatch.setenv("CCACHE_REMOTE_STORAGE", f"{server.url}/ccache/|bearer-token={TOKEN}")
+        writer = machine("a")
+        builder.run_make(writer, "all", title="machine A")
+        stored = httpx.get(f"{server.url}/healthz").json()["ccache"]
+        assert stored >= SOURCES
+
+        monkeypatch.setenv(
+            "CCACHE_REMOTE_STORAGE", f"{server.url}/ccache/|bearer-token={READ_TOKEN}|read-only=true"
+        )
+        reader = machine("b")
+        seconds, _steps = builder.run_make(reader, "all", title="machine B")
+        counters = builder.ccache_counters(reader)
+        assert counters["remote_storage_read_hit"] >= SOURCES, counters
+        assert counters["remote_storage_error"] == 0 and counters["remote_storage_write"] == 0, counters
+        assert httpx.get(f"{server.url}/healthz").json()["ccache"] == stored
+        assert len(list((tmp_path / "out-b").glob("*.o"))) == SOURCES
+        print(f"{SOURCES} objects as remote hits through the relay in {seconds:.1f} s")
