@@ -35,7 +35,7 @@ from ci import (
 )
 from ci.buildplan import BASE_FRAGMENT, BUILD_TARGETS  # noqa: F401  (their home used to be here)
 from ci.buildrecords import METADATA_SCHEMA, BuildMetadata, CcacheFigures, KernelInfo, ToolchainInfo
-from ci.cachestore import BuildStore, LocalStore
+from ci.cachestore import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from ci.paths import GUEST_TESTS, REPO_ROOT, cache_dir
 from ci.ui import console, step, warn
 
@@ -145,14 +145,14 @@ def _prepare_tree_locked(src: source.KernelSource, series: Sequence[patches.Seri
 
 
 def _link_or_copy_tree(entry: Path, dest: Path) -> None:
-    """Restore an entry into the output dir: hard links where possible (seconds, no extra disk)."""
+    """Restore an entry into the output dir: a verified copy (never hard links: editing the output dir
+    must not change the cache); a build's own staging dir (no cache) is simply copied."""
+    if (entry / ENTRY_FILE).is_file():
+        copy_entry(entry, dest)
+        return
     if dest.exists():
         shutil.rmtree(dest)
-    try:
-        shutil.copytree(entry, dest, symlinks=True, copy_function=os.link)
-    except OSError:
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(entry, dest, symlinks=True)
+    shutil.copytree(entry, dest, symlinks=True)
 
 
 def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult:

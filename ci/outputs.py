@@ -11,7 +11,9 @@ Layout of an output directory (and of a build cache entry):
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 
 KBUILD_SRC_NAMES = ("Makefile", "Kbuild", "Kconfig")
@@ -34,6 +36,47 @@ KBUILD_OUT_FILES = (
     "tools/objtool/objtool",
     "arch/x86/tools",
 )
+
+# `make modules_install` links lib/modules/<release>/{build,source} to the build container's trees (/build/out,
+# /build/src), which do not exist outside it. The outputs (and every build cache entry) carry instead links to
+# their own kbuild/ tree, which is what `make -C .../build M=$PWD` needs. They are never taken from a cache
+# entry's files: whoever stores or restores an entry drops links and recreates these (make_honest_links).
+MODULES_ROOT = "modules/lib/modules"
+HONEST_LINK_NAMES = ("build", "source")
+HONEST_LINK_TARGET = "../../../../kbuild"
+_RELEASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def honest_links(root: Path) -> dict[str, str]:
+    """The symlinks an output tree at root should have (relative path -> target), from its directories."""
+    base = root / MODULES_ROOT
+    try:
+        if not stat.S_ISDIR(base.lstat().st_mode) or any(
+            not stat.S_ISDIR((root / part).lstat().st_mode) for part in ("modules", "modules/lib")
+        ):
+            return {}
+        releases = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return {}
+    links = {}
+    for release in releases:
+        if _RELEASE_RE.fullmatch(release) and stat.S_ISDIR((base / release).lstat().st_mode):
+            for name in HONEST_LINK_NAMES:
+                links[f"{MODULES_ROOT}/{release}/{name}"] = HONEST_LINK_TARGET
+    return links
+
+
+def make_honest_links(root: Path) -> dict[str, str]:
+    """Create the honest symlinks of the output tree at root (replacing whatever is at their place)."""
+    links = honest_links(root)
+    for rel, target in links.items():
+        path = root / rel
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        os.symlink(target, path)
+    return links
 
 
 def _copy_file(src: Path, dest: Path) -> None:
@@ -92,9 +135,6 @@ def collect(src: Path, out: Path, dest: Path) -> dict[str, str]:
     modules = out / ".kci-modules"
     if modules.is_dir():
         shutil.copytree(modules, dest / "modules", symlinks=True, dirs_exist_ok=True)
-        for link in (dest / "modules").glob("lib/modules/*/build"):
-            link.unlink()
-        for link in (dest / "modules").glob("lib/modules/*/source"):
-            link.unlink()
     export_kbuild_tree(src, out, dest / "kbuild")
+    make_honest_links(dest)  # replaces modules_install's links to the container's /build/{out,src}
     return {name: name for name in produced} | {"modules": "modules", "kbuild": "kbuild"}
