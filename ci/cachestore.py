@@ -147,10 +147,8 @@ class TreeWriter:
         if fd is not None:
             return fd
         parent = self.directory(parts[:-1])
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(parts[-1], 0o755, dir_fd=parent)
-        except FileExistsError:
-            pass
         try:
             fd = os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
         except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file
@@ -191,10 +189,11 @@ def copy_verified(source: BinaryIO, out: BinaryIO, record: FileRecord, rel: str)
         )
 
 
-def scan_tree(root: Path) -> tuple[dict[str, FileRecord], list[str]]:
+def scan_tree(root: Path, dropped: dict[str, str] | None = None) -> tuple[dict[str, FileRecord], list[str]]:
     """The file records and directories of an output tree; refuses anything but files, directories and
-    the honest links (which are dropped here: the store recreates them)."""
+    the honest links (which are dropped here, into dropped: the store recreates them)."""
     honest = honest_links(root)
+    dropped = {} if dropped is None else dropped
     files: dict[str, FileRecord] = {}
     dirs: list[str] = []
     for current, dirnames, filenames in os.walk(root):
@@ -209,6 +208,7 @@ def scan_tree(root: Path) -> tuple[dict[str, FileRecord], list[str]]:
                         f"{rel} is a symlink (to {os.readlink(path)}): an entry holds only files and "
                         "directories (and the modules' build/source links, which the store makes itself)"
                     )
+                dropped[rel] = os.readlink(path)
                 path.unlink()
             elif stat.S_ISDIR(st.st_mode):
                 os.chmod(path, 0o755)
@@ -289,7 +289,8 @@ def copy_entry(entry: Path, dest: Path) -> None:
         _remove(tmp)
         _discard_entry(entry)
         raise CacheStoreError(
-            f"build cache entry {entry} is damaged ({exc}); it was removed from the cache: rerun to rebuild it"
+            f"build cache entry {entry} is damaged ({exc}); "
+            "it was removed from the cache: rerun to rebuild it"
         ) from exc
     except OSError as exc:
         _remove(tmp)
@@ -297,6 +298,16 @@ def copy_entry(entry: Path, dest: Path) -> None:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _put_back_links(tmp: Path, dropped: Mapping[str, str]) -> None:
+    """Undo make_honest_links in a failed put's tmp dir before its files move back to the outputs."""
+    for rel in honest_links(tmp):
+        with contextlib.suppress(OSError):
+            (tmp / rel).unlink()
+    for rel, target in dropped.items():
+        with contextlib.suppress(OSError):
+            os.symlink(target, tmp / rel)
 
 
 def _discard_entry(entry: Path) -> None:
@@ -512,6 +523,7 @@ class LocalStore:
         tmp.mkdir()
         guard = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         moved: list[str] = []
+        dropped: dict[str, str] = {}  # the links of outputs that scan_tree replaced (put back on failure)
         try:
             fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if move and os.stat(outputs).st_dev == os.stat(tmp).st_dev:
@@ -520,7 +532,7 @@ class LocalStore:
                     moved.append(child.name)
             else:
                 shutil.copytree(outputs, tmp, symlinks=True, dirs_exist_ok=True, copy_function=_copy_file)
-            files, dirs = scan_tree(tmp)
+            files, dirs = scan_tree(tmp, dropped)
             if expected is not None:
                 compare_records(files, expected, f"build {key[:12]}")
             links = make_honest_links(tmp)
@@ -544,6 +556,8 @@ class LocalStore:
             _fsync_path(tmp, directory=True)
             published = self._publish(tmp, final)
         except BaseException as exc:
+            if moved:
+                _put_back_links(tmp, dropped)
             for name in moved:
                 with contextlib.suppress(OSError):
                     os.rename(tmp / name, outputs / name)

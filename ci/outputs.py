@@ -37,10 +37,11 @@ KBUILD_OUT_FILES = (
     "arch/x86/tools",
 )
 
-# `make modules_install` links lib/modules/<release>/{build,source} to the build container's trees (/build/out,
-# /build/src), which do not exist outside it. The outputs (and every build cache entry) carry instead links to
-# their own kbuild/ tree, which is what `make -C .../build M=$PWD` needs. They are never taken from a cache
-# entry's files: whoever stores or restores an entry drops links and recreates these (make_honest_links).
+# `make modules_install` links lib/modules/<release>/{build,source} to the build container's trees
+# (/build/out, /build/src), which do not exist outside it. The outputs (and every build cache entry) carry
+# instead links to their own kbuild/ tree, which is what `make -C .../build M=$PWD` needs. They are never
+# taken from a cache entry's files: whoever stores or restores an entry drops links and recreates these
+# (make_honest_links).
 MODULES_ROOT = "modules/lib/modules"
 HONEST_LINK_NAMES = ("build", "source")
 HONEST_LINK_TARGET = "../../../../kbuild"

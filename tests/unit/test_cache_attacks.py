@@ -268,7 +268,7 @@ def test_an_entry_without_per_file_digests_is_a_miss(tmp_path: Path, victim) -> 
 
 def test_a_well_formed_entry_of_the_same_shape_is_restored(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
     """The control: the attack tests fail because of what they smuggle, not because of their shape."""
-    attacker, store, outside = victim
+    attacker, store, _outside = victim
     attack = Attack(
         tars={"kbuild": [*honest_members(), Member("kbuild/scripts/tool", data=b"#!/bin/sh\n", mode=0o755)]},
         files={"bzImage": b"kernel"},
