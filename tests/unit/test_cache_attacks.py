@@ -22,8 +22,8 @@ import pytest
 
 from ci import buildpipeline
 from ci.cacheserver.server import ServerConfig
-from ci.cachestore import LocalStore
-from ci.remotestore import DIGESTS_OUTPUT, CacheClient, RemoteConfig, RemoteStore
+from ci.cachestore import CacheStoreError, FileRecord, LocalStore, TreeWriter, UnsafeEntryError
+from ci.remotestore import DIGESTS_OUTPUT, CacheClient, RemoteConfig, RemoteStore, extract_members
 from tests.cacheservice import TOKEN, server_in_thread
 
 KEY = "ba" * 32
@@ -297,3 +297,60 @@ def test_editing_a_restored_output_directory_does_not_change_the_cache(tmp_path:
     assert (entry / "kbuild" / "scripts" / "tool").read_text() == "#!/bin/sh\necho honest\n"
     again = buildpipeline._restore(store.get(KEY), KEY, request, 0.0, "test")  # type: ignore[arg-type]
     assert (again.output / "kbuild" / "scripts" / "tool").read_text() == "#!/bin/sh\necho honest\n"
+
+
+# -- each layer on its own (the tests above go through all of them: these fail if one layer is removed) --
+
+
+def test_extract_members_checks_each_member_against_its_digest(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    honest = {"kbuild/Makefile": FileRecord(sha256=sha(b"all:\n"), size=5, mode=0o644)}
+    tar = make_tar([Member("kbuild/Makefile", data=b"ALL:\n")])  # same size, other bytes
+    with pytest.raises(UnsafeEntryError, match="do not match the recorded digest"):
+        extract_members(io.BytesIO(tar), staging, "kbuild", honest)
+    (tmp_path / "ok").mkdir()
+    extract_members(
+        io.BytesIO(make_tar([Member("kbuild/Makefile", data=b"all:\n")])), tmp_path / "ok", "kbuild", honest
+    )
+    assert (tmp_path / "ok" / "kbuild" / "Makefile").read_bytes() == b"all:\n"
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE])
+def test_extract_members_refuses_every_non_regular_type(tmp_path: Path, kind: bytes) -> None:
+    (tmp_path / "staging").mkdir()
+    tar = make_tar([Member("kbuild/x", kind, linkname="/etc/passwd")])
+    with pytest.raises(UnsafeEntryError, match="an entry holds only regular files and directories"):
+        extract_members(io.BytesIO(tar), tmp_path / "staging", "kbuild", {})
+    assert os.listdir(tmp_path / "staging") == []
+
+
+def test_tree_writer_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "a").symlink_to(outside)
+    (root / "f").symlink_to(outside / "file")
+    with TreeWriter(root) as writer:
+        with pytest.raises(UnsafeEntryError, match="not a plain directory"):
+            writer.create(("a", "authorized_keys"), 0o644)
+        with pytest.raises(UnsafeEntryError, match="appears twice"):
+            writer.create(("f",), 0o644)  # O_EXCL: an existing name (here a symlink) is never opened
+    assert os.listdir(outside) == []
+
+
+def test_put_with_expected_records_publishes_only_an_exact_match(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "bzImage").write_bytes(b"kernel")
+    record = FileRecord(sha256=sha(b"kernel"), size=6, mode=0o644)
+    for expected in (
+        {"bzImage": {**record, "sha256": sha(b"KERNEL")}},
+        {"bzImage": record, "config": record},
+        {},
+    ):
+        with pytest.raises(CacheStoreError, match="does not match its per-file digests"):
+            store.put(KEY, outputs, INPUTS, expected=expected)  # type: ignore[arg-type]
+        assert store.get(KEY) is None and list(store.tmp_dir.iterdir()) == []
+    assert store.put(KEY, outputs, INPUTS, expected={"bzImage": record}) == store.get(KEY)
