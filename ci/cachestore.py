@@ -148,12 +148,17 @@ class TreeWriter:
         if fd is not None:
             return fd
         parent = self.directory(parts[:-1])
-        if self.create_dirs:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(parts[-1], 0o755, dir_fd=parent)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         try:
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-        except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file
+            try:
+                fd = os.open(parts[-1], flags, dir_fd=parent)
+            except FileNotFoundError:
+                if not self.create_dirs:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(parts[-1], 0o755, dir_fd=parent)
+                fd = os.open(parts[-1], flags, dir_fd=parent)
+        except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file; ENOENT: missing (reading)
             raise UnsafeEntryError(f"{'/'.join(parts)} is not a plain directory ({exc.strerror})") from exc
         self._fds[parts] = fd
         return fd
