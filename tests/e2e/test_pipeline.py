@@ -15,7 +15,7 @@ import pytest
 
 from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.flow.test import TestOptions, run_tests
-from kernel_ci.report.results import Outcome
+from kernel_ci.report.model import Outcome
 
 pytestmark = pytest.mark.slow
 
