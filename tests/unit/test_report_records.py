@@ -156,3 +156,36 @@ def test_one_sha256_of_a_file(tmp_path: Path) -> None:
     path.write_bytes(data)
     assert file_digest(path) == (hashlib.sha256(data).hexdigest(), len(data))
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_the_cache_service_reads_a_report_through_report_junit() -> None:
+    from kernel_ci.cache.server.service import parse_junit
+
+    report = RunReport(
+        Outcome.TEST_FAILURE,
+        [
+            SuiteResult("boot", [Case("boot", "boot", "passed", 0.5)]),
+            SuiteResult("s", [Case("a", "s", "failed", message="m"), Case("b", "s", "skipped", message="n")]),
+        ],
+    )
+    read = parse_junit(junit.to_junit(report).encode())
+    assert read["counts"] == {"tests": 3, "passed": 1, "failed": 1, "errors": 0, "skipped": 1}
+    assert [(c["suite"], c["name"], c["status"], c["message"]) for c in read["cases"]] == [
+        ("boot", "boot", "passed", ""),
+        ("s", "a", "failed", "m"),
+        ("s", "b", "skipped", "n"),
+    ]
+    assert "not a JUnit report" in parse_junit(b"<html/>")["junit_error"]
+
+
+def test_the_cache_service_refuses_a_report_with_entities() -> None:
+    """An uploaded report is a client's bytes: an entity (harmless here, a file or a billion laughs
+    elsewhere) is refused before any parsing, wherever the declaration is."""
+    from kernel_ci.cache.server.service import parse_junit
+
+    padding = b"<!-- " + b"x" * 8192 + b" -->"
+    entity = (
+        b'<?xml version="1.0"?>' + padding + b'<!DOCTYPE t [<!ENTITY e "expanded">]>'
+        b'<testsuites><testsuite name="s"><testcase name="&e;"/></testsuite></testsuites>'
+    )
+    assert "refused" in parse_junit(entity)["junit_error"]
