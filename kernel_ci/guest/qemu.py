@@ -82,7 +82,6 @@ KVM_PROBE_TIMEOUT = 10.0
 KVM_PROBE_TTL = 1800.0
 
 Accel = Literal["kvm", "tcg"]
-End = EndKind  # the one definition: kernel_ci.guest.protocol
 LineSink = Callable[[str], None]
 
 
@@ -367,7 +366,7 @@ def _read_until_prompt(conn: socket.socket) -> bytes:
 
 @dataclass(frozen=True)
 class GuestRun:
-    end: End
+    end: EndKind
     exit_code: int | None
     seconds: float
     boot_seconds: float | None  # start to "KCI-INIT: ready"
@@ -541,7 +540,7 @@ def _watch(
         if on_line is not None:
             on_line(line)
 
-    end: End | None = None
+    end: EndKind | None = None
     detail = ""
     sysrq_dump = ""
     eof = False
@@ -597,7 +596,7 @@ def _watch(
     )
 
 
-def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[End, str] | None:
+def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[EndKind, str] | None:
     now = time.monotonic()
     if now - started > cfg.global_timeout:
         return EndKind.TIMEOUT, f"the run exceeded the global timeout of {cfg.global_timeout:g} s"
