@@ -6,9 +6,8 @@ guest ended (GuestEnd, from the caller). kernel_ci.report.junit writes the repor
 Every problem becomes a testcase with an Outcome; the run's outcome is the worst of them.
 
 The results dir is written by the guest, which runs patch authors' tests as root: it is read only through
-kernel_ci.report.guestfiles (no symlink followed, regular files only, names checked, every read capped), and
-whatever
-was refused or cut is said in the report. Parsed content is bounded too (testcases per suite, KTAP depth).
+kernel_ci.report.guestfiles (no symlink followed, regular files only, names checked, every read capped),
+and whatever was refused or cut is said in the report. Parsed content is bounded too (testcases per suite, KTAP depth).
 """
 
 from __future__ import annotations
