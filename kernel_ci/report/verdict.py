@@ -7,7 +7,8 @@ Every problem becomes a testcase with an Outcome; the run's outcome is the worst
 
 The results dir is written by the guest, which runs patch authors' tests as root: it is read only through
 kernel_ci.report.guestfiles (no symlink followed, regular files only, names checked, every read capped),
-and whatever was refused or cut is said in the report. Parsed content is bounded too (testcases per suite, KTAP depth).
+and whatever was refused or cut is said in the report. Parsed content is bounded too (testcases per
+suite, KTAP depth).
 """
 
 from __future__ import annotations
