@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from kernel_ci.build.layout import make_honest_links
+
 KBUILD_SRC_NAMES = ("Makefile", "Kbuild", "Kconfig")
 KBUILD_SRC_SUFFIXES = (".h", ".lds", ".S", ".sh", ".pl", ".awk", ".tbl", ".py", ".lds.S")
 KBUILD_SRC_DIRS = (
@@ -92,9 +94,6 @@ def collect(src: Path, out: Path, dest: Path) -> dict[str, str]:
     modules = out / ".kci-modules"
     if modules.is_dir():
         shutil.copytree(modules, dest / "modules", symlinks=True, dirs_exist_ok=True)
-        for link in (dest / "modules").glob("lib/modules/*/build"):
-            link.unlink()
-        for link in (dest / "modules").glob("lib/modules/*/source"):
-            link.unlink()
     export_kbuild_tree(src, out, dest / "kbuild")
+    make_honest_links(dest)  # replaces modules_install's links to the container's /build/{out,src}
     return {name: name for name in produced} | {"modules": "modules", "kbuild": "kbuild"}

@@ -130,7 +130,7 @@ def checkpatch(result: Export, image: str, kernel_tree: Path) -> list[CheckResul
     """checkpatch.pl over every exported patch; writes checkpatch.txt; returns one result per patch."""
     from kernel_ci.build import kcheck
 
-    checks = kcheck.checkpatch(image, kernel_tree, result.patch_files, files=False)
+    checks = kcheck.checkpatch(image, kernel_tree, result.patch_files, files=False, strict=True)
     result.checks = checks
     lines = []
     for check in checks:

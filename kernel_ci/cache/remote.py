@@ -10,10 +10,21 @@ How an entry is uploaded: its top-level files (bzImage, config, System.map, meta
 ``patches/`` one blob each (people download those from the web page), every other directory (``kbuild/``:
 ~11,000 files, ``modules/``, ``extmod/``) as ONE tar blob. One request per file would cost thousands of
 round trips and index rows per build for no benefit (nobody fetches one kbuild header alone), and a tar
-keeps symlinks (``modules/lib/modules/*/build``) and modes. The tar is reproducible for a given entry
-(sorted names, uid/gid 0, no user names, no hard-link records) so pushing the same entry twice uploads
-nothing; file mtimes are kept because kbuild compares them when building out-of-tree modules. No
-compression: the service is on a LAN or loopback, where zstd/gzip would cost more CPU time than it saves.
+keeps modes and mtimes (kbuild compares them when building out-of-tree modules). The tar is reproducible
+for a given entry (sorted names, uid/gid 0, no user names, no hard-link records) so pushing the same entry
+twice uploads nothing. No compression: the service is on a LAN or loopback, where zstd/gzip would cost
+more CPU time than it saves.
+
+Trust: anyone holding a write token can publish any bytes under any key, so a restore trusts nothing it
+downloads. Each entry carries ``entry-digests.json`` (the sha256, size and mode of every file, from the
+pusher's entry.json); its blob is checked against the manifest like every other. A tar member must be a
+regular file or directory below its output's name, listed there, with exactly the listed bytes: no
+symlinks, hard links, devices, FIFOs, setuid bits, absolute names or ``..``. Members are written by
+``cachestore.TreeWriter`` (never through a symlink, never over an existing file) into a staging directory
+that is published only once all of it matches (``LocalStore.put(expected=...)``); the modules' build and
+source links are made by the client. tarfile's own extraction (even with ``filter="data"``) is not used:
+it accepts symlinks and hard links inside the destination and cannot check a member against a digest
+before it is on disk. An entry without the digests (an older client pushed it) is a miss.
 
 Configuration (first found wins): ``--cache-url``, ``$KERNEL_CI_CACHE_URL`` (+ ``$KERNEL_CI_CACHE_TOKEN``),
 the ``[cache]`` table of ``$KERNEL_CI_CONFIG`` or ``~/.config/kernel-ci/config.toml``::
@@ -42,7 +53,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kernel_ci.cache.store import ENTRY_FILE, MANIFEST_FILE, CacheStoreError, LocalStore
+from kernel_ci.build.layout import honest_links
+from kernel_ci.cache.store import (
+    DIGESTS_FILE,
+    ENTRY_FILE,
+    ENTRY_SCHEMA,
+    MANIFEST_FILE,
+    RESERVED_NAMES,
+    CacheStoreError,
+    FileRecord,
+    LocalStore,
+    TreeWriter,
+    UnsafeEntryError,
+    check_record,
+    check_rel_path,
+    copy_verified,
+    read_entry_info,
+)
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import file_digest
 
@@ -51,6 +78,8 @@ TOKEN_ENV = "KERNEL_CI_CACHE_TOKEN"
 CONFIG_ENV = "KERNEL_CI_CONFIG"
 FILE_BY_FILE_DIRS = frozenset({"patches"})
 CHUNK = 1024 * 1024
+DIGESTS_OUTPUT = DIGESTS_FILE
+MAX_DIGESTS_BYTES = 64 * 1024 * 1024
 
 
 class RemoteCacheError(RuntimeError):
@@ -88,30 +117,63 @@ class RemoteConfig:
         return value
 
 
-def write_tar(directory: Path, arcname: str, out: BinaryIO) -> None:
-    """A reproducible tar of directory: sorted, uid/gid 0, no names, regular files never as hard links."""
+def write_tar(
+    directory: Path, arcname: str, out: BinaryIO, records: Mapping[str, FileRecord] | None = None
+) -> None:
+    """A reproducible tar of directory: sorted, uid/gid 0, no names, regular files never as hard links.
+
+    Only directories and regular files: the honest links are left out (every client makes its own) and
+    any other symlink is refused. With records (entry.json's, keyed by path below the entry), each file
+    must still hold its recorded bytes: a damaged local entry is never pushed.
+    """
+    skip = set(honest_links(directory.parent))
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for current, dirs, files in _sorted_walk(directory):
             rel = Path(current).relative_to(directory)
             for name in [*dirs, *files]:
                 path = Path(current, name)
                 st = path.lstat()
-                info = tarfile.TarInfo((Path(arcname) / rel / name).as_posix())
+                member = (Path(arcname) / rel / name).as_posix()
+                info = tarfile.TarInfo(member)
                 info.mode = stat.S_IMODE(st.st_mode)
                 info.mtime = int(st.st_mtime)
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 if stat.S_ISLNK(st.st_mode):
-                    info.type = tarfile.SYMTYPE
-                    info.linkname = os.readlink(path)
-                    tar.addfile(info)
+                    if member in skip:
+                        continue
+                    raise CacheStoreError(f"cannot push {path}: a symlink (an entry holds files only)")
                 elif stat.S_ISDIR(st.st_mode):
                     info.type = tarfile.DIRTYPE
                     tar.addfile(info)
                 elif stat.S_ISREG(st.st_mode):
                     info.size = st.st_size
                     with open(path, "rb") as handle:
-                        tar.addfile(info, handle)
+                        if records is None:
+                            tar.addfile(info, handle)
+                        else:
+                            tar.addfile(info, _VerifyingReader(handle, records.get(member), member))
+                else:
+                    raise CacheStoreError(f"cannot push {path}: not a regular file or directory")
+
+
+class _VerifyingReader:
+    """Reads a file for tarfile while hashing it; at its end, raises if it is not the recorded bytes."""
+
+    def __init__(self, handle: BinaryIO, record: FileRecord | None, name: str) -> None:
+        if record is None:
+            raise CacheStoreError(f"cannot push {name}: not listed in the entry's {ENTRY_FILE}")
+        self.handle, self.record, self.name = handle, record, name
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.hash.update(data)
+        self.count += len(data)
+        if self.count == self.record["size"] and self.hash.hexdigest() != self.record["sha256"]:
+            raise CacheStoreError(f"cannot push {self.name}: it no longer matches its digest (damaged entry)")
+        return data
 
 
 def _sorted_walk(directory: Path) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -186,34 +248,44 @@ class CacheClient:
         self._check(response, f"publishing build {key[:12]}")
         return response.json()["status"]
 
-    def download(self, digest: str, size: int, destination: Path) -> None:
-        """The blob into destination, verified against its digest and size (else nothing is left)."""
+    def download(self, digest: str, size: int, out: BinaryIO) -> None:
+        """The blob into out, verified against its digest and size (raises on a mismatch)."""
         hasher = hashlib.sha256()
         count = 0
-        try:
-            with self.http.stream("GET", f"/api/v1/blobs/{digest}") as response:
-                self._check(response, f"blob {digest[:12]}")
-                with open(destination, "wb") as out:
-                    for chunk in response.iter_bytes(CHUNK):
-                        hasher.update(chunk)
-                        count += len(chunk)
-                        out.write(chunk)
-            if count != size or hasher.hexdigest() != digest:
-                raise RemoteCacheError(
-                    f"blob {digest[:12]}: got {count} bytes hashing to {hasher.hexdigest()[:12]}, "
-                    f"expected {size} bytes hashing to {digest[:12]}"
-                )
-        except BaseException:
-            destination.unlink(missing_ok=True)
-            raise
+        with self.http.stream("GET", f"/api/v1/blobs/{digest}") as response:
+            self._check(response, f"blob {digest[:12]}")
+            for chunk in response.iter_bytes(CHUNK):
+                hasher.update(chunk)
+                count += len(chunk)
+                if count > size:
+                    break
+                out.write(chunk)
+        if count != size or hasher.hexdigest() != digest:
+            raise RemoteCacheError(
+                f"blob {digest[:12]}: got {count} bytes hashing to {hasher.hexdigest()[:12]}, "
+                f"expected {size} bytes hashing to {digest[:12]}"
+            )
 
-    def extract(self, digest: str, size: int, destination: Path) -> None:
-        """Unpack a tar blob into destination as it downloads; raises if its bytes do not match digest."""
+    def fetch_bytes(self, digest: str, size: int, limit: int) -> bytes:
+        """A small blob in memory, verified against its digest and size."""
+        if size > limit:
+            raise RemoteCacheError(f"blob {digest[:12]}: {size} bytes, more than the {limit} allowed")
+        response = self.http.get(f"/api/v1/blobs/{digest}")
+        self._check(response, f"blob {digest[:12]}")
+        data = response.content
+        if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+            raise RemoteCacheError(f"blob {digest[:12]}: its bytes do not match its digest")
+        return data
+
+    def extract(
+        self, digest: str, size: int, destination: Path, output: str, records: Mapping[str, FileRecord]
+    ) -> None:
+        """Unpack the tar blob of output into destination as it downloads, checking every member against
+        records (see extract_members); raises if the blob's bytes do not match digest."""
         with self.http.stream("GET", f"/api/v1/blobs/{digest}") as response:
             self._check(response, f"blob {digest[:12]}")
             reader = _HashingReader(response.iter_bytes(CHUNK))
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                tar.extractall(destination, filter=_tar_filter)
+            extract_members(reader, destination, output, records)
             reader.drain()
         if reader.count != size or reader.hash.hexdigest() != digest:
             raise RemoteCacheError(
@@ -274,11 +346,74 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _tar_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
-    # tarfile's "tar" filter: no absolute names, nothing outside the destination (symlinks resolved),
-    # no device files; absolute symlink targets are allowed (modules/lib/modules/*/build points at the
-    # build tree of the builder container, as in any modules_install)
-    return tarfile.tar_filter(member, path)
+def extract_members(stream: Any, destination: Path, output: str, records: Mapping[str, FileRecord]) -> None:
+    """Write the members of a tar stream into destination, refusing any member that is not a directory or
+    a regular file named ``<output>/...`` (plain components), listed in records with exactly its bytes."""
+    mtimes: list[tuple[tuple[str, ...], int]] = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar, TreeWriter(destination) as writer:
+        for member in tar:
+            name = member.name
+            parts = check_rel_path(name, "tar member name")
+            if parts[0] != output:
+                raise UnsafeEntryError(f"tar member {name!r} is outside its output {output!r}")
+            if member.type == tarfile.DIRTYPE:
+                if member.mode & ~0o777 or member.mode & 0o022:
+                    raise UnsafeEntryError(f"tar member {name!r}: unsafe directory mode {oct(member.mode)}")
+                writer.directory(parts)
+                mtimes.append((parts, int(member.mtime)))
+            elif member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                record = records.get(name)
+                if record is None:
+                    raise UnsafeEntryError(f"tar member {name!r} is not listed in the entry's digests")
+                if stat.S_IMODE(member.mode) != record["mode"] or member.mode & ~0o777:
+                    raise UnsafeEntryError(
+                        f"tar member {name!r}: mode {oct(member.mode)}, listed {oct(record['mode'])}"
+                    )
+                if member.size != record["size"]:
+                    raise UnsafeEntryError(
+                        f"tar member {name!r}: {member.size} bytes, listed {record['size']}"
+                    )
+                source = tar.extractfile(member)
+                assert source is not None  # a regular member always has a file object
+                with writer.create(parts, record["mode"]) as out:
+                    copy_verified(source, out, record, name)
+                    os.utime(out.fileno(), (member.mtime, member.mtime))
+            else:
+                raise UnsafeEntryError(
+                    f"tar member {name!r} is a {_TYPE_NAMES.get(member.type, repr(member.type))}: "
+                    "an entry holds only regular files and directories"
+                )
+        for parts, mtime in reversed(mtimes):  # last: writing files into a directory changes its mtime
+            os.utime(parts[-1], (mtime, mtime), dir_fd=writer.directory(parts[:-1]), follow_symlinks=False)
+
+
+_TYPE_NAMES = {
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+    tarfile.CONTTYPE: "contiguous file",
+    tarfile.GNUTYPE_SPARSE: "sparse file",
+}
+
+
+def parse_digests(data: bytes, key: str) -> tuple[dict[str, FileRecord], list[str]]:
+    """The per-file records and directories of a downloaded entry-digests.json (validated)."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise UnsafeEntryError(f"{DIGESTS_FILE} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("schema") != ENTRY_SCHEMA or doc.get("key") != key:
+        raise UnsafeEntryError(f"{DIGESTS_FILE} is not of entry format {ENTRY_SCHEMA} for build {key[:12]}")
+    files, dirs = doc.get("files"), doc.get("dirs", [])
+    if not isinstance(files, dict) or not isinstance(dirs, list):
+        raise UnsafeEntryError(f"{DIGESTS_FILE}: files must be an object and dirs a list")
+    records = {rel: check_record(rel, record) for rel, record in files.items()}
+    for rel in [*records, *dirs]:
+        if check_rel_path(rel)[0] in RESERVED_NAMES:
+            raise UnsafeEntryError(f"{DIGESTS_FILE} lists {rel!r}, a name reserved for the store")
+    return records, [str(d) for d in dirs]
 
 
 class RemoteStore:
@@ -346,26 +481,40 @@ class RemoteStore:
         if doc is None:
             return None
         started = time.monotonic()
+        outputs = {output["name"]: output for output in doc["outputs"]}
+        listing = outputs.pop(DIGESTS_FILE, None)
+        if listing is None:
+            console.print(
+                f"[dim]shared build cache: build {key[:12]} has no per-file digests (an older client pushed "
+                "it); not trusted, a miss[/]"
+            )
+            return None
+        records, dirs = parse_digests(
+            self.client.fetch_bytes(listing["sha256"], listing["size"], MAX_DIGESTS_BYTES), key
+        )
         staging = Path(tempfile.mkdtemp(prefix=f"restore-{key[:12]}.", dir=self.local.tmp_dir))
         try:
             total = 0
-            for output in doc["outputs"]:
-                name = output["name"]
-                if ".." in name.split("/") or name.startswith("/") or name in (ENTRY_FILE, MANIFEST_FILE):
-                    raise RemoteCacheError(f"the service sent an unsafe output name {name!r}")
+            with TreeWriter(staging) as writer:
+                for rel in dirs:
+                    writer.directory(check_rel_path(rel))
+            for name, output in outputs.items():
+                parts = check_rel_path(name, "output name")
+                if parts[0] in RESERVED_NAMES:
+                    raise UnsafeEntryError(f"the service sent an unsafe output name {name!r}")
                 total += output["size"]
                 if output.get("kind") == "tar":
-                    # unpacked while it streams in (no temporary copy); the digest is checked at the end
-                    # and a mismatch discards the whole staging directory: nothing unverified is published
-                    self.client.extract(output["sha256"], output["size"], staging)
+                    if len(parts) != 1:
+                        raise UnsafeEntryError(f"tar output {name!r} must be a top-level name")
+                    # unpacked while it streams in (no temporary copy), every member checked; the blob's
+                    # digest is checked at the end: any failure discards the whole staging directory
+                    self.client.extract(output["sha256"], output["size"], staging, name, records)
                 else:
-                    target = staging / name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    self.client.download(output["sha256"], output["size"], target)
+                    self._download_file(output, name, parts, staging, records)
             # LocalStore.put fsyncs every file (kbuild/ has ~11,000): one sync(2) first writes them all back
             # in one go, so that those fsyncs find clean files (tens of seconds -> about one here)
             _syncfs(staging)
-            entry = self.local.put(key, staging, doc.get("inputs", {}), move=True)
+            entry = self.local.put(key, staging, doc.get("inputs", {}), move=True, expected=records)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         seconds = time.monotonic() - started
@@ -375,30 +524,69 @@ class RemoteStore:
         )
         return entry
 
+    def _download_file(
+        self,
+        output: Mapping[str, Any],
+        name: str,
+        parts: tuple[str, ...],
+        staging: Path,
+        records: Mapping[str, FileRecord],
+    ) -> None:
+        """A plain-file output into staging: it must be listed, with the blob's digest and size."""
+        record = records.get(name)
+        if record is None or (record["sha256"], record["size"]) != (output["sha256"], output["size"]):
+            raise UnsafeEntryError(f"output {name!r} does not match the entry's per-file digests")
+        # TreeWriter refuses a symlink on the way (there is none: staging never gets one) or a second copy;
+        # a failure leaves a partial file in staging, which is discarded as a whole
+        with TreeWriter(staging) as writer, writer.create(parts, record["mode"]) as out:
+            self.client.download(output["sha256"], output["size"], out)
+
     def pack(self, entry: Path, workdir: Path) -> list[tuple[dict[str, Any], Path]]:
-        """The outputs of an entry as (output record, file to upload) pairs; tars are written to workdir."""
+        """The outputs of an entry as (output record, file to upload) pairs; tars and the per-file digests
+        are written to workdir. Every file must still match the entry's entry.json."""
+        info = read_entry_info(entry)
+        if info is None:
+            raise CacheStoreError(
+                f"cannot push {entry}: no valid {ENTRY_FILE} of entry format {ENTRY_SCHEMA}"
+            )
+        records = {rel: check_record(rel, record) for rel, record in info["files"].items()}
         packed: list[tuple[dict[str, Any], Path]] = []
         for child in sorted(entry.iterdir()):
             name = child.name
-            if name in (ENTRY_FILE, MANIFEST_FILE):
+            if name in RESERVED_NAMES:
                 continue
             if child.is_symlink():
                 raise CacheStoreError(f"cannot push {entry}: top-level symlink {name}")
             if child.is_dir() and name in FILE_BY_FILE_DIRS:
                 for path in sorted(p for p in child.rglob("*") if p.is_file() and not p.is_symlink()):
-                    packed.append(self._record(path.relative_to(entry).as_posix(), path, "file"))
+                    packed.append(self._record(path.relative_to(entry).as_posix(), path, "file", records))
             elif child.is_dir():
                 tar_path = workdir / f"{name}.tar"
                 with open(tar_path, "wb") as out:
-                    write_tar(child, name, out)
+                    write_tar(child, name, out, records)
                 packed.append(self._record(name, tar_path, "tar"))
             elif child.is_file():
-                packed.append(self._record(name, child, "file"))
+                packed.append(self._record(name, child, "file", records))
+        digests = workdir / DIGESTS_FILE
+        document = {
+            "schema": ENTRY_SCHEMA,
+            "key": info["key"],
+            "files": records,
+            "dirs": info.get("dirs", []),
+        }
+        digests.write_text(json.dumps(document, sort_keys=True, separators=(",", ":")))
+        packed.append(self._record(DIGESTS_FILE, digests, "file"))
         return packed
 
     @staticmethod
-    def _record(name: str, path: Path, kind: str) -> tuple[dict[str, Any], Path]:
+    def _record(
+        name: str, path: Path, kind: str, records: Mapping[str, FileRecord] | None = None
+    ) -> tuple[dict[str, Any], Path]:
         digest, size = file_digest(path)
+        if records is not None:
+            record = records.get(name)
+            if record is None or (record["sha256"], record["size"]) != (digest, size):
+                raise CacheStoreError(f"cannot push {path}: it does not match the entry's {ENTRY_FILE}")
         return {"name": name, "sha256": digest, "size": size, "kind": kind}, path
 
     def push(self, key: str, entry: Path) -> str:

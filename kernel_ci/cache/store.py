@@ -9,6 +9,19 @@ Layout of a LocalStore root::
 
 A reader never sees a half entry: an entry directory only appears by an atomic rename of a complete,
 fsynced directory, and ``get`` only returns directories holding ``entry.json``.
+
+An entry holds regular files and directories only, plus the two symlinks of
+``kernel_ci.build.layout.honest_links``, which
+the store recreates itself (a symlink in an entry could make a later writer or reader step outside it).
+``entry.json`` records the sha256, size and mode (0644 or 0755: no setuid/setgid bits) of every file;
+copies out of an entry (``copy_entry``) are checked against it as they are written, and an entry of an
+older format, without digests, is never returned (a miss: it is rebuilt and replaced).
+
+Why hand-written file creation (``TreeWriter``) rather than shutil/tarfile: every path is opened one
+component at a time relative to a directory descriptor with O_NOFOLLOW and files are created with O_EXCL,
+so no symlink, existing file or ``..`` planted by an earlier step (or a concurrent process) can redirect a
+write outside the tree being written; shutil follows symlinks in parent directories and tarfile's filters
+resolve paths by name before writing.
 """
 
 from __future__ import annotations
@@ -18,31 +31,341 @@ import ctypes
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, TypedDict, runtime_checkable
 
+from kernel_ci.build.layout import honest_links, make_honest_links
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.paths import cache_dir
 
 ENTRY_FILE = "entry.json"
 MANIFEST_FILE = "manifest.json"
-RESERVED_NAMES = frozenset({ENTRY_FILE, MANIFEST_FILE})
+DIGESTS_FILE = "entry-digests.json"  # the per-file digests as the shared cache carries them (remotestore)
+RESERVED_NAMES = frozenset({ENTRY_FILE, MANIFEST_FILE, DIGESTS_FILE})
 STALE_TMP_SECONDS = 3600.0
-ENTRY_SCHEMA = 1
+ENTRY_SCHEMA = 2  # 2: per-file sha256 digests, no stored symlinks; older entries are never trusted
+SAFE_MODES = frozenset({0o644, 0o755})
+CHUNK = 1024 * 1024
+MAX_PATH = 4096
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,199}")
 
 
 class CacheStoreError(RuntimeError):
     """The store could not do what was asked; the message says what and what to do about it."""
+
+
+class UnsafeEntryError(CacheStoreError):
+    """An entry (local or downloaded) holds something the store refuses: a link, a device, an escaping
+    name, a file whose bytes do not match its recorded digest."""
+
+
+class FileRecord(TypedDict):
+    sha256: str
+    size: int
+    mode: int
+
+
+def check_rel_path(rel: object, what: str = "path") -> tuple[str, ...]:
+    """The components of a relative POSIX path of plain names (no '', '.', '..', absolute path or NUL)."""
+    if not isinstance(rel, str) or not 0 < len(rel) <= MAX_PATH or "\0" in rel or rel.startswith("/"):
+        raise UnsafeEntryError(f"unsafe {what} {rel!r}: expected a relative path")
+    parts = tuple(rel.split("/"))
+    if any(part in ("", ".", "..") or len(part) > 255 for part in parts):
+        raise UnsafeEntryError(f"unsafe {what} {rel!r}: empty, '.' or '..' component")
+    return parts
+
+
+def safe_mode(mode: int) -> int:
+    """0755 for a file someone may execute, else 0644: nothing setuid/setgid/sticky or world-writable."""
+    return 0o755 if mode & 0o111 else 0o644
+
+
+def check_record(rel: str, record: object) -> FileRecord:
+    """A FileRecord read from a document someone else wrote (entry.json, a downloaded digest list)."""
+    check_rel_path(rel)
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("sha256"), str)
+        or not re.fullmatch(r"[0-9a-f]{64}", record["sha256"])
+        or not isinstance(record.get("size"), int)
+        or isinstance(record.get("size"), bool)
+        or record["size"] < 0
+        or record.get("mode") not in SAFE_MODES
+    ):
+        raise UnsafeEntryError(f"bad file record for {rel!r}: {record!r} (sha256, size, mode 0644/0755)")
+    return FileRecord(sha256=record["sha256"], size=record["size"], mode=record["mode"])
+
+
+def read_entry_info(entry: Path) -> dict | None:
+    """entry.json of an entry of the current format with valid file records, or None."""
+    try:
+        info = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(info, dict)
+        or info.get("schema") != ENTRY_SCHEMA
+        or not isinstance(info.get("files"), dict)
+    ):
+        return None
+    return info
+
+
+class TreeWriter:
+    """Creates directories and files below root without ever following a symlink or replacing a file
+    (with create=False: opens existing ones for reading, the same way)."""
+
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        self.root = root
+        self.create_dirs = create
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        self._fds: dict[tuple[str, ...], int] = {(): os.open(root, flags)}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> TreeWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def directory(self, parts: tuple[str, ...]) -> int:
+        """A descriptor of root/parts, created (0755) where missing; a symlink on the way is an error."""
+        fd = self._fds.get(parts)
+        if fd is not None:
+            return fd
+        parent = self.directory(parts[:-1])
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        try:
+            try:
+                fd = os.open(parts[-1], flags, dir_fd=parent)
+            except FileNotFoundError:
+                if not self.create_dirs:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(parts[-1], 0o755, dir_fd=parent)
+                fd = os.open(parts[-1], flags, dir_fd=parent)
+        except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file; ENOENT: missing (reading)
+            raise UnsafeEntryError(f"{'/'.join(parts)} is not a plain directory ({exc.strerror})") from exc
+        self._fds[parts] = fd
+        return fd
+
+    def create_fd(self, parts: tuple[str, ...], mode: int) -> int:
+        """A new file root/parts open for writing (raw descriptor); a second file of that name is an error."""
+        parent = self.directory(parts[:-1])
+        try:
+            fd = os.open(
+                parts[-1],
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                safe_mode(mode),
+                dir_fd=parent,
+            )
+        except FileExistsError as exc:
+            raise UnsafeEntryError(f"{'/'.join(parts)} appears twice") from exc
+        if _UMASK & safe_mode(mode):
+            os.fchmod(fd, safe_mode(mode))  # the umask took bits away
+        return fd
+
+    def create(self, parts: tuple[str, ...], mode: int) -> BinaryIO:
+        """create_fd as a file object."""
+        return os.fdopen(self.create_fd(parts, mode), "wb")
+
+    def open_fd(self, parts: tuple[str, ...]) -> int:
+        """An existing regular file root/parts open for reading; a symlink anywhere on the way is an error."""
+        try:
+            return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.directory(parts[:-1]))
+        except OSError as exc:  # missing, or a symlink planted in the tree
+            raise UnsafeEntryError(f"{'/'.join(parts)}: {exc.strerror}") from exc
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _copy_fd_verified(source: int, out: int, record: FileRecord, rel: str) -> None:
+    """copy_verified on raw descriptors (copy_entry's loop over ~11,000 files: no file objects)."""
+    size = record["size"]
+    digest = hashlib.sha256()
+    count = 0
+    while chunk := os.read(source, min(CHUNK, size - count + 1)):
+        count += len(chunk)
+        if count > size:
+            break
+        digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+    if count != size or digest.hexdigest() != record["sha256"]:
+        raise UnsafeEntryError(
+            f"{rel}: its bytes do not match the recorded digest "
+            f"({size} bytes, sha256 {record['sha256'][:12]})"
+        )
+
+
+def copy_verified(source: BinaryIO, out: BinaryIO, record: FileRecord, rel: str) -> None:
+    """Copy source to out hashing what is written; raises if it is not exactly the recorded bytes."""
+    digest = hashlib.sha256()
+    count = 0
+    while chunk := source.read(min(CHUNK, record["size"] - count + 1)):
+        count += len(chunk)
+        if count > record["size"]:
+            break
+        digest.update(chunk)
+        out.write(chunk)
+    if count != record["size"] or digest.hexdigest() != record["sha256"]:
+        raise UnsafeEntryError(
+            f"{rel}: its bytes do not match the recorded digest ({record['size']} bytes, "
+            f"sha256 {record['sha256'][:12]})"
+        )
+
+
+def scan_tree(root: Path, dropped: dict[str, str] | None = None) -> tuple[dict[str, FileRecord], list[str]]:
+    """The file records and directories of an output tree; refuses anything but files, directories and
+    the honest links (which are dropped here, into dropped: the store recreates them)."""
+    honest = honest_links(root)
+    dropped = {} if dropped is None else dropped
+    files: dict[str, FileRecord] = {}
+    dirs: list[str] = []
+    for current, dirnames, filenames in os.walk(root):
+        rel_dir = Path(current).relative_to(root)
+        for name in sorted([*dirnames, *filenames]):
+            path = Path(current, name)
+            rel = (rel_dir / name).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                if rel not in honest:
+                    raise UnsafeEntryError(
+                        f"{rel} is a symlink (to {os.readlink(path)}): an entry holds only files and "
+                        "directories (and the modules' build/source links, which the store makes itself)"
+                    )
+                dropped[rel] = os.readlink(path)
+                path.unlink()
+            elif stat.S_ISDIR(st.st_mode):
+                os.chmod(path, 0o755)
+                dirs.append(rel)
+            elif stat.S_ISREG(st.st_mode):
+                mode = safe_mode(st.st_mode)
+                if stat.S_IMODE(st.st_mode) != mode:
+                    os.chmod(path, mode)
+                files[rel] = FileRecord(sha256=sha256_file(path), size=st.st_size, mode=mode)
+            else:
+                raise UnsafeEntryError(
+                    f"{rel} is not a regular file or directory ({stat.filemode(st.st_mode)})"
+                )
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(current, d))]
+    return dict(sorted(files.items())), sorted(dirs)
+
+
+def compare_records(found: Mapping[str, FileRecord], expected: Mapping[str, FileRecord], where: str) -> None:
+    """Raise naming the first differences when found is not exactly expected."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    differ = sorted(rel for rel in set(found) & set(expected) if found[rel] != expected[rel])
+    if missing or extra or differ:
+        raise UnsafeEntryError(
+            f"{where} does not match its per-file digests: missing {missing[:3]}, unlisted {extra[:3]}, "
+            f"different {differ[:3]}"
+        )
+
+
+def copy_entry(entry: Path, dest: Path) -> None:
+    """Copy a published entry to dest (replaced atomically), verifying every file against entry.json.
+
+    A copy, never hard links: editing dest must not change the cache. Each file is read once, hashed and
+    written; a file that does not match its digest aborts the copy (dest keeps its previous content) and
+    the damaged entry is removed from the store, so the next run rebuilds it.
+    """
+    info = read_entry_info(entry)
+    if info is None:
+        raise CacheStoreError(
+            f"{entry} is not a build cache entry of the current format (no valid {ENTRY_FILE})"
+        )
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.restore.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        with TreeWriter(tmp) as writer:
+            for rel in info.get("dirs", []):
+                writer.directory(check_rel_path(rel))
+            with TreeWriter(entry, create=False) as reader:
+                for rel, raw in info["files"].items():
+                    record = check_record(rel, raw)
+                    parts = check_rel_path(rel)
+                    source = reader.open_fd(parts)
+                    try:
+                        out = writer.create_fd(parts, record["mode"])
+                        try:
+                            _copy_fd_verified(source, out, record, rel)
+                            st = os.fstat(source)
+                            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))  # kbuild compares mtimes
+                        finally:
+                            os.close(out)
+                    finally:
+                        os.close(source)
+        make_honest_links(tmp)
+        for name in (ENTRY_FILE, MANIFEST_FILE):
+            if (entry / name).is_file():
+                shutil.copyfile(entry / name, tmp / name)
+        if dest.is_symlink() or dest.is_file():
+            dest.unlink()
+        elif dest.exists():
+            aside = dest.parent / f".{dest.name}.old.{os.getpid()}.{secrets.token_hex(4)}"
+            os.rename(dest, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.rename(tmp, dest)
+    except UnsafeEntryError as exc:
+        _remove(tmp)
+        _discard_entry(entry)
+        raise CacheStoreError(
+            f"build cache entry {entry} is damaged ({exc}); "
+            "it was removed from the cache: rerun to rebuild it"
+        ) from exc
+    except OSError as exc:
+        _remove(tmp)
+        raise CacheStoreError(f"could not copy build cache entry {entry} to {dest}: {exc}") from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _put_back_links(tmp: Path, dropped: Mapping[str, str]) -> None:
+    """Undo make_honest_links in a failed put's tmp dir before its files move back to the outputs."""
+    for rel in honest_links(tmp):
+        with contextlib.suppress(OSError):
+            (tmp / rel).unlink()
+    for rel, target in dropped.items():
+        with contextlib.suppress(OSError):
+            os.symlink(target, tmp / rel)
+
+
+def _discard_entry(entry: Path) -> None:
+    """Move a damaged entry out of entries/ (atomically: no reader sees it half-deleted), then delete it."""
+    tmp_dir = entry.parent.parent.parent / "tmp"  # <root>/entries/<shard>/<key> -> <root>/tmp
+    aside = (tmp_dir if tmp_dir.is_dir() else entry.parent) / f"{entry.name}.damaged.{secrets.token_hex(4)}"
+    with contextlib.suppress(OSError):
+        os.rename(entry, aside)
+        _remove(aside)
 
 
 @runtime_checkable
@@ -134,15 +457,6 @@ def _write_json_synced(path: Path, document: object) -> None:
         os.fsync(handle.fileno())
 
 
-def _file_sizes(root: Path) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    for current, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(current, name)
-            sizes[path.relative_to(root).as_posix()] = path.lstat().st_size
-    return dict(sorted(sizes.items()))
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -210,9 +524,21 @@ class LocalStore:
 
     def get(self, key: str) -> Path | None:
         path = self.entry_dir(key)
-        return path if (path / ENTRY_FILE).is_file() else None
+        if not (path / ENTRY_FILE).is_file():
+            return None
+        if read_entry_info(path) is None:  # an older format (no per-file digests) is not trusted: a miss
+            return None
+        return path
 
-    def put(self, key: str, outputs: Path, manifest: Mapping[str, str], *, move: bool = False) -> Path:
+    def put(
+        self,
+        key: str,
+        outputs: Path,
+        manifest: Mapping[str, str],
+        *,
+        move: bool = False,
+        expected: Mapping[str, FileRecord] | None = None,
+    ) -> Path:
         """Publish outputs (a directory) as the entry for key; returns the entry directory.
 
         The files are copied (``move=True``: moved, when on the same filesystem, and the outputs
@@ -220,6 +546,9 @@ class LocalStore:
         entry.json and renamed into place. If the entry already exists (another writer won), ours is
         discarded and the existing one returned. On any error nothing is published; with ``move=True``
         the moved files are put back into outputs.
+
+        Only files and directories are stored (see scan_tree); with ``expected`` (per-file records a
+        download came with), the files must be exactly those, else nothing is published.
         """
         final = self.entry_dir(key)
         outputs = Path(outputs)
@@ -243,6 +572,7 @@ class LocalStore:
         tmp.mkdir()
         guard = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         moved: list[str] = []
+        dropped: dict[str, str] = {}  # the links of outputs that scan_tree replaced (put back on failure)
         try:
             fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if move and os.stat(outputs).st_dev == os.stat(tmp).st_dev:
@@ -251,7 +581,10 @@ class LocalStore:
                     moved.append(child.name)
             else:
                 shutil.copytree(outputs, tmp, symlinks=True, dirs_exist_ok=True, copy_function=_copy_file)
-            sizes = _file_sizes(tmp)
+            files, dirs = scan_tree(tmp, dropped)
+            if expected is not None:
+                compare_records(files, expected, f"build {key[:12]}")
+            links = make_honest_links(tmp)
             _fsync_tree(tmp)
             _write_json_synced(tmp / MANIFEST_FILE, inputs)
             created = time.time()
@@ -262,14 +595,18 @@ class LocalStore:
                     "key": key,
                     "created": created,
                     "created_utc": datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(),
-                    "file_count": len(sizes),
-                    "total_bytes": sum(sizes.values()),
-                    "files": sizes,
+                    "file_count": len(files),
+                    "total_bytes": sum(record["size"] for record in files.values()),
+                    "files": files,
+                    "dirs": dirs,
+                    "links": links,
                 },
             )
             _fsync_path(tmp, directory=True)
             published = self._publish(tmp, final)
         except BaseException as exc:
+            if moved:
+                _put_back_links(tmp, dropped)
             for name in moved:
                 with contextlib.suppress(OSError):
                     os.rename(tmp / name, outputs / name)
@@ -294,12 +631,12 @@ class LocalStore:
             except OSError as exc:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
-                if (final / ENTRY_FILE).is_file():
+                if read_entry_info(final) is not None:
                     _remove(tmp)  # a concurrent writer published first: keep theirs
                     return final
-                # a damaged entry (no entry.json): move it out of the way and try again
+                # a damaged entry (no entry.json) or one of an older format: move it aside and try again
                 aside = self.tmp_dir / f"{final.name}.damaged.{os.getpid()}.{secrets.token_hex(4)}"
-                warn(f"build cache entry {final} is incomplete (no {ENTRY_FILE}); replacing it")
+                warn(f"build cache entry {final} is incomplete or of an older format; replacing it")
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(final, aside)
                 _remove(aside)

@@ -26,7 +26,7 @@ from kernel_ci.build import keys as buildkey
 from kernel_ci.build import plan as buildplan
 from kernel_ci.build.plan import BASE_FRAGMENT, BUILD_TARGETS  # noqa: F401  (their home used to be here)
 from kernel_ci.build.records import METADATA_SCHEMA, BuildMetadata, CcacheFigures, KernelInfo, ToolchainInfo
-from kernel_ci.cache.store import BuildStore, LocalStore
+from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.paths import GUEST_TESTS, REPO_ROOT, cache_dir
@@ -138,14 +138,14 @@ def _prepare_tree_locked(src: source.KernelSource, series: Sequence[patches.Seri
 
 
 def _link_or_copy_tree(entry: Path, dest: Path) -> None:
-    """Restore an entry into the output dir: hard links where possible (seconds, no extra disk)."""
+    """Restore an entry into the output dir: a verified copy (never hard links: editing the output dir
+    must not change the cache); a build's own staging dir (no cache) is simply copied."""
+    if (entry / ENTRY_FILE).is_file():
+        copy_entry(entry, dest)
+        return
     if dest.exists():
         shutil.rmtree(dest)
-    try:
-        shutil.copytree(entry, dest, symlinks=True, copy_function=os.link)
-    except OSError:
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(entry, dest, symlinks=True)
+    shutil.copytree(entry, dest, symlinks=True)
 
 
 def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult:

@@ -21,6 +21,7 @@ STAGES = {"build", "guest", "report", "cache"}
 # The records and formats that stages hand each other: typed, JSON round-trip, importing core only.
 PROTOCOL = {
     "kernel_ci.build.records",
+    "kernel_ci.build.layout",  # the output directory / cache entry layout, its honest symlinks
     "kernel_ci.guest.suites",  # the suite manifest format: the build reads each suite's kconfig needs
     "kernel_ci.guest.protocol",
     "kernel_ci.report.junit",

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import multiprocessing
 import os
@@ -28,7 +29,10 @@ def make_outputs(base: Path, tag: str = "one", files: int = 4) -> Path:
     for index in range(files):
         (outputs / f"file{index}.bin").write_bytes(f"{tag}:{index}\n".encode() * 1000)
     (outputs / "modules" / "kci.ko").write_text(f"module of {tag}\n")
-    (outputs / "bzImage").symlink_to("file0.bin")
+    (outputs / "bzImage").write_bytes((outputs / "file0.bin").read_bytes())
+    release = outputs / "modules" / "lib" / "modules" / "5.10.223-kci"
+    release.mkdir(parents=True)
+    (release / "build").symlink_to("/build/out")  # as modules_install leaves it in the build container
     return outputs
 
 
@@ -56,13 +60,16 @@ def test_put_then_get_returns_the_files_and_metadata(tmp_path: Path) -> None:
     assert store.get(KEY_A) == entry
     assert (entry / "file3.bin").read_bytes() == (outputs / "file3.bin").read_bytes()
     assert (entry / "modules" / "kci.ko").read_text() == "module of one\n"
-    assert os.readlink(entry / "bzImage") == "file0.bin"
+    assert (entry / "bzImage").read_bytes() == (outputs / "file0.bin").read_bytes()
+    release = entry / "modules" / "lib" / "modules" / "5.10.223-kci"
+    assert os.readlink(release / "build") == os.readlink(release / "source") == "../../../../kbuild"
     assert json.loads((entry / "manifest.json").read_text()) == MANIFEST
     info = json.loads((entry / "entry.json").read_text())
     assert info["key"] == KEY_A
     assert info["file_count"] == 6
-    assert info["files"]["modules/kci.ko"] == len("module of one\n")
-    assert info["total_bytes"] == sum(info["files"].values())
+    assert info["files"]["modules/kci.ko"]["size"] == len("module of one\n")
+    assert info["files"]["modules/kci.ko"]["sha256"] == hashlib.sha256(b"module of one\n").hexdigest()
+    assert info["total_bytes"] == sum(record["size"] for record in info["files"].values())
     assert outputs.is_dir(), "a copying put leaves the outputs in place"
     assert list(store.tmp_dir.iterdir()) == []
 
@@ -333,3 +340,79 @@ def test_opening_the_store_cleans_leftovers_of_dead_or_old_writers(tmp_path: Pat
     assert fresh.exists()
     assert held.exists()
     assert store.clean_stale_tmp() == [held]
+
+
+def test_an_entry_of_the_older_format_without_digests_is_a_miss_and_replaced(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    old = store.entry_dir(KEY_A)
+    old.mkdir(parents=True)
+    (old / "bzImage").write_text("whatever an old client stored\n")
+    (old / "entry.json").write_text(json.dumps({"schema": 1, "key": KEY_A, "created": 1.0, "files": {}}))
+    assert store.get(KEY_A) is None, "an entry without per-file digests is never trusted"
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    assert store.get(KEY_A) == entry
+    assert json.loads((entry / "entry.json").read_text())["schema"] == cachestore.ENTRY_SCHEMA
+    assert (entry / "bzImage").read_bytes().startswith(b"one:0")
+
+
+@pytest.mark.parametrize("target", ["/etc", "../../outside", "file0.bin"])
+def test_put_refuses_any_symlink_but_the_modules_links(tmp_path: Path, target: str) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = make_outputs(tmp_path)
+    (outputs / "modules" / "link").symlink_to(target)
+    with pytest.raises(CacheStoreError, match=r"modules/link is a symlink"):
+        store.put(KEY_A, outputs, MANIFEST)
+    assert store.get(KEY_A) is None and visible_entries(store) == []
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_put_strips_setuid_setgid_and_write_bits_from_modes(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = make_outputs(tmp_path)
+    (outputs / "file1.bin").chmod(0o4777)
+    (outputs / "file2.bin").chmod(0o2664)
+    (outputs / "modules").chmod(0o1777)
+    entry = store.put(KEY_A, outputs, MANIFEST)
+    info = json.loads((entry / "entry.json").read_text())
+    assert (entry / "file1.bin").stat().st_mode & 0o7777 == 0o755 == info["files"]["file1.bin"]["mode"]
+    assert (entry / "file2.bin").stat().st_mode & 0o7777 == 0o644 == info["files"]["file2.bin"]["mode"]
+    assert (entry / "modules").stat().st_mode & 0o7777 == 0o755
+
+
+def test_copy_entry_copies_and_verifies_every_file(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    dest = tmp_path / "out" / "build"
+    cachestore.copy_entry(entry, dest)
+    assert (dest / "modules" / "kci.ko").read_text() == "module of one\n"
+    assert (dest / "file1.bin").stat().st_ino != (entry / "file1.bin").stat().st_ino, "a copy, not a link"
+    assert (dest / "file1.bin").stat().st_mtime == (entry / "file1.bin").stat().st_mtime
+    assert os.readlink(dest / "modules/lib/modules/5.10.223-kci/build") == "../../../../kbuild"
+    cachestore.copy_entry(entry, dest)  # again over the previous copy
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["build"]
+
+
+@pytest.mark.parametrize("damage", ["same-size-bytes", "symlink-to-outside", "missing"])
+def test_copy_entry_of_a_damaged_entry_fails_removes_it_and_keeps_the_previous_output(
+    tmp_path: Path, damage: str
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    dest = tmp_path / "out" / "build"
+    cachestore.copy_entry(entry, dest)
+    secret = tmp_path / "secret"
+    secret.write_text("private key\n")
+    victim = entry / "modules" / "kci.ko"
+    if damage == "same-size-bytes":
+        victim.write_text("module of two\n")
+    elif damage == "symlink-to-outside":
+        victim.unlink()
+        victim.symlink_to(secret)
+    else:
+        victim.unlink()
+    with pytest.raises(CacheStoreError, match=r"damaged .*modules/kci\.ko.*rerun to rebuild it"):
+        cachestore.copy_entry(entry, dest)
+    assert (dest / "modules" / "kci.ko").read_text() == "module of one\n", "the previous output is intact"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["build"], "no half copy left"
+    assert store.get(KEY_A) is None and not entry.exists(), "the damaged entry is gone: the next run rebuilds"
+    assert secret.read_text() == "private key\n"

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from kernel_ci.cache.remote import (
     write_tar,
 )
 from kernel_ci.cache.server.server import ServerConfig
-from kernel_ci.cache.store import BuildStore, LocalStore
+from kernel_ci.cache.store import BuildStore, CacheStoreError, LocalStore
 from tests.cacheservice import TOKEN, server_in_thread
 
 KEY = "5e" * 32
@@ -171,3 +172,37 @@ def test_a_corrupt_remote_blob_is_a_miss_and_leaves_nothing_locally(tmp_path: Pa
         assert list(second.local.tmp_dir.iterdir()) == []  # the partial restore was discarded
         first.push(KEY, first.local.get(KEY))  # type: ignore[arg-type]  # the next push heals the service
         assert second.get(KEY) is not None
+
+
+def test_the_modules_links_are_made_by_the_restoring_client_not_downloaded(tmp_path: Path) -> None:
+    with server_in_thread(ServerConfig(data=tmp_path / "server")) as server:
+        first = RemoteStore(LocalStore(tmp_path / "a"), CacheClient(RemoteConfig(server.url, TOKEN)))
+        first.put(KEY, synthetic_outputs(tmp_path), INPUTS, move=True)
+        doc = first.client.get_manifest(KEY)
+        assert doc is not None
+        tar = next(o for o in doc["outputs"] if o["name"] == "modules")
+        blob = server.data / "blobs" / tar["sha256"][:2] / tar["sha256"]
+        with tarfile.open(blob) as archive:
+            assert all(member.isdir() or member.isreg() for member in archive.getmembers())
+        second = RemoteStore(LocalStore(tmp_path / "b"), CacheClient(RemoteConfig(server.url)))
+        restored = second.get(KEY)
+        assert restored is not None
+        link = restored / "modules" / "lib" / "modules" / "5.10.223-kci" / "build"
+        assert os.readlink(link) == "../../../../kbuild"  # not the builder container's /build/out
+        assert (link / "Makefile").read_text() == "all:\n"
+
+
+def test_a_damaged_local_entry_is_never_pushed(tmp_path: Path) -> None:
+    with server_in_thread(ServerConfig(data=tmp_path / "server")) as server:
+        store = RemoteStore(
+            LocalStore(tmp_path / "a"), CacheClient(RemoteConfig(server.url, TOKEN)), push=False
+        )
+        entry = store.put(KEY, synthetic_outputs(tmp_path), INPUTS, move=True)
+        (entry / "kbuild" / "Makefile").write_text("ALL:\n")  # same size, other bytes
+        with pytest.raises(CacheStoreError, match=r"kbuild/Makefile.*no longer matches its digest"):
+            store.push(KEY, entry)
+        (entry / "kbuild" / "Makefile").write_text("all:\n")
+        (entry / "config").write_text("CONFIG_Y=y\n")
+        with pytest.raises(CacheStoreError, match=r"config: it does not match the entry's entry\.json"):
+            store.push(KEY, entry)
+        assert store.client.get_manifest(KEY) is None

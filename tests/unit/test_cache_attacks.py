@@ -1,0 +1,356 @@
+"""Poisoned cache entries against the real client (kernel_ci.cache.remote, kernel_ci.cache.store)
+and a real service.
+
+The attacker holds a write token: they publish whatever blobs and manifest they like under a build key
+(through the service's ordinary API, as any builder does). A client restoring that key must write nothing
+outside its staging directory, must publish nothing it could not verify, and must call it a miss.
+Each test also checks a sentinel directory outside the cache, which the attack aims at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kernel_ci.cache.remote import DIGESTS_OUTPUT, CacheClient, RemoteConfig, RemoteStore, extract_members
+from kernel_ci.cache.server.server import ServerConfig
+from kernel_ci.cache.store import CacheStoreError, FileRecord, LocalStore, TreeWriter, UnsafeEntryError
+from kernel_ci.flow import build as buildpipeline
+from tests.cacheservice import TOKEN, server_in_thread
+
+KEY = "ba" * 32
+INPUTS = {"source": "linux-5.10.223 sha256:" + "f" * 64}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Member:
+    """One tar member as the attacker writes it."""
+
+    name: str
+    type: bytes = tarfile.REGTYPE
+    data: bytes = b""
+    linkname: str = ""
+    mode: int = 0o644
+    listed: bool = True  # whether the attacker lists it in the per-file digests
+    listed_data: bytes | None = None  # what the per-file digest claims (default: the real bytes)
+    listed_mode: int | None = None  # the mode it claims (default: the member's, without setuid & co)
+
+
+@dataclass
+class Attack:
+    tars: dict[str, list[Member]] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # plain-file outputs, in manifest order after tars
+    modes: dict[str, int] = field(default_factory=dict)
+
+
+def make_tar(members: Iterable[Member]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member in members:
+            info = tarfile.TarInfo(member.name)
+            info.type = member.type
+            info.mode = member.mode
+            info.linkname = member.linkname
+            if member.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+                info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+            if member.type == tarfile.REGTYPE:
+                info.size = len(member.data)
+                tar.addfile(info, io.BytesIO(member.data))
+            else:
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def digests_document(attack: Attack) -> bytes:
+    """The per-file digests the attacker publishes with the entry (the format of an honest push)."""
+    files = {}
+    dirs = []
+    for members in attack.tars.values():
+        for member in members:
+            if member.type == tarfile.DIRTYPE:
+                dirs.append(member.name.rstrip("/"))
+            elif member.listed:
+                claimed = member.data if member.listed_data is None else member.listed_data
+                mode = member.mode & 0o777 if member.listed_mode is None else member.listed_mode
+                files[member.name] = {"sha256": sha(claimed), "size": len(claimed), "mode": mode}
+    for name, data in attack.files.items():
+        files[name] = {"sha256": sha(data), "size": len(data), "mode": attack.modes.get(name, 0o644)}
+    return json.dumps({"schema": 2, "key": KEY, "files": files, "dirs": sorted(dirs)}).encode()
+
+
+def publish(client: CacheClient, tmp: Path, attack: Attack) -> None:
+    """Upload the attack's blobs and its manifest, as a write-token holder can."""
+    outputs = []
+    blobs: list[tuple[str, bytes]] = [(name, make_tar(m)) for name, m in attack.tars.items()]
+    blobs += list(attack.files.items())
+    blobs.append((DIGESTS_OUTPUT, digests_document(attack)))
+    for index, (name, data) in enumerate(blobs):
+        path = tmp / f"blob-{index}"
+        path.write_bytes(data)
+        if client.missing([sha(data)]):
+            client.put_blob(sha(data), len(data), path)
+        outputs.append(
+            {
+                "name": name,
+                "sha256": sha(data),
+                "size": len(data),
+                "kind": "tar" if name in attack.tars else "file",
+            }
+        )
+    client.put_manifest(KEY, {"outputs": outputs, "inputs": INPUTS, "metadata": {}})
+
+
+def tree(root: Path) -> dict[str, str]:
+    found = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        found[path.relative_to(root).as_posix()] = f"{stat.filemode(st.st_mode)}:{st.st_size}"
+    return found
+
+
+@pytest.fixture
+def victim(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A running service, the attacker's client, and the victim's store + the directory the attack aims at."""
+    outside = tmp_path / "home" / ".ssh"
+    outside.mkdir(parents=True)
+    (outside / "known").write_text("untouched\n")
+    with server_in_thread(ServerConfig(data=tmp_path / "server")) as server:
+        attacker = CacheClient(RemoteConfig(server.url, TOKEN))
+        store = RemoteStore(LocalStore(tmp_path / "victim"), CacheClient(RemoteConfig(server.url)))
+        yield attacker, store, outside
+        attacker.close()
+        store.client.close()
+
+
+def assert_refused(store: RemoteStore, outside: Path) -> None:
+    before = tree(outside.parent.parent)
+    restored = store.get(KEY)
+    assert sorted(p.name for p in outside.iterdir()) == ["known"], "something was written outside the cache"
+    assert tree(outside.parent.parent) == before
+    assert restored is None, "the poisoned entry was restored"
+    assert store.local.get(KEY) is None
+    assert list(store.local.tmp_dir.iterdir()) == [], "staging was not discarded"
+    assert list(store.local.entries_dir.rglob("*")) == []
+
+
+def honest_members() -> list[Member]:
+    return [Member("kbuild", tarfile.DIRTYPE, mode=0o755), Member("kbuild/Makefile", data=b"all:\n")]
+
+
+def test_absolute_symlink_then_a_file_output_through_it(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    attack = Attack(
+        tars={"kbuild": [*honest_members(), Member("kbuild/x", tarfile.SYMTYPE, linkname=str(outside))]},
+        files={"kbuild/x/authorized_keys": b"ssh-ed25519 AAAA attacker\n"},
+    )
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+def test_relative_symlink_escape_then_a_file_output_through_it(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    # staging is <victim>/tmp/restore-*/ : five levels up is tmp_path
+    up = os.path.relpath(outside, store.local.tmp_dir / "restore-x" / "kbuild")
+    attack = Attack(
+        tars={"kbuild": [*honest_members(), Member("kbuild/y", tarfile.SYMTYPE, linkname=up)]},
+        files={"kbuild/y/authorized_keys": b"ssh-ed25519 AAAA attacker\n"},
+    )
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+def test_symlink_then_a_tar_member_through_it(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    attack = Attack(
+        tars={
+            "kbuild": [
+                *honest_members(),
+                Member("kbuild/z", tarfile.SYMTYPE, linkname=str(outside)),
+                Member("kbuild/z/authorized_keys", data=b"ssh-ed25519 AAAA attacker\n"),
+            ]
+        }
+    )
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["kbuild/../../../../home/.ssh/authorized_keys", "/kbuild/abs", "kbuild/a/../../escape", "modules/x"],
+)
+def test_member_names_with_dotdot_absolute_or_outside_their_output(
+    tmp_path: Path,
+    victim,
+    name: str,  # type: ignore[no-untyped-def]
+) -> None:
+    attacker, store, outside = victim
+    attack = Attack(tars={"kbuild": [*honest_members(), Member(name, data=b"pwned\n")]})
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+@pytest.mark.parametrize("target", ["home/.ssh/known", "/etc/passwd", "kbuild/Makefile"])
+def test_hard_link_members(tmp_path: Path, victim, target: str) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    if target == "home/.ssh/known":
+        target = str(outside / "known")
+    attack = Attack(
+        tars={"kbuild": [*honest_members(), Member("kbuild/h", tarfile.LNKTYPE, linkname=target)]}
+    )
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        Member("kbuild/dev", tarfile.BLKTYPE),
+        Member("kbuild/chr", tarfile.CHRTYPE),
+        Member("kbuild/fifo", tarfile.FIFOTYPE),
+        Member("kbuild/suid", data=b"#!/bin/sh\nid\n", mode=0o4755),
+        Member("kbuild/sgid", data=b"#!/bin/sh\nid\n", mode=0o2755),
+        Member("kbuild/suid-listed", data=b"#!/bin/sh\nid\n", mode=0o4755, listed_mode=0o4755),
+        Member("kbuild/world-writable", data=b"#!/bin/sh\nid\n", mode=0o777, listed_mode=0o777),
+        Member("kbuild/sticky", tarfile.DIRTYPE, mode=0o1777),
+        Member("kbuild/sparse", tarfile.GNUTYPE_SPARSE),
+    ],
+    ids=lambda m: m.name,
+)
+def test_special_members(tmp_path: Path, victim, member: Member) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    publish(attacker, tmp_path, Attack(tars={"kbuild": [*honest_members(), member]}))
+    assert_refused(store, outside)
+
+
+def test_a_file_whose_bytes_do_not_match_its_digest(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    evil = Member("kbuild/scripts/sign-file", data=b"evil!!\n", mode=0o755, listed_data=b"honest\n")
+    publish(attacker, tmp_path, Attack(tars={"kbuild": [*honest_members(), evil]}))
+    assert_refused(store, outside)
+
+
+def test_a_file_the_digests_do_not_list(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    hidden = Member("kbuild/hidden", data=b"not in the digests\n", listed=False)
+    publish(attacker, tmp_path, Attack(tars={"kbuild": [*honest_members(), hidden]}))
+    assert_refused(store, outside)
+
+
+def test_a_duplicate_member_cannot_overwrite_a_verified_file(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    second = Member("kbuild/Makefile", data=b"ALL:\n", listed=False)  # same size as the listed one
+    publish(attacker, tmp_path, Attack(tars={"kbuild": [*honest_members(), second]}))
+    assert_refused(store, outside)
+
+
+def test_an_entry_without_per_file_digests_is_a_miss(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    tar = make_tar(honest_members())
+    path = tmp_path / "blob"
+    path.write_bytes(tar)
+    attacker.put_blob(sha(tar), len(tar), path)
+    output = {"name": "kbuild", "sha256": sha(tar), "size": len(tar), "kind": "tar"}
+    attacker.put_manifest(KEY, {"outputs": [output], "inputs": INPUTS, "metadata": {}})  # the old format
+    assert_refused(store, outside)
+
+
+def test_a_well_formed_entry_of_the_same_shape_is_restored(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    """The control: the attack tests fail because of what they smuggle, not because of their shape."""
+    attacker, store, _outside = victim
+    attack = Attack(
+        tars={"kbuild": [*honest_members(), Member("kbuild/scripts/tool", data=b"#!/bin/sh\n", mode=0o755)]},
+        files={"bzImage": b"kernel"},
+    )
+    publish(attacker, tmp_path, attack)
+    entry = store.get(KEY)
+    assert entry is not None
+    assert (entry / "kbuild" / "Makefile").read_bytes() == b"all:\n"
+    assert stat.S_IMODE((entry / "kbuild" / "scripts" / "tool").stat().st_mode) == 0o755
+    assert (entry / "bzImage").read_bytes() == b"kernel"
+
+
+def test_editing_a_restored_output_directory_does_not_change_the_cache(tmp_path: Path) -> None:
+    """`kernel-ci build` restores an entry into out/build (on a hit, and after building and storing it);
+    a user (or a test) then edits files there."""
+    store = LocalStore(tmp_path / "store")
+    outputs = tmp_path / "outputs"
+    (outputs / "kbuild" / "scripts").mkdir(parents=True)
+    (outputs / "kbuild" / "scripts" / "tool").write_text("#!/bin/sh\necho honest\n")
+    entry = store.put(KEY, outputs, INPUTS)
+    out = tmp_path / "out" / "build"
+    buildpipeline._link_or_copy_tree(entry, out)  # the restore step of buildpipeline._restore and build
+    with open(out / "kbuild" / "scripts" / "tool", "w") as handle:  # rewritten in place, as `>` does
+        handle.write("#!/bin/sh\necho tampered\n")
+    assert (entry / "kbuild" / "scripts" / "tool").read_text() == "#!/bin/sh\necho honest\n"
+    buildpipeline._link_or_copy_tree(store.get(KEY), out)  # type: ignore[arg-type]
+    assert (out / "kbuild" / "scripts" / "tool").read_text() == "#!/bin/sh\necho honest\n"
+
+
+# -- each layer on its own (the tests above go through all of them: these fail if one layer is removed) --
+
+
+def test_extract_members_checks_each_member_against_its_digest(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    honest = {"kbuild/Makefile": FileRecord(sha256=sha(b"all:\n"), size=5, mode=0o644)}
+    tar = make_tar([Member("kbuild/Makefile", data=b"ALL:\n")])  # same size, other bytes
+    with pytest.raises(UnsafeEntryError, match="do not match the recorded digest"):
+        extract_members(io.BytesIO(tar), staging, "kbuild", honest)
+    (tmp_path / "ok").mkdir()
+    extract_members(
+        io.BytesIO(make_tar([Member("kbuild/Makefile", data=b"all:\n")])), tmp_path / "ok", "kbuild", honest
+    )
+    assert (tmp_path / "ok" / "kbuild" / "Makefile").read_bytes() == b"all:\n"
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE])
+def test_extract_members_refuses_every_non_regular_type(tmp_path: Path, kind: bytes) -> None:
+    (tmp_path / "staging").mkdir()
+    tar = make_tar([Member("kbuild/x", kind, linkname="/etc/passwd")])
+    with pytest.raises(UnsafeEntryError, match="an entry holds only regular files and directories"):
+        extract_members(io.BytesIO(tar), tmp_path / "staging", "kbuild", {})
+    assert os.listdir(tmp_path / "staging") == []
+
+
+def test_tree_writer_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "a").symlink_to(outside)
+    (root / "f").symlink_to(outside / "file")
+    with TreeWriter(root) as writer:
+        with pytest.raises(UnsafeEntryError, match="not a plain directory"):
+            writer.create(("a", "authorized_keys"), 0o644)
+        with pytest.raises(UnsafeEntryError, match="appears twice"):
+            writer.create(("f",), 0o644)  # O_EXCL: an existing name (here a symlink) is never opened
+    assert os.listdir(outside) == []
+
+
+def test_put_with_expected_records_publishes_only_an_exact_match(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "bzImage").write_bytes(b"kernel")
+    record = FileRecord(sha256=sha(b"kernel"), size=6, mode=0o644)
+    for expected in (
+        {"bzImage": {**record, "sha256": sha(b"KERNEL")}},
+        {"bzImage": record, "config": record},
+        {},
+    ):
+        with pytest.raises(CacheStoreError, match="does not match its per-file digests"):
+            store.put(KEY, outputs, INPUTS, expected=expected)  # type: ignore[arg-type]
+        assert store.get(KEY) is None and list(store.tmp_dir.iterdir()) == []
+    assert store.put(KEY, outputs, INPUTS, expected={"bzImage": record}) == store.get(KEY)
