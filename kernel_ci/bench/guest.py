@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -16,6 +15,7 @@ from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.flow.test import GUEST_INIT, ROOTFS_RECIPE, TestOptions, run_tests
 from kernel_ci.guest import rootfs
 from kernel_ci.host import setup as hostsetup
+from kernel_ci.report.model import RunRecord
 
 BOOT_RUNS = 3
 
@@ -51,8 +51,7 @@ def _smoke_figures(work: Path, kernel: BuildResult) -> list[Figure]:
         start = time.monotonic()
         run_tests(TestOptions(kernel_dir=kernel.output, output=work / f"smoke-{index}", accel="tcg"))
         full.append(time.monotonic() - start)
-        run = json.loads((work / f"smoke-{index}" / "latest" / "run.json").read_text())
-        seconds = run["first_test_seconds"]
+        seconds = RunRecord.read(work / f"smoke-{index}" / "latest").first_test_seconds
         if seconds is not None:
             first_test.append(seconds)
     figures = [Figure("guest: full smoke run (payload+boot+tests+report)", statistics.median(full))]

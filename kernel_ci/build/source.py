@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.paths import SOURCES_LOCK, cache_dir
 from kernel_ci.host import aptmirror
 
@@ -98,14 +98,6 @@ class KernelSource:
     @property
     def version(self) -> str:
         return self.tarball.version
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download(url: str, dest: Path, expected_size: int | None) -> None:

@@ -71,6 +71,7 @@ from kernel_ci.cache.store import (
     read_entry_info,
 )
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.digest import file_digest
 
 URL_ENV = "KERNEL_CI_CACHE_URL"
 TOKEN_ENV = "KERNEL_CI_CACHE_TOKEN"
@@ -114,16 +115,6 @@ class RemoteConfig:
         if self.token:
             value += f"|bearer-token={self.token}"
         return value
-
-
-def file_digest(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def write_tar(

@@ -40,20 +40,20 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from kernel_ci.report import summary
+    from kernel_ci.report import junit, render
 
     try:
-        report = summary.read_junit(args.junit)
-    except summary.SummaryError as exc:
+        report = junit.read_report(args.junit)
+    except junit.JunitError as exc:
         if not args.markdown:
             raise
-        text = summary.missing_markdown(exc, args.title)
+        text = render.missing_markdown(exc, args.title)
         status = 1
     else:
-        text = summary.to_markdown(report, args.title) if args.markdown else ""
+        text = render.to_markdown(report, args.title) if args.markdown else ""
         status = 0 if report.ok or not args.strict else 1
         if not args.markdown:
-            console.print(summary.to_table(report))
+            console.print(render.render_summary(report))
     if args.markdown:
         print(text, end="")
         target = os.environ.get("GITHUB_STEP_SUMMARY") if args.step_summary else None

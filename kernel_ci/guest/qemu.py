@@ -36,11 +36,13 @@ from typing import IO, Literal
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
 from kernel_ci.core.paths import cache_dir
+from kernel_ci.guest import protocol
+from kernel_ci.guest.protocol import EndKind
 
 QEMU = "qemu-system-x86_64"
 MACHINE = "q35"  # measured: boots as fast as "pc" (within noise) under TCG
-READY_MARK = "KCI-INIT: ready"
-SUITE_START_MARK = "KCI-SUITE-START:"
+READY_MARK = protocol.INIT_READY
+SUITE_START_MARK = protocol.SUITE_START
 # PROTOCOL.md: the kernel command line every guest gets, before the tuning and the user's extra args.
 PROTOCOL_APPEND = (
     "console=ttyS0",
@@ -80,7 +82,6 @@ KVM_PROBE_TIMEOUT = 10.0
 KVM_PROBE_TTL = 1800.0
 
 Accel = Literal["kvm", "tcg"]
-End = Literal["poweroff", "timeout", "hang", "boot_timeout", "qemu_failed"]
 LineSink = Callable[[str], None]
 
 
@@ -365,7 +366,7 @@ def _read_until_prompt(conn: socket.socket) -> bytes:
 
 @dataclass(frozen=True)
 class GuestRun:
-    end: End
+    end: EndKind
     exit_code: int | None
     seconds: float
     boot_seconds: float | None  # start to "KCI-INIT: ready"
@@ -400,7 +401,7 @@ def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
     except OSError as exc:
         cfg.console_log.write_text("")
         return GuestRun(
-            "qemu_failed", None, 0.0, None, None, cfg.console_log, argv, f"cannot start: {exc}", ""
+            EndKind.QEMU_FAILED, None, 0.0, None, None, cfg.console_log, argv, f"cannot start: {exc}", ""
         )
     out = _Console(qemu.stdout, cfg.console_log, cfg.console_limit)  # type: ignore[arg-type]
     try:
@@ -539,7 +540,7 @@ def _watch(
         if on_line is not None:
             on_line(line)
 
-    end: End | None = None
+    end: EndKind | None = None
     detail = ""
     sysrq_dump = ""
     eof = False
@@ -555,11 +556,11 @@ def _watch(
             take(line)
         verdict = _overdue(cfg, started, out.last_output, marks.boot_seconds is not None)
         if verdict is None and err.kvm_error:
-            verdict = ("qemu_failed", f"KVM failed: {err.tail(3)}")
+            verdict = (EndKind.QEMU_FAILED, f"KVM failed: {err.tail(3)}")
         if verdict is not None:
             end, detail = verdict
             marks.frozen = True
-            if end != "qemu_failed":
+            if end != EndKind.QEMU_FAILED:
                 sysrq_dump, eof = _sysrq_dump(qemu, out, take)
             break
     if end is not None:
@@ -575,10 +576,10 @@ def _watch(
     seconds = time.monotonic() - started
     if end is None:
         if qemu.returncode == 0:
-            end, detail = "poweroff", "the guest rebooted or powered off (QEMU -no-reboot exited)"
+            end, detail = EndKind.POWEROFF, "the guest rebooted or powered off (QEMU -no-reboot exited)"
         else:
-            end, detail = "qemu_failed", f"QEMU exited with status {qemu.returncode}:\n{err.tail()}"
-    elif end == "qemu_failed":
+            end, detail = EndKind.QEMU_FAILED, f"QEMU exited with status {qemu.returncode}:\n{err.tail()}"
+    elif end == EndKind.QEMU_FAILED:
         detail = f"{detail}\n{err.tail()}"
     console.log(f"guest: {end} after {seconds:.1f} s ({detail.splitlines()[0] if detail else ''})")
     return GuestRun(
@@ -595,14 +596,14 @@ def _watch(
     )
 
 
-def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[End, str] | None:
+def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[EndKind, str] | None:
     now = time.monotonic()
     if now - started > cfg.global_timeout:
-        return "timeout", f"the run exceeded the global timeout of {cfg.global_timeout:g} s"
+        return EndKind.TIMEOUT, f"the run exceeded the global timeout of {cfg.global_timeout:g} s"
     if not ready and now - started > cfg.boot_timeout:
-        return "boot_timeout", f"no '{READY_MARK}' within {cfg.boot_timeout:g} s"
+        return EndKind.BOOT_TIMEOUT, f"no '{READY_MARK}' within {cfg.boot_timeout:g} s"
     if ready and now - last_output > cfg.idle_timeout:
-        return "hang", f"no console output for {cfg.idle_timeout:g} s"
+        return EndKind.HANG, f"no console output for {cfg.idle_timeout:g} s"
     return None
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.host import aptmirror
 
@@ -82,7 +83,7 @@ class Recipe:
             "variant": VARIANT,
             "packages": list(self.packages),
             "files": {
-                dest: {"sha256": _sha256_file(src), "mode": f"{mode:04o}"}
+                dest: {"sha256": sha256_file(src), "mode": f"{mode:04o}"}
                 for dest, (src, mode) in sorted(self.files.items())
             },
             "mkfs": {"features": MKFS_FEATURES, "extended": MKFS_EXTENDED, "headroom_mib": HEADROOM_MIB},
@@ -376,7 +377,3 @@ def _mounts_under(path: Path) -> list[str]:
             if mount_point.startswith(prefix):
                 found.append(mount_point)
     return found
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

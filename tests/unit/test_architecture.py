@@ -42,9 +42,6 @@ KNOWN_VIOLATIONS = {
     ("kernel_ci.cache.server.cli", "kernel_ci.bench.cache"),
     ("kernel_ci.guest.qemu", "subprocess"),
     ("kernel_ci.host.setup", "subprocess"),
-    ("kernel_ci.report.github", "kernel_ci.build.patches"),
-    ("kernel_ci.report.results", "kernel_ci.guest.payload"),
-    ("kernel_ci.report.results", "kernel_ci.guest.scanner"),
 }
 KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"kernel_ci.bench.build", "kernel_ci.bench.guest"}),
