@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel_ci.build import kbuild as builder
+from kernel_ci.core.errors import BuildError
 
 BUILD_LEFTOVERS = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".order", ".symvers")
 
 
-class ModuleBuildError(RuntimeError):
+class ModuleBuildError(BuildError):
     pass
 
 

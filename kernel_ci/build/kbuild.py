@@ -25,6 +25,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import BuildError
 
 SRC = "/build/src"
 OUT = "/build/out"
@@ -215,8 +216,29 @@ def run_make(env: BuildEnv, *targets: str, title: str, extra: Sequence[str] = ()
     """make TARGETS in the container; returns (seconds, kbuild steps). Errors carry the output tail."""
     start = time.monotonic()
     with _KbuildProgress(title) as progress:
-        run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
+        try:
+            run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
+        except proc.CommandError as exc:
+            if not make_failed(exc):
+                raise  # Docker itself failed (daemon down, image missing, OOM kill): infrastructure
+            raise CompileError(f"{title} failed: {exc}") from exc
     return time.monotonic() - start, progress.steps
+
+
+class CompileError(BuildError):
+    """make exited non-zero inside the builder container: the kernel does not build (exit 10)."""
+
+
+# `docker run` exits 125 when the daemon or the container set-up failed, 126/127 when the command could not
+# be run, 137 when the container was SIGKILLed (OOM, docker stop): none of these is the kernel's fault.
+DOCKER_OWN_STATUSES = frozenset({125, 126, 127, 137})
+
+
+def make_failed(exc: proc.CommandError) -> bool:
+    """Whether the command that failed is make (a compile error), not Docker around it."""
+    return not exc.timed_out and exc.returncode is not None and exc.returncode > 0 and (
+        exc.returncode not in DOCKER_OWN_STATUSES
+    )
 
 
 def configure(env: BuildEnv, merged_fragment: str) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kernel_ci.build import kbuild as builder
+from kernel_ci.core.errors import BuildError
 
 SELFTESTS = f"{builder.SRC}/tools/testing/selftests"
 BUILD_DIR = "kselftest"  # under the object tree: selftests objects and installed headers
@@ -25,7 +26,7 @@ RUNNER_FILES = ("run_kselftest.sh", "kselftest-list.txt", "kselftest")
 _PT_INTERP = 3
 
 
-class KselftestError(RuntimeError):
+class KselftestError(BuildError):
     pass
 
 

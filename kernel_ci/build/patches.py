@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kernel_ci.core.errors import BuildError, InfrastructureError
 from kernel_ci.core.proc import capture, run
 
 SERIES_FILE = "series"
@@ -25,7 +26,7 @@ PATCH_ARGS = ("-p1", "--forward", "--batch", "--no-backup-if-mismatch")
 OUTPUT_TAIL_LINES = 40
 
 
-class PatchError(RuntimeError):
+class PatchError(BuildError):
     """Base of every error this module raises."""
 
 
@@ -33,7 +34,7 @@ class SeriesError(PatchError):
     """A series folder (or the request for one) is malformed."""
 
 
-class PatchToolMissingError(PatchError):
+class PatchToolMissingError(InfrastructureError, PatchError):
     """GNU patch is not installed."""
 
 

@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 
 from kernel_ci.cache.store import ENTRY_FILE, MANIFEST_FILE, CacheStoreError, LocalStore
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.errors import InfrastructureError
 
 URL_ENV = "KERNEL_CI_CACHE_URL"
 TOKEN_ENV = "KERNEL_CI_CACHE_TOKEN"
@@ -52,7 +53,7 @@ FILE_BY_FILE_DIRS = frozenset({"patches"})
 CHUNK = 1024 * 1024
 
 
-class RemoteCacheError(RuntimeError):
+class RemoteCacheError(InfrastructureError):
     pass
 
 

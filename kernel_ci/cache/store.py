@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 
 ENTRY_FILE = "entry.json"
@@ -41,7 +42,7 @@ ENTRY_SCHEMA = 1
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,199}")
 
 
-class CacheStoreError(RuntimeError):
+class CacheStoreError(InfrastructureError):
     """The store could not do what was asked; the message says what and what to do about it."""
 
 

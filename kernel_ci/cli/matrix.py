@@ -15,12 +15,14 @@ import sys
 import tomllib
 from pathlib import Path
 
+from kernel_ci.core.errors import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MATRIX_FILE = Path(__file__).resolve().parent / "matrix.toml"
 SOURCES_LOCK = REPO_ROOT / "kernel-sources.lock.toml"
 
 
-class MatrixError(RuntimeError):
+class MatrixError(UsageError):
     """The matrix file is malformed or names a version the lock file does not know."""
 
 

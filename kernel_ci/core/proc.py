@@ -16,6 +16,7 @@ from pathlib import Path
 from queue import Empty, Queue
 
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 
 TAIL_LINES = 60
 STOP_GRACE_SECONDS = 10.0
@@ -24,7 +25,7 @@ POLL_SECONDS = 0.2
 LINGER_SECONDS = 2.0
 
 
-class CommandError(RuntimeError):
+class CommandError(InfrastructureError):
     """A command exited non-zero (or timed out); carries its command line and the tail of its output."""
 
     def __init__(self, argv: Sequence[str], returncode: int | None, output: str, timed_out: bool = False):

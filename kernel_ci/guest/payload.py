@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import GUEST_TESTS
 from kernel_ci.guest.suites import LANGUAGES, Language, Suite
 
@@ -48,7 +49,7 @@ exec sh ./run_kselftest.sh "$@"
 CompileC = Callable[[Path, list[str], Path], None]
 
 
-class PayloadError(RuntimeError):
+class PayloadError(InfrastructureError):
     """The payload cannot be assembled (missing module, clashing file names, non-empty destination)."""
 
 

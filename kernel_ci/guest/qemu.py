@@ -35,6 +35,7 @@ from typing import IO, Literal
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 
 QEMU = "qemu-system-x86_64"
@@ -93,7 +94,7 @@ class KvmProbe:
     reason: str
 
 
-class AccelError(RuntimeError):
+class AccelError(InfrastructureError):
     """An accelerator was requested that this host cannot offer."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.host import aptmirror
 
@@ -57,7 +58,7 @@ TRIM = (
 )
 
 
-class RootfsError(RuntimeError):
+class RootfsError(InfrastructureError):
     """The image cannot be built here (not root, tool missing, no mirror) or its recipe is broken."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.host import aptmirror
 
@@ -35,7 +36,7 @@ TRIXIE_SOURCE = Path("/etc/apt/sources.list.d/kernel-ci-trixie.sources")
 TRIXIE_PIN = Path("/etc/apt/preferences.d/kernel-ci-trixie")
 
 
-class HostSetupError(RuntimeError):
+class HostSetupError(InfrastructureError):
     pass
 
 

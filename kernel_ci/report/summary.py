@@ -17,10 +17,12 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from kernel_ci.core.errors import UsageError
+
 PROBLEM_DETAIL_LINES = 30
 
 
-class SummaryError(RuntimeError):
+class SummaryError(UsageError):
     """The JUnit file is missing or is not JUnit XML."""
 
 
