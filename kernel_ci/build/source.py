@@ -75,7 +75,9 @@ class SourceLock:
         unknown = [n for n in names if n not in self.tarballs]
         if unknown:
             known = ", ".join(sorted(set(self.aliases) | set(self.tarballs)))
-            raise UnknownVersionError(f"kernel version {wanted!r} is not in {SOURCES_LOCK.name}; known: {known}")
+            raise UnknownVersionError(
+                f"kernel version {wanted!r} is not in {SOURCES_LOCK.name}; known: {known}"
+            )
         return [self.tarballs[n] for n in names]
 
 
