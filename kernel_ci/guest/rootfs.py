@@ -133,15 +133,20 @@ def _recipe_files(recipe_dir: Path, init_script: Path) -> dict[str, tuple[Path, 
     return files
 
 
-def image_path(key: str) -> Path:
-    return cache_dir("rootfs") / f"{SUITE}-{key[:16]}.qcow2"
+def image_path(key: str, cache: Path | None = None) -> Path:
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    return (cache or cache_dir("rootfs")) / f"{SUITE}-{key[:16]}.qcow2"
 
 
-def ensure_rootfs(recipe_dir: Path, init_script: Path, *, rebuild: bool = False) -> RootfsImage:
-    """The cached image for this recipe, built first when missing (or when rebuild is set)."""
+def ensure_rootfs(
+    recipe_dir: Path, init_script: Path, *, rebuild: bool = False, cache: Path | None = None
+) -> RootfsImage:
+    """The cached image for this recipe, built first when missing (or when rebuild is set); cache: the
+    image directory (default: the user's cache, rootfs/)."""
     recipe = load_recipe(recipe_dir, init_script)
     key = recipe.key()
-    image = image_path(key)
+    image = image_path(key, cache)
     sidecar = image.with_suffix(".json")
     with _lock(image.with_suffix(".lock")):
         if not rebuild and image.is_file() and sidecar.is_file():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -83,13 +82,7 @@ def _sbin(command: str) -> bool:
 
 
 def _docker_answers() -> tuple[bool, str]:
-    try:
-        done = subprocess.run(
-            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=20
-        )
-    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-        return False, str(exc)
-    return done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace").strip()
+    return proc.probe(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=20)
 
 
 def ensure_docker_engine() -> str:
@@ -120,13 +113,7 @@ def ensure_docker_engine() -> str:
     log = cache_dir("logs") / "dockerd.log"
     console.print(f"starting the Docker engine (log: {log})")
     with log.open("ab") as handle:
-        subprocess.Popen(
-            [dockerd],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc.spawn([dockerd], stdout=handle, stderr=proc.STDOUT)  # left running: the engine outlives us
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         ok, detail = _docker_answers()
@@ -137,8 +124,7 @@ def ensure_docker_engine() -> str:
 
 
 def buildx_available() -> bool:
-    done = subprocess.run(["docker", "buildx", "version"], capture_output=True)
-    return done.returncode == 0
+    return proc.probe(["docker", "buildx", "version"])[0]
 
 
 def ensure_buildx() -> None:

@@ -138,6 +138,7 @@ def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert Settings.load("http://127.0.0.1:3").ccache_remote == "http://elsewhere/ccache/"
     # ccache = false in the config file: the service for builds, not for ccache
     monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
+    monkeypatch.delenv("KERNEL_CI_CACHE_URL")
     config_file.write_text('[cache]\nurl = "http://127.0.0.1:1/"\nccache = false\n')
     assert Settings.load().ccache_remote is None and Settings.load().cache_url == "http://127.0.0.1:1"
     assert "from-env" not in repr(Settings.load())  # the token is never printed with the settings
