@@ -468,7 +468,7 @@ def open_store(settings: Settings, local: LocalStore | None = None) -> LocalStor
     The ccache remote storage travels apart, in the BuildRequest (settings.ccache_remote), never through
     this process's environment.
     """
-    local = local or LocalStore()
+    local = local or LocalStore(settings.cache_root / "builds")
     config = RemoteConfig.from_settings(settings)
     if config is None:
         return local
