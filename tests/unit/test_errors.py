@@ -149,3 +149,33 @@ def test_docker_not_answering_is_an_image_error(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(caught.value.__cause__, DockerException)
     assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
     assert "docker info" in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_module_that_does_not_compile_is_a_build_failure(tmp_path: Path) -> None:
+    """Real make in the real builder container against a cached kernel build: a compile error is the
+    kernel's inputs' fault (10), not Docker's (7)."""
+    import json
+
+    from kernel_ci.build import extmodules
+    from kernel_ci.cache.store import LocalStore
+
+    entry = next(
+        (
+            found
+            for key, _manifest in LocalStore().manifests()
+            if (found := LocalStore().get(key)) is not None and (found / "kbuild").is_dir()
+        ),
+        None,
+    )
+    if entry is None:
+        pytest.skip("no kernel build in the local build cache to build a module against")
+    image = json.loads((entry / "metadata.json").read_text())["toolchain"]["image"]
+    module = tmp_path / "broken"
+    module.mkdir()
+    (module / "Kbuild").write_text("obj-m := broken.o\n")
+    (module / "broken.c").write_text('#include <linux/module.h>\nthis is not C;\nMODULE_LICENSE("GPL");\n')
+    with pytest.raises(extmodules.ModuleBuildError) as caught:
+        extmodules.build(image, entry / "kbuild", extmodules.ModuleSource("broken", module), tmp_path / "out")
+    assert caught.value.exit_code == ExitCode.BUILD_FAILED
+    assert "broken.c" in str(caught.value)
