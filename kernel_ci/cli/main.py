@@ -104,6 +104,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_repro(args: argparse.Namespace) -> int:
     from kernel_ci.flow.test import reproduce
 
+    options.check_run_dir(args.run_dir)
     return int(reproduce(args.run_dir, interactive=args.interactive).outcome)
 
 

@@ -107,3 +107,11 @@ def check_suites(names: list[str] | None, root: Path = GUEST_TESTS) -> None:
         from kernel_ci.guest import suites
 
         suites.load_suites(root, names)  # raises ManifestError (a UsageError) naming the unknown ones
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """`repro RUN_DIR` takes one run of `kernel-ci test` (out/latest, out/runs/<time>): it holds run.json."""
+    if not (run_dir / "run.json").is_file():
+        raise UsageError(
+            f"{run_dir}: not a kernel-ci test run (no run.json); e.g. out/latest or out/runs/<time>"
+        )

@@ -67,6 +67,13 @@ def test_an_unknown_suite_exits_2_before_anything_is_built(
     assert not (tmp_path / "build").exists()
 
 
+def test_repro_of_a_directory_that_is_no_run_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["-o", str(tmp_path), "repro", str(tmp_path / "nothing-here")]) == ExitCode.USAGE
+    assert "no run.json" in capsys.readouterr().err
+
+
 def test_an_unreadable_matrix_file_is_a_usage_error(tmp_path: Path) -> None:
     """Not UTF-8: was an internal error (UnicodeDecodeError escaped), now the file's fault, exit 2."""
     bad = tmp_path / "matrix.toml"
