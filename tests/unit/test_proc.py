@@ -143,15 +143,19 @@ def test_spawn_stops_the_whole_group_including_a_child_that_ignores_sigterm(tmp_
     script = f"sh -c 'trap \"\" TERM; echo $$ > {pid_file}; while :; do sleep 0.1; done' & echo up; wait"
     spawned = proc.spawn(["sh", "-c", script])
     assert spawned.stdout is not None and spawned.stdout.readline() == b"up\n"
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a loaded machine is slow to start a shell
     while not pid_file.exists() or not pid_file.read_text().strip():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     child = int(pid_file.read_text())
     started = time.monotonic()
     spawned.stop(grace=GRACE)
-    assert time.monotonic() - started < GRACE + 3
-    assert spawned.returncode is not None and not _alive(child)
+    assert time.monotonic() - started < GRACE + 10  # not the 300 s of a child nobody killed
+    assert spawned.returncode is not None
+    deadline = time.monotonic() + 10
+    while _alive(child):  # SIGKILLed; init reaps the orphan a moment later
+        assert time.monotonic() < deadline, "the child that ignores SIGTERM survived the stop"
+        time.sleep(0.05)
     spawned.stop()  # stopping what is gone is a no-op
 
 
