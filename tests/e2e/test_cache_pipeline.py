@@ -75,6 +75,8 @@ def test_the_builder_container_reaches_the_ccache_storage(
         assert argv[argv.index("--network") + 1] == "host"
         assert "CCACHE_REMOTE_STORAGE" in argv and storage not in " ".join(argv)  # the token is not logged
         assert storage not in repr(env)
+        for tree in (env.out, env.ccache_dir):  # the container writes as the unprivileged build user
+            builder.give_to_build_user(tree)
         proc.run(argv, env=builder.container_env(env))
         assert httpx.get(f"{server.url}/healthz").json()["ccache"] >= 1  # the object went to the service
 
