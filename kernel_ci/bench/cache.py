@@ -33,6 +33,7 @@ from kernel_ci.cache.server.server import wait_healthy
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import REPO_ROOT
 
 TOKEN = secrets.token_hex(16)
@@ -102,7 +103,9 @@ def service(data: Path, workers: int = 1) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_healthy(url, worker.is_alive):
-            raise RuntimeError(f"the cache service did not start for the bench (exit {worker.exitcode})")
+            raise InfrastructureError(
+                f"the cache service did not start for the bench (exit {worker.exitcode})"
+            )
         yield url
     finally:
         worker.terminate()
@@ -112,7 +115,7 @@ def service(data: Path, workers: int = 1) -> Iterator[str]:
 @contextlib.contextmanager
 def nginx(root: Path, prefix: Path) -> Iterator[str]:
     if shutil.which("nginx") is None:
-        raise RuntimeError("nginx is not installed: apt-get install nginx-light")
+        raise InfrastructureError("nginx is not installed: apt-get install nginx-light")
     port = _free_port()
     (prefix / "body").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -141,7 +144,7 @@ def populate(url: str, keys: list[str], headers: dict[str, str]) -> None:
 def wrk(url: str, paths_file: Path, script: Path, duration: float, connections: int) -> dict[str, float]:
     """One bounded wrk run (2 threads, fixed connections and duration); requests/s and latency percentiles."""
     if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is not installed: apt-get install wrk")
+        raise InfrastructureError("wrk is not installed: apt-get install wrk")
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency", "--timeout", "5s"]
     result = proc.run([*argv, "-s", script, url, "--", paths_file], quiet=True, timeout=duration + 60)
     text = result.output
