@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import statistics
 from pathlib import Path
 
-from kernel_ci.bench.build import Figure
+from kernel_ci.bench.figures import Figure
 from kernel_ci.core import proc
 from kernel_ci.core.console import step
 from kernel_ci.core.timing import Duration, measure_duration
@@ -16,25 +14,21 @@ from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.flow.test import GUEST_INIT, ROOTFS_RECIPE, TestOptions, run_tests
 from kernel_ci.guest import rootfs
 from kernel_ci.host import setup as hostsetup
+from kernel_ci.report.model import RunRecord
 
 BOOT_RUNS = 3
 
 
 def _rootfs_figures(work: Path) -> list[Figure]:
     step("bench: rootfs image, cold (own cache dir) and cached")
-    saved = os.environ.get("KERNEL_CI_CACHE")
-    os.environ["KERNEL_CI_CACHE"] = str(work / "rootfs-cache")
+    cache = work / "rootfs-cache"  # its own, so that "cold" is cold; passed down, never via the environment
     try:
         with measure_duration() as cold:
-            rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
+            rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT, cache=cache)
         with measure_duration() as cached:
-            rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
+            rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT, cache=cache)
     finally:
-        if saved is None:
-            os.environ.pop("KERNEL_CI_CACHE", None)
-        else:
-            os.environ["KERNEL_CI_CACHE"] = saved
-        shutil.rmtree(work / "rootfs-cache", ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
     return [
         Figure("rootfs: cold (debootstrap + mkfs.ext4 -d)", cold.seconds),
         Figure("rootfs: cached", cached.seconds, "< 1 s"),
@@ -49,8 +43,7 @@ def _smoke_figures(work: Path, kernel: BuildResult) -> list[Figure]:
         with measure_duration() as took:
             run_tests(TestOptions(kernel_dir=kernel.output, output=work / f"smoke-{index}", accel="tcg"))
         full.append(took.seconds)
-        run = json.loads((work / f"smoke-{index}" / "latest" / "run.json").read_text())
-        seconds = run["first_test_seconds"]
+        seconds = RunRecord.read(work / f"smoke-{index}" / "latest").first_test_seconds
         if seconds is not None:
             first_test.append(seconds)
     figures = [Figure("guest: full smoke run (payload+boot+tests+report)", statistics.median(full))]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from kernel_ci.core.errors import UsageError
 from kernel_ci.core.paths import cache_dir
 
 RELAY_PORT = 8375  # in the container's own network namespace: nothing else listens there
@@ -42,8 +43,9 @@ CHUNK = 64 * 1024
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
-class RelayError(ValueError):
-    """A CCACHE_REMOTE_STORAGE that kernel-ci cannot relay into the container; the message says why."""
+class RelayError(UsageError):
+    """A CCACHE_REMOTE_STORAGE (or cache directory) that kernel-ci cannot relay into the container (exit 2):
+    the user's setting, the message says which and why."""
 
 
 @dataclass(frozen=True)

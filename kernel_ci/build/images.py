@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import CONTAINERS, cache_dir
 from kernel_ci.host import aptmirror, docker
 
@@ -26,7 +27,7 @@ BUILDER_DIR = CONTAINERS / "builder"
 IMAGE_SCHEMA = "1"
 
 
-class ImageError(RuntimeError):
+class ImageError(InfrastructureError):
     pass
 
 

@@ -26,6 +26,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kernel_ci.build import ccacherelay
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import BuildError
 from kernel_ci.core.timing import measure_duration
 from kernel_ci.host import docker
 
@@ -67,6 +68,8 @@ class BuildEnv:
     timestamp: str  # KBUILD_BUILD_TIMESTAMP
     use_ccache: bool = True
     extra_mounts: Mapping[Path, str] = field(default_factory=dict)
+    # CCACHE_REMOTE_STORAGE (Settings.ccache_remote); it may hold a token: never logged, never in a repr
+    ccache_remote: str | None = field(default=None, repr=False)
 
     def kbuild_vars(self) -> dict[str, str]:
         return {
@@ -141,9 +144,9 @@ def remove_stale_container(name: str) -> None:
 
 
 def remote_storage(env: BuildEnv) -> ccacherelay.Storage | None:
-    """The shared ccache the build reaches through the relay (CCACHE_REMOTE_STORAGE, set from the cache
-    configuration by kernel_ci.cache.remote.open_store), or None."""
-    value = os.environ.get("CCACHE_REMOTE_STORAGE", "").strip()
+    """The shared ccache the build reaches through the relay (env.ccache_remote, from Settings through the
+    BuildRequest; read-only unless --trusted-ccache-writes), or None."""
+    value = (env.ccache_remote or "").strip()
     if not env.use_ccache or not value:
         return None
     return ccacherelay.parse_storage(value)
@@ -234,8 +237,32 @@ class _KbuildProgress:
 def run_make(env: BuildEnv, *targets: str, title: str, extra: Sequence[str] = ()) -> tuple[float, int]:
     """make TARGETS in the container; returns (seconds, kbuild steps). Errors carry the output tail."""
     with measure_duration() as took, _KbuildProgress(title) as progress:
-        run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
+        try:
+            run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
+        except proc.CommandError as exc:
+            if not make_failed(exc):
+                raise  # Docker itself failed (daemon down, image missing, OOM kill): infrastructure
+            raise CompileError(f"{title} failed: {exc}") from exc
     return took.seconds, progress.steps
+
+
+class CompileError(BuildError):
+    """make exited non-zero inside the builder container: the kernel does not build (exit 10)."""
+
+
+# `docker run` exits 125 when the daemon or the container set-up failed, 126/127 when the command could not
+# be run, 137 when the container was SIGKILLed (OOM, docker stop): none of these is the kernel's fault.
+DOCKER_OWN_STATUSES = frozenset({125, 126, 127, 137})
+
+
+def make_failed(exc: proc.CommandError) -> bool:
+    """Whether the command that failed is make (a compile error), not Docker around it."""
+    return (
+        not exc.timed_out
+        and exc.returncode is not None
+        and exc.returncode > 0
+        and (exc.returncode not in DOCKER_OWN_STATUSES)
+    )
 
 
 def configure(env: BuildEnv, merged_fragment: str) -> str:

@@ -13,10 +13,12 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kernel_ci.build.records import PatchRejection, header_lines
+from kernel_ci.core.errors import BuildError, InfrastructureError
 from kernel_ci.core.proc import capture, run
 
 SERIES_FILE = "series"
@@ -25,7 +27,7 @@ PATCH_ARGS = ("-p1", "--forward", "--batch", "--no-backup-if-mismatch")
 OUTPUT_TAIL_LINES = 40
 
 
-class PatchError(RuntimeError):
+class PatchError(BuildError):
     """Base of every error this module raises."""
 
 
@@ -33,7 +35,7 @@ class SeriesError(PatchError):
     """A series folder (or the request for one) is malformed."""
 
 
-class PatchToolMissingError(PatchError):
+class PatchToolMissingError(InfrastructureError, PatchError):
     """GNU patch is not installed."""
 
 
@@ -62,6 +64,9 @@ class PatchApplyError(PatchError):
         self.hint = hint
         self.tree = tree
         self.partially_applied = partially_applied
+        self.rejection = PatchRejection(
+            series, patch_file, target_file, self.problems, hint, str(tree) if tree is not None else None
+        )
         where = f" to {tree}" if tree is not None else ""
         lines = [f"patch {series}/{patch_file} does not apply{where}:"]
         lines.extend(
@@ -189,34 +194,6 @@ def _strip_one(path: str) -> str | None:
         return None
     parts = path.split("/", 1)
     return parts[1] if len(parts) == 2 and parts[1] else None
-
-
-def header_lines(patch_text: str) -> Iterator[tuple[int, str]]:
-    """(1-based number, line) of every line of a patch outside hunk bodies: file headers and @@ lines.
-
-    Hunk bodies are skipped by their counted lengths, so a removed line that happens to start with
-    "--- " is never taken for a file header.
-    """
-    old_left = new_left = 0
-    for number, line in enumerate(patch_text.splitlines(), start=1):
-        if old_left > 0 or new_left > 0:
-            tag = line[:1]
-            if tag == "\\":
-                continue
-            if tag in (" ", ""):
-                old_left, new_left = old_left - 1, new_left - 1
-                continue
-            if tag == "-":
-                old_left -= 1
-                continue
-            if tag == "+":
-                new_left -= 1
-                continue
-            old_left = new_left = 0  # malformed hunk: read the line as a header
-        if hunk := _HUNK_RE.match(line):
-            old_left = int(hunk.group(1)) if hunk.group(1) is not None else 1
-            new_left = int(hunk.group(2)) if hunk.group(2) is not None else 1
-        yield number, line
 
 
 def patch_targets(patch_text: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Typed records passed between stages, each with one JSON round trip: `BuildMetadata` (metadata.json).
+"""Typed records passed between stages, each with one JSON round trip: `BuildMetadata` (metadata.json),
+`PatchRejection` (a patch that does not apply, carried by build.patches.PatchApplyError to report.github).
 
 The build writes metadata.json into its outputs (and so into the build cache, the CI artifact and the cache
 service's manifest); the test stage, the CLI and the bench read it back. They used to read a dict by string
@@ -17,12 +18,15 @@ workflow and people read build_key, kernel.version, ccache.hit_rate, ...); schem
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from kernel_ci.core.errors import UsageError
 
 METADATA_SCHEMA = 2
 METADATA_FILE = "metadata.json"
@@ -30,7 +34,7 @@ METADATA_FILE = "metadata.json"
 T = TypeVar("T")
 
 
-class RecordError(ValueError):
+class RecordError(UsageError, ValueError):
     """A record file that is not what this version of kernel-ci writes; the message says what to do."""
 
 
@@ -122,6 +126,62 @@ class BuildMetadata:
         return cls.from_json(text, str(path))
 
 
+@dataclass(frozen=True)
+class PatchRejection:
+    """A patch that does not apply, as the build saw it. PatchApplyError carries one (`.rejection`), so
+    that the report (GitHub annotations) reads the failure without importing the build's patch code."""
+
+    series: str
+    patch_file: str  # the file name inside the series folder
+    target_file: str | None  # the first file patch could not change
+    problems: tuple[str, ...]  # "<file>: hunk #N FAILED at line L", "<file>: ..." one per problem
+    hint: str
+    tree: str | None  # the source tree it was applied to (its Makefile tells the kernel version)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "patch rejection") -> PatchRejection:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{where}: not JSON ({exc})") from exc
+        return _decode(cls, document, where)
+
+
+_HUNK_HEADER = re.compile(r"@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def header_lines(patch_text: str) -> Iterator[tuple[int, str]]:
+    """(1-based number, line) of every line of a patch outside hunk bodies: file headers and @@ lines.
+
+    The patch file's layout, read by the build (which files a patch touches) and by the report (where a
+    failed hunk is in the patch file). Hunk bodies are skipped by their counted lengths, so a removed line
+    that happens to start with "--- " is never taken for a file header.
+    """
+    old_left = new_left = 0
+    for number, line in enumerate(patch_text.splitlines(), start=1):
+        if old_left > 0 or new_left > 0:
+            tag = line[:1]
+            if tag == "\\":
+                continue
+            if tag in (" ", ""):
+                old_left, new_left = old_left - 1, new_left - 1
+                continue
+            if tag == "-":
+                old_left -= 1
+                continue
+            if tag == "+":
+                new_left -= 1
+                continue
+            old_left = new_left = 0  # malformed hunk: read the line as a header
+        if hunk := _HUNK_HEADER.match(line):
+            old_left = int(hunk.group(1)) if hunk.group(1) is not None else 1
+            new_left = int(hunk.group(2)) if hunk.group(2) is not None else 1
+        yield number, line
+
+
 def _decode(kind: Any, value: Any, where: str) -> Any:
     """value (parsed JSON) as an instance of the type `kind`, or a RecordError naming the path in it."""
     origin = typing.get_origin(kind)
@@ -192,6 +252,8 @@ __all__ = [
     "BuildMetadata",
     "CcacheFigures",
     "KernelInfo",
+    "PatchRejection",
     "RecordError",
     "ToolchainInfo",
+    "header_lines",
 ]

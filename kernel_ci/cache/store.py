@@ -46,6 +46,8 @@ from typing import BinaryIO, Protocol, TypedDict, runtime_checkable
 
 from kernel_ci.build.layout import honest_links, make_honest_links
 from kernel_ci.core.console import console, warn
+from kernel_ci.core.digest import sha256_file
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 
 ENTRY_FILE = "entry.json"
@@ -61,7 +63,7 @@ MAX_PATH = 4096
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,199}")
 
 
-class CacheStoreError(RuntimeError):
+class CacheStoreError(InfrastructureError):
     """The store could not do what was asked; the message says what and what to do about it."""
 
 
@@ -266,18 +268,13 @@ def scan_tree(root: Path, dropped: dict[str, str] | None = None) -> tuple[dict[s
                 mode = safe_mode(st.st_mode)
                 if stat.S_IMODE(st.st_mode) != mode:
                     os.chmod(path, mode)
-                files[rel] = FileRecord(sha256=_hash_file(path), size=st.st_size, mode=mode)
+                files[rel] = FileRecord(sha256=sha256_file(path), size=st.st_size, mode=mode)
             else:
                 raise UnsafeEntryError(
                     f"{rel} is not a regular file or directory ({stat.filemode(st.st_mode)})"
                 )
         dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(current, d))]
     return dict(sorted(files.items())), sorted(dirs)
-
-
-def _hash_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def compare_records(found: Mapping[str, FileRecord], expected: Mapping[str, FileRecord], where: str) -> None:

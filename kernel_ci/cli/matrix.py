@@ -15,12 +15,14 @@ import sys
 import tomllib
 from pathlib import Path
 
+from kernel_ci.core.errors import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MATRIX_FILE = Path(__file__).resolve().parent / "matrix.toml"
 SOURCES_LOCK = REPO_ROOT / "kernel-sources.lock.toml"
 
 
-class MatrixError(RuntimeError):
+class MatrixError(UsageError):
     """The matrix file is malformed or names a version the lock file does not know."""
 
 
@@ -34,7 +36,7 @@ def load_matrix(path: Path = MATRIX_FILE, lock_path: Path = SOURCES_LOCK) -> lis
     """The kernels of the matrix, in order; each must be a version or alias of the lock file."""
     try:
         data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise MatrixError(f"cannot read the kernel matrix {path}: {exc}") from exc
     kernels = data.get("kernels")
     if not isinstance(kernels, list) or not kernels or not all(isinstance(k, str) and k for k in kernels):

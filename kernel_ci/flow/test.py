@@ -1,13 +1,14 @@
 """The test half of the pipeline: built kernel -> rootfs overlay -> QEMU -> guest suites -> JUnit.
 
-It composes the stages (suites, payload, rootfs, qemu, scanner, results); none of them knows the others.
+It composes the stages (suites, payload, rootfs, qemu, scanner, report); none of them knows the others.
+run.json (report.model.RunRecord) is written here and only here.
 A run lives in out/runs/<time>/: payload/, results/, console.log, qemu-cmdline.sh, run.json, junit.xml
 (and overlay.qcow2 when kept). out/junit.xml and out/latest point at the newest run.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -24,7 +25,8 @@ from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
 from kernel_ci.guest import payload, qemu, rootfs, scanner, suites
 from kernel_ci.host import setup as hostsetup
-from kernel_ci.report import results
+from kernel_ci.report import junit, render, verdict
+from kernel_ci.report.model import GuestEnd, Outcome, RootfsRef, RunRecord, RunReport
 
 ROOTFS_RECIPE = CONTAINERS / "rootfs"
 GUEST_INIT = GUEST_TESTS / "init" / "kci-init"
@@ -142,7 +144,7 @@ def _describe(event: scanner.Event) -> str:
     return ""
 
 
-def run_tests(options: TestOptions) -> results.RunReport:
+def run_tests(options: TestOptions) -> RunReport:
     hostsetup.prepare_test_host()
     hostsetup.prepare_build_host()
     kernel_dir = options.kernel_dir
@@ -168,20 +170,18 @@ def run_tests(options: TestOptions) -> results.RunReport:
     )
     step("rootfs")
     base = rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
-    run_info = {
-        "schema": 1,
-        "created": stamp,
-        "build_key": metadata.build_key,
-        "kernel_dir": str(kernel_dir.resolve()),
-        "kernel": asdict(metadata.kernel),
-        "reproduce_build": metadata.reproduce,
-        "rootfs": {"key": base.key, "path": str(base.path)},
-        "suites": [s.name for s in chosen],
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-    }
-    report = boot_and_collect(
-        run_dir, kernel_dir / "bzImage", base.path, payload_dir, metadata, options, run_info
+    record = RunRecord(
+        created=stamp,
+        build_key=metadata.build_key,
+        kernel_dir=str(kernel_dir.resolve()),
+        kernel=asdict(metadata.kernel),
+        reproduce_build=metadata.reproduce,
+        rootfs=RootfsRef(base.key, str(base.path)),
+        suites=tuple(s.name for s in chosen),
+        options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
     )
+    bzimage = kernel_dir / "bzImage"
+    report = boot_and_collect(run_dir, bzimage, base.path, payload_dir, metadata, options, record)
     _publish(options.output, run_dir)
     return report
 
@@ -193,8 +193,8 @@ def boot_and_collect(
     payload_dir: Path,
     metadata: BuildMetadata,
     options: TestOptions,
-    run_info: dict,
-) -> results.RunReport:
+    record: RunRecord,
+) -> RunReport:
     """Boot a fresh overlay with the payload, watch the console, turn what came back into a report."""
     step("boot")
     accel = qemu.choose_accelerator(bzimage, options.accel)
@@ -219,7 +219,7 @@ def boot_and_collect(
     run = qemu.run_guest(cfg, live)
     live.scanner.finish()
     report_in = live.scanner.report()
-    end = results.GuestEnd(
+    end = GuestEnd(
         kind=run.end,
         detail=run.detail,
         console_tail=_tail(run.console_log),
@@ -233,32 +233,33 @@ def boot_and_collect(
         "build_key": metadata.build_key,
         "accelerator": accel,
         "patches": " ".join(metadata.patches) or "none",
-        "rootfs": run_info["rootfs"]["key"],
+        "rootfs": record.rootfs.key,
         "guest.end": run.end,
         "boot_seconds": "" if run.boot_seconds is None else f"{run.boot_seconds:.2f}",
         **_cut_properties(run, report_in),
         **options.extra_properties,
     }
     plan = payload.read_plan(payload_dir / "plan.json")
-    report = results.collect(plan, results_dir, report_in, end, properties)
-    results.write_junit(report, run_dir / "junit.xml")
-    keep = options.keep_overlay or report.outcome != results.Outcome.PASS
+    report = verdict.collect(plan, results_dir, report_in, end, properties)
+    junit.write_junit(report, run_dir / "junit.xml")
+    outcome = report.outcome if report.outcome is not None else Outcome.INFRA_FAILURE
+    keep = options.keep_overlay or outcome != Outcome.PASS
     if not keep:
         overlay.unlink(missing_ok=True)
-    run_info |= {
-        "accelerator": accel,
-        "qemu_command": run.command,
-        "overlay": str(overlay) if keep else None,
-        "payload": str(payload_dir),
-        "outcome": report.outcome.name,
-        "exit_code": int(report.outcome),
-        "guest_end": run.end,
-        "seconds": round(run.seconds, 2),
-        "boot_seconds": run.boot_seconds,
-        "first_test_seconds": run.first_test_seconds,
-    }
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
-    console.print(results.render_report(report))
+    dataclasses.replace(
+        record,
+        accelerator=accel,
+        qemu_command=tuple(run.command),
+        overlay=str(overlay) if keep else None,
+        payload=str(payload_dir),
+        outcome=outcome.name,
+        exit_code=int(outcome),
+        guest_end=str(run.end),
+        seconds=round(run.seconds, 2),
+        boot_seconds=run.boot_seconds,
+        first_test_seconds=run.first_test_seconds,
+    ).write(run_dir)
+    console.print(render.render_report(report))
     console.print(f"run: {run_dir}  (reproduce: kernel-ci repro {run_dir})")
     return report
 
@@ -296,42 +297,38 @@ def _publish(output: Path, run_dir: Path) -> None:
     latest.symlink_to(run_dir.relative_to(output))
 
 
-def reproduce(run_dir: Path, *, interactive: bool = False) -> results.RunReport:
+def reproduce(run_dir: Path, *, interactive: bool = False) -> RunReport:
     """Boot the same kernel (restored from the build cache by its key) on the same rootfs image with the
     same payload, in a fresh overlay; results go to <run_dir>/repro-<time>/."""
     from kernel_ci.cache.store import LocalStore
 
-    info = json.loads((run_dir / "run.json").read_text())
-    entry = LocalStore().get(info["build_key"])
-    kernel_dir = Path(info["kernel_dir"])
+    info = RunRecord.read(run_dir)
+    entry = LocalStore().get(info.build_key)
+    kernel_dir = Path(info.kernel_dir)
     if entry is not None:
         kernel_dir = entry
     elif not (kernel_dir / "bzImage").exists():
         raise RuntimeError(
-            f"build {info['build_key'][:16]} is neither in the build cache nor at {kernel_dir}; "
-            f"rebuild it with: {info['reproduce_build']}"
+            f"build {info.build_key[:16]} is neither in the build cache nor at {kernel_dir}; "
+            f"rebuild it with: {info.reproduce_build}"
         )
-    base = Path(info["rootfs"]["path"])
+    base = Path(info.rootfs.path)
     if not base.exists():
-        raise RuntimeError(
-            f"rootfs image {base} (key {info['rootfs']['key'][:16]}) is gone: rerun kernel-ci test"
-        )
+        raise RuntimeError(f"rootfs image {base} (key {info.rootfs.key[:16]}) is gone: rerun kernel-ci test")
     metadata = BuildMetadata.read(kernel_dir)
     options = TestOptions(kernel_dir=kernel_dir, output=run_dir.parent)
-    for name, value in info["options"].items():
+    for name, value in info.options.items():
         if name in ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout"):
             setattr(options, name, value)
     repro_dir = run_dir / f"repro-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     repro_dir.mkdir()
-    payload_dir = Path(info["payload"])
+    payload_dir = Path(info.payload)
     if interactive:
         overlay = qemu.create_overlay(base, repro_dir)
-        argv = list(info["qemu_command"])
+        argv = list(info.qemu_command)
         argv[argv.index("-kernel") + 1] = str(kernel_dir / "bzImage")
         for index, arg in enumerate(argv):
             if arg.startswith("file=") and "overlay.qcow2" in arg:
                 argv[index] = f"file={overlay},format=qcow2,if=virtio,cache=unsafe"
         os.execvp(argv[0], argv)
-    return boot_and_collect(
-        repro_dir, kernel_dir / "bzImage", base, payload_dir, metadata, options, dict(info)
-    )
+    return boot_and_collect(repro_dir, kernel_dir / "bzImage", base, payload_dir, metadata, options, info)

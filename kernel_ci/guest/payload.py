@@ -1,19 +1,19 @@
 """The payload the guest mounts read-only at /kci: runner, plan.json, suites and modules (PROTOCOL.md).
 
-plan.json's schema lives here too (`Plan`, `read_plan`), since the host reads it back for the report.
+plan.json's layout (`Plan`) is in kernel_ci.guest.protocol, since the report reads it back.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import GUEST_TESTS
-from kernel_ci.guest.suites import LANGUAGES, Language, Suite
+from kernel_ci.guest import protocol
+from kernel_ci.guest.protocol import Plan, PlanSuite
+from kernel_ci.guest.suites import Suite
 
 RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
 KTAP_LIB = ("lib/ktap.c",)
@@ -48,75 +48,16 @@ exec sh ./run_kselftest.sh "$@"
 CompileC = Callable[[Path, list[str], Path], None]
 
 
-class PayloadError(RuntimeError):
+class PayloadError(InfrastructureError):
     """The payload cannot be assembled (missing module, clashing file names, non-empty destination)."""
-
-
-@dataclass(frozen=True)
-class PlanSuite:
-    name: str
-    language: Language
-    timeout: int
-    modules: tuple[str, ...]  # paths under the payload root, loaded before the suite, unloaded after
-    argv: tuple[str, ...]
-    workdir: str  # under the payload root
-    junit: bool  # the suite writes $KCI_JUNIT itself
-    # kselftest: (testcase name, reason) of the tests expected to fail on this kernel (read by the host)
-    expected_failures: tuple[tuple[str, str], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if self.expected_failures:
-            extra["expected_failures"] = [{"test": t, "reason": r} for t, r in self.expected_failures]
-        return {
-            "name": self.name,
-            "language": self.language,
-            "timeout": self.timeout,
-            "modules": list(self.modules),
-            "argv": list(self.argv),
-            "workdir": self.workdir,
-            "junit": self.junit,
-            **extra,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> PlanSuite:
-        language = data["language"]
-        if language not in LANGUAGES:
-            raise ValueError(f"suite {data.get('name')!r}: unknown language {language!r}")
-        return cls(
-            name=str(data["name"]),
-            language=language,
-            timeout=int(data["timeout"]),
-            modules=tuple(str(m) for m in data.get("modules", [])),
-            argv=tuple(str(a) for a in data["argv"]),
-            workdir=str(data["workdir"]),
-            junit=bool(data.get("junit", False)),
-            expected_failures=tuple(
-                (str(x["test"]), str(x["reason"])) for x in data.get("expected_failures", [])
-            ),
-        )
-
-
-@dataclass(frozen=True)
-class Plan:
-    kernel_release: str
-    suites: tuple[PlanSuite, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kernel_release": self.kernel_release, "suites": [s.to_json() for s in self.suites]}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Plan:
-        return cls(str(data["kernel_release"]), tuple(PlanSuite.from_json(s) for s in data["suites"]))
 
 
 def read_plan(path: Path) -> Plan:
     """plan.json, as written by assemble_payload."""
     try:
-        return Plan.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PayloadError(f"{path}: not a usable plan.json: {exc}") from exc
+        return protocol.read_plan(path)
+    except protocol.PlanError as exc:
+        raise PayloadError(str(exc)) from exc
 
 
 def assemble_payload(
@@ -168,7 +109,7 @@ def assemble_payload(
             )
         )
     plan = Plan(kernel_release, tuple(planned))
-    (dest / "plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    protocol.write_plan(plan, dest / "plan.json")
     return dest
 
 

@@ -2,11 +2,10 @@
 console stream with its boot, idle and global timeouts (a sysrq task dump is taken before a hung guest
 is killed).
 
-The QEMU process itself is started with subprocess.Popen here, not through kernel_ci.core.proc.run: the
-console is
-QEMU's stdout, its own diagnostics are stderr (kept apart so they never reach the console scanner), the
-host writes to its stdin while it runs (serial break + sysrq key), and it is stopped on a silence
-timeout, when no line arrives at all. Every other command here goes through kernel_ci.core.proc.
+The QEMU process itself is started with kernel_ci.core.proc.spawn, not proc.run: the console is QEMU's
+stdout, its own diagnostics are stderr (kept apart so they never reach the console scanner), the host
+writes to its stdin while it runs (serial break + sysrq key), and it is stopped on a silence timeout, when
+no line arrives at all. Every other command here goes through kernel_ci.core.proc.run.
 
 The guest runs patch authors' tests as root, so everything it can send the host is bounded: the console
 log on disk (console_limit; the rest is still read and scanned, and the cut is said), the lines queued
@@ -25,7 +24,6 @@ import queue
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -35,12 +33,15 @@ from typing import IO, Literal
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
+from kernel_ci.guest import protocol
+from kernel_ci.guest.protocol import EndKind
 
 QEMU = "qemu-system-x86_64"
 MACHINE = "q35"  # measured: boots as fast as "pc" (within noise) under TCG
-READY_MARK = "KCI-INIT: ready"
-SUITE_START_MARK = "KCI-SUITE-START:"
+READY_MARK = protocol.INIT_READY
+SUITE_START_MARK = protocol.SUITE_START
 # PROTOCOL.md: the kernel command line every guest gets, before the tuning and the user's extra args.
 PROTOCOL_APPEND = (
     "console=ttyS0",
@@ -80,7 +81,6 @@ KVM_PROBE_TIMEOUT = 10.0
 KVM_PROBE_TTL = 1800.0
 
 Accel = Literal["kvm", "tcg"]
-End = Literal["poweroff", "timeout", "hang", "boot_timeout", "qemu_failed"]
 LineSink = Callable[[str], None]
 
 
@@ -93,7 +93,7 @@ class KvmProbe:
     reason: str
 
 
-class AccelError(RuntimeError):
+class AccelError(InfrastructureError):
     """An accelerator was requested that this host cannot offer."""
 
 
@@ -365,7 +365,7 @@ def _read_until_prompt(conn: socket.socket) -> bytes:
 
 @dataclass(frozen=True)
 class GuestRun:
-    end: End
+    end: EndKind
     exit_code: int | None
     seconds: float
     boot_seconds: float | None  # start to "KCI-INIT: ready"
@@ -387,20 +387,13 @@ def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
     script.write_text(cmdline_script(argv))
     script.chmod(0o755)
     cfg.monitor_socket.unlink(missing_ok=True)
-    console.log(f"[bold cyan]$[/] {shlex.join(argv)}")
     started = time.monotonic()
     try:
-        qemu = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
+        qemu = proc.spawn(argv, stdin=proc.PIPE, preexec_fn=_die_with_parent)
     except OSError as exc:
         cfg.console_log.write_text("")
         return GuestRun(
-            "qemu_failed", None, 0.0, None, None, cfg.console_log, argv, f"cannot start: {exc}", ""
+            EndKind.QEMU_FAILED, None, 0.0, None, None, cfg.console_log, argv, f"cannot start: {exc}", ""
         )
     out = _Console(qemu.stdout, cfg.console_log, cfg.console_limit)  # type: ignore[arg-type]
     try:
@@ -521,7 +514,7 @@ class _Marks:
 def _watch(
     cfg: QemuConfig,
     argv: list[str],
-    qemu: subprocess.Popen[bytes],
+    qemu: proc.Spawned,
     started: float,
     on_line: LineSink | None,
     out: _Console,
@@ -539,7 +532,7 @@ def _watch(
         if on_line is not None:
             on_line(line)
 
-    end: End | None = None
+    end: EndKind | None = None
     detail = ""
     sysrq_dump = ""
     eof = False
@@ -555,11 +548,11 @@ def _watch(
             take(line)
         verdict = _overdue(cfg, started, out.last_output, marks.boot_seconds is not None)
         if verdict is None and err.kvm_error:
-            verdict = ("qemu_failed", f"KVM failed: {err.tail(3)}")
+            verdict = (EndKind.QEMU_FAILED, f"KVM failed: {err.tail(3)}")
         if verdict is not None:
             end, detail = verdict
             marks.frozen = True
-            if end != "qemu_failed":
+            if end != EndKind.QEMU_FAILED:
                 sysrq_dump, eof = _sysrq_dump(qemu, out, take)
             break
     if end is not None:
@@ -575,10 +568,10 @@ def _watch(
     seconds = time.monotonic() - started
     if end is None:
         if qemu.returncode == 0:
-            end, detail = "poweroff", "the guest rebooted or powered off (QEMU -no-reboot exited)"
+            end, detail = EndKind.POWEROFF, "the guest rebooted or powered off (QEMU -no-reboot exited)"
         else:
-            end, detail = "qemu_failed", f"QEMU exited with status {qemu.returncode}:\n{err.tail()}"
-    elif end == "qemu_failed":
+            end, detail = EndKind.QEMU_FAILED, f"QEMU exited with status {qemu.returncode}:\n{err.tail()}"
+    elif end == EndKind.QEMU_FAILED:
         detail = f"{detail}\n{err.tail()}"
     console.log(f"guest: {end} after {seconds:.1f} s ({detail.splitlines()[0] if detail else ''})")
     return GuestRun(
@@ -595,18 +588,18 @@ def _watch(
     )
 
 
-def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[End, str] | None:
+def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[EndKind, str] | None:
     now = time.monotonic()
     if now - started > cfg.global_timeout:
-        return "timeout", f"the run exceeded the global timeout of {cfg.global_timeout:g} s"
+        return EndKind.TIMEOUT, f"the run exceeded the global timeout of {cfg.global_timeout:g} s"
     if not ready and now - started > cfg.boot_timeout:
-        return "boot_timeout", f"no '{READY_MARK}' within {cfg.boot_timeout:g} s"
+        return EndKind.BOOT_TIMEOUT, f"no '{READY_MARK}' within {cfg.boot_timeout:g} s"
     if ready and now - last_output > cfg.idle_timeout:
-        return "hang", f"no console output for {cfg.idle_timeout:g} s"
+        return EndKind.HANG, f"no console output for {cfg.idle_timeout:g} s"
     return None
 
 
-def _sysrq_dump(qemu: subprocess.Popen[bytes], out: _Console, take: LineSink) -> tuple[str, bool]:
+def _sysrq_dump(qemu: proc.Spawned, out: _Console, take: LineSink) -> tuple[str, bool]:
     """Ask the guest for its stacks over the serial line and collect what it prints: until the console
     has been quiet for SYSRQ_QUIET_SECONDS (at most SYSRQ_MAX_SECONDS). Returns (dump, saw_eof)."""
     dump: collections.deque[str] = collections.deque(maxlen=SYSRQ_DUMP_LINES)
@@ -626,7 +619,7 @@ def _sysrq_dump(qemu: subprocess.Popen[bytes], out: _Console, take: LineSink) ->
         take(line)
 
 
-def send_sysrq(qemu: subprocess.Popen[bytes], keys: str) -> None:
+def send_sysrq(qemu: proc.Spawned, keys: str) -> None:
     """Serial sysrq through the stdio mux: Ctrl-A b sends a break, the next character is the command."""
     assert qemu.stdin is not None
     for key in keys:
@@ -641,12 +634,5 @@ def send_sysrq(qemu: subprocess.Popen[bytes], keys: str) -> None:
         time.sleep(0.3)
 
 
-def _stop(qemu: subprocess.Popen[bytes]) -> None:
-    if qemu.poll() is not None:
-        return
-    qemu.terminate()
-    try:
-        qemu.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        qemu.kill()
-        qemu.wait()
+def _stop(qemu: proc.Spawned) -> None:
+    qemu.stop(grace=5)

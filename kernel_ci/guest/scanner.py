@@ -16,10 +16,9 @@ from __future__ import annotations
 import collections
 import re
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
-FaultKind = Literal["panic", "oops", "bug", "warn", "kasan", "ubsan", "gpf"]
-Phase = Literal["boot", "suite", "runner", "shutdown"]
+from kernel_ci.guest import protocol
+from kernel_ci.guest.protocol import ConsoleReport, Fault, FaultKind, Phase, SuiteSpan
 
 MAX_FAULT_LINES = 400
 MAX_FAULTS = 200  # kernel reports kept (a panic is kept beyond it)
@@ -31,12 +30,14 @@ _TIMESTAMP = re.compile(r"^\[\s*(\d+\.\d+)\](?:\[\s*[CT]\d+\])? ?")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _LINUX_VERSION = re.compile(r"^Linux version (\S+)")
 
-_INIT_READY = re.compile(r"KCI-INIT: ready\b")
-_INIT_FAILED = re.compile(r"KCI-INIT: runner failed\b")
-_SUITE_START = re.compile(r"KCI-SUITE-START: (\S+)")
-_SUITE_END = re.compile(r"KCI-SUITE-END: (\S+) rc=(-?\d+|none) seconds=(\d+(?:\.\d+)?) timed_out=([01])")
-_RUNNER_DONE = re.compile(r"KCI-RUNNER: done\b")
-_RUNNER_CRASHED = re.compile(r"KCI-RUNNER: crashed: (.*)")
+_INIT_READY = re.compile(re.escape(protocol.INIT_READY) + r"\b")
+_INIT_FAILED = re.compile(re.escape(protocol.INIT_RUNNER_FAILED) + r"\b")
+_SUITE_START = re.compile(re.escape(protocol.SUITE_START) + r" (\S+)")
+_SUITE_END = re.compile(
+    re.escape(protocol.SUITE_END) + r" (\S+) rc=(-?\d+|none) seconds=(\d+(?:\.\d+)?) timed_out=([01])"
+)
+_RUNNER_DONE = re.compile(re.escape(protocol.RUNNER_DONE) + r"\b")
+_RUNNER_CRASHED = re.compile(re.escape(protocol.RUNNER_CRASHED) + r" (.*)")
 
 _END_TRACE = re.compile(r"^-+\[ end trace\b")
 _END_PANIC = re.compile(r"^-+\[ end Kernel panic\b")
@@ -78,36 +79,6 @@ _TRACE_LINE = re.compile(
     r"^(?:\s|\?|<|RIP: |RSP: |RAX: |RDX: |RBP: |R\d+: |FS: |CS: |CR2: |DR\d: |PKRU: |Code: "
     r"|Modules linked in:|---\[|irq event stamp:|hardirqs last|softirqs last|Kernel Offset:|Call Trace:|$)"
 )
-
-
-@dataclass
-class Fault:
-    """One kernel report. trace runs from its title line to its end marker (or a sane limit)."""
-
-    kind: FaultKind
-    title: str
-    trace: str
-    line: int
-    end_line: int
-    suite: str | None
-    phase: Phase
-    complete: bool
-
-
-@dataclass
-class SuiteSpan:
-    """A suite as the console saw it: started at start_line, ended at end_line (None: never ended)."""
-
-    name: str
-    start_line: int
-    end_line: int | None = None
-    rc: int | None = None
-    seconds: float | None = None
-    timed_out: bool = False
-
-    @property
-    def ended(self) -> bool:
-        return self.end_line is not None
 
 
 @dataclass(frozen=True)
@@ -167,40 +138,6 @@ Event = (
     | FaultStarted
     | FaultEnded
 )
-
-
-@dataclass
-class ConsoleReport:
-    faults: list[Fault]
-    suites: list[SuiteSpan]
-    init_ready_line: int | None
-    init_failed: bool
-    runner_done_line: int | None
-    runner_error: str | None  # from "KCI-RUNNER: crashed: ..."
-    boot_seconds: float | None
-    boot_tail: str
-    kernel_release: str | None
-    last_timestamp: float | None
-    lines: int
-    dropped_faults: int = 0  # kernel reports past MAX_FAULTS, not kept
-    dropped_suites: int = 0  # suite markers past MAX_SUITE_SPANS, not kept
-
-    @property
-    def panic(self) -> Fault | None:
-        return next((fault for fault in self.faults if fault.kind == "panic"), None)
-
-    def suite(self, name: str) -> SuiteSpan | None:
-        return next((span for span in self.suites if span.name == name), None)
-
-    def faults_in(self, suite: str) -> list[Fault]:
-        return [fault for fault in self.faults if fault.suite == suite]
-
-    @property
-    def running(self) -> SuiteSpan | None:
-        """The suite started last if it has not ended."""
-        if self.suites and not self.suites[-1].ended:
-            return self.suites[-1]
-        return None
 
 
 @dataclass

@@ -24,18 +24,22 @@ from typing import Any
 from python_on_whales import DockerException, docker
 
 from kernel_ci.core import proc
+from kernel_ci.core.errors import InfrastructureError
 
 DOCKER = "docker"  # the client binary of every `docker run`
 ENGINE_TIMEOUT = 20.0  # seconds for `docker info` to answer
 
 
-class DockerError(RuntimeError):
-    """Docker refused or failed; the message carries its exit status and output."""
+class DockerError(InfrastructureError):
+    """Docker refused or failed (exit 7, never a bug); the message carries its exit status and output."""
 
 
 def _failed(what: str, exc: DockerException) -> DockerError:
+    """python-on-whales' error as ours: the one place DockerException is translated."""
     detail = "\n".join(part.strip() for part in (exc.stderr or "", exc.stdout or "") if part and part.strip())
-    return DockerError(f"{what} failed (docker exit {exc.return_code}):\n{detail or exc}")
+    return DockerError(
+        f"{what} failed (docker exit {exc.return_code}):\n{detail or exc}\nis dockerd running? `docker info`"
+    )
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -44,21 +48,12 @@ def _failed(what: str, exc: DockerException) -> DockerError:
 def engine_version(timeout: float = ENGINE_TIMEOUT) -> tuple[bool, str]:
     """Whether the engine answers, and its version (or why not). Through proc, not python-on-whales: a hung
     dockerd must cost a timeout, not hang kernel-ci, and the client may not even be installed yet."""
-    try:
-        done = proc.run(
-            [DOCKER, "info", "--format", "{{.ServerVersion}}"], quiet=True, check=False, timeout=timeout
-        )
-    except proc.CommandError as exc:  # no docker client
-        return False, str(exc)
-    return done.returncode == 0, done.output.strip()
+    return proc.probe([DOCKER, "info", "--format", "{{.ServerVersion}}"], timeout=timeout)
 
 
 def buildx_available() -> bool:
     """Whether the buildx CLI plugin (BuildKit), which build_image drives, is installed."""
-    try:
-        return proc.run([DOCKER, "buildx", "version"], quiet=True, check=False).returncode == 0
-    except proc.CommandError:
-        return False
+    return proc.probe([DOCKER, "buildx", "version"])[0]
 
 
 # -- images (python-on-whales) ---------------------------------------------------------------------------

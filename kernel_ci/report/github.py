@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from kernel_ci.build.patches import PatchApplyError, header_lines
+from kernel_ci.build.records import PatchRejection, header_lines
 from kernel_ci.core.paths import KERNEL_PATCHES, REPO_ROOT
 
 
@@ -156,8 +156,8 @@ def _repo_relative(path: Path) -> str:
         return path.as_posix()
 
 
-def patch_failure(exc: PatchApplyError, kernel: str, patches_root: Path | None = None) -> PatchFailure:
-    """What a PatchApplyError says, with each failed hunk located in its patch file."""
+def patch_failure(exc: PatchRejection, kernel: str, patches_root: Path | None = None) -> PatchFailure:
+    """What a rejected patch (PatchApplyError.rejection) says, with each failed hunk located in its file."""
     patch_path = (patches_root or KERNEL_PATCHES) / exc.series / exc.patch_file
     try:
         lines = hunk_lines(patch_path.read_text(encoding="utf-8", errors="replace"))
@@ -200,9 +200,9 @@ def tree_version(tree: Path | None) -> str | None:
     return f"{fields['VERSION']}.{fields['PATCHLEVEL']}.{fields['SUBLEVEL']}"
 
 
-def kernel_label(exc: PatchApplyError, requested: str | None) -> str:
+def kernel_label(exc: PatchRejection, requested: str | None) -> str:
     """ "5.10.223", or "5.10.223 (requested 5.10.224)" when the request resolved to another version."""
-    actual = tree_version(exc.tree)
+    actual = tree_version(Path(exc.tree) if exc.tree is not None else None)
     if actual is None:
         return requested or "(default version)"
     if requested and requested != actual:
@@ -228,8 +228,9 @@ def report(
     env = os.environ if env is None else env
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    if isinstance(exc, PatchApplyError):
-        failure = patch_failure(exc, kernel_label(exc, requested_kernel), patches_root)
+    rejection = getattr(exc, "rejection", None)  # build.patches.PatchApplyError carries one
+    if isinstance(rejection, PatchRejection):
+        failure = patch_failure(rejection, kernel_label(rejection, requested_kernel), patches_root)
         print(failure.text(), file=err)
         err.flush()
         if in_github_actions(env):

@@ -25,9 +25,8 @@ import pytest
 
 from kernel_ci.build import images
 from kernel_ci.build import kbuild as builder
-from kernel_ci.cache.remote import open_store
-from kernel_ci.cache.store import LocalStore
 from kernel_ci.core import proc
+from kernel_ci.core.settings import Settings
 from tests.cacheservice import READ_TOKEN, TOKEN, server_process
 
 pytestmark = pytest.mark.slow
@@ -204,8 +203,8 @@ def test_with_a_shared_ccache_a_makefile_still_cannot_reach_host_services(
     its loopback nor its address on the Docker bridge, only the cache service, through the relay."""
     gateway, port, received = listener
     with server_process(tmp_path / "server", "--read-token", READ_TOKEN) as server:
-        monkeypatch.setenv("CCACHE_REMOTE_STORAGE", f"{server.url}/ccache/|bearer-token={READ_TOKEN}")
-        shared = dataclasses.replace(env, use_ccache=True)
+        storage = f"{server.url}/ccache/|bearer-token={READ_TOKEN}"
+        shared = dataclasses.replace(env, use_ccache=True, ccache_remote=storage)
         for host in ("127.0.0.1", gateway):
             assert _attack(shared, "network", f"HOST={host}", f"PORT={port}")["network"] == "refused", host
         service_port = server.url.rsplit(":", 1)[1]  # the service itself, other than through the relay
@@ -218,21 +217,21 @@ def test_with_a_shared_ccache_a_makefile_still_cannot_reach_host_services(
 def test_with_a_shared_ccache_a_makefile_cannot_write_ccache_objects(
     env: builder.BuildEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The credential the container gets (set up by open_store, as the CLI does) is read-only unless the
-    user says the series is trusted: patch code cannot poison the shared ccache."""
+    """The credential the container gets (Settings.ccache_remote, as the CLI reads it and passes it down) is
+    read-only unless the user says the series is trusted: patch code cannot poison the shared ccache."""
     monkeypatch.delenv("CCACHE_REMOTE_STORAGE", raising=False)
     monkeypatch.setenv("KERNEL_CI_CONFIG", str(tmp_path / "no-config.toml"))
     monkeypatch.setenv("KERNEL_CI_CACHE_TOKEN", TOKEN)
     monkeypatch.setenv("KERNEL_CI_CACHE_READ_TOKEN", READ_TOKEN)
-    shared = dataclasses.replace(env, use_ccache=True)
     with server_process(tmp_path / "server", "--read-token", READ_TOKEN) as server:
-        open_store(server.url, local=LocalStore(tmp_path / "store"))
+        remote = Settings.load(server.url).ccache_remote
+        shared = dataclasses.replace(env, use_ccache=True, ccache_remote=remote)
         assert _attack(shared, "ccache-reach")["ccache-reach"] == "succeeded"  # it may read
         assert _attack(shared, "ccache-write")["ccache-write"] == "refused"
         assert httpx.get(f"{server.url}/healthz").json()["ccache"] == 0
         # Control: with the explicit opt-in the same write arrives (the attack is real).
-        monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
-        open_store(server.url, local=LocalStore(tmp_path / "store"), trusted_ccache_writes=True)
+        remote = Settings.load(server.url, trusted_ccache_writes=True).ccache_remote
+        shared = dataclasses.replace(env, use_ccache=True, ccache_remote=remote)
         assert _attack(shared, "ccache-write")["ccache-write"] == "succeeded"
         assert httpx.get(f"{server.url}/healthz").json()["ccache"] == 1
 

@@ -3,6 +3,7 @@ builder container reaching the service's ccache storage through the relay (it ha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from kernel_ci.build import ccacherelay, images
 from kernel_ci.build import kbuild as builder
 from kernel_ci.cache.remote import CacheClient, RemoteConfig, RemoteStore
 from kernel_ci.cache.store import LocalStore
+from kernel_ci.core.settings import Settings
 from kernel_ci.flow.build import BuildRequest, build
 from tests.cacheservice import READ_TOKEN, TOKEN, server_process
 
@@ -58,7 +60,6 @@ def test_the_builder_container_reaches_the_ccache_storage(
     (tmp_path / "ccache").mkdir()
     with server_process(tmp_path / "server") as server:
         storage = f"{server.url}/ccache/|bearer-token={TOKEN}"
-        monkeypatch.setenv("CCACHE_REMOTE_STORAGE", storage)
         env = builder.BuildEnv(
             image=image,
             src=tmp_path / "src",
@@ -66,6 +67,7 @@ def test_the_builder_container_reaches_the_ccache_storage(
             ccache_dir=tmp_path / "ccache",
             jobs=1,
             timestamp="Thu Jan  1 00:00:00 UTC 2024",
+            ccache_remote=storage,
         )
         compile_hello = ["ccache", "gcc", "-c", f"{builder.SRC}/hello.c", "-o", f"{builder.OUT}/hello.o"]
         with ccacherelay.forwarding(builder.remote_storage(env)) as forwarder:
@@ -74,11 +76,12 @@ def test_the_builder_container_reaches_the_ccache_storage(
         # No network at all: the relay's socket is the only way to the service (kernel_ci.build.ccacherelay).
         assert argv[argv.index("--network") + 1] == "none" and "host" not in argv
         assert "CCACHE_REMOTE_STORAGE" in argv and storage not in " ".join(argv)  # the token is not logged
+        assert storage not in repr(env)
         builder.run_container(env, compile_hello)
         assert (tmp_path / "out" / "hello.o").is_file()
         assert httpx.get(f"{server.url}/healthz").json()["ccache"] >= 1  # the object went to the service
 
-        monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
+        env = dataclasses.replace(env, ccache_remote=None)
         offline = builder.docker_run_argv(env, ["true"])
         assert offline[offline.index("--network") + 1] == "none" and "CCACHE_REMOTE_STORAGE" not in offline
     assert os.environ.get("CCACHE_REMOTE_STORAGE") is None
@@ -106,7 +109,7 @@ def test_a_read_only_builder_gets_remote_ccache_hits_through_the_relay(
     for index in range(SOURCES):
         (src / f"f{index}.c").write_text(f"int f{index}(int x) {{ return x * {index} + {index % 7}; }}\n")
 
-    def machine(name: str) -> builder.BuildEnv:
+    def machine(name: str, settings: Settings) -> builder.BuildEnv:
         (tmp_path / f"out-{name}").mkdir()
         return builder.BuildEnv(
             image=image,
@@ -115,19 +118,25 @@ def test_a_read_only_builder_gets_remote_ccache_hits_through_the_relay(
             ccache_dir=tmp_path / f"ccache-{name}",
             jobs=4,
             timestamp="Thu Jan  1 00:00:00 UTC 2024",
+            ccache_remote=settings.ccache_remote,
         )
 
+    environ = {
+        "KERNEL_CI_CONFIG": str(tmp_path / "no-config.toml"),
+        "KERNEL_CI_CACHE_TOKEN": TOKEN,
+        "KERNEL_CI_CACHE_READ_TOKEN": READ_TOKEN,
+    }
     with server_process(tmp_path / "server", "--read-token", READ_TOKEN) as server:
-        monkeypatch.setenv("CCACHE_REMOTE_STORAGE", f"{server.url}/ccache/|bearer-token={TOKEN}")
-        writer = machine("a")
+        writer = machine("a", Settings.load(server.url, environ, trusted_ccache_writes=True))
         builder.run_make(writer, "all", title="machine A")
         stored = httpx.get(f"{server.url}/healthz").json()["ccache"]
         assert stored >= SOURCES
 
-        monkeypatch.setenv(
-            "CCACHE_REMOTE_STORAGE", f"{server.url}/ccache/|bearer-token={READ_TOKEN}|read-only=true"
+        reader_settings = Settings.load(server.url, environ)  # the CLI's default: read token, read-only
+        assert (
+            reader_settings.ccache_remote == f"{server.url}/ccache/|bearer-token={READ_TOKEN}|read-only=true"
         )
-        reader = machine("b")
+        reader = machine("b", reader_settings)
         seconds, _steps = builder.run_make(reader, "all", title="machine B")
         counters = builder.ccache_counters(reader)
         assert counters["remote_storage_read_hit"] >= SOURCES, counters

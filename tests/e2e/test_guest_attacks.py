@@ -21,7 +21,8 @@ from junitparser import JUnitXml
 
 from kernel_ci.guest import qemu, rootfs, scanner
 from kernel_ci.guest.payload import read_plan
-from kernel_ci.report import results
+from kernel_ci.report import junit as report_junit
+from kernel_ci.report import model, verdict
 from tests.e2e.test_guest_boot import accel, base_image, bzimage, guest_config, make_payload, shell_suite
 
 __all__ = ["accel", "base_image", "bzimage"]  # fixtures, imported for pytest
@@ -161,12 +162,12 @@ def test_a_hostile_guest_cannot_reach_the_host(
     assert report_in.dropped_faults > 0 and len(report_in.faults) <= scanner.MAX_FAULTS + 1
 
     # The report: well-formed, failed, and without the host's secret.
-    end = results.GuestEnd(kind=run.end, detail=run.detail, console_dropped_bytes=run.console_dropped_bytes)
-    report = results.collect(read_plan(payload / "plan.json"), cfg.results_dir, report_in, end)
-    junit = results.write_junit(report, tmp_path / "junit.xml")
+    end = model.GuestEnd(kind=run.end, detail=run.detail, console_dropped_bytes=run.console_dropped_bytes)
+    report = verdict.collect(read_plan(payload / "plan.json"), cfg.results_dir, report_in, end)
+    junit = report_junit.write_junit(report, tmp_path / "junit.xml")
     text = junit.read_text()
     assert SECRET not in text and SECRET.replace(":", "") not in text
-    assert report.outcome is not results.Outcome.PASS
+    assert report.outcome is not model.Outcome.PASS
     cases = {(s.name, c.name): c for s in JUnitXml.fromfile(str(junit)) for c in s}
     for suite in ("leak", "fifo", "zero"):
         assert (suite, "results: output.txt") in cases, suite

@@ -6,7 +6,6 @@ loads the deliberately faulting kci-panic module in one mode and the report must
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.flow.test import TestOptions, run_tests
-from kernel_ci.report.results import Outcome
+from kernel_ci.report.model import Outcome, RunRecord
 
 pytestmark = pytest.mark.slow
 
@@ -87,10 +86,10 @@ def test_smoke_suites_pass_and_the_report_carries_the_build(kernel: BuildResult,
     assert "ci-smoke/0001-proc-add-proc-ci-smoke.patch" in props["patches"]
     assert suites["smoke-c"].tests >= 4 and suites["smoke-py"].tests >= 3
     assert "hello from smoke-py on" in junit.read_text()  # the artifact written in the guest
-    run = json.loads((tmp_path / "out" / "latest" / "run.json").read_text())
-    assert run["build_key"] == kernel.key and run["qemu_command"][0].startswith("qemu-system")
+    run = RunRecord.read(tmp_path / "out" / "latest")
+    assert run.build_key == kernel.key and run.qemu_command[0].startswith("qemu-system")
     assert (tmp_path / "out" / "latest" / "console.log").read_text().count("KCI-SUITE-END") == 2
-    assert run["overlay"] is None  # a passing run does not keep its overlay
+    assert run.overlay is None  # a passing run does not keep its overlay
 
 
 @pytest.fixture
@@ -110,8 +109,10 @@ def test_a_kernel_panic_is_a_result(kernel: BuildResult, tmp_path: Path, suites_
     assert panic and _verdict(panic[0]) == "error"
     assert "kci-panic: requested" in junitparser_text(panic[0])
     assert all(_verdict(case) == "skipped" for name, case in cases.items() if name.startswith("b-after/"))
-    run = json.loads((out / "latest" / "run.json").read_text())
-    assert run["exit_code"] == Outcome.KERNEL_PANIC.value and Path(run["overlay"]).exists()  # kept on failure
+    run = RunRecord.read(out / "latest")
+    assert (
+        run.exit_code == Outcome.KERNEL_PANIC.value and run.overlay and Path(run.overlay).exists()
+    )  # kept on failure
 
 
 def test_an_oops_fails_its_suite_and_the_run_goes_on(
@@ -151,8 +152,8 @@ def test_a_silent_guest_is_a_hang_with_a_sysrq_dump(
     assert outcome == Outcome.GUEST_HANG
     text = (out / "junit.xml").read_text()
     assert "guest: hang" in text
-    run = json.loads((out / "latest" / "run.json").read_text())
-    assert run["guest_end"] == "hang"
+    run = RunRecord.read(out / "latest")
+    assert run.guest_end == "hang"
 
 
 def junitparser_text(case: junitparser.TestCase) -> str:

@@ -13,8 +13,9 @@ from kernel_ci.build import recipe as recipekey
 from kernel_ci.cli import main as cli
 from kernel_ci.core.paths import KERNEL_PATCHES
 from kernel_ci.core.proc import capture
-from kernel_ci.report import summary
-from kernel_ci.report.results import Case, Outcome, RunReport, SuiteResult, write_junit
+from kernel_ci.report import junit, render
+from kernel_ci.report.junit import write_junit
+from kernel_ci.report.model import Case, Outcome, RootfsRef, RunRecord, RunReport, SuiteResult
 from tests.unit.test_patches import GIT, VANILLA, PatchMaker, edited, make_series, write_tree
 
 PROPS = {"kernel.version": "5.10.223", "kernel.requested": "5.10.224", "build_key": "ab" * 32}
@@ -45,12 +46,26 @@ def report() -> RunReport:
     )
 
 
+def run_record(**after_the_run: object) -> RunRecord:
+    return RunRecord(
+        created="20261204T170000",
+        build_key="ab" * 32,
+        kernel_dir="/out/kernel",
+        kernel={"version": "5.10.223", "requested": "5.10.224", "fallbacks": ["5.10.224: not found"]},
+        reproduce_build="kernel-ci build --kernel 5.10.224",
+        rootfs=RootfsRef("cd" * 32, "/cache/rootfs.ext4"),
+        suites=("smoke-c", "smoke-py"),
+        options={"memory": "1024M", "cpus": 2, "keep_overlay": False, "suites": None},
+        **after_the_run,  # type: ignore[arg-type]
+    )
+
+
 def test_summary_reads_counts_and_problems_back_from_junit(tmp_path: Path) -> None:
     path = write_junit(report(), tmp_path / "junit.xml")
-    read = summary.read_junit(path)
-    counts = {s.name: (s.failed, s.errors, s.skipped, s.passed) for s in read.suites}
+    read = junit.read_report(path)
+    counts = {s.name: (s.failed, s.errors, s.skipped, s.passed) for s in read.rows}
     assert counts == {"boot": (0, 0, 0, 1), "smoke-c": (1, 0, 1, 1), "smoke-py": (0, 1, 0, 0)}
-    assert [(p.suite, p.name, p.state) for p in read.problems] == [
+    assert [(suite, p.name, p.state) for suite, p in read.problems()] == [
         ("smoke-c", "b|c", "failed"),
         ("smoke-py", "kernel: WARNING", "error"),
     ]
@@ -59,8 +74,8 @@ def test_summary_reads_counts_and_problems_back_from_junit(tmp_path: Path) -> No
 
 def test_summary_markdown_is_the_run_report_table(tmp_path: Path) -> None:
     path = write_junit(report(), tmp_path / "runs" / "r1" / "junit.xml")
-    (path.parent / "run.json").write_text(json.dumps({"outcome": "KERNEL_OOPS", "exit_code": 3}))
-    text = summary.to_markdown(summary.read_junit(path), "Linux 5.10.224")
+    run_record(outcome="KERNEL_OOPS", exit_code=3).write(path.parent)
+    text = render.to_markdown(junit.read_report(path), "Linux 5.10.224")
     lines = text.splitlines()
     assert lines[0] == "### :x: Linux 5.10.224: KERNEL_OOPS (exit 3)"
     assert "Kernel **5.10.223** (requested 5.10.224)" in text and "build key `abababababababab`" in text
@@ -78,7 +93,7 @@ def test_summary_markdown_is_the_run_report_table(tmp_path: Path) -> None:
 
 def test_summary_of_a_passing_run(tmp_path: Path) -> None:
     passing = RunReport(Outcome.PASS, [SuiteResult("boot", [Case("boot", "boot", "passed")], {})])
-    text = summary.to_markdown(summary.read_junit(write_junit(passing, tmp_path / "junit.xml")))
+    text = render.to_markdown(junit.read_report(write_junit(passing, tmp_path / "junit.xml")))
     assert text.startswith("### :white_check_mark: kernel-ci test: PASS\n")
     assert "<details>" not in text
 
@@ -102,11 +117,11 @@ def test_summary_command_appends_markdown_to_the_step_summary(
 def test_summary_refuses_what_is_not_junit(tmp_path: Path) -> None:
     bad = tmp_path / "x.xml"
     bad.write_text("<html/>")
-    with pytest.raises(summary.SummaryError, match="not a JUnit report"):
-        summary.read_junit(bad)
+    with pytest.raises(junit.JunitError, match="not a JUnit report"):
+        junit.read_report(bad)
     bad.write_text("<testsuites>")
-    with pytest.raises(summary.SummaryError, match="not valid XML"):
-        summary.read_junit(bad)
+    with pytest.raises(junit.JunitError, match="not valid XML"):
+        junit.read_report(bad)
 
 
 # -- recipe key ----------------------------------------------------------------------------------------------

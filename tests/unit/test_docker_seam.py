@@ -4,6 +4,7 @@ parsing and forwarding; the one timing helper."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import socket
 import threading
 import time
@@ -74,9 +75,9 @@ def _env(tmp_path: Path) -> builder.BuildEnv:
     return builder.BuildEnv("img", tmp_path / "src", tmp_path / "out", tmp_path / "cc", 2, "t")
 
 
-def test_the_builder_never_gets_a_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CCACHE_REMOTE_STORAGE", "http://127.0.0.1:9/ccache/|bearer-token=secret")
-    env = _env(tmp_path)
+def test_the_builder_never_gets_a_network(tmp_path: Path) -> None:
+    remote = "http://127.0.0.1:9/ccache/|bearer-token=secret"
+    env = dataclasses.replace(_env(tmp_path), ccache_remote=remote)  # as Settings -> BuildRequest pass it
     storage = builder.remote_storage(env)
     assert storage is not None
     with ccacherelay.forwarding(storage) as forwarder:

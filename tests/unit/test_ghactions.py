@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kernel_ci.build.patches import PatchApplyError, apply_series, discover_series
+from kernel_ci.build.records import PatchRejection
 from kernel_ci.cli import main as cli
 from kernel_ci.core.errors import BUILD_FAILED_EXIT
 from kernel_ci.report import github as ghactions
@@ -61,7 +62,9 @@ def test_annotation_escapes_message_and_properties() -> None:
 def test_patch_failure_names_patch_target_and_the_hunk_line_in_the_patch(tmp_path: Path) -> None:
     root, tree, bad = failing_setup(tmp_path)
     error = apply_error(root, tree)
-    failure = ghactions.patch_failure(error, ghactions.kernel_label(error, "5.10.224"), root)
+    rejection = error.rejection
+    assert PatchRejection.from_json(rejection.to_json()) == rejection  # the record crosses stages as JSON too
+    failure = ghactions.patch_failure(rejection, ghactions.kernel_label(rejection, "5.10.224"), root)
 
     assert failure.kernel == "5.10.223 (requested 5.10.224)"  # read from the tree's Makefile
     assert failure.series == "s"

@@ -2,7 +2,7 @@
 
 The guest runs patch authors' tests as root and writes the results share. These tests craft that share
 by hand (symlinks to host files, FIFOs, device nodes, sparse giants, bad names, nesting without end,
-XML entities) and check that kernel_ci.report.results reads none of the host's other files, never blocks,
+XML entities) and check that kernel_ci.report.verdict reads none of the host's other files, never blocks,
 never reads
 more than its caps, and still writes a well-formed JUnit report that says what was refused.
 (tests/e2e/test_guest_attacks.py makes the same attacks from inside a real guest.)
@@ -21,8 +21,11 @@ from junit_check import read_back, suite_properties, suite_text
 from kernel_ci.flow import test as testpipeline
 from kernel_ci.guest.payload import PYTEST_ARGV, Plan, PlanSuite
 from kernel_ci.guest.scanner import MAX_FAULTS, MAX_SUITE_SPANS, ConsoleScanner, scan
-from kernel_ci.report import guestfiles, ktap, results
-from kernel_ci.report.results import GuestEnd, Outcome, collect, write_junit
+from kernel_ci.report import guestfiles, ktap
+from kernel_ci.report import verdict as results
+from kernel_ci.report.junit import write_junit
+from kernel_ci.report.model import GuestEnd, Outcome
+from kernel_ci.report.verdict import collect
 
 pytestmark = pytest.mark.timeout(60)  # a FIFO read by the old code blocks forever: fail, do not hang
 

@@ -19,7 +19,9 @@ from kernel_ci.flow.test import suite_kselftest_targets
 from kernel_ci.guest.payload import KSELFTEST_ARGV, PayloadError, Plan, PlanSuite, assemble_payload, read_plan
 from kernel_ci.guest.scanner import scan
 from kernel_ci.guest.suites import ExpectedFailure, ManifestError, load_suite, load_suites
-from kernel_ci.report.results import GuestEnd, Outcome, collect, write_junit
+from kernel_ci.report.junit import write_junit
+from kernel_ci.report.model import GuestEnd, Outcome
+from kernel_ci.report.verdict import collect
 
 KSELFTEST = 'name = "{name}"\nlanguage = "kselftest"\ntimeout = 60\ntargets = ["ptrace"]\n'
 XFAIL = '[[xfail]]\ntest = "ptrace:vmaccess"\ncase = "global.attach"\nkernels = ["5.10"]\nreason = "no fix"\n'

@@ -12,15 +12,10 @@ from rich.console import Console
 from kernel_ci.core import proc
 from kernel_ci.guest.payload import PYTEST_ARGV, Plan, PlanSuite
 from kernel_ci.guest.scanner import scan
-from kernel_ci.report.results import (
-    GuestEnd,
-    Outcome,
-    collect,
-    render_report,
-    render_summary,
-    worst,
-    write_junit,
-)
+from kernel_ci.report.junit import write_junit
+from kernel_ci.report.model import GuestEnd, Outcome, worst
+from kernel_ci.report.render import render_report, render_summary
+from kernel_ci.report.verdict import collect
 
 DATA = Path(__file__).parent / "data" / "console"
 PLAN = Plan(

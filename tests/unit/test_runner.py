@@ -14,7 +14,8 @@ from kernel_ci.core import proc
 from kernel_ci.core.paths import GUEST_TESTS
 from kernel_ci.guest.payload import PYTEST_ARGV, read_plan
 from kernel_ci.guest.scanner import scan
-from kernel_ci.report.results import GuestEnd, Outcome, collect
+from kernel_ci.report.model import GuestEnd, Outcome
+from kernel_ci.report.verdict import collect
 
 RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
+from kernel_ci.core.digest import sha256_stream
+
 log = logging.getLogger("kernel_ci.cacheserver")
 
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -173,15 +175,6 @@ class _Verifier:
             raise DigestMismatch(f"blob {self.digest[:12]}: the bytes hash to {got}, not to the digest")
 
 
-def _hash_file(handle: BinaryIO) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    count = 0
-    while chunk := handle.read(CHUNK):
-        digest.update(chunk)
-        count += len(chunk)
-    return digest.hexdigest(), count
-
-
 class LocalBlobStore:
     """Blobs as files ``<root>/<d[:2]>/<digest>``; writes go to ``<root>/tmp`` and are renamed in."""
 
@@ -225,7 +218,7 @@ class LocalBlobStore:
         path = self.path(digest)
         try:
             with open(path, "rb") as handle:
-                got, _count = _hash_file(handle)
+                got, _count = sha256_stream(handle)
         except FileNotFoundError:
             return None
         if got != digest:

@@ -10,13 +10,13 @@ import math
 import re
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from kernel_ci.cache.server.blobs import Blob, BlobError, BlobStore, BlobWriter, check_digest
 from kernel_ci.cache.server.index import BuildRow, Index
+from kernel_ci.report import junit
 
 log = logging.getLogger("kernel_ci.cacheserver")
 
@@ -575,35 +575,25 @@ def build_summary(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_junit(data: bytes) -> dict[str, Any]:
-    """Counts and test cases of a JUnit XML document (the report of kernel_ci.report.results)."""
-    if b"<!DOCTYPE" in data[:4096] or b"<!ENTITY" in data:
-        return {"junit_error": "DTDs and entities are not accepted"}
+    """Counts and test cases of a JUnit XML document (a run's report), read by kernel_ci.report.junit."""
     try:
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
-        return {"junit_error": f"not JUnit XML: {exc}"}
+        suites = junit.parse(data)
+    except junit.JunitError as exc:
+        return {"junit_error": str(exc)}
     cases = []
     counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    for suite in root.iter("testsuite"):
-        for case in suite.findall("testcase"):
-            status = "passed"
-            message = ""
-            for tag, name in (("failure", "failed"), ("error", "errors"), ("skipped", "skipped")):
-                element = case.find(tag)
-                if element is not None:
-                    status = name
-                    message = (element.get("message") or (element.text or ""))[:300]
-                    break
+    for suite in suites:
+        for case in suite.cases:
             counts["tests"] += 1
-            counts[status] += 1
+            counts["errors" if case.state == "error" else case.state] += 1
             if len(cases) < MAX_CASES:
                 cases.append(
                     {
-                        "suite": suite.get("name", ""),
-                        "name": case.get("name", ""),
-                        "status": {"failed": "failed", "errors": "error"}.get(status, status),
-                        "time": case.get("time", ""),
-                        "message": message,
+                        "suite": suite.name,
+                        "name": case.name,
+                        "status": case.state,
+                        "time": "" if case.seconds is None else f"{case.seconds:g}",
+                        "message": (case.message or case.detail)[:300],
                     }
                 )
     return {"counts": counts, "cases": cases}

@@ -1,46 +1,34 @@
-"""Verdicts: turn what the guest left (results dir + console) into one JUnit file and one exit code.
+"""The verdict: turn what the guest left (results dir + console) into one RunReport and one outcome.
 
 Inputs: the plan (plan.json), the results dir (`<suite>/output.txt`, `status.json`, `junit.xml`,
-`artifacts/`), the console report from kernel_ci.guest.scanner and how the guest ended (GuestEnd, from the
-caller).
+`artifacts/`), the console report (kernel_ci.guest.protocol.ConsoleReport, from the scanner) and how the
+guest ended (GuestEnd, from the caller). kernel_ci.report.junit writes the report; render shows it.
 Every problem becomes a testcase with an Outcome; the run's outcome is the worst of them.
 
 The results dir is written by the guest, which runs patch authors' tests as root: it is read only through
-kernel_ci.report.guestfiles (no symlink followed, regular files only, names checked, every read capped), and
-whatever
-was refused or cut is said in the report. Parsed content is bounded too (testcases per suite, KTAP depth).
+kernel_ci.report.guestfiles (no symlink followed, regular files only, names checked, every read capped),
+and whatever was refused or cut is said in the report. Parsed content is bounded too (testcases per
+suite, KTAP depth).
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import signal
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from junit_xml import TestCase as JunitCase
-from junit_xml import TestSuite as JunitSuite
-from junit_xml import to_xml_report_string
-from junitparser import Error as JunitError
-from junitparser import Failure as JunitFailure
-from junitparser import JUnitXml, JUnitXmlError
-from junitparser import Skipped as JunitSkipped
-from junitparser import TestSuite as ParsedSuite
-from rich.console import Group, RenderableType
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
-
-from kernel_ci.guest.payload import Plan, PlanSuite
-from kernel_ci.guest.scanner import ConsoleReport, Fault, SuiteSpan
+from kernel_ci.guest.protocol import ConsoleReport, EndKind, Fault, Plan, PlanSuite, SuiteSpan
 from kernel_ci.report import guestfiles
+from kernel_ci.report.junit import JunitError
+from kernel_ci.report.junit import parse as parse_junit
 from kernel_ci.report.ktap import MAX_DEPTH as KTAP_MAX_DEPTH
 from kernel_ci.report.ktap import KtapReport, KtapTest, flatten
 from kernel_ci.report.ktap import parse as parse_ktap
+from kernel_ci.report.model import Case, CaseState, GuestEnd, Outcome, RunReport, SuiteResult, worst
 
 OUTPUT_LIMIT = 64 * 1024  # characters of output.txt kept in a suite's system-out
 CASE_OUTPUT_LIMIT = 16 * 1024
@@ -53,129 +41,6 @@ JUNIT_READ_LIMIT = 8 * 2**20  # a pytest junit.xml; a bigger one is refused, not
 ARTIFACT_MAX_FILES = 1000  # artifacts listed as properties
 MAX_CASES_PER_SUITE = 5000  # testcases kept per suite; one failed case says how many more there were
 BOOT_SUITE = "boot"
-
-
-class Outcome(enum.IntEnum):
-    """The run's verdict; its value is the exit code (2 is left to argparse usage errors)."""
-
-    PASS = 0
-    TEST_FAILURE = 1
-    KERNEL_OOPS = 3
-    KERNEL_PANIC = 4
-    GUEST_HANG = 5
-    BOOT_TIMEOUT = 6
-    INFRA_FAILURE = 7
-
-    @property
-    def severity(self) -> int:
-        return _SEVERITY.index(self)
-
-
-_SEVERITY = (
-    Outcome.PASS,
-    Outcome.TEST_FAILURE,
-    Outcome.KERNEL_OOPS,
-    Outcome.BOOT_TIMEOUT,
-    Outcome.GUEST_HANG,
-    Outcome.KERNEL_PANIC,
-    Outcome.INFRA_FAILURE,
-)
-
-
-def worst(outcomes: Iterable[Outcome]) -> Outcome:
-    return max(outcomes, key=lambda outcome: outcome.severity, default=Outcome.PASS)
-
-
-EndKind = Literal["poweroff", "timeout", "hang", "boot_timeout", "qemu_failed"]
-
-
-@dataclass(frozen=True)
-class GuestEnd:
-    """How the guest run ended, as the QEMU runner saw it."""
-
-    kind: EndKind
-    detail: str = ""
-    console_tail: str = ""
-    sysrq_dump: str = ""
-    console_dropped_bytes: int = 0  # console output past the console.log limit (a flooding guest)
-
-
-CaseState = Literal["passed", "failed", "error", "skipped"]
-
-
-@dataclass
-class Case:
-    name: str
-    classname: str
-    state: CaseState
-    seconds: float | None = None
-    message: str = ""  # one line: the failure/error/skip reason
-    detail: str = ""  # the failure/error body (trace, console tail)
-    output: str = ""  # system-out
-    stderr: str = ""  # system-err
-    outcome: Outcome = Outcome.PASS  # what this case means for the run
-
-
-@dataclass
-class SuiteResult:
-    name: str
-    cases: list[Case]
-    properties: dict[str, str] = field(default_factory=dict)
-    output: str = ""
-    errors: str = ""
-    seconds: float | None = None
-
-    def count(self, state: CaseState) -> int:
-        return sum(1 for case in self.cases if case.state == state)
-
-    @property
-    def bad(self) -> bool:
-        return any(case.state in ("failed", "error") for case in self.cases)
-
-
-@dataclass(frozen=True)
-class SuiteRow:
-    name: str
-    tests: int
-    failed: int
-    errors: int
-    skipped: int
-    passed: int
-    seconds: float | None
-
-
-@dataclass
-class RunReport:
-    outcome: Outcome
-    suites: list[SuiteResult]
-    properties: dict[str, str] = field(default_factory=dict)
-
-    def count(self, state: CaseState) -> int:
-        return sum(suite.count(state) for suite in self.suites)
-
-    @property
-    def tests(self) -> int:
-        return sum(len(suite.cases) for suite in self.suites)
-
-    @property
-    def rows(self) -> list[SuiteRow]:
-        return [
-            SuiteRow(
-                s.name,
-                len(s.cases),
-                s.count("failed"),
-                s.count("error"),
-                s.count("skipped"),
-                s.count("passed"),
-                s.seconds,
-            )
-            for s in self.suites
-        ]
-
-    def problems(self) -> list[tuple[str, Case]]:
-        """Failed cases first, then errored ones, each in suite order."""
-        found = [(s.name, c) for s in self.suites for c in s.cases if c.state == "failed"]
-        return found + [(s.name, c) for s in self.suites for c in s.cases if c.state == "error"]
 
 
 @dataclass(frozen=True)
@@ -215,13 +80,13 @@ def _run_stop(console: ConsoleReport, end: GuestEnd) -> _Stop:
     panic = console.panic
     if panic is not None:
         return _Stop(f"the kernel panicked: {panic.title}", Outcome.KERNEL_PANIC, "the kernel panicked")
-    if end.kind == "qemu_failed":
+    if end.kind == EndKind.QEMU_FAILED:
         return _Stop(f"QEMU failed: {end.detail}", Outcome.INFRA_FAILURE, "QEMU failed")
-    if end.kind == "hang":
+    if end.kind == EndKind.HANG:
         return _Stop(f"the guest hung: {end.detail}", Outcome.GUEST_HANG, "the guest hung")
-    if end.kind == "timeout":
+    if end.kind == EndKind.TIMEOUT:
         return _Stop(f"the run timed out: {end.detail}", Outcome.GUEST_HANG, "the run timed out")
-    if end.kind == "boot_timeout":
+    if end.kind == EndKind.BOOT_TIMEOUT:
         return _Stop(f"the guest did not boot in time: {end.detail}", Outcome.BOOT_TIMEOUT, "boot timed out")
     if console.runner_error is not None:
         return _Stop(
@@ -249,14 +114,14 @@ def _boot_suite(console: ConsoleReport, end: GuestEnd, stop: _Stop) -> SuiteResu
     tail = end.console_tail or console.boot_tail
     if console.init_ready_line is not None:
         cases.append(Case("boot", BOOT_SUITE, "passed", seconds=console.boot_seconds))
-    elif end.kind == "qemu_failed":
+    elif end.kind == EndKind.QEMU_FAILED:
         cases.append(
             _problem("boot", BOOT_SUITE, "error", f"QEMU failed: {end.detail}", tail, Outcome.INFRA_FAILURE)
         )
     elif console.panic is not None:
         message = f"the kernel panicked before init: {console.panic.title}"
         cases.append(_problem("boot", BOOT_SUITE, "failed", message, tail, Outcome.KERNEL_PANIC))
-    elif end.kind in ("boot_timeout", "timeout", "hang"):
+    elif end.kind in (EndKind.BOOT_TIMEOUT, EndKind.TIMEOUT, EndKind.HANG):
         message = f"no KCI-INIT: ready ({end.kind}): {end.detail}".rstrip(": ")
         cases.append(_problem("boot", BOOT_SUITE, "failed", message, tail, Outcome.BOOT_TIMEOUT))
     else:
@@ -302,13 +167,13 @@ def _place_run_faults(suites: list[SuiteResult], console: ConsoleReport, end: Gu
             )
         elif target is boot:  # the ones inside a suite were added with that suite
             target.cases.append(_oops_case(fault, target.name))
-    if end.kind in ("hang", "timeout"):
+    if end.kind in (EndKind.HANG, EndKind.TIMEOUT):
         running = console.running
         target = by_name.get(running.name, boot) if running is not None else boot
         detail = (
             f"--- console (last lines) ---\n{end.console_tail}\n--- sysrq task dump ---\n{end.sysrq_dump}"
         )
-        what = "hung" if end.kind == "hang" else "timed out"
+        what = "hung" if end.kind == EndKind.HANG else "timed out"
         if console.runner_done_line is not None:
             what += " after KCI-RUNNER: done (it did not power off)"
         target.cases.append(
@@ -553,7 +418,7 @@ def _python_cases(
     if junit is not None:
         try:
             cases = _read_pytest_junit(suite, junit)
-        except (JUnitXmlError, OSError, ValueError, SyntaxError) as exc:
+        except JunitError as exc:
             message = f"junit.xml is malformed: {exc}"
             return [
                 _problem("results: junit.xml", suite, "failed", message, _tail(output), Outcome.TEST_FAILURE)
@@ -576,36 +441,14 @@ def _python_cases(
 
 
 def _read_pytest_junit(suite: str, data: bytes) -> list[Case]:
-    """pytest's junit.xml, from the bytes already read. A DTD is refused: pytest never writes one, and
-    entities are how XML pulls in other files or expands a few bytes into gigabytes."""
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise ValueError("it has a <!DOCTYPE>/<!ENTITY> declaration (pytest writes none): refused")
-    xml = JUnitXml.fromstring(data)
-    parsed: list[ParsedSuite] = [xml] if isinstance(xml, ParsedSuite) else list(xml)
-    cases = []
-    for testsuite in parsed:
-        for testcase in testsuite:
-            classname = f"{suite}.{testcase.classname}" if testcase.classname else suite
-            case = Case(
-                testcase.name or "?",
-                classname,
-                "passed",
-                seconds=testcase.time,
-                output=_tail(testcase.system_out or "", CASE_OUTPUT_LIMIT),
-                stderr=_tail(testcase.system_err or "", CASE_OUTPUT_LIMIT),
-            )
-            for item in testcase.result:
-                if isinstance(item, JunitError):
-                    case.state, case.outcome = "error", Outcome.TEST_FAILURE
-                elif isinstance(item, JunitFailure) and case.state != "error":
-                    case.state, case.outcome = "failed", Outcome.TEST_FAILURE
-                elif isinstance(item, JunitSkipped) and case.state == "passed":
-                    case.state = "skipped"
-                else:
-                    continue
-                case.message = item.message or ""
-                case.detail = item.text or ""
-            cases.append(case)
+    """pytest's junit.xml, from the bytes already read (a DTD is refused by junit.parse); its cases are
+    named under the suite and their output cut to CASE_OUTPUT_LIMIT."""
+    cases = [case for testsuite in parse_junit(data, "junit.xml") for case in testsuite.cases]
+    for case in cases:
+        case.classname = f"{suite}.{case.classname}" if case.classname else suite
+        case.name = case.name or "?"
+        case.output = _tail(case.output, CASE_OUTPUT_LIMIT)
+        case.stderr = _tail(case.stderr, CASE_OUTPUT_LIMIT)
     return cases
 
 
@@ -771,101 +614,3 @@ def _describe_rc(rc: int | None) -> str:
         except ValueError:
             return f"{rc} (killed by signal {-rc})"
     return str(rc)
-
-
-# --- JUnit -------------------------------------------------------------------------------------------
-
-
-def to_junit(report: RunReport) -> str:
-    """The merged JUnit XML: one <testsuite> per suite (boot first), properties on each."""
-    suites = []
-    for suite in report.suites:
-        cases = []
-        for case in suite.cases:
-            junit_case = JunitCase(
-                case.name,
-                classname=case.classname,
-                elapsed_sec=case.seconds,
-                stdout=case.output or None,
-                stderr=case.stderr or None,
-            )
-            if case.state == "failed":
-                junit_case.add_failure_info(
-                    message=case.message, output=case.detail or None, failure_type="failure"
-                )
-            elif case.state == "error":
-                junit_case.add_error_info(
-                    message=case.message, output=case.detail or None, error_type="error"
-                )
-            elif case.state == "skipped":
-                junit_case.add_skipped_info(message=case.message)
-            cases.append(junit_case)
-        suites.append(
-            JunitSuite(
-                suite.name,
-                cases,
-                properties=dict(suite.properties),
-                stdout=suite.output or None,
-                stderr=suite.errors or None,
-            )
-        )
-    return to_xml_report_string(suites, prettyprint=True, encoding="utf-8")
-
-
-def write_junit(report: RunReport, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_junit(report), encoding="utf-8")
-    return path
-
-
-# --- console summary ---------------------------------------------------------------------------------
-
-
-def render_summary(report: RunReport) -> Table:
-    """Per-suite counts, suites with failures first; the outcome and its exit code in the title."""
-    style = "bold green" if report.outcome is Outcome.PASS else "bold red"
-    table = Table(title=Text(f"{report.outcome.name} (exit {report.outcome.value})", style=style))
-    table.add_column("suite")
-    table.add_column("failed", justify="right", style="red")
-    table.add_column("errors", justify="right", style="red")
-    table.add_column("skipped", justify="right", style="yellow")
-    table.add_column("passed", justify="right", style="green")
-    table.add_column("time", justify="right")
-    rows = sorted(report.rows, key=lambda row: (row.failed + row.errors) == 0)
-    for row in rows:
-        time = f"{row.seconds:.1f}s" if row.seconds is not None else "-"
-        table.add_row(
-            Text(row.name), str(row.failed), str(row.errors), str(row.skipped), str(row.passed), time
-        )
-    table.add_section()
-    table.add_row(
-        Text("total", style="bold"),
-        str(report.count("failed")),
-        str(report.count("error")),
-        str(report.count("skipped")),
-        str(report.count("passed")),
-        "",
-    )
-    return table
-
-
-def render_problems(report: RunReport, max_lines: int = 40) -> list[RenderableType]:
-    """One panel per failed (then errored) test: its message and the end of its trace or output."""
-    panels: list[RenderableType] = []
-    for suite, case in report.problems():
-        body = case.detail or case.output
-        lines = body.rstrip().splitlines()
-        if len(lines) > max_lines:
-            lines = [f"[... {len(lines) - max_lines} lines cut ...]", *lines[-max_lines:]]
-        text = Text(case.message, style="bold")
-        if lines:
-            text.append("\n" + "\n".join(lines), style="")
-        style = "red" if case.state == "failed" else "magenta"
-        title = Text(f"{case.state.upper()} {suite} :: {case.name} [{case.outcome.name}]")
-        panels.append(Panel(text, title=title, title_align="left", border_style=style))
-    return panels
-
-
-def render_report(report: RunReport) -> Group:
-    """The summary table, then the failing tests' output."""
-    return Group(render_summary(report), *render_problems(report))
