@@ -194,7 +194,9 @@ def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
                 else ""
             )
         )
-    if explanation and explanation.get("nearest"):
+    if explanation and explanation.get("busy"):
+        diff = "<p class=muted>Too many comparisons in progress: reload this page in a moment.</p>"
+    elif explanation and explanation.get("nearest"):
         nearest = explanation["nearest"]
         diff = (
             f'<p>Nearest other build: <a href="/builds/{nearest}"><code>{nearest[:16]}</code></a> '
