@@ -490,3 +490,29 @@ def test_miss_explanations_are_bounded_so_anonymous_readers_cannot_hold_the_work
     with httpx.Client(base_url=server.url, timeout=60) as anonymous:  # slots are given back
         assert anonymous.get(f"/api/v1/builds/{KEY}/miss").status_code == 200
         assert "reload this page" not in anonymous.get(f"/builds/{KEY}").text
+
+
+def test_a_flood_of_idle_connections_gets_a_503_not_unbounded_memory(tmp_path: Path) -> None:
+    """`serve --limit-concurrency N`: past N open connections uvicorn answers 503 at once (each connection
+    otherwise costs memory and a file descriptor for as long as the client likes); below it, all is well."""
+    (tmp_path / "data").mkdir()
+    with server_process(tmp_path / "data", "--limit-concurrency", "6") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(8)]
+        try:
+            time.sleep(0.5)  # let the server accept them
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                assert client.get("/api/v1/builds").status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.5)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            assert client.get("/api/v1/builds").status_code == 200
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+def test_a_bad_limit_concurrency_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    cmd = [sys.executable, "-m", "kernel_ci.cli.main", "cache", "serve", "--data", str(tmp_path)]
+    done = subprocess.run([*cmd, "--limit-concurrency", value], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "--limit-concurrency" in done.stderr, done.stderr

@@ -32,6 +32,15 @@ MANIFEST = {
         "metadata": {"type": "object"},
     },
 }
+UNAVAILABLE = {
+    "description": "retry later: a store unreachable, too many miss explanations at once (with Retry-After),"
+    " or the server's connection limit reached (plain text, from the HTTP server itself)",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds, when busy"}},
+    "content": {**ERROR["content"], "text/plain": {"schema": {"type": "string"}}},
+}
+FULL = {**ERROR, "description": "the blob store or the index is out of space: try later"}
+WRITES = {"put", "post", "delete"}
+READ_ONLY_WRITES = {("/api/v1/missing-blobs", "post")}  # a query with a body: writes nothing
 REF = {
     "type": "object",
     "required": ["sha256", "size"],
@@ -57,6 +66,23 @@ SECURE = [{"bearer": []}, {"basic": []}]
 
 
 def openapi_schema() -> dict[str, Any]:
+    return _with_unavailable(_schema())
+
+
+def _with_unavailable(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every operation may answer 503 (a store down, busy); every write may answer 507 (a store full)."""
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            responses.setdefault("503", UNAVAILABLE)
+            if method in WRITES and (path, method) not in READ_ONLY_WRITES:
+                responses.setdefault("507", FULL)
+    return doc
+
+
+def _schema() -> dict[str, Any]:
     octets = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
     return {
         "openapi": "3.0.3",
