@@ -1,4 +1,6 @@
-"""The guest half of `kernel-ci bench`: rootfs, boot-to-first-test and smoke runs, beside virtme-ng."""
+"""The guest half of `kernel-ci bench`: rootfs, boot-to-first-test and smoke runs, beside virtme-ng; and
+the cost of tracer.ko's monitoring on an allocation-heavy workload (measured in the guest by the tracer
+suite's test_tracer_cost.py, read back from its artifact)."""
 
 from __future__ import annotations
 
@@ -98,11 +100,38 @@ def _virtme_figures(kernel: BuildResult) -> list[Figure]:
     return [Figure("virtme-ng: boot + uname -r, TCG", statistics.median(times))]
 
 
+TRACER_COST_RUNS = ("tracer not loaded", "0 monitored", "1 monitored", "16 monitored")
+
+
+def tracer_cost_figures(cost: dict) -> list[Figure]:
+    """tracer-cost.json as figures: the median seconds of one batch per configuration, ns per pair noted."""
+    return [
+        Figure(
+            f"tracer: allocation-heavy batch, {name}",
+            statistics.median(cost["seconds"][name]),
+            note=f"{cost['ns_per_pair'][name]:,.0f} ns per kmalloc+kfree ({cost['workload']})",
+        )
+        for name in TRACER_COST_RUNS
+    ]
+
+
+def _tracer_figures(work: Path, kernel: BuildResult) -> list[Figure]:
+    step("bench: tracer suite under TCG (cost of monitoring 0, 1, 16 pids)")
+    run_tests(TestOptions(kernel_dir=kernel.output, output=work / "tracer", accel="tcg", suites=["tracer"]))
+    found = sorted((work / "tracer").glob("runs/*/results/tracer/artifacts/tracer-cost.json"))
+    if not found:
+        return [
+            Figure("tracer: allocation-heavy batch", None, note="the tracer suite wrote no tracer-cost.json")
+        ]
+    return tracer_cost_figures(json.loads(found[-1].read_text()))
+
+
 def guest_figures(work: Path, *, skip_reference: bool = False) -> list[Figure]:
     figures = _rootfs_figures(work)
     # The kernel every suite can run on (their kconfig and kselftests), as `kernel-ci test` builds it.
     smoke_kernel = build(for_suites(BuildRequest(output=work / "smoke-build")))
     figures += _smoke_figures(work, smoke_kernel)
+    figures += _tracer_figures(work, smoke_kernel)
     if not skip_reference:
         figures += _virtme_figures(smoke_kernel)
     return figures
