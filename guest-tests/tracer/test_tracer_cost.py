@@ -1,11 +1,12 @@
 """The cost of monitoring on an allocation-heavy workload, with 0, 1 and 16 of its processes monitored.
 
 WORKERS processes each make ROUNDS x WL_RUN of COUNT kmalloc + kfree pairs (not parked), all released at
-once; a figure is the wall time of the whole batch per pair (median of REPEATS batches). With nothing
-monitored every probe returns at once; with something monitored every kfree() in the system looks its
-address up (lockless, under RCU) and only the monitored processes' own __kmalloc returns take tracer_lock.
-The figures go to $KCI_ARTIFACTS/tracer-cost.json, which `kernel-ci bench` reads (ci/guestbench.py). The
-tests check that every configuration ran and counted, not how fast it was (that depends on the host).
+once; a figure is the wall time of the whole batch per pair (median of the batches after a warm-up one).
+With nothing monitored every probe returns at once; with something monitored every kfree() in the system
+looks its address up (lockless, under RCU) and only the monitored processes' own __kmalloc returns take
+tracer_lock. The figures go to $KCI_ARTIFACTS/tracer-cost.json, which `kernel-ci bench` reads
+(ci/guestbench.py). The tests check that every configuration ran and counted, not how fast it was (that
+depends on the host).
 """
 
 from __future__ import annotations
@@ -22,52 +23,63 @@ import pytest
 import tracerlib as tl
 
 WORKERS = 16
-ROUNDS = 8
+ROUNDS = 24
 COUNT = 256
 SIZE = 64
-REPEATS = 3
+REPEATS = 4  # the first batch of each configuration is a warm-up, not counted
 MONITORED = (0, 1, 16)
 PAIRS = WORKERS * ROUNDS * COUNT
 
 
-def _fork_worker(fd: int, go: int, stop: int) -> int:
-    """A child that waits for a byte on go, then runs its rounds on the open workload file fd."""
+def _fork_worker(fd: int, go: int, done: int, leave: int) -> int:
+    """A child that waits for a byte on go, runs its rounds on the open workload file fd, writes a byte to
+    done, and exits once it reads a byte on leave (so that the driver can read its counts first)."""
     arg = struct.pack(tl.WL_RUN_FORMAT, COUNT, SIZE, 0, tl.WL_OP_KMALLOC, 0)
     pid = os.fork()
     if pid == 0:
-        code = 1
+        ok = False
         try:
-            os.close(stop)
             os.read(go, 1)
             for _ in range(ROUNDS):
                 fcntl.ioctl(fd, tl.WL_RUN, arg)
-            code = 0
+            ok = True
         finally:
-            os._exit(code)
+            os.write(done, b"d" if ok else b"f")  # the driver waits for one byte per worker, failed or not
+            if ok:
+                os.read(leave, 1)
+            os._exit(0 if ok else 1)
     return pid
 
 
-def batch_seconds(tracer: tl.Tracer | None, monitored: int) -> float:
-    """The seconds of one batch, with the first `monitored` workers monitored."""
+def batch(tracer: tl.Tracer | None, monitored: int) -> tuple[float, dict[int, int]]:
+    """One batch with the first `monitored` workers monitored: its seconds (from the go to the last worker
+    done) and the kmalloc column of each monitored worker afterwards."""
     fds = [os.open(tl.WL_DEV, os.O_RDWR) for _ in range(WORKERS)]  # one run at a time per open file
-    go_r, go_w = os.pipe()
+    go, done, leave = os.pipe(), os.pipe(), os.pipe()
     pids: list[int] = []
     try:
-        pids = [_fork_worker(fd, go_r, go_w) for fd in fds]
+        pids = [_fork_worker(fd, go[0], done[1], leave[0]) for fd in fds]
         for pid in pids[:monitored]:
             assert tracer is not None
             tracer.add(pid)
         start = time.monotonic()
-        os.write(go_w, b"g" * WORKERS)
-        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        os.write(go[1], b"g" * WORKERS)
+        ends = b"".join(os.read(done[0], 1) for _ in range(WORKERS))
         seconds = time.monotonic() - start
+        assert ends == b"d" * WORKERS, f"{ends.count(b'f')} worker(s) failed their WL_RUN"
+        counted = {}
+        if monitored:
+            t = tl.table()
+            counted = {pid: t[pid]["kmalloc"] for pid in pids[:monitored]}
+        os.write(leave[1], b"l" * WORKERS)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
         pids = []
         assert codes == [0] * WORKERS, f"worker exit codes {codes}"
-        return seconds
+        return seconds, counted
     finally:
         for pid in pids:
             tl.kill_and_reap(pid)
-        for fd in [*fds, go_r, go_w]:
+        for fd in [*fds, *go, *done, *leave]:
             os.close(fd)
 
 
@@ -76,24 +88,30 @@ def figures():
     """Every configuration REPEATS times: the tracer not loaded, then loaded with 0, 1 and 16 monitored."""
     tl.ensure_unloaded(tl.TRACER)
     seconds: dict[str, list[float]] = {"tracer not loaded": []}
+    counted: dict[str, list[int]] = {}
     for _ in range(REPEATS):
-        seconds["tracer not loaded"].append(batch_seconds(None, 0))
+        seconds["tracer not loaded"].append(batch(None, 0)[0])
     tl.insmod(tl.TRACER)
     dev = tl.Tracer()
     try:
         for _ in range(REPEATS):
             for n in MONITORED:
-                seconds.setdefault(f"{n} monitored", []).append(batch_seconds(dev, n))
+                took, kmallocs = batch(dev, n)
+                seconds.setdefault(f"{n} monitored", []).append(took)
+                counted.setdefault(f"{n} monitored", []).extend(kmallocs.values())
                 tl.table()  # drops the exited workers
         _, pools, stats_text = tl.stats()
     finally:
         dev.close()
         tl.unload_tracer()
+    timed = {name: s[1:] for name, s in seconds.items()}  # without the warm-up batch
     result = {
         "workload": f"{WORKERS} processes x {ROUNDS} x (kmalloc({SIZE}) x {COUNT}, kfree x {COUNT})",
         "pairs_per_batch": PAIRS,
-        "ns_per_pair": {name: statistics.median(s) * 1e9 / PAIRS for name, s in seconds.items()},
-        "seconds": seconds,
+        "ns_per_pair": {name: statistics.median(s) * 1e9 / PAIRS for name, s in timed.items()},
+        "seconds": timed,
+        "warm_up_seconds": {name: s[0] for name, s in seconds.items()},
+        "kmalloc_counted": {name: min(c) for name, c in counted.items() if c},
         "pools_after": pools,
     }
     text = json.dumps(result, indent=2)
@@ -108,7 +126,14 @@ def figures():
 def test_every_configuration_measured(figures):
     names = ["tracer not loaded", *(f"{n} monitored" for n in MONITORED)]
     assert list(figures["ns_per_pair"]) == names
-    assert all(len(s) == REPEATS and min(s) > 0 for s in figures["seconds"].values()), figures
+    assert all(len(s) == REPEATS - 1 and min(s) > 0 for s in figures["seconds"].values()), figures
+
+
+def test_monitored_workers_were_counted(figures):
+    """The monitored configurations really monitored: every monitored worker's kmalloc column has at least
+    its ROUNDS x COUNT calls (its system calls may add a few)."""
+    assert set(figures["kmalloc_counted"]) == {"1 monitored", "16 monitored"}, figures
+    assert all(n >= ROUNDS * COUNT for n in figures["kmalloc_counted"].values()), figures
 
 
 def test_no_record_or_process_left(figures):
