@@ -1711,6 +1711,8 @@ static void random_arguments(void)
 				want = -EINVAL;
 			else if (total + len > MAX_TOTAL)
 				want = -ENOSPC;
+			else if (!m && (unsigned long)model_count >= PTRACE_SNAPSHOT_MAX_COUNT)
+				want = -ENOSPC;
 			else if (!inside)
 				want = -EIO;
 			else

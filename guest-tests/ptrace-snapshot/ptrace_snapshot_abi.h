@@ -15,6 +15,7 @@
 #define PTRACE_GETSNAPSHOT	0x4242
 #define PTRACE_SNAPSHOT_MAX_LEN		(1UL << 20)	/* one snapshot */
 #define PTRACE_SNAPSHOT_MAX_TOTAL	(4UL << 20)	/* one tracee */
+#define PTRACE_SNAPSHOT_MAX_COUNT	1024UL		/* one tracee */
 
 struct ptrace_snapshot_buf {
 	__u64 buf;	/* tracer address to copy the snapshot into */

@@ -19,11 +19,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from rich.table import Table
-
+from kernel_ci.bench.figures import Figure, ratio, render
+from kernel_ci.bench.guest import guest_figures
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
@@ -31,14 +31,6 @@ from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.host import setup as hostsetup
 
 HOST_BUILD_DEPS = ["gcc", "make", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "ccache", "cpio", "kmod"]
-
-
-@dataclass
-class Figure:
-    name: str
-    seconds: float | None
-    aim: str = ""
-    note: str = ""
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -128,24 +120,6 @@ def tuxmake_figures(work: Path, reference: BuildResult) -> list[Figure]:
     return figures
 
 
-def render(figures: list[Figure]) -> Table:
-    table = Table(title="kernel-ci bench", title_justify="left")
-    table.add_column("measure")
-    table.add_column("seconds", justify="right")
-    table.add_column("aim")
-    table.add_column("note")
-    for figure in figures:
-        shown = "-" if figure.seconds is None else f"{figure.seconds:.2f}"
-        table.add_row(figure.name, shown, figure.aim, figure.note)
-    return table
-
-
-def ratio(figures: list[Figure], ours: str, theirs: str) -> str:
-    by_name = {f.name: f.seconds for f in figures}
-    a, b = by_name.get(ours), by_name.get(theirs)
-    return f"{a / b:.2f}" if a and b else "n/a"
-
-
 def _report(figures: list[Figure]) -> dict:
     report = {
         "machine": machine_description(),
@@ -196,8 +170,6 @@ def run_bench(
                 figures += tuxmake_figures(work, cold)
                 save()
         if "guest" in parts:
-            from kernel_ci.bench.guest import guest_figures
-
             figures += guest_figures(work, skip_reference=skip_reference)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -33,6 +33,7 @@ from kernel_ci.cache.server.server import wait_healthy
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import REPO_ROOT
 
 TOKEN = secrets.token_hex(16)
@@ -102,7 +103,9 @@ def service(data: Path, workers: int = 1) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_healthy(url, worker.is_alive):
-            raise RuntimeError(f"the cache service did not start for the bench (exit {worker.exitcode})")
+            raise InfrastructureError(
+                f"the cache service did not start for the bench (exit {worker.exitcode})"
+            )
         yield url
     finally:
         worker.terminate()
@@ -112,7 +115,7 @@ def service(data: Path, workers: int = 1) -> Iterator[str]:
 @contextlib.contextmanager
 def nginx(root: Path, prefix: Path) -> Iterator[str]:
     if shutil.which("nginx") is None:
-        raise RuntimeError("nginx is not installed: apt-get install nginx-light")
+        raise InfrastructureError("nginx is not installed: apt-get install nginx-light")
     port = _free_port()
     (prefix / "body").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -141,7 +144,7 @@ def populate(url: str, keys: list[str], headers: dict[str, str]) -> None:
 def wrk(url: str, paths_file: Path, script: Path, duration: float, connections: int) -> dict[str, float]:
     """One bounded wrk run (2 threads, fixed connections and duration); requests/s and latency percentiles."""
     if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is not installed: apt-get install wrk")
+        raise InfrastructureError("wrk is not installed: apt-get install wrk")
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency", "--timeout", "5s"]
     result = proc.run([*argv, "-s", script, url, "--", paths_file], quiet=True, timeout=duration + 60)
     text = result.output
@@ -155,6 +158,20 @@ def wrk(url: str, paths_file: Path, script: Path, duration: float, connections: 
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     figures["non_2xx"] = float(errors.group(1)) if errors else 0.0
     return figures
+
+
+class TimedPutStore(LocalStore):
+    """A local store that measures its last publish (put: copy + fsync per file + rename), which a remote
+    restore ends with, so that the bench can tell it apart from the download."""
+
+    put_seconds = 0.0
+
+    def put(self, key: str, outputs: Path, manifest: Mapping[str, str], *, move: bool = False) -> Path:
+        started = time.monotonic()
+        try:
+            return super().put(key, outputs, manifest, move=move)
+        finally:
+            self.put_seconds = time.monotonic() - started
 
 
 def restore_bench(url: str, work: Path) -> dict[str, float | str]:
@@ -173,22 +190,12 @@ def restore_bench(url: str, work: Path) -> dict[str, float | str]:
     started = time.monotonic()
     pusher.push(key, source)
     push_seconds = time.monotonic() - started
-    reader = RemoteStore(LocalStore(work / "reader"), CacheClient(RemoteConfig(url)))
-    publish_seconds = 0.0
-    original_put = reader.local.put
-
-    def timed_put(*args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal publish_seconds
-        t0 = time.monotonic()
-        try:
-            return original_put(*args, **kwargs)
-        finally:
-            publish_seconds = time.monotonic() - t0
-
-    reader.local.put = timed_put  # type: ignore[method-assign]
+    local = TimedPutStore(work / "reader")
+    reader = RemoteStore(local, CacheClient(RemoteConfig(url)))
     started = time.monotonic()
     entry = reader.get(key)
     restore_seconds = time.monotonic() - started
+    publish_seconds = local.put_seconds
     assert entry is not None
     info = json.loads((entry / "entry.json").read_text())
     return {

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel_ci.build import kbuild as builder
+from kernel_ci.core import proc
+from kernel_ci.core.errors import BuildError
 
 BUILD_LEFTOVERS = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".order", ".symvers")
 
 
-class ModuleBuildError(RuntimeError):
+class ModuleBuildError(BuildError):
     pass
 
 
@@ -59,14 +61,19 @@ def build(
         tree = Path(scratch) / module.name
         shutil.copytree(module.path, tree, ignore=shutil.ignore_patterns(*(f"*{s}" for s in BUILD_LEFTOVERS)))
         builder.give_to_build_user(tree)  # the module's Makefile is patch-author code: build unprivileged
-        builder.run_in_toolchain(
-            image,
-            ["make", "-C", "/kbuild", "M=/mod", *extra_make, "modules"],
-            {kbuild.resolve(): "/kbuild:ro", tree: "/mod"},
-            "/mod",
-            quiet=True,
-            as_build_user=True,
-        )
+        try:
+            builder.run_in_toolchain(
+                image,
+                ["make", "-C", "/kbuild", "M=/mod", *extra_make, "modules"],
+                {kbuild.resolve(): "/kbuild:ro", tree: "/mod"},
+                "/mod",
+                quiet=True,
+                as_build_user=True,
+            )
+        except proc.CommandError as exc:
+            if not builder.make_failed(exc):
+                raise  # Docker's own failure: infrastructure
+            raise ModuleBuildError(f"module {module.name} does not build: {exc}") from exc
         kos = sorted(tree.glob("*.ko"))
         if not kos:
             raise ModuleBuildError(f"module {module.name}: the build made no .ko file")

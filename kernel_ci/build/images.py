@@ -20,6 +20,7 @@ from python_on_whales import DockerException, docker
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import CONTAINERS, cache_dir
 from kernel_ci.host import aptmirror
 
@@ -28,7 +29,7 @@ BUILDER_DIR = CONTAINERS / "builder"
 IMAGE_SCHEMA = "1"
 
 
-class ImageError(RuntimeError):
+class ImageError(InfrastructureError):
     pass
 
 
@@ -50,7 +51,16 @@ def _digest(*parts: bytes) -> str:
 
 
 def _image_exists(tag: str) -> bool:
-    return docker.image.exists(tag)
+    try:
+        return docker.image.exists(tag)
+    except DockerException as exc:
+        raise _docker_down(exc) from exc
+
+
+def _docker_down(exc: DockerException) -> ImageError:
+    """python-on-whales' error as ours: Docker not answering is infrastructure (exit 7), not a bug."""
+    detail = (exc.stderr or exc.stdout or str(exc)).strip()
+    return ImageError(f"Docker failed (exit {exc.return_code}): {detail}\nis dockerd running? `docker info`")
 
 
 def base_image_tag(recipe_path: Path = BASE_RECIPE) -> str:
@@ -65,8 +75,11 @@ def ensure_base_image(recipe_path: Path = BASE_RECIPE) -> str:
     recipe = tomllib.loads(recipe_path.read_text())
     if os.environ.get("KERNEL_CI_BASE_FROM_REGISTRY") == "1":
         console.print(f"pulling base image {recipe['image']}")
-        docker.pull(recipe["image"])
-        docker.tag(recipe["image"], tag)
+        try:
+            docker.pull(recipe["image"])
+            docker.tag(recipe["image"], tag)
+        except DockerException as exc:
+            raise _docker_down(exc) from exc
         return tag
     mirrors = aptmirror.archive_bases("debian")
     if not mirrors:
@@ -135,7 +148,10 @@ def ensure_builder_image() -> str:
 
 def toolchain(tag: str) -> Toolchain:
     """The toolchain in an image: its id, package versions and fingerprint (recorded once per image id)."""
-    image_id = docker.image.inspect(tag).id
+    try:
+        image_id = docker.image.inspect(tag).id
+    except DockerException as exc:
+        raise _docker_down(exc) from exc
     record = cache_dir("toolchains") / f"{image_id.replace(':', '-')}.json"
     if record.exists():
         data = json.loads(record.read_text())

@@ -25,6 +25,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import BuildError
 
 SRC = "/build/src"
 OUT = "/build/out"
@@ -64,6 +65,8 @@ class BuildEnv:
     timestamp: str  # KBUILD_BUILD_TIMESTAMP
     use_ccache: bool = True
     extra_mounts: Mapping[Path, str] = field(default_factory=dict)
+    # CCACHE_REMOTE_STORAGE (Settings.ccache_remote); it may hold a token: never logged, never in a repr
+    ccache_remote: str | None = field(default=None, repr=False)
 
     def kbuild_vars(self) -> dict[str, str]:
         return {
@@ -142,12 +145,11 @@ def docker_run_argv(
 ) -> list[str]:
     """The `docker run` of COMMAND in the builder container. With watchdog it must be run with its stdin held
     open (run_container does): a closed stdin stops it at once. Without, the command should be short."""
-    # With a shared ccache configured (CCACHE_REMOTE_STORAGE, set by kernel_ci.cache.remote), the container
-    # needs
-    # the network to reach it: host networking, so that a service on the host's loopback is reachable as
-    # in the URL. The value (it may hold a token) is inherited from this process's environment by
-    # `docker run -e NAME`, never written on the (logged) command line.
-    remote_ccache = env.use_ccache and bool(os.environ.get("CCACHE_REMOTE_STORAGE"))
+    # With a shared ccache configured (env.ccache_remote), the container needs the network to reach it: host
+    # networking, so that a service on the host's loopback is reachable as in the URL. The value (it may
+    # hold a token) reaches `docker run -e NAME` through the client's environment (container_env), never
+    # the (logged) command line.
+    remote_ccache = env.use_ccache and bool(env.ccache_remote)
     argv = [
         "docker", "run", "--rm", "--network", "host" if remote_ccache else "none", "--init",
         *hardening_argv(*build_user()),
@@ -174,7 +176,15 @@ def run_container(env: BuildEnv, command: Sequence[str], **run_args: Any) -> pro
     if env.use_ccache:
         give_to_build_user(env.ccache_dir)
     remove_stale_container(container_name(env))
-    return proc.run(docker_run_argv(env, command, watchdog=True), hold_stdin=True, **run_args)
+    argv = docker_run_argv(env, command, watchdog=True)
+    return proc.run(argv, hold_stdin=True, env=container_env(env), **run_args)
+
+
+def container_env(env: BuildEnv) -> dict[str, str] | None:
+    """What `docker run -e NAME` (without a value) takes from the client's environment: the remote ccache."""
+    if env.use_ccache and env.ccache_remote:
+        return {"CCACHE_REMOTE_STORAGE": env.ccache_remote}
+    return None
 
 
 class _KbuildProgress:
@@ -215,8 +225,32 @@ def run_make(env: BuildEnv, *targets: str, title: str, extra: Sequence[str] = ()
     """make TARGETS in the container; returns (seconds, kbuild steps). Errors carry the output tail."""
     start = time.monotonic()
     with _KbuildProgress(title) as progress:
-        run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
+        try:
+            run_container(env, env.make_argv(*targets, extra=extra), on_line=progress, keep_output=False)
+        except proc.CommandError as exc:
+            if not make_failed(exc):
+                raise  # Docker itself failed (daemon down, image missing, OOM kill): infrastructure
+            raise CompileError(f"{title} failed: {exc}") from exc
     return time.monotonic() - start, progress.steps
+
+
+class CompileError(BuildError):
+    """make exited non-zero inside the builder container: the kernel does not build (exit 10)."""
+
+
+# `docker run` exits 125 when the daemon or the container set-up failed, 126/127 when the command could not
+# be run, 137 when the container was SIGKILLed (OOM, docker stop): none of these is the kernel's fault.
+DOCKER_OWN_STATUSES = frozenset({125, 126, 127, 137})
+
+
+def make_failed(exc: proc.CommandError) -> bool:
+    """Whether the command that failed is make (a compile error), not Docker around it."""
+    return (
+        not exc.timed_out
+        and exc.returncode is not None
+        and exc.returncode > 0
+        and (exc.returncode not in DOCKER_OWN_STATUSES)
+    )
 
 
 def configure(env: BuildEnv, merged_fragment: str) -> str:

@@ -12,12 +12,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernel_ci.core.errors import BuildError
+
 _SET = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 NOT_SET = "n"
 
 
-class KconfigError(RuntimeError):
+class KconfigError(BuildError):
     pass
 
 

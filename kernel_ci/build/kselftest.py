@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kernel_ci.build import kbuild as builder
+from kernel_ci.core import proc
+from kernel_ci.core.errors import BuildError
 
 SELFTESTS = f"{builder.SRC}/tools/testing/selftests"
 BUILD_DIR = "kselftest"  # under the object tree: selftests objects and installed headers
@@ -25,7 +27,7 @@ RUNNER_FILES = ("run_kselftest.sh", "kselftest-list.txt", "kselftest")
 _PT_INTERP = 3
 
 
-class KselftestError(RuntimeError):
+class KselftestError(BuildError):
     pass
 
 
@@ -69,7 +71,12 @@ def build_selftests(env: builder.BuildEnv, targets: Sequence[str], dest: Path) -
     install = env.out / INSTALL_DIR
     if install.exists():
         shutil.rmtree(install)  # a target of an earlier build must not ride along
-    builder.run_container(env, make_argv(env, targets), quiet=True)
+    try:
+        builder.run_container(env, make_argv(env, targets), quiet=True)
+    except proc.CommandError as exc:
+        if not builder.make_failed(exc):
+            raise  # Docker's own failure: infrastructure
+        raise KselftestError(f"selftests {', '.join(targets)} do not build: {exc}") from exc
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(install, dest, symlinks=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from kernel_ci.build.records import PatchRejection, header_lines
+from kernel_ci.core.errors import BuildError, InfrastructureError
 from kernel_ci.core.proc import capture, run
 
 SERIES_FILE = "series"
@@ -26,7 +27,7 @@ PATCH_ARGS = ("-p1", "--forward", "--batch", "--no-backup-if-mismatch")
 OUTPUT_TAIL_LINES = 40
 
 
-class PatchError(RuntimeError):
+class PatchError(BuildError):
     """Base of every error this module raises."""
 
 
@@ -34,7 +35,7 @@ class SeriesError(PatchError):
     """A series folder (or the request for one) is malformed."""
 
 
-class PatchToolMissingError(PatchError):
+class PatchToolMissingError(InfrastructureError, PatchError):
     """GNU patch is not installed."""
 
 

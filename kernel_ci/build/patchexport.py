@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kernel_ci.build import patches
 from kernel_ci.build.kcheck import CheckResult
+from kernel_ci.core.errors import BuildError
 from kernel_ci.core.paths import KERNEL_PATCHES, REPO_ROOT
 
 ALL_MBOX = "all-series.mbox"
@@ -32,7 +33,7 @@ MARKER = ".kernel-ci-patches"
 CHECKPATCH_REPORT = "checkpatch.txt"
 
 
-class ExportError(RuntimeError):
+class ExportError(BuildError):
     """The output folder cannot be written safely, or there is nothing to export."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from kernel_ci.build import extmodules, images, kconfig, kselftest, patches, source
 from kernel_ci.build import kbuild as builder
 from kernel_ci.build import keys as buildkey
+from kernel_ci.core.errors import BuildError
 from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES
 from kernel_ci.guest import suites
 
@@ -38,7 +39,7 @@ RECIPE_SCHEMA = "kernel-ci-recipe-2"  # 2: one plan for all keys (kselftest targ
 SUITE_FRAGMENT_PREFIX = "suite "
 
 
-class PlanError(RuntimeError):
+class PlanError(BuildError):
     """A plan that cannot be made or used as asked; the message says why."""
 
 

@@ -26,13 +26,15 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kernel_ci.core.errors import UsageError
+
 METADATA_SCHEMA = 2
 METADATA_FILE = "metadata.json"
 
 T = TypeVar("T")
 
 
-class RecordError(ValueError):
+class RecordError(UsageError, ValueError):
     """A record file that is not what this version of kernel-ci writes; the message says what to do."""
 
 

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import sha256_file
+from kernel_ci.core.errors import InfrastructureError, KernelCIError, UsageError
 from kernel_ci.core.paths import SOURCES_LOCK, cache_dir
 from kernel_ci.host import aptmirror
 
@@ -27,8 +28,16 @@ KERNEL_ORG_BASE = "https://cdn.kernel.org/pub/linux/kernel"
 CHUNK = 1 << 20
 
 
-class SourceError(RuntimeError):
-    pass
+class SourceError(KernelCIError):
+    """Base of this module's errors; the subclass says whose fault it is (exit code)."""
+
+
+class UnknownVersionError(SourceError, UsageError):
+    """The requested version is not in the lock file, or the lock file entry cannot be used (exit 2)."""
+
+
+class SourceUnavailableError(SourceError, InfrastructureError):
+    """No mirror delivered the tarball with its pinned digest (exit 7): the network, not the user."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class Tarball:
             return [f"{base}/{self.path}"]
         if self.origin == "debian":
             return [f"{base}/{self.path}" for base in debian_bases(self.archive)]
-        raise SourceError(f"tarball {self.version}: unknown origin {self.origin!r}")
+        raise UnknownVersionError(f"tarball {self.version}: unknown origin {self.origin!r}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,9 @@ class SourceLock:
         unknown = [n for n in names if n not in self.tarballs]
         if unknown:
             known = ", ".join(sorted(set(self.aliases) | set(self.tarballs)))
-            raise SourceError(f"kernel version {wanted!r} is not in {SOURCES_LOCK.name}; known: {known}")
+            raise UnknownVersionError(
+                f"kernel version {wanted!r} is not in {SOURCES_LOCK.name}; known: {known}"
+            )
         return [self.tarballs[n] for n in names]
 
 
@@ -124,7 +135,7 @@ def _download(url: str, dest: Path, expected_size: int | None) -> None:
 def fetch_tarball(tarball: Tarball, urls: Sequence[str] | None = None) -> tuple[Path, str]:
     """The verified tarball in the download cache, downloading it if needed; returns (path, url used)."""
     if not tarball.sha256:
-        raise SourceError(f"{tarball.filename} has no sha256 pinned in {SOURCES_LOCK.name}")
+        raise UnknownVersionError(f"{tarball.filename} has no sha256 pinned in {SOURCES_LOCK.name}")
     dest = cache_dir("downloads") / tarball.filename
     if dest.exists():
         if sha256_file(dest) == tarball.sha256:
@@ -148,7 +159,7 @@ def fetch_tarball(tarball: Tarball, urls: Sequence[str] | None = None) -> tuple[
         return dest, url
     if not failures:
         failures.append("no mirror configured for this origin (see /etc/apt/sources.list.d/)")
-    raise SourceError(f"could not get {tarball.filename}:\n  " + "\n  ".join(failures))
+    raise SourceUnavailableError(f"could not get {tarball.filename}:\n  " + "\n  ".join(failures))
 
 
 @contextlib.contextmanager
@@ -201,7 +212,8 @@ def resolve(request: str | None = None, lock: SourceLock | None = None) -> Kerne
             path, url = fetch_tarball(tarball)
         except SourceError as exc:
             if index + 1 == len(candidates):
-                raise SourceError("\n".join([*notes, str(exc)])) from exc
+                # the same kind (the last candidate's reason decides the exit code), with the fallbacks tried
+                raise type(exc)("\n".join([*notes, str(exc)])) from exc
             fallback = candidates[index + 1].version
             note = f"Linux {tarball.version} is not available ({exc}); falling back to {fallback}"
             warn(note)
@@ -214,4 +226,4 @@ def resolve(request: str | None = None, lock: SourceLock | None = None) -> Kerne
             url=url,
             fallback_notes=tuple(notes),
         )
-    raise SourceError(f"no candidates for {request!r}")
+    raise UnknownVersionError(f"no candidates for {request!r}")

@@ -26,8 +26,9 @@ source links are made by the client. tarfile's own extraction (even with ``filte
 it accepts symlinks and hard links inside the destination and cannot check a member against a digest
 before it is on disk. An entry without the digests (an older client pushed it) is a miss.
 
-Configuration (first found wins): ``--cache-url``, ``$KERNEL_CI_CACHE_URL`` (+ ``$KERNEL_CI_CACHE_TOKEN``),
-the ``[cache]`` table of ``$KERNEL_CI_CONFIG`` or ``~/.config/kernel-ci/config.toml``::
+Configuration (first found wins, read once by kernel_ci.core.settings): ``--cache-url``,
+``$KERNEL_CI_CACHE_URL`` (+ ``$KERNEL_CI_CACHE_TOKEN``), the ``[cache]`` table of ``$KERNEL_CI_CONFIG`` or
+``~/.config/kernel-ci/config.toml``::
 
     [cache]
     url = "http://cache.example:8080"
@@ -46,7 +47,6 @@ import stat
 import tarfile
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -72,17 +72,16 @@ from kernel_ci.cache.store import (
 )
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import file_digest
+from kernel_ci.core.errors import InfrastructureError
+from kernel_ci.core.settings import TOKEN_ENV, Settings, ccache_storage
 
-URL_ENV = "KERNEL_CI_CACHE_URL"
-TOKEN_ENV = "KERNEL_CI_CACHE_TOKEN"
-CONFIG_ENV = "KERNEL_CI_CONFIG"
 FILE_BY_FILE_DIRS = frozenset({"patches"})
 CHUNK = 1024 * 1024
 DIGESTS_OUTPUT = DIGESTS_FILE
 MAX_DIGESTS_BYTES = 64 * 1024 * 1024
 
 
-class RemoteCacheError(RuntimeError):
+class RemoteCacheError(InfrastructureError):
     pass
 
 
@@ -93,28 +92,20 @@ class RemoteConfig:
     ccache: bool = True
 
     @classmethod
-    def resolve(cls, cli_url: str | None = None) -> RemoteConfig | None:
-        table: dict[str, Any] = {}
-        path = Path(os.environ.get(CONFIG_ENV) or Path.home() / ".config" / "kernel-ci" / "config.toml")
-        if path.is_file():
-            try:
-                table = tomllib.loads(path.read_text()).get("cache", {})
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise RemoteCacheError(f"cannot read the cache configuration in {path}: {exc}") from exc
-        url = cli_url or os.environ.get(URL_ENV) or table.get("url")
-        if not url:
+    def from_settings(cls, settings: Settings) -> RemoteConfig | None:
+        """The service the settings name, if any (Settings.load read flags, environment and file)."""
+        if settings.cache_url is None:
             return None
-        if not url.startswith(("http://", "https://")):
-            raise RemoteCacheError(f"cache URL {url!r}: expected http://HOST:PORT or https://...")
-        token = os.environ.get(TOKEN_ENV) or table.get("token") or None
-        return cls(url=url.rstrip("/"), token=token, ccache=bool(table.get("ccache", True)))
+        ccache = settings.ccache_remote is not None
+        return cls(url=settings.cache_url, token=settings.cache_token, ccache=ccache)
+
+    @classmethod
+    def resolve(cls, cli_url: str | None = None) -> RemoteConfig | None:
+        return cls.from_settings(Settings.load(cli_url))
 
     def ccache_storage(self) -> str:
         """CCACHE_REMOTE_STORAGE for this service (ccache sends the token as ``Authorization: Bearer``)."""
-        value = f"{self.url}/ccache/"
-        if self.token:
-            value += f"|bearer-token={self.token}"
-        return value
+        return ccache_storage(self.url, self.token)
 
 
 def write_tar(
@@ -650,18 +641,16 @@ def attach_test_run(store: object, kernel_dir: Path, output: Path, outcome: str)
         warn(f"could not attach the test run to the shared build cache: {exc}")
 
 
-def open_store(cli_url: str | None = None, local: LocalStore | None = None) -> LocalStore | RemoteStore:
+def open_store(settings: Settings, local: LocalStore | None = None) -> LocalStore | RemoteStore:
     """The build store the CLI hands to kernel_ci.flow.build.build: remote-backed when one is configured.
 
-    With a remote configured (and ccache not disabled in the config file), CCACHE_REMOTE_STORAGE is put
-    into this process's environment, which kernel_ci.build.kbuild passes on to the build container.
+    The ccache remote storage travels apart, in the BuildRequest (settings.ccache_remote), never through
+    this process's environment.
     """
-    local = local or LocalStore()
-    config = RemoteConfig.resolve(cli_url)
+    local = local or LocalStore(settings.cache_root / "builds")
+    config = RemoteConfig.from_settings(settings)
     if config is None:
         return local
-    if config.ccache and "CCACHE_REMOTE_STORAGE" not in os.environ:
-        os.environ["CCACHE_REMOTE_STORAGE"] = config.ccache_storage()
     if not config.token:
         console.print(f"[dim]shared build cache {config.url}: read-only (no {TOKEN_ENV})[/]")
     return RemoteStore(local, CacheClient(config))

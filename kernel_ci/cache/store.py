@@ -47,6 +47,7 @@ from typing import BinaryIO, Protocol, TypedDict, runtime_checkable
 from kernel_ci.build.layout import honest_links, make_honest_links
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import sha256_file
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 
 ENTRY_FILE = "entry.json"
@@ -62,7 +63,7 @@ MAX_PATH = 4096
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,199}")
 
 
-class CacheStoreError(RuntimeError):
+class CacheStoreError(InfrastructureError):
     """The store could not do what was asked; the message says what and what to do about it."""
 
 

@@ -1,5 +1,5 @@
 """The CI-facing subcommands of `kernel-ci`: key, matrix, summary, patches (registered by
-kernel_ci/cli/main.py)."""
+kernel_ci/cli/main.py; the options they share with build and test are in kernel_ci/cli/options.py)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,20 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from kernel_ci.cli import options
 from kernel_ci.core.console import console
-
-AddBuildOptions = Callable[[argparse.ArgumentParser], None]
 
 
 def cmd_key(args: argparse.Namespace) -> int:
     """The recipe key of the plan `kernel-ci build` with the same options makes (the same request, the same
     derivation: kernel_ci.build.plan), so that a CI cache keyed by it holds exactly that build."""
     from kernel_ci.build import recipe as recipekey
-    from kernel_ci.cli.main import _build_request, warn_suite_ignored
     from kernel_ci.flow.build import plan_request
 
-    warn_suite_ignored(args)
-    manifest = plan_request(_build_request(args)).plan.recipe_inputs()
+    options.warn_suite_ignored(args)
+    manifest = plan_request(options.build_request(args)).plan.recipe_inputs()
     key = recipekey.recipe_key(manifest)
     if args.json:
         print(json.dumps({"key": key, "inputs": manifest}, indent=1))
@@ -90,12 +87,12 @@ def cmd_patches(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction, add_build_options: AddBuildOptions) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     key = sub.add_parser(
         "key",
         help="print the recipe key of a build (its inputs as files; no Docker): for CI cache keys",
     )
-    add_build_options(key)
+    options.add_build_options(key)
     key.add_argument("--suite", action="append", help="deprecated, ignored: every build carries every suite")
     key.add_argument("--json", action="store_true", help="print the key and every input's digest")
     key.set_defaults(func=cmd_key)

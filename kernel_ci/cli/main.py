@@ -3,60 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
 
+from kernel_ci.cli import options
+from kernel_ci.cli.options import SUITE_NO_LONGER_BUILDS, add_build_options, warn_suite_ignored
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import ExitCode, KernelCIError
 from kernel_ci.core.paths import REPO_ROOT
 
 DEFAULT_OUT = REPO_ROOT / "out"
-
-
-def _add_build_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("build")
-    group.add_argument(
-        "--kernel", help="version or alias from kernel-sources.lock.toml (default: its default)"
-    )
-    group.add_argument(
-        "--series",
-        action="append",
-        help="patch series under kernel-patches/ (repeatable; default: all; 'none' for a vanilla kernel)",
-    )
-    group.add_argument("--fragment", action="append", type=Path, default=[], help="extra kconfig fragment")
-    group.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
-    group.add_argument("--no-cache", action="store_true", help="build even if the build cache has this key")
-    group.add_argument("--no-ccache", action="store_true", help="compile without ccache")
-    group.add_argument("--fresh", action="store_true", help="start from an empty object tree")
-    group.add_argument(
-        "--cache-url",
-        help="shared build cache service (default: $KERNEL_CI_CACHE_URL, else the [cache] config table)",
-    )
-
-
-def _build_request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The build the options ask for. Never the suites: the kernel carries every suite's needs, so that
-    `kernel-ci test --suite X` tests the very kernel a full `kernel-ci test` (or `kernel-ci build`) built."""
-    from kernel_ci.flow.build import BuildRequest
-
-    return BuildRequest(
-        kernel=args.kernel,
-        series=_series(args),
-        fragments=args.fragment,
-        output=args.output / "build",
-        jobs=args.jobs,
-        use_cache=not args.no_cache,
-        use_ccache=not args.no_ccache,
-        fresh=args.fresh,
-    )
-
-
-def _series(args: argparse.Namespace) -> list[str] | None:
-    """--series as the pipeline takes it: None = every series; 'none' alone = a vanilla kernel."""
-    return None if args.series is None else [s for s in args.series if s != "none"]
+ERROR_LOG = "kernel-ci-error.log"  # in --output: the traceback of an unexpected exception
+_build_request = options.build_request  # the name tests and older callers use
 
 
 def build_summary(result) -> Table:  # type: ignore[no-untyped-def]
@@ -84,51 +47,41 @@ def build_summary(result) -> Table:  # type: ignore[no-untyped-def]
     return table
 
 
-SUITE_NO_LONGER_BUILDS = (
-    "--suite no longer changes the kernel: every build carries every guest suite's kconfig and kselftests, "
-    "so this is the kernel `kernel-ci test` tests; choose the suites to run with `kernel-ci test --suite`"
-)
-
-
-def warn_suite_ignored(args: argparse.Namespace) -> None:
-    """`build --suite` / `key --suite` are accepted (scripts that pass them keep working) and ignored."""
-    if getattr(args, "suite", None):
-        from kernel_ci.core.console import warn
-
-        warn(f"{SUITE_NO_LONGER_BUILDS} (ignored: --suite {' --suite '.join(args.suite)})")
-
-
 def cmd_build(args: argparse.Namespace) -> int:
+    from kernel_ci.cache.remote import open_store
     from kernel_ci.flow.build import build
 
     warn_suite_ignored(args)
-    request = _build_request(args)
-    result = build(request, store=_store(args))
+    options.check_kernel(args.kernel)
+    settings = options.settings(args)
+    request = options.build_request(args, settings.ccache_remote)
+    result = build(request, store=open_store(settings))
     console.print(build_summary(result))
     return 0
 
 
-def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The build store: the local one, behind the shared cache service when one is configured."""
-    from kernel_ci.cache.remote import open_store
-
-    return open_store(args.cache_url)
-
-
 def cmd_test(args: argparse.Namespace) -> int:
+    from kernel_ci.cache.remote import open_store
     from kernel_ci.flow.test import TestOptions, run_tests
 
-    store = _store(args)
+    # the user's mistakes first (exit 2), before minutes of building or booting
+    options.check_suites(args.suite)
+    if args.kernel_dir is not None:
+        options.check_kernel_dir(args.kernel_dir)
+    else:
+        options.check_kernel(args.kernel)
+    settings = options.settings(args)
+    store = open_store(settings)
     if args.kernel_dir is None:
         from kernel_ci.flow.build import build
 
-        request = _build_request(args)
+        request = options.build_request(args, settings.ccache_remote)
         result = build(request, store=store)
         console.print(build_summary(result))
         kernel_dir = result.output
     else:
         kernel_dir = args.kernel_dir
-    options = TestOptions(
+    test_options = TestOptions(
         kernel_dir=kernel_dir,
         output=args.output,
         suites=args.suite,
@@ -141,7 +94,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         keep_overlay=args.keep_overlay,
     )
-    report = run_tests(options)
+    report = run_tests(test_options)
     from kernel_ci.cache.remote import attach_test_run
 
     attach_test_run(store, kernel_dir, args.output, report.outcome.name)  # JUnit + console to the service
@@ -151,6 +104,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_repro(args: argparse.Namespace) -> int:
     from kernel_ci.flow.test import reproduce
 
+    options.check_run_dir(args.run_dir)
     return int(reproduce(args.run_dir, interactive=args.interactive).outcome)
 
 
@@ -183,12 +137,12 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="build the kernel (or restore it from the build cache)")
-    _add_build_options(build)
+    add_build_options(build)
     build.add_argument("--suite", action="append", help="deprecated, ignored: " + SUITE_NO_LONGER_BUILDS)
     build.set_defaults(func=cmd_build)
 
     test = sub.add_parser("test", help="build (cached), boot in QEMU, run the guest suites, write JUnit")
-    _add_build_options(test)
+    add_build_options(test)
     _add_test_options(test)
     test.add_argument(
         "--suite",
@@ -213,30 +167,69 @@ def parser() -> argparse.ArgumentParser:
 
     from kernel_ci.cli.commands import register
 
-    register(sub, _add_build_options)  # key, matrix, summary, patches
+    register(sub)  # key, matrix, summary, patches
     from kernel_ci.cache.server.cli import register as register_cache
 
-    register_cache(sub)  # cache serve, cache bench
+    cache = register_cache(sub)  # cache serve, cache scrub
+    _add_cache_bench(cache)
     return top
 
 
+def cmd_cache_bench(args: argparse.Namespace) -> int:
+    from kernel_ci.bench.cache import run_cache_bench
+
+    run_cache_bench(
+        args.output / "bench", duration=args.duration, connections=args.connections, workers=args.workers
+    )
+    return 0
+
+
+def _add_cache_bench(cache: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`cache bench` lives here, not beside `cache serve`: the service (a stage) may not import the bench."""
+    bench = cache.add_parser("bench", help="restore time from the service; ccache objects/s vs nginx WebDAV")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (wrk)")
+    bench.add_argument("--connections", type=int, default=16)
+    bench.add_argument(
+        "--workers", type=int, default=2, help="service worker processes (nginx: one per core)"
+    )
+    bench.set_defaults(func=cmd_cache_bench)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run one command; its exit code says what kind of failure it was (core.errors.ExitCode)."""
+    args = parser().parse_args(argv)  # a bad option exits 2 here (argparse)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        return 130
-    except Exception as exc:  # every stage raises errors that say what to do: show them plainly
-        from kernel_ci.core.errors import BUILD_FAILED_EXIT, user_facing
-
-        if not user_facing(exc):
-            raise
+    except KernelCIError as exc:  # raised on purpose: its message says what to do, its class the exit code
         from kernel_ci.report.github import report
 
         report(exc, getattr(args, "kernel", None))  # patch file / target / hunk; annotations in a workflow
         console.print("[bold red]error:[/]", Text(str(exc)))
-        return BUILD_FAILED_EXIT
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        return int(ExitCode.INTERRUPTED)
+    except Exception as exc:  # a bug: never a bare traceback that reads as a test failure (1)
+        log = _write_traceback(exc, args.output)
+        console.print(
+            "[bold red]internal error:[/]",
+            Text(f"{type(exc).__name__}: {exc}; traceback in {log}"),
+        )
+        return int(ExitCode.INFRASTRUCTURE)
+
+
+def _write_traceback(exc: BaseException, output: Path) -> Path:
+    """The traceback in <output>/kernel-ci-error.log, or in a temporary file when --output is not writable."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        log = output / ERROR_LOG
+        log.write_text(text)
+    except OSError:
+        with tempfile.NamedTemporaryFile("w", prefix="kernel-ci-error-", suffix=".log", delete=False) as f:
+            f.write(text)
+        log = Path(f.name)
+    return log
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kernel_ci.core.settings import default_cache_root
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KERNEL_PATCHES = REPO_ROOT / "kernel-patches"
 KERNEL_MODULES = REPO_ROOT / "kernel-modules"
@@ -15,13 +17,9 @@ SOURCES_LOCK = REPO_ROOT / "kernel-sources.lock.toml"
 
 
 def cache_root() -> Path:
-    """$KERNEL_CI_CACHE, else $XDG_CACHE_HOME/kernel-ci, else ~/.cache/kernel-ci."""
-    explicit = os.environ.get("KERNEL_CI_CACHE")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "kernel-ci"
+    """$KERNEL_CI_CACHE, else $XDG_CACHE_HOME/kernel-ci, else ~/.cache/kernel-ci (the user's input, read
+    by the same rule as Settings.cache_root; no module of ours sets the variable for another)."""
+    return default_cache_root(os.environ)
 
 
 def cache_dir(*parts: str) -> Path:

@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
+from typing import IO, Any
 
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 
 TAIL_LINES = 60
 STOP_GRACE_SECONDS = 10.0
@@ -24,7 +26,7 @@ POLL_SECONDS = 0.2
 LINGER_SECONDS = 2.0
 
 
-class CommandError(RuntimeError):
+class CommandError(InfrastructureError):
     """A command exited non-zero (or timed out); carries its command line and the tail of its output."""
 
     def __init__(self, argv: Sequence[str], returncode: int | None, output: str, timed_out: bool = False):
@@ -250,3 +252,72 @@ def capture(
 
 def _escape(text: str) -> str:
     return text.replace("[", r"\[")
+
+
+def probe(argv: Sequence[str | os.PathLike[str]], *, timeout: float = 20.0) -> tuple[bool, str]:
+    """Run a short check silently (`docker info`, a version query): (exit 0, its stdout+stderr). A missing
+    command or a timeout is a failed check, not an error: the caller decides what it means."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    return done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace").strip()
+
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+Stream = int | IO[Any] | None
+
+
+class Spawned:
+    """A command left running beside this process (QEMU, dockerd): its pipes, and a stop that reaches its
+    whole process group (it runs in a session of its own), SIGTERM first and SIGKILL after a grace period.
+
+    For a command whose output this process reads or writes while it runs; one that only has to finish
+    goes through run() or capture().
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.stdin: IO[bytes] | None = popen.stdin
+        self.stdout: IO[bytes] | None = popen.stdout
+        self.stderr: IO[bytes] | None = popen.stderr
+        self.pid = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def wait(self) -> int:
+        return self._popen.wait()
+
+    def stop(self, grace: float | None = None) -> None:
+        """The whole group stopped and the command reaped (a no-op once it has exited and left no one)."""
+        if self._popen.poll() is not None and not _group_alive(self.pid):
+            return
+        _stop(self._popen, grace)
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    stdin: Stream = DEVNULL,
+    stdout: Stream = PIPE,
+    stderr: Stream = PIPE,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Spawned:
+    """Start argv in a session of its own and return at once; logs the command like run().
+
+    Raises OSError when the command cannot be started (the caller says what that means: QEMU missing is a
+    failed guest run, dockerd missing a host set-up error)."""
+    args = [os.fspath(a) for a in argv]
+    console.log(f"[bold cyan]$[/] {shlex.join(args)}")
+    popen = subprocess.Popen(
+        args, stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=preexec_fn, start_new_session=True
+    )
+    return Spawned(popen)

@@ -50,11 +50,15 @@ class BuildRequest:
     fresh: bool = False  # start from an empty object tree (no incremental build)
     ccache_dir: Path | None = None  # default: the per-user ccache of kernel-ci
     external_modules: bool = True  # build every kernel-modules/<name> against the kernel (extmod/)
+    # CCACHE_REMOTE_STORAGE for the container (core.settings.Settings.ccache_remote); None: local ccache only
+    ccache_remote: str | None = field(default=None, repr=False)
 
 
 # The fields of a BuildRequest that say how to build, not what: they never reach a key. Every other field
 # must reach the plan (plan_request); tests/unit/test_buildplan.py holds the two lists together.
-HOW_NOT_WHAT = frozenset({"output", "jobs", "use_cache", "use_ccache", "fresh", "ccache_dir"})
+HOW_NOT_WHAT = frozenset(
+    {"output", "jobs", "use_cache", "use_ccache", "fresh", "ccache_dir", "ccache_remote"}
+)
 
 
 def plan_request(request: BuildRequest) -> buildplan.PlannedBuild:
@@ -193,6 +197,7 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
         jobs=request.jobs,
         timestamp=kbuild_timestamp(src.tree),
         use_ccache=request.use_ccache,
+        ccache_remote=request.ccache_remote,
     )
     with _ObjectTreeLock(out_tree):  # one build at a time per object tree; --fresh empties it under the lock
         if request.fresh and out_tree.exists():

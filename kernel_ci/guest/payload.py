@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import GUEST_TESTS
 from kernel_ci.guest import protocol
 from kernel_ci.guest.protocol import Plan, PlanSuite
@@ -47,7 +48,7 @@ exec sh ./run_kselftest.sh "$@"
 CompileC = Callable[[Path, list[str], Path], None]
 
 
-class PayloadError(RuntimeError):
+class PayloadError(InfrastructureError):
     """The payload cannot be assembled (missing module, clashing file names, non-empty destination)."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.guest.suites import LANGUAGES, Language
 
 # --- console markers (PROTOCOL.md: Boot, The runner) ------------------------------------------------------
@@ -44,7 +45,7 @@ class EndKind(enum.StrEnum):
 # --- plan.json ------------------------------------------------------------------------------------------
 
 
-class PlanError(ValueError):
+class PlanError(InfrastructureError, ValueError):
     """plan.json is missing or is not the layout below."""
 
 

@@ -2,11 +2,10 @@
 console stream with its boot, idle and global timeouts (a sysrq task dump is taken before a hung guest
 is killed).
 
-The QEMU process itself is started with subprocess.Popen here, not through kernel_ci.core.proc.run: the
-console is
-QEMU's stdout, its own diagnostics are stderr (kept apart so they never reach the console scanner), the
-host writes to its stdin while it runs (serial break + sysrq key), and it is stopped on a silence
-timeout, when no line arrives at all. Every other command here goes through kernel_ci.core.proc.
+The QEMU process itself is started with kernel_ci.core.proc.spawn, not proc.run: the console is QEMU's
+stdout, its own diagnostics are stderr (kept apart so they never reach the console scanner), the host
+writes to its stdin while it runs (serial break + sysrq key), and it is stopped on a silence timeout, when
+no line arrives at all. Every other command here goes through kernel_ci.core.proc.run.
 
 The guest runs patch authors' tests as root, so everything it can send the host is bounded: the console
 log on disk (console_limit; the rest is still read and scanned, and the cut is said), the lines queued
@@ -25,7 +24,6 @@ import queue
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from typing import IO, Literal
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.guest import protocol
 from kernel_ci.guest.protocol import EndKind
@@ -94,7 +93,7 @@ class KvmProbe:
     reason: str
 
 
-class AccelError(RuntimeError):
+class AccelError(InfrastructureError):
     """An accelerator was requested that this host cannot offer."""
 
 
@@ -388,16 +387,9 @@ def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
     script.write_text(cmdline_script(argv))
     script.chmod(0o755)
     cfg.monitor_socket.unlink(missing_ok=True)
-    console.log(f"[bold cyan]$[/] {shlex.join(argv)}")
     started = time.monotonic()
     try:
-        qemu = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
+        qemu = proc.spawn(argv, stdin=proc.PIPE, preexec_fn=_die_with_parent)
     except OSError as exc:
         cfg.console_log.write_text("")
         return GuestRun(
@@ -522,7 +514,7 @@ class _Marks:
 def _watch(
     cfg: QemuConfig,
     argv: list[str],
-    qemu: subprocess.Popen[bytes],
+    qemu: proc.Spawned,
     started: float,
     on_line: LineSink | None,
     out: _Console,
@@ -607,7 +599,7 @@ def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -
     return None
 
 
-def _sysrq_dump(qemu: subprocess.Popen[bytes], out: _Console, take: LineSink) -> tuple[str, bool]:
+def _sysrq_dump(qemu: proc.Spawned, out: _Console, take: LineSink) -> tuple[str, bool]:
     """Ask the guest for its stacks over the serial line and collect what it prints: until the console
     has been quiet for SYSRQ_QUIET_SECONDS (at most SYSRQ_MAX_SECONDS). Returns (dump, saw_eof)."""
     dump: collections.deque[str] = collections.deque(maxlen=SYSRQ_DUMP_LINES)
@@ -627,7 +619,7 @@ def _sysrq_dump(qemu: subprocess.Popen[bytes], out: _Console, take: LineSink) ->
         take(line)
 
 
-def send_sysrq(qemu: subprocess.Popen[bytes], keys: str) -> None:
+def send_sysrq(qemu: proc.Spawned, keys: str) -> None:
     """Serial sysrq through the stdio mux: Ctrl-A b sends a break, the next character is the command."""
     assert qemu.stdin is not None
     for key in keys:
@@ -642,12 +634,5 @@ def send_sysrq(qemu: subprocess.Popen[bytes], keys: str) -> None:
         time.sleep(0.3)
 
 
-def _stop(qemu: subprocess.Popen[bytes]) -> None:
-    if qemu.poll() is not None:
-        return
-    qemu.terminate()
-    try:
-        qemu.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        qemu.kill()
-        qemu.wait()
+def _stop(qemu: proc.Spawned) -> None:
+    qemu.stop(grace=5)

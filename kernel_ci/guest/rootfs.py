@@ -27,6 +27,7 @@ from typing import Any
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import sha256_file
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.host import aptmirror
 
@@ -58,7 +59,7 @@ TRIM = (
 )
 
 
-class RootfsError(RuntimeError):
+class RootfsError(InfrastructureError):
     """The image cannot be built here (not root, tool missing, no mirror) or its recipe is broken."""
 
 
@@ -133,15 +134,20 @@ def _recipe_files(recipe_dir: Path, init_script: Path) -> dict[str, tuple[Path, 
     return files
 
 
-def image_path(key: str) -> Path:
-    return cache_dir("rootfs") / f"{SUITE}-{key[:16]}.qcow2"
+def image_path(key: str, cache: Path | None = None) -> Path:
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    return (cache or cache_dir("rootfs")) / f"{SUITE}-{key[:16]}.qcow2"
 
 
-def ensure_rootfs(recipe_dir: Path, init_script: Path, *, rebuild: bool = False) -> RootfsImage:
-    """The cached image for this recipe, built first when missing (or when rebuild is set)."""
+def ensure_rootfs(
+    recipe_dir: Path, init_script: Path, *, rebuild: bool = False, cache: Path | None = None
+) -> RootfsImage:
+    """The cached image for this recipe, built first when missing (or when rebuild is set); cache: the
+    image directory (default: the user's cache, rootfs/)."""
     recipe = load_recipe(recipe_dir, init_script)
     key = recipe.key()
-    image = image_path(key)
+    image = image_path(key, cache)
     sidecar = image.with_suffix(".json")
     with _lock(image.with_suffix(".lock")):
         if not rebuild and image.is_file() and sidecar.is_file():

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kernel_ci.core.errors import UsageError
 from kernel_ci.core.paths import GUEST_TESTS
 
 Language = Literal["c", "python", "kselftest"]
@@ -48,7 +49,7 @@ _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9][A-Za-z0-9_.+-
 _XFAIL_KEYS = {"test", "case", "kernels", "reason"}
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError, ValueError):
     """A suite folder or manifest that cannot be used; the message names the file and the problem."""
 
 

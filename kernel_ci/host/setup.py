@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.host import aptmirror
 
@@ -35,7 +35,7 @@ TRIXIE_SOURCE = Path("/etc/apt/sources.list.d/kernel-ci-trixie.sources")
 TRIXIE_PIN = Path("/etc/apt/preferences.d/kernel-ci-trixie")
 
 
-class HostSetupError(RuntimeError):
+class HostSetupError(InfrastructureError):
     pass
 
 
@@ -82,13 +82,7 @@ def _sbin(command: str) -> bool:
 
 
 def _docker_answers() -> tuple[bool, str]:
-    try:
-        done = subprocess.run(
-            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=20
-        )
-    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-        return False, str(exc)
-    return done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace").strip()
+    return proc.probe(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=20)
 
 
 def ensure_docker_engine() -> str:
@@ -119,13 +113,7 @@ def ensure_docker_engine() -> str:
     log = cache_dir("logs") / "dockerd.log"
     console.print(f"starting the Docker engine (log: {log})")
     with log.open("ab") as handle:
-        subprocess.Popen(
-            [dockerd],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc.spawn([dockerd], stdout=handle, stderr=proc.STDOUT)  # left running: the engine outlives us
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         ok, detail = _docker_answers()
@@ -136,8 +124,7 @@ def ensure_docker_engine() -> str:
 
 
 def buildx_available() -> bool:
-    done = subprocess.run(["docker", "buildx", "version"], capture_output=True)
-    return done.returncode == 0
+    return proc.probe(["docker", "buildx", "version"])[0]
 
 
 def ensure_buildx() -> None:

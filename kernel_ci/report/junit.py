@@ -22,10 +22,11 @@ from junitparser import Skipped as ParsedSkipped
 from junitparser import TestCase as ParsedCase
 from junitparser import TestSuite as ParsedSuite
 
+from kernel_ci.core.errors import UsageError
 from kernel_ci.report.model import Case, CaseState, Outcome, RunRecord, RunReport, SuiteResult
 
 
-class JunitError(ValueError):
+class JunitError(UsageError, ValueError):
     """Not a JUnit report: missing, not XML, another root element, or a DTD refused."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from kernel_ci.core.errors import UsageError
 from kernel_ci.guest.protocol import EndKind
 
 
@@ -163,7 +164,7 @@ RUN_RECORD_SCHEMA = 1
 RUN_RECORD_FILE = "run.json"
 
 
-class RunRecordError(ValueError):
+class RunRecordError(UsageError, ValueError):
     """A run.json that is not what this kernel-ci writes; the message says which file and what is wrong."""
 
 

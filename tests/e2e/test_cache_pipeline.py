@@ -3,6 +3,7 @@ builder container reaching the service's ccache storage over host networking."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,7 +60,6 @@ def test_the_builder_container_reaches_the_ccache_storage(
     (tmp_path / "ccache").mkdir()
     with server_process(tmp_path / "server") as server:
         storage = f"{server.url}/ccache/|bearer-token={TOKEN}"
-        monkeypatch.setenv("CCACHE_REMOTE_STORAGE", storage)
         env = builder.BuildEnv(
             image=image,
             src=tmp_path / "src",
@@ -67,16 +67,20 @@ def test_the_builder_container_reaches_the_ccache_storage(
             ccache_dir=tmp_path / "ccache",
             jobs=1,
             timestamp="Thu Jan  1 00:00:00 UTC 2024",
+            ccache_remote=storage,
         )
         argv = builder.docker_run_argv(
             env, ["ccache", "gcc", "-c", f"{builder.SRC}/hello.c", "-o", "hello.o"]
         )
         assert argv[argv.index("--network") + 1] == "host"
         assert "CCACHE_REMOTE_STORAGE" in argv and storage not in " ".join(argv)  # the token is not logged
-        proc.run(argv)
+        assert storage not in repr(env)
+        for tree in (env.out, env.ccache_dir):  # the container writes as the unprivileged build user
+            builder.give_to_build_user(tree)
+        proc.run(argv, env=builder.container_env(env))
         assert httpx.get(f"{server.url}/healthz").json()["ccache"] >= 1  # the object went to the service
 
-        monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
+        env = dataclasses.replace(env, ccache_remote=None)
         offline = builder.docker_run_argv(env, ["true"])
         assert offline[offline.index("--network") + 1] == "none" and "CCACHE_REMOTE_STORAGE" not in offline
     assert os.environ.get("CCACHE_REMOTE_STORAGE") is None

@@ -169,7 +169,14 @@ def test_every_request_field_reaches_the_plan_or_is_declared_how_not_what(tmp_pa
     for name, values in changes.items():
         for value in values:
             assert plan_request(replace(base, **{name: value})).plan != plan, f"BuildRequest.{name}={value!r}"
-    how = {"jobs": 1, "use_cache": False, "use_ccache": False, "fresh": True, "ccache_dir": tmp_path}
+    how = {
+        "jobs": 1,
+        "use_cache": False,
+        "use_ccache": False,
+        "fresh": True,
+        "ccache_dir": tmp_path,
+        "ccache_remote": "http://127.0.0.1:1/ccache/",
+    }
     assert set(how) | {"output"} == HOW_NOT_WHAT
     assert plan_request(replace(base, output=tmp_path / "elsewhere", **how)).plan == plan
 

@@ -135,3 +135,40 @@ def test_output_and_status_are_unchanged_for_ordinary_commands() -> None:
     with pytest.raises(proc.CommandError) as caught:
         proc.run(["sh", "-c", "echo bad; exit 3"], quiet=True)
     assert caught.value.returncode == 3 and not caught.value.timed_out
+
+
+def test_spawn_stops_the_whole_group_including_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
+    """proc.spawn (QEMU, dockerd): stop() reaches every process the command started, SIGKILL after grace."""
+    pid_file = tmp_path / "child.pid"
+    script = f"sh -c 'trap \"\" TERM; echo $$ > {pid_file}; while :; do sleep 0.1; done' & echo up; wait"
+    spawned = proc.spawn(["sh", "-c", script])
+    assert spawned.stdout is not None and spawned.stdout.readline() == b"up\n"
+    deadline = time.monotonic() + 30  # a loaded machine is slow to start a shell
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    started = time.monotonic()
+    spawned.stop(grace=GRACE)
+    assert time.monotonic() - started < GRACE + 10  # not the 300 s of a child nobody killed
+    assert spawned.returncode is not None
+    deadline = time.monotonic() + 10
+    while _alive(child):  # SIGKILLed; init reaps the orphan a moment later
+        assert time.monotonic() < deadline, "the child that ignores SIGTERM survived the stop"
+        time.sleep(0.05)
+    spawned.stop()  # stopping what is gone is a no-op
+
+
+def test_spawn_of_a_missing_command_raises_oserror() -> None:
+    with pytest.raises(OSError):
+        proc.spawn(["/nonexistent/kernel-ci-no-such-command"])
+
+
+def test_probe_is_a_silent_yes_or_no() -> None:
+    assert proc.probe(["sh", "-c", "echo fine; echo also >&2"]) == (True, "fine\nalso")
+    ok, detail = proc.probe(["sh", "-c", "echo broken >&2; exit 3"])
+    assert not ok and detail == "broken"
+    assert not proc.probe(["/nonexistent/kernel-ci-no-such-command"])[0]
+    started = time.monotonic()
+    ok, detail = proc.probe(["sleep", "30"], timeout=0.5)
+    assert not ok and "timed out" in detail and time.monotonic() - started < 5

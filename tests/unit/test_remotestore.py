@@ -22,6 +22,7 @@ from kernel_ci.cache.remote import (
 )
 from kernel_ci.cache.server.server import ServerConfig
 from kernel_ci.cache.store import BuildStore, CacheStoreError, LocalStore
+from kernel_ci.core.settings import Settings
 from tests.cacheservice import TOKEN, server_in_thread
 
 KEY = "5e" * 32
@@ -119,7 +120,7 @@ def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     config_file = tmp_path / "config.toml"
     monkeypatch.setenv("KERNEL_CI_CONFIG", str(config_file))
     assert RemoteConfig.resolve() is None
-    assert isinstance(open_store(local=LocalStore(tmp_path / "l")), LocalStore)
+    assert isinstance(open_store(Settings.load(), local=LocalStore(tmp_path / "l")), LocalStore)
     config_file.write_text('[cache]\nurl = "http://127.0.0.1:1/"\ntoken = "from-file"\n')
     assert RemoteConfig.resolve() == RemoteConfig("http://127.0.0.1:1", "from-file", True)
     monkeypatch.setenv("KERNEL_CI_CACHE_URL", "http://127.0.0.1:2")
@@ -127,9 +128,21 @@ def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert RemoteConfig.resolve().url == "http://127.0.0.1:2"  # type: ignore[union-attr]
     config = RemoteConfig.resolve("http://127.0.0.1:3")
     assert config is not None and config.url == "http://127.0.0.1:3" and config.token == "from-env"
-    store = open_store("http://127.0.0.1:3", local=LocalStore(tmp_path / "l"))
+    settings = Settings.load("http://127.0.0.1:3")
+    store = open_store(settings, local=LocalStore(tmp_path / "l"))
     assert isinstance(store, RemoteStore)
-    assert os.environ["CCACHE_REMOTE_STORAGE"] == "http://127.0.0.1:3/ccache/|bearer-token=from-env"
+    # the ccache storage travels in the settings (to the BuildRequest), not through this process's environment
+    assert settings.ccache_remote == "http://127.0.0.1:3/ccache/|bearer-token=from-env"
+    assert "CCACHE_REMOTE_STORAGE" not in os.environ
+    # the user's own CCACHE_REMOTE_STORAGE is an input, and wins
+    monkeypatch.setenv("CCACHE_REMOTE_STORAGE", "http://elsewhere/ccache/")
+    assert Settings.load("http://127.0.0.1:3").ccache_remote == "http://elsewhere/ccache/"
+    # ccache = false in the config file: the service for builds, not for ccache
+    monkeypatch.delenv("CCACHE_REMOTE_STORAGE")
+    monkeypatch.delenv("KERNEL_CI_CACHE_URL")
+    config_file.write_text('[cache]\nurl = "http://127.0.0.1:1/"\nccache = false\n')
+    assert Settings.load().ccache_remote is None and Settings.load().cache_url == "http://127.0.0.1:1"
+    assert "from-env" not in repr(Settings.load())  # the token is never printed with the settings
 
 
 def test_a_test_run_is_attached_to_the_pushed_build(tmp_path: Path) -> None:

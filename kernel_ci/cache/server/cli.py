@@ -1,4 +1,4 @@
-"""``kernel-ci cache ...``: the service's subcommands (registered by kernel_ci/cli/main.py)."""
+"""``kernel-ci cache serve|scrub``: the service's subcommands (registered by kernel_ci/cli/main.py)."""
 
 from __future__ import annotations
 
@@ -52,16 +52,9 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from kernel_ci.bench.cache import run_cache_bench
-
-    run_cache_bench(
-        args.output / "bench", duration=args.duration, connections=args.connections, workers=args.workers
-    )
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """`cache serve` and `cache scrub`; returns the `cache` subcommands, to which kernel_ci.cli adds
+    `cache bench` (the bench composes the service with nginx and wrk: not the service's own business)."""
     cache = sub.add_parser("cache", help="the shared build cache service").add_subparsers(
         dest="cache_command", required=True
     )
@@ -98,10 +91,4 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     scrub.add_argument("--index", help="as for serve")
     scrub.add_argument("--blobs", help="as for serve")
     scrub.set_defaults(func=cmd_scrub)
-    bench = cache.add_parser("bench", help="restore time from the service; ccache objects/s vs nginx WebDAV")
-    bench.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (wrk)")
-    bench.add_argument("--connections", type=int, default=16)
-    bench.add_argument(
-        "--workers", type=int, default=2, help="service worker processes (nginx: one per core)"
-    )
-    bench.set_defaults(func=cmd_bench)
+    return cache

@@ -1,0 +1,117 @@
+"""The options shared by several subcommands, what they mean as a BuildRequest, and their up-front checks.
+
+A module of its own so that cli.main (the parser, the error handling) and cli.commands (key, matrix,
+summary, patches) both use it without importing each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from kernel_ci.core.errors import UsageError
+from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.settings import Settings
+
+
+def add_build_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("build")
+    group.add_argument(
+        "--kernel", help="version or alias from kernel-sources.lock.toml (default: its default)"
+    )
+    group.add_argument(
+        "--series",
+        action="append",
+        help="patch series under kernel-patches/ (repeatable; default: all; 'none' for a vanilla kernel)",
+    )
+    group.add_argument("--fragment", action="append", type=Path, default=[], help="extra kconfig fragment")
+    group.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
+    group.add_argument("--no-cache", action="store_true", help="build even if the build cache has this key")
+    group.add_argument("--no-ccache", action="store_true", help="compile without ccache")
+    group.add_argument("--fresh", action="store_true", help="start from an empty object tree")
+    group.add_argument(
+        "--cache-url",
+        help="shared build cache service (default: $KERNEL_CI_CACHE_URL, else the [cache] config table)",
+    )
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    """The run's settings, read once from the flags, the environment and the config file."""
+    return Settings.load(getattr(args, "cache_url", None))
+
+
+def build_request(args: argparse.Namespace, ccache_remote: str | None = None):  # type: ignore[no-untyped-def]
+    """The build the options ask for. Never the suites: the kernel carries every suite's needs, so that
+    `kernel-ci test --suite X` tests the very kernel a full `kernel-ci test` (or `kernel-ci build`) built."""
+    from kernel_ci.flow.build import BuildRequest
+
+    return BuildRequest(
+        kernel=args.kernel,
+        series=series(args),
+        fragments=args.fragment,
+        output=args.output / "build",
+        jobs=args.jobs,
+        use_cache=not args.no_cache,
+        use_ccache=not args.no_ccache,
+        fresh=args.fresh,
+        ccache_remote=ccache_remote,
+    )
+
+
+def series(args: argparse.Namespace) -> list[str] | None:
+    """--series as the pipeline takes it: None = every series; 'none' alone = a vanilla kernel."""
+    return None if args.series is None else [s for s in args.series if s != "none"]
+
+
+SUITE_NO_LONGER_BUILDS = (
+    "--suite no longer changes the kernel: every build carries every guest suite's kconfig and kselftests, "
+    "so this is the kernel `kernel-ci test` tests; choose the suites to run with `kernel-ci test --suite`"
+)
+
+
+def warn_suite_ignored(args: argparse.Namespace) -> None:
+    """`build --suite` / `key --suite` are accepted (scripts that pass them keep working) and ignored."""
+    if getattr(args, "suite", None):
+        from kernel_ci.core.console import warn
+
+        warn(f"{SUITE_NO_LONGER_BUILDS} (ignored: --suite {' --suite '.join(args.suite)})")
+
+
+# What a build output directory must hold for `kernel-ci test --kernel-dir` to boot and report it.
+KERNEL_DIR_FILES = ("bzImage", "metadata.json")
+
+
+def check_kernel(version: str | None) -> None:
+    """An unknown --kernel is the user's mistake (exit 2), found before Docker or the network is touched."""
+    from kernel_ci.build import source
+
+    source.load_lock().candidates(version)  # raises UnknownVersionError (a UsageError)
+
+
+def check_kernel_dir(kernel_dir: Path) -> None:
+    """--kernel-dir must be a build output (kernel-ci build's out/build), not a typo or a source tree."""
+    if not kernel_dir.is_dir():
+        raise UsageError(f"--kernel-dir {kernel_dir}: no such directory (pass a `kernel-ci build` output)")
+    missing = [name for name in KERNEL_DIR_FILES if not (kernel_dir / name).is_file()]
+    if missing:
+        raise UsageError(
+            f"--kernel-dir {kernel_dir}: not a kernel-ci build output (no {', '.join(missing)}); "
+            "pass the output directory of `kernel-ci build` (default out/build)"
+        )
+
+
+def check_suites(names: list[str] | None, root: Path = GUEST_TESTS) -> None:
+    """Every --suite names a suite folder (exit 2 otherwise), checked before minutes of building."""
+    if names:
+        from kernel_ci.guest import suites
+
+        suites.load_suites(root, names)  # raises ManifestError (a UsageError) naming the unknown ones
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """`repro RUN_DIR` takes one run of `kernel-ci test` (out/latest, out/runs/<time>): it holds run.json."""
+    if not (run_dir / "run.json").is_file():
+        raise UsageError(
+            f"{run_dir}: not a kernel-ci test run (no run.json); e.g. out/latest or out/runs/<time>"
+        )

@@ -1,0 +1,184 @@
+"""Every error kernel-ci raises on purpose carries the exit code of its kind (core.errors)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+from python_on_whales import DockerException
+
+from kernel_ci.build import images, kbuild, source
+from kernel_ci.build.patches import PatchApplyError, PatchError, PatchToolMissingError
+from kernel_ci.core import proc
+from kernel_ci.core.errors import (
+    BuildError,
+    ExitCode,
+    InfrastructureError,
+    KernelCIError,
+    UsageError,
+)
+
+PACKAGE = Path(__file__).resolve().parents[2] / "kernel_ci"
+# Errors that never leave their module: the service turns them into HTTP statuses, the results reader
+# into a note in the report. They are not raised to the command line.
+INTERNAL = {
+    "kernel_ci.cache.server.service.ServiceError",
+    "kernel_ci.cache.server.blobs.BlobError",
+    "kernel_ci.report.guestfiles.GuestFileError",
+}
+EXPECTED = {
+    "kernel_ci.build.patches.PatchError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.patches.SeriesError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.patches.PatchApplyError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.patches.PatchToolMissingError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.build.kconfig.KconfigError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.extmodules.ModuleBuildError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.kselftest.KselftestError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.patchexport.ExportError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.plan.PlanError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.kbuild.CompileError": ExitCode.BUILD_FAILED,
+    "kernel_ci.build.images.ImageError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.build.source.SourceError": ExitCode.INFRASTRUCTURE,  # the base; raised as one of the two below
+    "kernel_ci.build.source.UnknownVersionError": ExitCode.USAGE,
+    "kernel_ci.build.source.SourceUnavailableError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.build.records.RecordError": ExitCode.USAGE,
+    "kernel_ci.host.setup.HostSetupError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.guest.rootfs.RootfsError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.guest.qemu.AccelError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.guest.payload.PayloadError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.guest.suites.ManifestError": ExitCode.USAGE,
+    "kernel_ci.cache.store.CacheStoreError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.cache.remote.RemoteCacheError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.core.proc.CommandError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.report.junit.JunitError": ExitCode.USAGE,  # `kernel-ci summary` of a file that is not JUnit
+    "kernel_ci.report.model.RunRecordError": ExitCode.USAGE,  # `kernel-ci repro` of a folder that is no run
+    "kernel_ci.guest.protocol.PlanError": ExitCode.INFRASTRUCTURE,  # plan.json is ours: damaged = broken host
+    "kernel_ci.cache.store.UnsafeEntryError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.cli.matrix.MatrixError": ExitCode.USAGE,
+}
+
+
+def _error_classes() -> list[str]:
+    """Every `class ...Error(...)` defined in the package, read from the source (so a new one is seen)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                found.append(f"{module}.{node.name}")
+    return found
+
+
+def _load(qualified: str) -> type[BaseException]:
+    module, name = qualified.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("qualified", [q for q in _error_classes() if q not in INTERNAL])
+def test_every_error_class_carries_an_exit_code(qualified: str) -> None:
+    cls = _load(qualified)
+    assert issubclass(cls, KernelCIError), f"{qualified} must derive from core.errors.KernelCIError"
+    if qualified.startswith("kernel_ci.core.errors."):
+        return
+    assert qualified in EXPECTED, f"{qualified}: say which exit code it means in EXPECTED"
+    assert cls.exit_code == EXPECTED[qualified]
+
+
+def test_the_exit_codes_of_the_three_kinds() -> None:
+    assert (UsageError.exit_code, BuildError.exit_code, InfrastructureError.exit_code) == (2, 10, 7)
+    assert KernelCIError.exit_code == ExitCode.INFRASTRUCTURE  # an unclassified error is not the user's
+
+
+def test_a_missing_patch_tool_is_infrastructure_yet_still_a_patch_error() -> None:
+    """`except PatchError` keeps catching it; its exit code says the host, not the series, is at fault."""
+    assert issubclass(PatchToolMissingError, PatchError)
+    assert PatchToolMissingError("patch is missing").exit_code == ExitCode.INFRASTRUCTURE
+    assert PatchApplyError.exit_code == ExitCode.BUILD_FAILED
+
+
+def test_an_unknown_version_is_a_usage_error() -> None:
+    with pytest.raises(source.UnknownVersionError) as caught:
+        source.load_lock().candidates("9.99-nonexistent")
+    assert isinstance(caught.value, source.SourceError) and caught.value.exit_code == ExitCode.USAGE
+
+
+def test_a_tarball_no_mirror_delivers_is_infrastructure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path / "cache"))
+    tarball = source.Tarball("9.9", "kernel.org", "v9.x/linux-9.9.tar.xz", "0" * 64, "linux-9.9")
+    # a port nothing listens on: the download fails for real
+    with pytest.raises(source.SourceUnavailableError) as caught:
+        source.fetch_tarball(tarball, urls=["http://127.0.0.1:9/linux-9.9.tar.xz"])
+    assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+
+
+@pytest.mark.parametrize(
+    ("returncode", "timed_out", "is_compile_error"),
+    [
+        (2, False, True),
+        (1, False, True),
+        (125, False, False),
+        (126, False, False),
+        (127, False, False),
+        (137, False, False),
+        (None, False, False),
+        (-15, True, False),
+    ],
+)
+def test_only_make_failing_in_the_container_is_a_build_failure(
+    returncode: int | None, timed_out: bool, is_compile_error: bool
+) -> None:
+    """make's status passes through `docker run`; 125-127 and 137 are Docker's own (daemon, exec, OOM)."""
+    exc = proc.CommandError(["docker", "run", "..."], returncode, "", timed_out=timed_out)
+    assert kbuild.make_failed(exc) is is_compile_error
+
+
+def test_a_failing_make_in_a_real_container_command_is_a_compile_error() -> None:
+    """The real `docker run` status convention, seen through proc: `sh -c 'exit 2'` gives 2 (make's)."""
+    with pytest.raises(proc.CommandError) as caught:
+        proc.run(["sh", "-c", "exit 2"], quiet=True)
+    assert kbuild.make_failed(caught.value)
+
+
+def test_docker_not_answering_is_an_image_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """python-on-whales' DockerException never reaches the user raw: a real docker client pointed at a
+    socket that does not exist fails, and images.py says so as infrastructure."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/kernel-ci-test.sock")
+    with pytest.raises(images.ImageError) as caught:
+        images.ensure_builder_image()
+    assert isinstance(caught.value.__cause__, DockerException)
+    assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+    assert "docker info" in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_module_that_does_not_compile_is_a_build_failure(tmp_path: Path) -> None:
+    """Real make in the real builder container against a cached kernel build: a compile error is the
+    kernel's inputs' fault (10), not Docker's (7)."""
+    import json
+
+    from kernel_ci.build import extmodules
+    from kernel_ci.cache.store import LocalStore
+
+    entry = next(
+        (
+            found
+            for key, _manifest in LocalStore().manifests()
+            if (found := LocalStore().get(key)) is not None and (found / "kbuild").is_dir()
+        ),
+        None,
+    )
+    if entry is None:
+        pytest.skip("no kernel build in the local build cache to build a module against")
+    image = json.loads((entry / "metadata.json").read_text())["toolchain"]["image"]
+    module = tmp_path / "broken"
+    module.mkdir()
+    (module / "Kbuild").write_text("obj-m := broken.o\n")
+    (module / "broken.c").write_text('#include <linux/module.h>\nthis is not C;\nMODULE_LICENSE("GPL");\n')
+    with pytest.raises(extmodules.ModuleBuildError) as caught:
+        extmodules.build(image, entry / "kbuild", extmodules.ModuleSource("broken", module), tmp_path / "out")
+    assert caught.value.exit_code == ExitCode.BUILD_FAILED
+    assert "broken.c" in str(caught.value)
