@@ -8,6 +8,7 @@ import gzip
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,58 @@ def test_exact_on_repeated_runs(tracer):
         (m,) = tl.measure(tracer, work)
         assert m.status == 0, tl.errname(m.status)
         assert m.delta() == work.expected(), f"run {i}\n{m.describe()}"
+
+
+# ---- frees that bypass kfree() ----
+
+
+def _parked_with_records(tracer, work: tl.Workload, settle=None):
+    """Run a parked workload; the tables and records in use at both parks (settle() runs while parked
+    after, before the second look). Returns (Measured, records before, records after)."""
+    work.start()
+    try:
+        tracer.add(work.pid)
+        work.wait(tl.WL_PARKED_BEFORE)
+        before, held_before = tl.table(), tl.pool_used("records")
+        work.release()
+        work.wait(tl.WL_PARKED_AFTER)
+        if settle:
+            settle(held_before)
+        after, held_after = tl.table(), tl.pool_used("records")
+        work.release()
+    except BaseException:
+        work.abort()
+        raise
+    return tl.Measured(before, after, work.pid, work.finish()), held_before, held_after
+
+
+def test_kfree_bulk_releases_bytes_and_records(tracer):
+    """kfree_bulk() frees kmalloc blocks without calling kfree(): the tracer probes kmem_cache_free_bulk(),
+    so their bytes go to the caller's kfree_mem and their records back to the pool (not stale records)."""
+    work = tl.Workload(count=40, size=48, step=8, ops=tl.WL_OP_BULK)
+    m, held_before, held_after = _parked_with_records(tracer, work)
+    assert m.status == 0, tl.errname(m.status)
+    assert m.delta() == work.expected(), m.describe()
+    assert held_after <= held_before, f"{held_after - held_before} stale records\n{tl.stats()[2]}"
+
+
+def test_kfree_rcu_releases_records(tracer):
+    """kvfree_rcu() frees later, in batches, through kfree_bulk(): the records go once the batch is freed
+    (the worker is still alive and monitored, so they cannot go with it)."""
+    work = tl.Workload(count=40, size=40, step=4, ops=tl.WL_OP_KFREE_RCU)
+
+    def until_released(held_before: int) -> None:
+        deadline = time.monotonic() + 20  # a grace period and the batch's drain delay, under TCG
+        while tl.pool_used("records") > held_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    m, held_before, held_after = _parked_with_records(tracer, work, until_released)
+    assert m.status == 0, tl.errname(m.status)
+    want = work.expected()
+    got = m.delta()
+    for column in ("kmalloc", "kmalloc_mem"):
+        assert got[column] == want[column], f"{column}\n{m.describe()}"
+    assert held_after <= held_before, f"{held_after - held_before} stale records after 20 s\n{tl.stats()[2]}"
 
 
 # ---- add / remove ----
@@ -353,7 +406,15 @@ def test_tracer_ioctls_count_nothing_of_the_tracers_own(tracer):
 
 def test_stats_list_every_probe_with_nmissed(tracer):
     probes, pools, text = tl.stats()
-    for symbol in ("__kmalloc", "kfree", "schedule", "up", "down_interruptible", "mutex_unlock", "do_exit"):
+    for symbol in (
+        "__kmalloc",
+        "kfree",
+        "schedule",
+        "up",
+        "down_interruptible",
+        "mutex_unlock",
+        "kmem_cache_free_bulk",
+    ):
         assert symbol in probes, text
         assert probes[symbol]["nmissed"].isdigit(), text
     assert "mutex_lock" in probes or "mutex_lock_nested" in probes, text

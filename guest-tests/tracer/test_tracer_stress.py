@@ -142,3 +142,17 @@ def test_reload_after_cycles_works():
         assert tl.table().rows == {}
     finally:
         tl.unload_tracer()
+
+
+LOCKDEP_STATS = Path("/proc/lockdep_stats")
+
+
+def test_lockdep_still_on_after_the_suite():
+    """On a lockdep kernel (kconfig/lockdep.config, kconfig/debug.config) no report switched lockdep off
+    while the tracer ran: lockdep prints its first report and stops checking, so one report (the kretprobe
+    core's or the tracer's) would hide every later one. The console scanner fails the run on the report
+    itself; this says whether lockdep was still checking at the end."""
+    if not LOCKDEP_STATS.exists():
+        pytest.skip("not a lockdep kernel (CONFIG_PROVE_LOCKING)")
+    fields = dict(line.split(":", 1) for line in LOCKDEP_STATS.read_text().splitlines() if ":" in line)
+    assert int(fields[" debug_locks"].strip()) == 1, LOCKDEP_STATS.read_text()

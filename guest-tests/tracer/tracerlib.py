@@ -44,7 +44,8 @@ WL_MISS = _ioc(_IOC_NONE, ord("W"), 4, 0)
 WL_LEAK = _ioc(_IOC_NONE, ord("W"), 5, 0)
 WL_LEAK_SIZE = 777
 WL_OP_KMALLOC, WL_OP_MUTEX, WL_OP_SEM, WL_OP_SCHED = 0x1, 0x2, 0x4, 0x8
-WL_OP_ALL = 0xF
+WL_OP_ALL = 0xF  # one operation per column
+WL_OP_BULK, WL_OP_KFREE_RCU = 0x10, 0x20  # frees that bypass kfree(): kfree_bulk(), kvfree_rcu()
 WL_PARK = 0x1
 WL_PARKED_BEFORE, WL_PARKED_AFTER = 1, 3
 
@@ -91,7 +92,7 @@ TRACER_SYMBOLS = {
     "mutex_lock",
     "mutex_lock_nested",
     "mutex_unlock",
-    "do_exit",
+    "kmem_cache_free_bulk",
 }
 
 
@@ -356,8 +357,18 @@ class Workload:
             if self.ops & op:
                 for c in cols:
                     exp[c] = n
+        nbytes = sum(self.size + i * self.step for i in range(n))
         if self.ops & WL_OP_KMALLOC:
-            exp["kmalloc_mem"] = exp["kfree_mem"] = sum(self.size + i * self.step for i in range(n))
+            exp["kmalloc_mem"] = exp["kfree_mem"] = nbytes
+        # kfree_bulk(): the blocks' bytes are released by the caller, in no kfree() call
+        if self.ops & WL_OP_BULK:
+            exp["kmalloc"] += n
+            exp["kmalloc_mem"] += nbytes
+            exp["kfree_mem"] += nbytes
+        # kvfree_rcu(): released later, by whoever runs the RCU batch (never the caller)
+        if self.ops & WL_OP_KFREE_RCU:
+            exp["kmalloc"] += n
+            exp["kmalloc_mem"] += nbytes
         return exp
 
 

@@ -6,7 +6,9 @@
  * the calling process, exactly count x kmalloc (a run-time size, so
  * __kmalloc) of size + i * step bytes followed by their count x kfree,
  * count x mutex_lock/mutex_unlock, count x down_interruptible/up and
- * count x schedule_timeout_interruptible(1) (one schedule() each).
+ * count x schedule_timeout_interruptible(1) (one schedule() each); and
+ * frees that bypass kfree(): count x kmalloc freed by one kfree_bulk(), or
+ * each by kvfree_rcu() (freed later, in batches, by kfree_bulk()).
  *
  * With WL_PARK the run parks before and after the work: it busy-waits in the
  * kernel (cond_resched(), which never calls schedule()) until another
@@ -36,10 +38,12 @@
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
+#include <linux/rcupdate.h>
 #include <linux/sched.h>
 #include <linux/sched/signal.h>
 #include <linux/semaphore.h>
 #include <linux/slab.h>
+#include <linux/string.h>
 #include <linux/uaccess.h>
 #include <linux/wait.h>
 
@@ -115,13 +119,59 @@ static int wl_kmalloc(struct wl_session *s, const struct wl_run *run)
 	return err;
 }
 
-static int wl_work(struct wl_session *s, const struct wl_run *run)
+/* count x kmalloc(size + i * step) into s->ptrs; all freed on failure. */
+static int wl_alloc(struct wl_session *s, const struct wl_run *run)
 {
 	u32 i;
 
-	if (run->ops & WL_OP_KMALLOC) {
-		int err = wl_kmalloc(s, run);
+	for (i = 0; i < run->count; i++) {
+		s->ptrs[i] = kmalloc(run->size + i * run->step, GFP_KERNEL);
+		if (!s->ptrs[i]) {
+			kfree_bulk(i, s->ptrs);
+			return -ENOMEM;
+		}
+	}
+	return 0;
+}
 
+static int wl_bulk(struct wl_session *s, const struct wl_run *run)
+{
+	int err = wl_alloc(s, run);
+
+	if (!err)
+		kfree_bulk(run->count, s->ptrs);
+	memset(s->ptrs, 0, sizeof(s->ptrs));
+	return err;
+}
+
+static int wl_kfree_rcu(struct wl_session *s, const struct wl_run *run)
+{
+	int err = wl_alloc(s, run);
+	u32 i;
+
+	for (i = 0; !err && i < run->count; i++)
+		kvfree_rcu(s->ptrs[i]);
+	memset(s->ptrs, 0, sizeof(s->ptrs));
+	return err;
+}
+
+static int wl_work(struct wl_session *s, const struct wl_run *run)
+{
+	int err;
+	u32 i;
+
+	if (run->ops & WL_OP_KMALLOC) {
+		err = wl_kmalloc(s, run);
+		if (err)
+			return err;
+	}
+	if (run->ops & WL_OP_BULK) {
+		err = wl_bulk(s, run);
+		if (err)
+			return err;
+	}
+	if (run->ops & WL_OP_KFREE_RCU) {
+		err = wl_kfree_rcu(s, run);
 		if (err)
 			return err;
 	}
@@ -154,7 +204,7 @@ static long wl_run(struct wl_session *s, const struct wl_run __user *arg)
 	if (copy_from_user(&run, arg, sizeof(run)))
 		return -EFAULT;
 	largest = run.size + (u64)(run.count ? run.count - 1 : 0) * run.step;
-	if (run.count > WL_MAX_COUNT || (run.ops & ~WL_OP_ALL) ||
+	if (run.count > WL_MAX_COUNT || (run.ops & ~WL_OP_VALID) ||
 	    (run.flags & ~WL_PARK) || !run.size || largest > WL_MAX_BYTES)
 		return -EINVAL;
 	if (atomic_cmpxchg(&s->running, 0, 1))

@@ -18,7 +18,12 @@
 #define WL_OP_MUTEX	0x2	/* count x (mutex_lock, mutex_unlock) */
 #define WL_OP_SEM	0x4	/* count x (down_interruptible, up) */
 #define WL_OP_SCHED	0x8	/* count x schedule_timeout_interruptible(1) */
-#define WL_OP_ALL	0xf
+#define WL_OP_ALL	0xf	/* the operations above: one per column */
+/* count x kmalloc(size + i * step), then one kfree_bulk() of them all */
+#define WL_OP_BULK	0x10
+/* count x kmalloc(size + i * step), then count x kvfree_rcu(ptr) */
+#define WL_OP_KFREE_RCU	0x20
+#define WL_OP_VALID	0x3f
 
 /* struct wl_run.flags */
 #define WL_PARK		0x1	/* park before and after the work (below) */

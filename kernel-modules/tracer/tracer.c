@@ -6,23 +6,33 @@
  * /dev/tracer) it counts the calls of __kmalloc, kfree, schedule, up,
  * down_interruptible, mutex_lock (or mutex_lock_nested, whichever the
  * running kernel has) and mutex_unlock made in that process's context, and
- * the bytes allocated by __kmalloc and released by kfree. /proc/tracer shows
- * one line per monitored process, /proc/tracer_stats the probes' misses.
+ * the bytes allocated by __kmalloc and released by kfree (or by
+ * kmem_cache_free_bulk(), which kfree_bulk() and kfree_rcu() use). /proc/tracer
+ * shows one line per monitored process, /proc/tracer_stats the probes' misses.
  *
  * Probe handlers never sleep, never allocate and never call a probed
- * function: every record comes from pools preallocated at load time and all
- * shared state is under one irq-safe spinlock (see README.md).
+ * function: every record comes from pools preallocated at load time. The
+ * entry handlers, which run from int3 (an NMI for lockdep on 5.10) on any
+ * CPU, take no lock at all: they look the tables up under RCU and drop a
+ * record with one cmpxchg. Only the __kmalloc return handler, which runs
+ * from the kretprobe trampoline in the caller's context, and the control
+ * paths take tracer_lock (see README.md).
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/atomic.h>
+#include <linux/bits.h>
 #include <linux/errno.h>
 #include <linux/fs.h>
+#include <linux/hash.h>
 #include <linux/hashtable.h>
 #include <linux/init.h>
 #include <linux/kernel.h>
 #include <linux/kprobes.h>
 #include <linux/list.h>
+#include <linux/list_nulls.h>
+#include <linux/llist.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
 #include <linux/module.h>
@@ -31,6 +41,8 @@
 #include <linux/preempt.h>
 #include <linux/proc_fs.h>
 #include <linux/ptrace.h>
+#include <linux/rculist.h>
+#include <linux/rculist_nulls.h>
 #include <linux/rcupdate.h>
 #include <linux/sched.h>
 #include <linux/seq_file.h>
@@ -44,6 +56,9 @@
 #define TRACER_STATS_NAME	"tracer_stats"
 #define TRACER_PROC_BITS	8
 #define TRACER_REC_BITS		12
+#define TRACER_REC_BUCKETS	BIT(TRACER_REC_BITS)
+/* The nulls value ending the free list: no bucket has it. */
+#define TRACER_REC_FREE_NULLS	TRACER_REC_BUCKETS
 
 static unsigned int max_procs = 256;
 module_param(max_procs, uint, 0444);
@@ -75,30 +90,43 @@ enum tracer_col {
 
 /* A monitored process. */
 struct tracer_proc {
-	struct hlist_node node;		/* procs, by pid number; or the pool */
-	struct list_head recs;		/* its live tracer_rec records */
+	struct hlist_node node;		/* procs (RCU), by pid number; or a list */
+	struct list_head recs;		/* its live records, under tracer_lock */
 	struct pid *pid;		/* a reference: the identity of the task */
 	pid_t nr;			/* pid_nr(pid), the hash key */
+	/*
+	 * Written only by handlers running in the task's own context, which
+	 * never run concurrently (a kprobe hit inside a handler is skipped):
+	 * one writer, no lock; readers use READ_ONCE().
+	 */
 	u64 count[NR_COLS];
 };
 
 /* An address returned by __kmalloc to a monitored process, and its size. */
 struct tracer_rec {
-	struct hlist_node node;		/* recs, by address; or the pool */
-	struct list_head owner_link;	/* in owner->recs */
-	struct tracer_proc *owner;
-	unsigned long addr;
+	struct hlist_nulls_node node;	/* recs (RCU), by address; or free_recs */
+	struct list_head owner_link;	/* in the owner's recs, under tracer_lock */
+	struct llist_node dead_link;	/* in dead_recs once its block is freed */
+	unsigned long addr;		/* 0 once freed: cleared by cmpxchg */
 	size_t size;
 };
 
-/* tracer_lock protects everything below, up to the pools' counters. */
-static DEFINE_SPINLOCK(tracer_lock);
+/*
+ * tracer_lock serializes the writers of the tables (the __kmalloc return
+ * handler, the ioctls, the /proc reads, unload) and protects the free
+ * lists, the owners' record lists and the counters below. Readers of the
+ * tables (every entry handler) use RCU and take no lock. It is a raw
+ * spinlock because a kretprobe handler runs with interrupts off and must not
+ * sleep, PREEMPT_RT or not.
+ */
+static DEFINE_RAW_SPINLOCK(tracer_lock);
 static DEFINE_HASHTABLE(procs, TRACER_PROC_BITS);
-static DEFINE_HASHTABLE(recs, TRACER_REC_BITS);
+static struct hlist_nulls_head recs[TRACER_REC_BUCKETS];
 static HLIST_HEAD(free_procs);
-static HLIST_HEAD(free_recs);
+static struct hlist_nulls_head free_recs;
+static LLIST_HEAD(dead_recs);		/* freed blocks' records, to unhash */
 static unsigned int nr_procs;		/* read locklessly by the fast path */
-static unsigned int nr_recs;
+static unsigned int nr_recs;		/* hashed records; read locklessly too */
 static u64 recs_dropped;		/* allocations not recorded: pool empty */
 static u64 adds_refused;		/* TRACER_ADD_PROCESS with the pool empty */
 
@@ -108,9 +136,10 @@ static struct tracer_rec *rec_pool;
 /*
  * Was the probed code running in process context? A kprobe hit through int3
  * runs its handler inside irqentry_nmi_enter() on x86, which adds
- * NMI_OFFSET + HARDIRQ_OFFSET to the preempt count; an optimized (jump)
- * kprobe and the kretprobe trampoline do not. Remove that layer, then ask
- * what in_task() asks. (None of the probed functions may run in a real NMI.)
+ * NMI_OFFSET + HARDIRQ_OFFSET to the preempt count; an optimized (jump) or
+ * ftrace-based kprobe and the kretprobe trampoline do not. Remove that
+ * layer, then ask what in_task() asks. (None of the probed functions may run
+ * in a real NMI.)
  */
 static bool probed_in_task(void)
 {
@@ -121,79 +150,156 @@ static bool probed_in_task(void)
 	return !(pc & (NMI_MASK | HARDIRQ_MASK | SOFTIRQ_OFFSET));
 }
 
+/*
+ * The entry of pid. Under tracer_lock, or lockless from a handler: handlers
+ * run with preemption off, an RCU read side, and an entry unlinked from procs
+ * goes back to its pool only after synchronize_rcu() (procs_release()).
+ */
 static struct tracer_proc *proc_find(struct pid *pid)
 {
 	struct tracer_proc *p;
-	pid_t nr = pid_nr(pid);
 
-	hash_for_each_possible(procs, p, node, nr)
-		if (p->pid == pid)
+	hash_for_each_possible_rcu(procs, p, node, pid_nr(pid))
+		if (READ_ONCE(p->pid) == pid)
 			return p;
 	return NULL;
 }
 
-/* The entry of the current task, if monitored. Called under tracer_lock. */
+/* The entry of the current task if it is monitored and in process context. */
 static struct tracer_proc *proc_current(void)
 {
+	if (!READ_ONCE(nr_procs) || !probed_in_task())
+		return NULL;
 	return proc_find(task_pid(current));
 }
 
-static struct tracer_rec *rec_find(unsigned long addr)
+/* Only the task itself, in a handler, adds to its counts: see tracer_proc. */
+static void count_add(struct tracer_proc *p, enum tracer_col col, u64 n)
 {
-	struct tracer_rec *r;
-
-	hash_for_each_possible(recs, r, node, addr)
-		if (r->addr == addr)
-			return r;
-	return NULL;
+	WRITE_ONCE(p->count[col], p->count[col] + n);
 }
 
-static void rec_release(struct tracer_rec *r)
+static unsigned int rec_bucket(unsigned long addr)
 {
-	hash_del(&r->node);
-	list_del(&r->owner_link);
-	hlist_add_head(&r->node, &free_recs);
-	nr_recs--;
-}
-
-static void rec_record(struct tracer_proc *p, unsigned long addr, size_t size)
-{
-	struct tracer_rec *r = rec_find(addr);
-
-	/* A record left for this address means its kfree was missed. */
-	if (r) {
-		list_move(&r->owner_link, &p->recs);
-	} else if (!hlist_empty(&free_recs)) {
-		r = hlist_entry(free_recs.first, struct tracer_rec, node);
-		hlist_del(&r->node);
-		r->addr = addr;
-		hash_add(recs, &r->node, addr);
-		list_add(&r->owner_link, &p->recs);
-		nr_recs++;
-	} else {
-		recs_dropped++;
-		return;
-	}
-	r->owner = p;
-	r->size = size;
+	return hash_long(addr, TRACER_REC_BITS);
 }
 
 /*
- * Take a process out of the table with its records. Its pid reference is
- * dropped by procs_reap() once tracer_lock is released.
+ * The live record of addr, lockless. Records are reused without waiting for
+ * a grace period, so a walk may be carried into another chain (or the free
+ * list) by a record that moved: each chain ends in its own nulls value, and a
+ * walk that ended in another one starts again.
+ */
+static struct tracer_rec *rec_find(unsigned long addr)
+{
+	unsigned int bkt = rec_bucket(addr);
+	struct hlist_nulls_node *pos;
+	struct tracer_rec *r;
+
+begin:
+	hlist_nulls_for_each_entry_rcu(r, pos, &recs[bkt], node)
+		if (READ_ONCE(r->addr) == addr)
+			return r;
+	if (get_nulls_value(pos) != bkt)
+		goto begin;
+	return NULL;
+}
+
+/*
+ * The block at addr is being freed: drop its record, if any, and return its
+ * size (0 without one). Lockless, for any context: the cmpxchg decides who
+ * drops a record (a concurrent proc_unlink() may too); the winner queues it
+ * for recs_reap(). An address cannot be recorded again before this returns:
+ * it is still allocated.
+ */
+static size_t rec_forget(unsigned long addr)
+{
+	struct tracer_rec *r = rec_find(addr);
+	size_t size;
+
+	if (!r || cmpxchg(&r->addr, addr, 0) != addr)
+		return 0;
+	size = READ_ONCE(r->size);
+	llist_add(&r->dead_link, &dead_recs);
+	return size;
+}
+
+/* Return a record to the pool. Under tracer_lock. */
+static void rec_free(struct tracer_rec *r)
+{
+	hlist_nulls_del_rcu(&r->node);
+	list_del_init(&r->owner_link);
+	hlist_nulls_add_head_rcu(&r->node, &free_recs);
+	nr_recs--;
+}
+
+/* Return the records of freed blocks to the pool. Under tracer_lock. */
+static void recs_reap(void)
+{
+	struct llist_node *dead = llist_del_all(&dead_recs);
+
+	while (dead) {
+		struct tracer_rec *r = llist_entry(dead, struct tracer_rec,
+						   dead_link);
+
+		dead = dead->next;
+		rec_free(r);
+	}
+}
+
+/* Remember addr -> size for p. Under tracer_lock. */
+static void rec_record(struct tracer_proc *p, unsigned long addr, size_t size)
+{
+	struct tracer_rec *r;
+
+	recs_reap();
+	r = rec_find(addr);
+	/* A record left for this address means its free was missed. */
+	if (r) {
+		list_move(&r->owner_link, &p->recs);
+		WRITE_ONCE(r->size, size);
+		return;
+	}
+	if (is_a_nulls(free_recs.first)) {
+		recs_dropped++;
+		return;
+	}
+	r = hlist_nulls_entry(free_recs.first, struct tracer_rec, node);
+	hlist_nulls_del_rcu(&r->node);
+	WRITE_ONCE(r->size, size);
+	WRITE_ONCE(r->addr, addr);
+	list_add(&r->owner_link, &p->recs);
+	hlist_nulls_add_head_rcu(&r->node, &recs[rec_bucket(addr)]);
+	nr_recs++;
+}
+
+/*
+ * Take a process out of the table with its records; it joins dead, which
+ * procs_release() returns to the pool once tracer_lock is released. Under
+ * tracer_lock.
  */
 static void proc_unlink(struct tracer_proc *p, struct hlist_head *dead)
 {
 	struct tracer_rec *r, *tmp;
 
-	list_for_each_entry_safe(r, tmp, &p->recs, owner_link)
-		rec_release(r);
-	hash_del(&p->node);
+	list_for_each_entry_safe(r, tmp, &p->recs, owner_link) {
+		unsigned long addr = READ_ONCE(r->addr);
+
+		if (addr && cmpxchg(&r->addr, addr, 0) == addr)
+			rec_free(r);
+		else	/* freed meanwhile: queued for recs_reap() */
+			list_del_init(&r->owner_link);
+	}
+	hash_del_rcu(&p->node);
 	hlist_add_head(&p->node, dead);
 	WRITE_ONCE(nr_procs, nr_procs - 1);
 }
 
-/* Drop the entries whose task has exited or is exiting. */
+/*
+ * Drop the entries whose task has exited or is exiting. Under tracer_lock.
+ * Nothing probes do_exit(): an exited process is dropped by the next add,
+ * remove or read of /proc/tracer.
+ */
 static void procs_purge(struct hlist_head *dead)
 {
 	struct tracer_proc *p;
@@ -210,8 +316,11 @@ static void procs_purge(struct hlist_head *dead)
 	rcu_read_unlock();
 }
 
-/* Put the pid references of unlinked entries and return them to the pool. */
-static void procs_reap(struct hlist_head *dead)
+/*
+ * Return unlinked entries to the pool: once no handler can still see them
+ * (a grace period), put their pid references. Process context, no lock held.
+ */
+static void procs_release(struct hlist_head *dead)
 {
 	struct tracer_proc *p;
 	struct hlist_node *tmp;
@@ -219,32 +328,27 @@ static void procs_reap(struct hlist_head *dead)
 
 	if (hlist_empty(dead))
 		return;
+	synchronize_rcu();
 	hlist_for_each_entry(p, dead, node) {
 		put_pid(p->pid);
 		p->pid = NULL;
 	}
-	spin_lock_irqsave(&tracer_lock, flags);
+	raw_spin_lock_irqsave(&tracer_lock, flags);
 	hlist_for_each_entry_safe(p, tmp, dead, node) {
 		hlist_del(&p->node);
 		hlist_add_head(&p->node, &free_procs);
 	}
-	spin_unlock_irqrestore(&tracer_lock, flags);
+	raw_spin_unlock_irqrestore(&tracer_lock, flags);
 }
 
 /* ---- probe handlers: atomic context, any CPU ---- */
 
 static void count_current(enum tracer_col col)
 {
-	struct tracer_proc *p;
-	unsigned long flags;
+	struct tracer_proc *p = proc_current();
 
-	if (!READ_ONCE(nr_procs) || !probed_in_task())
-		return;
-	spin_lock_irqsave(&tracer_lock, flags);
-	p = proc_current();
 	if (p)
-		p->count[col]++;
-	spin_unlock_irqrestore(&tracer_lock, flags);
+		count_add(p, col, 1);
 }
 
 /*
@@ -290,23 +394,20 @@ struct kmalloc_data {
 static int kmalloc_entry(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
 	struct kmalloc_data *data = (struct kmalloc_data *)ri->data;
-	struct tracer_proc *p;
-	unsigned long flags;
+	struct tracer_proc *p = proc_current();
 
-	if (!READ_ONCE(nr_procs) || !probed_in_task())
-		return 1;
-	spin_lock_irqsave(&tracer_lock, flags);
-	p = proc_current();
-	if (p)
-		p->count[COL_KMALLOC]++;
-	spin_unlock_irqrestore(&tracer_lock, flags);
 	if (!p)
 		return 1;
+	count_add(p, COL_KMALLOC, 1);
 	data->size = regs_get_kernel_argument(regs, 0);
 	return 0;
 }
 
-/* The address __kmalloc returned: remember its size for kfree. */
+/*
+ * The address __kmalloc returned: remember its size for the free. This runs
+ * from the kretprobe trampoline in the caller's (process) context, never
+ * from int3, so it may take tracer_lock.
+ */
 static int kmalloc_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
 	struct kmalloc_data *data = (struct kmalloc_data *)ri->data;
@@ -316,13 +417,13 @@ static int kmalloc_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
 
 	if (ZERO_OR_NULL_PTR((void *)addr))
 		return 0;
-	spin_lock_irqsave(&tracer_lock, flags);
+	raw_spin_lock_irqsave(&tracer_lock, flags);
 	p = proc_current();	/* it may have been removed meanwhile */
 	if (p) {
-		p->count[COL_KMALLOC_MEM] += data->size;
+		count_add(p, COL_KMALLOC_MEM, data->size);
 		rec_record(p, addr, data->size);
 	}
-	spin_unlock_irqrestore(&tracer_lock, flags);
+	raw_spin_unlock_irqrestore(&tracer_lock, flags);
 	return 0;
 }
 
@@ -330,48 +431,49 @@ static int kmalloc_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
  * kfree(addr): count the call for a monitored caller and, when the address
  * has a record, add its size. The record goes whoever frees the block (an
  * unmonitored task, an interrupt): the address is no longer allocated.
+ * Lockless: nothing but a hash lookup for a block nobody monitored allocated.
  */
 static int kfree_entry(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
 	unsigned long addr = regs_get_kernel_argument(regs, 0);
-	struct tracer_proc *p = NULL;
-	struct tracer_rec *r = NULL;
-	unsigned long flags;
+	struct tracer_proc *p;
+	size_t size = 0;
 
-	if (!READ_ONCE(nr_procs))
-		return 1;
-	spin_lock_irqsave(&tracer_lock, flags);
-	if (!ZERO_OR_NULL_PTR((void *)addr))
-		r = rec_find(addr);
-	if (probed_in_task())
-		p = proc_current();
+	if (READ_ONCE(nr_recs) && !ZERO_OR_NULL_PTR((void *)addr))
+		size = rec_forget(addr);
+	p = proc_current();
 	if (p) {
-		p->count[COL_KFREE]++;
-		if (r)
-			p->count[COL_KFREE_MEM] += r->size;
+		count_add(p, COL_KFREE, 1);
+		count_add(p, COL_KFREE_MEM, size);
 	}
-	if (r)
-		rec_release(r);
-	spin_unlock_irqrestore(&tracer_lock, flags);
 	return 1;
 }
 
-/* do_exit(): the current task is exiting; drop it from the table. */
-static int exit_pre(struct kprobe *kp, struct pt_regs *regs)
+/*
+ * kmem_cache_free_bulk(s, n, objs): kfree_bulk() is kmem_cache_free_bulk(NULL,
+ * ...) and frees kmalloc blocks without calling kfree(); kfree_rcu() frees
+ * its batches with it. Drop the records of the blocks and charge their bytes
+ * to a monitored caller's kfree_mem (not to its kfree calls: it made none).
+ */
+static int free_bulk_pre(struct kprobe *kp, struct pt_regs *regs)
 {
+	size_t n = regs_get_kernel_argument(regs, 1);
+	void **objs = (void **)regs_get_kernel_argument(regs, 2);
 	struct tracer_proc *p;
-	unsigned long flags;
-	HLIST_HEAD(dead);
+	u64 bytes = 0;
+	size_t i;
 
-	if (!READ_ONCE(nr_procs))
+	if (!READ_ONCE(nr_recs))
 		return 0;
-	spin_lock_irqsave(&tracer_lock, flags);
+	for (i = 0; i < n; i++) {
+		unsigned long addr = (unsigned long)READ_ONCE(objs[i]);
+
+		if (!ZERO_OR_NULL_PTR((void *)addr))
+			bytes += rec_forget(addr);
+	}
 	p = proc_current();
 	if (p)
-		proc_unlink(p, &dead);
-	spin_unlock_irqrestore(&tracer_lock, flags);
-	/* The exiting task still holds its own pid: this put is never the last. */
-	procs_reap(&dead);
+		count_add(p, COL_KFREE_MEM, bytes);
 	return 0;
 }
 
@@ -400,12 +502,12 @@ static struct tracer_probe probes[] = {
 	{ .symbols = { "mutex_unlock" }, .entry = unlock_entry },
 };
 
-static struct kprobe exit_probe = {
-	.symbol_name = "do_exit",
-	.pre_handler = exit_pre,
+static struct kprobe bulk_probe = {
+	.symbol_name = "kmem_cache_free_bulk",
+	.pre_handler = free_bulk_pre,
 };
 
-static bool exit_probe_registered;
+static bool bulk_probe_registered;
 
 static int probe_register(struct tracer_probe *tp)
 {
@@ -445,9 +547,9 @@ static void probes_unregister(void)
 	struct kretprobe *rps[ARRAY_SIZE(probes)];
 	int i, n = 0;
 
-	if (exit_probe_registered) {
-		unregister_kprobe(&exit_probe);
-		exit_probe_registered = false;
+	if (bulk_probe_registered) {
+		unregister_kprobe(&bulk_probe);
+		bulk_probe_registered = false;
 	}
 	for (i = 0; i < ARRAY_SIZE(probes); i++)
 		if (probes[i].registered)
@@ -474,12 +576,12 @@ static int probes_register(void)
 		if (err)
 			goto fail;
 	}
-	err = register_kprobe(&exit_probe);
+	err = register_kprobe(&bulk_probe);
 	if (err) {
-		pr_err("cannot probe do_exit: %d\n", err);
+		pr_err("cannot probe %s: %d\n", bulk_probe.symbol_name, err);
 		goto fail;
 	}
-	exit_probe_registered = true;
+	bulk_probe_registered = true;
 	return 0;
 fail:
 	probes_unregister();
@@ -502,7 +604,7 @@ static int tracer_add(pid_t nr)
 	pid = find_get_pid(nr);
 	if (!pid)
 		return -ESRCH;
-	spin_lock_irqsave(&tracer_lock, flags);
+	raw_spin_lock_irqsave(&tracer_lock, flags);
 	procs_purge(&dead);
 	rcu_read_lock();
 	task = pid_task(pid, PIDTYPE_PID);
@@ -521,11 +623,11 @@ static int tracer_add(pid_t nr)
 		INIT_LIST_HEAD(&p->recs);
 		p->pid = pid;
 		p->nr = pid_nr(pid);
-		hash_add(procs, &p->node, p->nr);
+		hash_add_rcu(procs, &p->node, p->nr);
 		WRITE_ONCE(nr_procs, nr_procs + 1);
 	}
-	spin_unlock_irqrestore(&tracer_lock, flags);
-	procs_reap(&dead);
+	raw_spin_unlock_irqrestore(&tracer_lock, flags);
+	procs_release(&dead);
 	if (err)
 		put_pid(pid);
 	return err;
@@ -544,15 +646,15 @@ static int tracer_remove(pid_t nr)
 	pid = find_get_pid(nr);
 	if (!pid)
 		return -ENOENT;	/* gone: it was dropped from the table */
-	spin_lock_irqsave(&tracer_lock, flags);
+	raw_spin_lock_irqsave(&tracer_lock, flags);
 	procs_purge(&dead);
 	p = proc_find(pid);
 	if (p)
 		proc_unlink(p, &dead);
 	else
 		err = -ENOENT;
-	spin_unlock_irqrestore(&tracer_lock, flags);
-	procs_reap(&dead);
+	raw_spin_unlock_irqrestore(&tracer_lock, flags);
+	procs_release(&dead);
 	put_pid(pid);
 	return err;
 }
@@ -573,7 +675,13 @@ static long tracer_ioctl(struct file *file, unsigned int cmd,
 static const struct file_operations tracer_fops = {
 	.owner = THIS_MODULE,
 	.unlocked_ioctl = tracer_ioctl,
-	.compat_ioctl = compat_ptr_ioctl,
+	/*
+	 * The argument is the pid itself, not a pointer, and the command
+	 * numbers are the same for 32-bit callers (pid_t is 32 bits on both):
+	 * the native handler takes the value as it is. compat_ptr_ioctl would
+	 * pass it through compat_ptr(), which is for pointers.
+	 */
+	.compat_ioctl = tracer_ioctl,
 };
 
 static struct miscdevice tracer_dev = {
@@ -594,17 +702,22 @@ static int tracer_show(struct seq_file *m, void *v)
 	seq_printf(m, "%-7s %-8s %-8s %-12s %-12s %-8s %-8s %-8s %-8s %s\n",
 		   "PID", "kmalloc", "kfree", "kmalloc_mem", "kfree_mem",
 		   "sched", "up", "down", "lock", "unlock");
-	spin_lock_irqsave(&tracer_lock, flags);
+	raw_spin_lock_irqsave(&tracer_lock, flags);
+	recs_reap();
 	procs_purge(&dead);
 	hash_for_each(procs, bkt, p, node)
 		seq_printf(m, "%-7d %-8llu %-8llu %-12llu %-12llu %-8llu %-8llu %-8llu %-8llu %llu\n",
-			   p->nr, p->count[COL_KMALLOC], p->count[COL_KFREE],
-			   p->count[COL_KMALLOC_MEM], p->count[COL_KFREE_MEM],
-			   p->count[COL_SCHED], p->count[COL_UP],
-			   p->count[COL_DOWN], p->count[COL_LOCK],
-			   p->count[COL_UNLOCK]);
-	spin_unlock_irqrestore(&tracer_lock, flags);
-	procs_reap(&dead);
+			   p->nr, READ_ONCE(p->count[COL_KMALLOC]),
+			   READ_ONCE(p->count[COL_KFREE]),
+			   READ_ONCE(p->count[COL_KMALLOC_MEM]),
+			   READ_ONCE(p->count[COL_KFREE_MEM]),
+			   READ_ONCE(p->count[COL_SCHED]),
+			   READ_ONCE(p->count[COL_UP]),
+			   READ_ONCE(p->count[COL_DOWN]),
+			   READ_ONCE(p->count[COL_LOCK]),
+			   READ_ONCE(p->count[COL_UNLOCK]));
+	raw_spin_unlock_irqrestore(&tracer_lock, flags);
+	procs_release(&dead);
 	return 0;
 }
 
@@ -625,14 +738,15 @@ static int tracer_stats_show(struct seq_file *m, void *v)
 			   (unsigned long)READ_ONCE(rp->nmissed) +
 			   READ_ONCE(rp->kp.nmissed));
 	}
-	seq_printf(m, "%-20s %-10s %lu\n", exit_probe.symbol_name, "-",
-		   READ_ONCE(exit_probe.nmissed));
-	spin_lock_irqsave(&tracer_lock, flags);
+	seq_printf(m, "%-20s %-10s %lu\n", bulk_probe.symbol_name, "-",
+		   READ_ONCE(bulk_probe.nmissed));
+	raw_spin_lock_irqsave(&tracer_lock, flags);
+	recs_reap();
 	procs_used = nr_procs;
 	recs_used = nr_recs;
 	dropped = recs_dropped;
 	refused = adds_refused;
-	spin_unlock_irqrestore(&tracer_lock, flags);
+	raw_spin_unlock_irqrestore(&tracer_lock, flags);
 	seq_printf(m, "processes %u/%u refused %llu\n", procs_used, max_procs,
 		   refused);
 	seq_printf(m, "records %u/%u dropped %llu\n", recs_used, max_records,
@@ -681,10 +795,15 @@ static int pools_alloc(void)
 		kvfree(rec_pool);
 		return -ENOMEM;
 	}
+	for (i = 0; i < TRACER_REC_BUCKETS; i++)
+		INIT_HLIST_NULLS_HEAD(&recs[i], i);
+	INIT_HLIST_NULLS_HEAD(&free_recs, TRACER_REC_FREE_NULLS);
 	for (i = 0; i < max_procs; i++)
 		hlist_add_head(&proc_pool[i].node, &free_procs);
-	for (i = 0; i < max_records; i++)
-		hlist_add_head(&rec_pool[i].node, &free_recs);
+	for (i = 0; i < max_records; i++) {
+		INIT_LIST_HEAD(&rec_pool[i].owner_link);
+		hlist_nulls_add_head(&rec_pool[i].node, &free_recs);
+	}
 	return 0;
 }
 
@@ -697,16 +816,30 @@ static void tables_free(void)
 	HLIST_HEAD(dead);
 	int bkt;
 
-	spin_lock_irqsave(&tracer_lock, flags);
+	raw_spin_lock_irqsave(&tracer_lock, flags);
+	recs_reap();
 	hash_for_each_safe(procs, bkt, tmp, p, node)
 		proc_unlink(p, &dead);
-	spin_unlock_irqrestore(&tracer_lock, flags);
-	procs_reap(&dead);
+	raw_spin_unlock_irqrestore(&tracer_lock, flags);
+	procs_release(&dead);
 	WARN_ON(nr_recs || nr_procs);
 	kvfree(proc_pool);
 	kvfree(rec_pool);
+	proc_pool = NULL;
+	rec_pool = NULL;
+	INIT_HLIST_HEAD(&free_procs);
 }
 
+static void tracer_files_remove(void)
+{
+	proc_remove(proc_stats);
+	proc_remove(proc_tracer);
+}
+
+/*
+ * The device and the /proc files come last: nothing can reach the tables
+ * before the probes that keep them right are in place.
+ */
 static int __init tracer_init(void)
 {
 	int err;
@@ -714,6 +847,9 @@ static int __init tracer_init(void)
 	err = pools_alloc();
 	if (err)
 		return err;
+	err = probes_register();
+	if (err)
+		goto out_tables;
 	proc_tracer = proc_create(TRACER_PROC_NAME, 0444, NULL,
 				  &tracer_proc_ops);
 	proc_stats = proc_create(TRACER_STATS_NAME, 0444, NULL,
@@ -728,28 +864,25 @@ static int __init tracer_init(void)
 		       TRACER_DEV_NAME, TRACER_DEV_MINOR, err);
 		goto out_proc;
 	}
-	err = probes_register();
-	if (err)
-		goto out_misc;
 	pr_info("loaded\n");
 	return 0;
 
-out_misc:
-	misc_deregister(&tracer_dev);
 out_proc:
-	proc_remove(proc_stats);
-	proc_remove(proc_tracer);
+	tracer_files_remove();
+	probes_unregister();
+out_tables:
 	tables_free();
 	return err;
 }
 
+/* The reverse of tracer_init(). */
 static void __exit tracer_exit(void)
 {
+	/* No ioctl or read after this: misc_deregister, proc_remove wait. */
+	misc_deregister(&tracer_dev);
+	tracer_files_remove();
 	/* No handler runs after this: unregister waits for running ones. */
 	probes_unregister();
-	misc_deregister(&tracer_dev);
-	proc_remove(proc_stats);
-	proc_remove(proc_tracer);
 	tables_free();
 	pr_info("unloaded\n");
 }

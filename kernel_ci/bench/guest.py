@@ -1,7 +1,10 @@
-"""The guest half of `kernel-ci bench`: rootfs, boot-to-first-test and smoke runs, beside virtme-ng."""
+"""The guest half of `kernel-ci bench`: rootfs, boot-to-first-test and smoke runs, beside virtme-ng; and
+the cost of tracer.ko's monitoring on an allocation-heavy workload (measured in the guest by the tracer
+suite's test_tracer_cost.py, read back from its artifact)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -14,6 +17,7 @@ from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.flow.test import GUEST_INIT, ROOTFS_RECIPE, TestOptions, run_tests
 from kernel_ci.guest import rootfs
 from kernel_ci.host import setup as hostsetup
+from kernel_ci.report import guestfiles
 from kernel_ci.report.model import RunRecord
 
 BOOT_RUNS = 3
@@ -91,11 +95,40 @@ def _virtme_figures(kernel: BuildResult) -> list[Figure]:
     return [Figure("virtme-ng: boot + uname -r, TCG", statistics.median(times))]
 
 
+TRACER_COST_RUNS = ("tracer not loaded", "0 monitored", "1 monitored", "16 monitored")
+
+
+def tracer_cost_figures(cost: dict) -> list[Figure]:
+    """tracer-cost.json as figures: the median seconds of one batch per configuration, ns per pair noted."""
+    return [
+        Figure(
+            f"tracer: allocation-heavy batch, {name}",
+            statistics.median(cost["seconds"][name]),
+            note=f"{cost['ns_per_pair'][name]:,.0f} ns per kmalloc+kfree ({cost['workload']})",
+        )
+        for name in TRACER_COST_RUNS
+    ]
+
+
+def _tracer_figures(work: Path, kernel: BuildResult) -> list[Figure]:
+    step("bench: tracer suite under TCG (cost of monitoring 0, 1, 16 pids)")
+    run_tests(TestOptions(kernel_dir=kernel.output, output=work / "tracer", accel="tcg", suites=["tracer"]))
+    runs = sorted((work / "tracer").glob("runs/*/results"))
+    try:  # the guest wrote it: read it as every guest file is read (no link followed, capped)
+        with guestfiles.open_dir(runs[-1]) as results:
+            cost = guestfiles.read_under(results, ["tracer", "artifacts", "tracer-cost.json"], 1 << 20)
+        return tracer_cost_figures(json.loads(cost.data))
+    except (IndexError, OSError, guestfiles.GuestFileError, ValueError, KeyError) as exc:
+        note = f"the tracer suite wrote no usable tracer-cost.json ({exc})"
+        return [Figure("tracer: allocation-heavy batch", None, note=note)]
+
+
 def guest_figures(work: Path, *, skip_reference: bool = False) -> list[Figure]:
     figures = _rootfs_figures(work)
     # The kernel every suite can run on (every build carries their kconfig and kselftests).
     smoke_kernel = build(BuildRequest(output=work / "smoke-build"))
     figures += _smoke_figures(work, smoke_kernel)
+    figures += _tracer_figures(work, smoke_kernel)
     if not skip_reference:
         figures += _virtme_figures(smoke_kernel)
     return figures

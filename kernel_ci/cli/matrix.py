@@ -1,9 +1,14 @@
 """The CI workflow's kernel matrix, read as data from kernel_ci/cli/matrix.toml and checked against the lock
 file.
 
-Standard library only, so the workflow's first job runs it with a bare Python (``python3 -m
-kernel_ci.cli.matrix
---github-output``) before anything is installed; ``kernel-ci matrix`` prints the same JSON.
+One cell per kernel of `kernels`, plus one per `[[variants]]` table: a kernel built with extra kconfig
+fragments (the debug cell: KASAN, lockdep, kmemleak, UBSAN). Each cell is {cell, kernel, fragments}: the
+workflow names jobs and artifacts by `cell` and passes each of `fragments` (space-separated repository
+paths) as a --fragment.
+
+Standard library only, so the workflow's first job runs it with a bare Python
+(``python3 -m kernel_ci.cli.matrix --github-output``) before anything is installed;
+``kernel-ci matrix`` prints the same JSON.
 """
 
 from __future__ import annotations
@@ -54,9 +59,42 @@ def load_matrix(path: Path = MATRIX_FILE, lock_path: Path = SOURCES_LOCK) -> lis
     return list(kernels)
 
 
-def matrix_json(kernels: list[str]) -> str:
-    """The `strategy.matrix` value for fromJSON: {"kernel": [...]}."""
-    return json.dumps({"kernel": kernels}, separators=(",", ":"))
+def _variant_cell(path: Path, table: object, kernels: list[str]) -> dict[str, str]:
+    """One [[variants]] table -> a cell; its kernel must be a matrix kernel, its fragments existing files."""
+    if not isinstance(table, dict) or set(table) != {"name", "kernel", "fragments"}:
+        raise MatrixError(f"{path}: each [[variants]] needs exactly name, kernel and fragments")
+    name, kernel, fragments = table["name"], table["kernel"], table["fragments"]
+    if not isinstance(name, str) or not name.replace("-", "").isalnum():
+        raise MatrixError(f"{path}: variant name {name!r} must be letters, digits and -")
+    if kernel not in kernels:
+        raise MatrixError(f"{path}: variant {name}: kernel {kernel!r} is not one of `kernels`")
+    if not isinstance(fragments, list) or not fragments:
+        raise MatrixError(f"{path}: variant {name}: `fragments` must be a non-empty list of paths")
+    for fragment in fragments:
+        # a path relative to the repository, passed unquoted through a shell word list: no spaces
+        if not isinstance(fragment, str) or " " in fragment or not (REPO_ROOT / fragment).is_file():
+            raise MatrixError(f"{path}: variant {name}: no kconfig fragment {fragment!r} in the repository")
+    return {"cell": f"{kernel}-{name}", "kernel": kernel, "fragments": " ".join(fragments)}
+
+
+def load_cells(path: Path = MATRIX_FILE, lock_path: Path = SOURCES_LOCK) -> list[dict[str, str]]:
+    """Every cell: one per kernel (no fragment), then one per variant."""
+    kernels = load_matrix(path, lock_path)
+    variants = tomllib.loads(Path(path).read_text()).get("variants", [])
+    if not isinstance(variants, list):
+        raise MatrixError(f"{path}: `variants` must be an array of tables ([[variants]])")
+    cells = [{"cell": k, "kernel": k, "fragments": ""} for k in kernels]
+    cells += [_variant_cell(path, v, kernels) for v in variants]
+    names = [c["cell"] for c in cells]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise MatrixError(f"{path}: cell listed more than once: {', '.join(duplicates)}")
+    return cells
+
+
+def matrix_json(cells: list[dict[str, str]]) -> str:
+    """The `strategy.matrix` value for fromJSON: {"include": [cell, ...]}, one job per cell."""
+    return json.dumps({"include": cells}, separators=(",", ":"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        text = matrix_json(load_matrix(args.file))
+        text = matrix_json(load_cells(args.file))
     except MatrixError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

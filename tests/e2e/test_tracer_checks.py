@@ -1,9 +1,9 @@
 """End to end: the kernel-style checks of the tracer modules (issue 6), run by the pipeline's
 kernel_ci.build.kcheck.
 
-checkpatch.pl (--no-tree --terse -f) over every source and header, sparse (`make C=2`) and cppcheck over
-each module, against the kbuild tree of the CI kernel (built, or restored from the build cache). Each
-check must report nothing; a seeded copy of the tracer proves that each of them does find things.
+checkpatch.pl (--no-tree --terse -f --strict) over every source and header, sparse (`make C=2`) and
+cppcheck over each module, against the kbuild tree of the CI kernel (built, or restored from the build
+cache). Each check must report nothing; a seeded copy of the tracer proves that each of them does find things.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_checkpatch_clean(kernel, module: str) -> None:
     image, _kbuild, tree = kernel
     files = _sources(module)
     assert any(f.suffix == ".c" for f in files)
-    _assert_clean(kcheck.checkpatch(image, tree, files, files=True))
+    _assert_clean(kcheck.checkpatch(image, tree, files, files=True, strict=True))
 
 
 @pytest.mark.parametrize("module", TRACER_MODULES)

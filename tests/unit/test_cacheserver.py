@@ -351,3 +351,17 @@ def test_health_metrics_openapi_and_pages(server: Running) -> None:
         assert miss["nearest"] == KEY and miss["differences"][0]["name"] == "config:CONFIG_KASAN"
         assert json.loads(client.get("/api/v1/builds?limit=1").text)["builds"][0]["key"] == KEY2
         assert client.get("/api/v1/builds?limit=0").status_code == 400
+
+
+def test_openapi_documents_503_everywhere_and_507_on_writes(server: Running) -> None:
+    """A client generated from the document must expect "retry later" (a store down, a busy service) on
+    every operation, and "store full" on every write."""
+    with server.client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    operations = [(p, m, op) for p, item in paths.items() for m, op in item.items() if m != "parameters"]
+    assert len(operations) >= 20
+    for path, method, operation in operations:
+        assert "503" in operation["responses"], (method, path)
+        writes = method in ("put", "delete") or (method == "post" and path != "/api/v1/missing-blobs")
+        assert ("507" in operation["responses"]) == writes, (method, path)
+    assert "retry" in paths["/api/v1/builds/{key}/miss"]["get"]["responses"]["503"]["description"]

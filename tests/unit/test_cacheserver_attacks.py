@@ -11,7 +11,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -430,3 +433,86 @@ def test_stalled_uploads_do_not_starve_the_readers(server: Running) -> None:
     finally:
         for sock in stalled:
             sock.close()
+
+
+def _publish_small(client: httpx.Client, key: str, source: str) -> None:
+    data = source.encode()
+    assert client.put(f"/api/v1/blobs/{sha(data)}", content=data).status_code in (200, 201)
+    doc = {
+        "outputs": [{"name": "bzImage", "sha256": sha(data), "size": len(data)}],
+        "inputs": {"source": source},
+    }
+    assert client.put(f"/api/v1/builds/{key}", json=doc).status_code in (200, 201)
+
+
+def test_miss_explanations_are_bounded_so_anonymous_readers_cannot_hold_the_workers(server: Running) -> None:
+    """Each "why did this miss" diff reads every build's inputs: anonymous readers asking for many at once
+    would hold every worker thread. At most a few run at once; the others are a 503 with Retry-After, at
+    once, while the admitted ones are still running, and the page shows the build without its diff."""
+    assert server.service is not None
+    with server.client() as client:
+        _publish_small(client, KEY, "linux-6.1")
+        _publish_small(client, "cd" * 32, "linux-6.6")
+    index = server.service.index
+    real_all_inputs = index.all_inputs
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    inside: list[int] = []
+
+    def slow_all_inputs() -> list[tuple[str, dict[str, str]]]:  # the real query, held until released
+        inside.append(1)
+        entered.release()
+        release.wait(60)
+        return real_all_inputs()
+
+    index.all_inputs = slow_all_inputs  # type: ignore[method-assign]
+    attackers = 12
+    with httpx.Client(base_url=server.url, timeout=60) as anonymous, ThreadPoolExecutor(attackers) as pool:
+        try:
+            futures = [pool.submit(anonymous.get, f"/api/v1/builds/{KEY}/miss") for _ in range(attackers)]
+            assert entered.acquire(timeout=30)  # at least one explanation is running (and held)
+            refused: list[httpx.Response] = []
+            deadline = time.monotonic() + 30
+            while len(refused) < attackers - 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                refused = [f.result() for f in futures if f.done()]
+            assert len(refused) >= attackers - 2, f"only {len(refused)} of {attackers} answered while held"
+            assert all(r.status_code == 503 for r in refused), [r.status_code for r in refused]
+            assert all(r.headers["retry-after"] == "1" and "retry" in r.json()["error"] for r in refused)
+            assert len(inside) <= 2, f"{len(inside)} explanations ran at once"
+            page = anonymous.get(f"/builds/{KEY}")
+            assert page.status_code == 200 and "reload this page in a moment" in page.text
+            assert anonymous.get(f"/api/v1/blobs/{sha(b'linux-6.1')}").status_code == 200
+        finally:
+            release.set()
+        admitted = [f.result() for f in futures if f.result().status_code != 503]
+    assert admitted and all(r.status_code == 200 and r.json()["nearest"] == "cd" * 32 for r in admitted)
+    with httpx.Client(base_url=server.url, timeout=60) as anonymous:  # slots are given back
+        assert anonymous.get(f"/api/v1/builds/{KEY}/miss").status_code == 200
+        assert "reload this page" not in anonymous.get(f"/builds/{KEY}").text
+
+
+def test_a_flood_of_idle_connections_gets_a_503_not_unbounded_memory(tmp_path: Path) -> None:
+    """`serve --limit-concurrency N`: past N open connections uvicorn answers 503 at once (each connection
+    otherwise costs memory and a file descriptor for as long as the client likes); below it, all is well."""
+    (tmp_path / "data").mkdir()
+    with server_process(tmp_path / "data", "--limit-concurrency", "6") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(8)]
+        try:
+            time.sleep(0.5)  # let the server accept them
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                assert client.get("/api/v1/builds").status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.5)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            assert client.get("/api/v1/builds").status_code == 200
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+def test_a_bad_limit_concurrency_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    cmd = [sys.executable, "-m", "kernel_ci.cli.main", "cache", "serve", "--data", str(tmp_path)]
+    done = subprocess.run([*cmd, "--limit-concurrency", value], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "--limit-concurrency" in done.stderr, done.stderr

@@ -107,9 +107,22 @@ def test_every_nox_session_has_a_one_line_description() -> None:
 def test_each_job_runs_its_session() -> None:
     assert any(sessions_in(s) == ["lint", "unit"] for s in scripts("lint-unit"))
     assert any(sessions_in(s) == ["patches"] for s in scripts("patches"))
-    assert any('nox -s kernel -- --kernel "$KERNEL"' in s for s in scripts("build"))
+    assert any('nox -s kernel -- "${args[@]}"' in s for s in scripts("build"))
     build_env = [step.get("env", {}) for step in steps("build") if "nox -s kernel" in step.get("run", "")]
-    assert build_env == [{"KERNEL": "${{ matrix.kernel }}"}]
+    assert build_env == [{"KERNEL": "${{ matrix.kernel }}", "FRAGMENTS": "${{ matrix.fragments }}"}]
+
+
+def test_build_and_its_recipe_key_pass_the_cells_fragments(tmp_path: Path) -> None:
+    """The build step and the recipe key step turn FRAGMENTS into --fragment options, run by bash here."""
+    for name in ("recipe key", "nox -s kernel"):
+        (step,) = [s for s in steps("build") if s.get("name") == name]
+        assert step["env"]["FRAGMENTS"] == "${{ matrix.fragments }}"
+        (line,) = [x.strip() for x in step["run"].splitlines() if x.strip().startswith("args=(")]
+        script = line + '\nprintf "%s\\n" "${args[@]}"\n'
+        for fragments, want in (("", []), ("kconfig/debug.config", ["--fragment", "kconfig/debug.config"])):
+            env = {"PATH": "/usr/bin:/bin", "KERNEL": "5.10.223", "FRAGMENTS": fragments}
+            out = run(["bash", "-c", script], env=env, quiet=True)
+            assert out.output.split() == ["--kernel", "5.10.223", *want], (name, fragments)
 
 
 # -- the matrix ----------------------------------------------------------------------------------------------
@@ -119,7 +132,38 @@ def test_the_matrix_holds_the_5_10_versions_and_only_versions_of_the_lock_file()
     kernels = matrix.load_matrix()
     assert "5.10.224" in kernels and "5.10.223" in kernels
     assert set(kernels) <= matrix.lock_names(SOURCES_LOCK)
-    assert json.loads(matrix.matrix_json(kernels)) == {"kernel": kernels}
+    cells = matrix.load_cells()
+    assert json.loads(matrix.matrix_json(cells)) == {"include": cells}
+    assert [c["kernel"] for c in cells if not c["fragments"]] == kernels  # one plain cell per kernel
+
+
+def test_the_matrix_has_a_debug_cell_with_the_whole_kernel_checks() -> None:
+    (debug,) = [c for c in matrix.load_cells() if c["cell"].endswith("-debug")]
+    assert debug["fragments"] == "kconfig/debug.config"
+    fragment = (REPO_ROOT / debug["fragments"]).read_text().splitlines()
+    for option in ("KASAN", "PROVE_LOCKING", "DEBUG_KMEMLEAK", "DEBUG_ATOMIC_SLEEP", "UBSAN"):
+        assert f"CONFIG_{option}=y" in fragment, option
+
+
+def test_the_matrix_refuses_bad_variants(tmp_path: Path) -> None:
+    bad = tmp_path / "matrix.toml"
+    head = 'kernels = ["5.10.223"]\n[[variants]]\nname = "debug"\n'
+    cases = {
+        'kernel = "6.1"\nfragments = ["kconfig/debug.config"]\n': "not one of `kernels`",
+        'kernel = "5.10.223"\nfragments = ["kconfig/nope.config"]\n': "no kconfig fragment",
+        'kernel = "5.10.223"\nfragments = ["kconfig/base.config kconfig/debug.config"]\n': "no kconfig",
+        'kernel = "5.10.223"\nfragments = []\n': "non-empty list",
+        'kernel = "5.10.223"\n': "exactly name, kernel and fragments",
+    }
+    for body, message in cases.items():
+        bad.write_text(head + body)
+        with pytest.raises(matrix.MatrixError, match=message):
+            matrix.load_cells(bad)
+    variant = 'kernel = "5.10.223"\nfragments = ["kconfig/debug.config"]\n'
+    bad.write_text(head + variant + '[[variants]]\nname = "debug"\n' + variant)
+    with pytest.raises(matrix.MatrixError, match="cell listed more than once"):
+        matrix.load_cells(bad)
+    assert matrix.main(["--file", str(bad)]) == 2
 
 
 def test_the_matrix_refuses_unknown_or_repeated_versions(tmp_path: Path) -> None:
@@ -140,7 +184,7 @@ def test_matrix_main_writes_the_github_output(tmp_path: Path, monkeypatch: pytes
     output = tmp_path / "github-output"
     monkeypatch.setenv("GITHUB_OUTPUT", str(output))
     assert matrix.main(["--github-output"]) == 0
-    assert output.read_text() == f"matrix={matrix.matrix_json(matrix.load_matrix())}\n"
+    assert output.read_text() == f"matrix={matrix.matrix_json(matrix.load_cells())}\n"
 
 
 def test_build_and_test_take_their_matrix_from_the_matrix_job() -> None:
@@ -173,13 +217,13 @@ def test_triggers_concurrency_and_a_timeout_on_every_job() -> None:
 
 
 def test_build_caches_ccache_and_the_build_cache_by_the_recipe_key() -> None:
-    assert any('kernel-ci key --kernel "$KERNEL"' in s and "$GITHUB_OUTPUT" in s for s in scripts("build"))
+    assert any('kernel-ci key "${args[@]}"' in s and "$GITHUB_OUTPUT" in s for s in scripts("build"))
     caches = {
         step["with"]["path"].rsplit("/", 1)[-1]: step["with"] for step in uses("build", "actions/cache")
     }
     assert {"ccache", "builds", "downloads"} <= set(caches)
     for name in ("ccache", "builds"):
-        assert "steps.key.outputs.recipe" in caches[name]["key"] and "matrix.kernel" in caches[name]["key"]
+        assert "steps.key.outputs.recipe" in caches[name]["key"] and "matrix.cell" in caches[name]["key"]
     assert "restore-keys" in caches["ccache"] and "restore-keys" not in caches["builds"]
     order = [step.get("id") or step.get("name") or step.get("uses") for step in steps("build")]
     assert order.index("key") < order.index("build cache") < order.index("nox -s kernel")
@@ -197,7 +241,7 @@ def test_build_uploads_kernel_modules_patches_and_metadata_and_test_downloads_th
         assert wanted in paths
     assert "if" not in upload  # a failed build has nothing to upload: the cell is red
     (download,) = uses("test", "actions/download-artifact")
-    assert download["with"]["name"] == upload["with"]["name"] == "kernel-${{ matrix.kernel }}"
+    assert download["with"]["name"] == upload["with"]["name"] == "kernel-${{ matrix.cell }}"
     kernel_dir = download["with"]["path"]
     assert any(f"nox -s test -- --kernel-dir {kernel_dir}" in s for s in scripts("test"))
 
@@ -259,6 +303,6 @@ def test_act_runs_the_matrix_job_in_the_local_base_image(tmp_path: Path) -> None
     assert result.returncode == 0, result.output
     records = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     outputs = {r["name"]: r["arg"] for r in records if r.get("command") == "set-output"}
-    assert outputs == {"matrix": matrix.matrix_json(matrix.load_matrix())}  # what build and test receive
-    assert json.loads(outputs["matrix"])["kernel"] == matrix.load_matrix()
+    assert outputs == {"matrix": matrix.matrix_json(matrix.load_cells())}  # what build and test receive
+    assert [c["kernel"] for c in json.loads(outputs["matrix"])["include"]][:2] == matrix.load_matrix()
     assert [r.get("jobResult") for r in records if "jobResult" in r] == ["success"]

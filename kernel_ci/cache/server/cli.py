@@ -16,6 +16,12 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 50G)") from None
 
 
+def _positive(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from kernel_ci.cache.server.server import READ_TOKENS_ENV, TOKENS_ENV, ServerConfig, env_tokens, serve
     from kernel_ci.cache.server.service import Limits
@@ -28,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_tokens=[*args.read_token, *env_tokens(READ_TOKENS_ENV)],
         anonymous_read=not args.no_anonymous_read,
         limits=Limits(max_bytes=args.max_bytes, max_blob_bytes=args.max_blob_bytes),
+        limit_concurrency=args.limit_concurrency,
     )
     serve(config, args.host, args.port, workers=args.workers)
     return 0
@@ -72,6 +79,12 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:  # 
     )
     serve.add_argument("--max-blob-bytes", type=_size, default=4 << 30, help="largest accepted blob")
     serve.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default 1)")
+    serve.add_argument(
+        "--limit-concurrency",
+        type=_positive,
+        default=512,
+        help="per worker: open connections + requests beyond which new requests get a 503 (default 512)",
+    )
     serve.set_defaults(func=cmd_serve)
     scrub = cache.add_parser("scrub", help="re-hash every stored blob; forget the corrupt ones (cron this)")
     scrub.add_argument("--data", type=Path, required=True, help="state directory, as for serve")

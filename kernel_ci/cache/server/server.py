@@ -19,6 +19,7 @@ from kernel_ci.cache.server.service import CacheService, Limits
 
 TOKENS_ENV = "KERNEL_CI_CACHE_SERVER_TOKENS"  # comma-separated write tokens (keeps them out of `ps`)
 READ_TOKENS_ENV = "KERNEL_CI_CACHE_SERVER_READ_TOKENS"
+DEFAULT_LIMIT_CONCURRENCY = 512  # a build farm's ccache clients keep one connection per compile job
 
 
 @dataclass
@@ -30,6 +31,9 @@ class ServerConfig:
     read_tokens: list[str] = field(default_factory=list)
     anonymous_read: bool = True
     limits: Limits = field(default_factory=Limits)
+    # per worker process: connections + requests in progress beyond which uvicorn answers 503 at once, so
+    # that a flood of (idle or slow) connections costs a refusal, not memory and file descriptors
+    limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY
 
 
 def open_blobs(url: str | None, data: Path) -> BlobStore:
@@ -157,11 +161,19 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info", w
             workers=workers,
             log_level=log_level,
             access_log=False,
+            limit_concurrency=config.limit_concurrency,
         )
         return
     app, service = make_app(config)
     log.info("index: %s; blobs: %s", service.index.describe(), service.blobs.describe())
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        limit_concurrency=config.limit_concurrency,
+    )
 
 
 def wait_healthy(url: str, alive: Callable[[], bool], timeout: float = 60.0) -> bool:

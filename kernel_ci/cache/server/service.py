@@ -211,6 +211,7 @@ class Limits:
     max_ccache_object_bytes: int = 256 << 20
     max_manifest_bytes: int = 16 << 20
     gc_grace_seconds: float = 600.0  # unreferenced blobs younger than this are kept (pending manifests)
+    max_concurrent_explains: int = 2  # per process: "why did this miss" diffs read every build's inputs
 
 
 class CacheService:

@@ -146,12 +146,24 @@ def list_page(rows: list[BuildSummary], total: int, limit: int, offset: int) -> 
 
 
 def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
+    key = row.key
+    runs = [_run_html(key, r) for r in reversed([r for r in row.runs if isinstance(r, dict)])]
+    body = (
+        f'<p><a href="/">all builds</a></p><h1>build {key[:16]}</h1><table>{_facts_html(row)}</table>'
+        "<h2>outputs</h2><table id=outputs><tr><th>file</th><th>bytes</th><th>sha256</th></tr>"
+        f"{_outputs_html(key, row.doc['outputs'])}</table>"
+        f"<h2>test results</h2>{''.join(runs) or '<p class=muted>No test run attached.</p>'}"
+        f"<h2>why a build with these inputs misses the cache of the others</h2>{_miss_html(explanation)}"
+    )
+    return _page(f"build {key[:16]}", body)
+
+
+def _facts_html(row: BuildRow) -> str:
     doc = row.doc
     meta = _dict(doc.get("metadata"))
     kernel = _dict(meta.get("kernel"))
-    key = row.key
     facts = [
-        ("build key", f"<code>{key}</code>" + (" (pinned)" if row.pinned else "")),
+        ("build key", f"<code>{row.key}</code>" + (" (pinned)" if row.pinned else "")),
         ("kernel", escape(f"{kernel.get('version', '')} release {kernel.get('release', '')}")),
         ("patch series", escape(", ".join(_strs(meta.get("series"))) or "none (vanilla)")),
         ("config fragments", "<br>".join(escape(f) for f in _strs(meta.get("fragments")))),
@@ -160,56 +172,56 @@ def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
         ("published", escape(_when(doc.get("published", row.created)))),
         ("reproduce", f"<code>{escape(str(meta.get('reproduce', '')))}</code>"),
     ]
-    rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
-    outputs = "".join(
+    return "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
+
+
+def _outputs_html(key: str, outputs: list[dict[str, Any]]) -> str:
+    return "".join(
         f'<tr><td><a href="{_file_url(key, o["name"])}">{escape(o["name"])}</a>'
         f"{' (tar)' if o['kind'] == 'tar' else ''}</td><td>{o['size']:,}</td>"
         f"<td><code>{o['sha256'][:16]}</code></td></tr>"
-        for o in doc["outputs"]
+        for o in outputs
     )
-    runs_html = []
-    for run in reversed([r for r in row.runs if isinstance(r, dict)]):
-        run_id = str(run.get("run_id"))
-        links = []
-        if "junit" in run:
-            links.append(f'<a href="{_run_url(key, run_id, "junit.xml")}">JUnit XML</a>')
-        if "console" in run:
-            links.append(f'<a href="{_run_url(key, run_id, "console.log")}">console log</a>')
-        cases = "".join(
-            f"<tr><td>{escape(str(c.get('suite', '')))}</td><td>{escape(str(c.get('name', '')))}</td>"
-            f'<td class="{_status_class(str(c.get("status", "")))}">'
-            f"{escape(str(c.get('status', '')))}</td><td>{escape(str(c.get('time', '')))}</td>"
-            f"<td>{escape(str(c.get('message', '')))}</td></tr>"
-            for c in run.get("cases", [])
-            if isinstance(c, dict)
+
+
+def _run_html(key: str, run: dict[str, Any]) -> str:
+    run_id = str(run.get("run_id"))
+    links = []
+    if "junit" in run:
+        links.append(f'<a href="{_run_url(key, run_id, "junit.xml")}">JUnit XML</a>')
+    if "console" in run:
+        links.append(f'<a href="{_run_url(key, run_id, "console.log")}">console log</a>')
+    cases = "".join(
+        f"<tr><td>{escape(str(c.get('suite', '')))}</td><td>{escape(str(c.get('name', '')))}</td>"
+        f'<td class="{_status_class(str(c.get("status", "")))}">'
+        f"{escape(str(c.get('status', '')))}</td><td>{escape(str(c.get('time', '')))}</td>"
+        f"<td>{escape(str(c.get('message', '')))}</td></tr>"
+        for c in run.get("cases", [])
+        if isinstance(c, dict)
+    )
+    return (
+        f"<h3>run {escape(run_id)} {escape(str(run.get('outcome', '')))}</h3>"
+        f"<p>{_tests_cell(_dict(run.get('counts')) or None)} · {' · '.join(links)}</p>"
+        + (
+            "<table class=cases><tr><th>suite</th><th>test</th><th>result</th><th>s</th>"
+            "<th>message</th></tr>"
+            f"{cases}</table>"
+            if cases
+            else ""
         )
-        runs_html.append(
-            f"<h3>run {escape(run_id)} {escape(str(run.get('outcome', '')))}</h3>"
-            f"<p>{_tests_cell(_dict(run.get('counts')) or None)} · {' · '.join(links)}</p>"
-            + (
-                "<table class=cases><tr><th>suite</th><th>test</th><th>result</th><th>s</th>"
-                "<th>message</th></tr>"
-                f"{cases}</table>"
-                if cases
-                else ""
-            )
-        )
+    )
+
+
+def _miss_html(explanation: dict[str, Any] | None) -> str:
+    if explanation and explanation.get("busy"):
+        return "<p class=muted>Too many comparisons in progress: reload this page in a moment.</p>"
     if explanation and explanation.get("nearest"):
         nearest = explanation["nearest"]
-        diff = (
+        return (
             f'<p>Nearest other build: <a href="/builds/{nearest}"><code>{nearest[:16]}</code></a> '
             f"(of {explanation['candidates']} compared).</p><pre>{escape(explanation['text'])}</pre>"
         )
-    else:
-        diff = "<p class=muted>No other build to compare with.</p>"
-    body = (
-        f'<p><a href="/">all builds</a></p><h1>build {key[:16]}</h1><table>{rows}</table>'
-        "<h2>outputs</h2><table id=outputs><tr><th>file</th><th>bytes</th><th>sha256</th></tr>"
-        f"{outputs}</table>"
-        f"<h2>test results</h2>{''.join(runs_html) or '<p class=muted>No test run attached.</p>'}"
-        f"<h2>why a build with these inputs misses the cache of the others</h2>{diff}"
-    )
-    return _page(f"build {key[:16]}", body)
+    return "<p class=muted>No other build to compare with.</p>"
 
 
 def _ccache_text(ccache: object) -> str:
