@@ -185,7 +185,7 @@ def header_lines(patch_text: str) -> Iterator[tuple[int, str]]:
 def _decode(kind: Any, value: Any, where: str) -> Any:
     """value (parsed JSON) as an instance of the type `kind`, or a RecordError naming the path in it."""
     origin = typing.get_origin(kind)
-    if is_dataclass(kind):
+    if isinstance(kind, type) and is_dataclass(kind):
         return _decode_record(kind, value, where)
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(kind)

@@ -28,7 +28,7 @@ def _ordered(report: RunReport) -> list[SuiteRow]:
 
 def table_rows(report: RunReport) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
     """The summary table's cells: one row per suite (failures first), and the total row."""
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (row.name, str(row.failed), str(row.errors), str(row.skipped), str(row.passed), _time(row.seconds))
         for row in _ordered(report)
     ]

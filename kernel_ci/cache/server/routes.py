@@ -248,10 +248,10 @@ class Aliases:
             await run_in_threadpool(self.service.index.alias_put, request_key, key)
             return JSONResponse({"request_key": request_key, "key": key})
         self.access.read(request)
-        key = await run_in_threadpool(self.service.index.alias_get, request_key)
-        if key is None:
+        target = await run_in_threadpool(self.service.index.alias_get, request_key)
+        if target is None:
             return error(404, f"no alias for {request_key}")
-        return JSONResponse({"request_key": request_key, "key": key})
+        return JSONResponse({"request_key": request_key, "key": target})
 
 
 class Ccache:
