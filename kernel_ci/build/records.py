@@ -218,7 +218,7 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
 def _decode_record(kind: type[T], value: Any, where: str) -> T:
     _expect(isinstance(value, dict), where, "an object", value)
     hints = typing.get_type_hints(kind)
-    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
+    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]  # T is bound to dataclasses by the callers
     missing = [n for n in names if n not in value]
     unknown = sorted(set(value) - set(names))
     if missing or unknown:

@@ -103,7 +103,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
 
     app = Starlette(routes=routes, lifespan=lifespan)
     if inline_reads:
-        app.add_middleware(CcacheReads, service=service, auth=auth)  # type: ignore[arg-type]
-    app.add_middleware(PathGuard)  # type: ignore[arg-type]  # before anything looks at the path
-    app.add_middleware(Timing, service=service)  # type: ignore[arg-type]  # outermost: times everything
+        app.add_middleware(CcacheReads, service=service, auth=auth)
+    app.add_middleware(PathGuard)  # before anything looks at the path
+    app.add_middleware(Timing, service=service)  # outermost: times everything
     return app
