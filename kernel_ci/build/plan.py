@@ -29,6 +29,7 @@ from pathlib import Path
 from kernel_ci.build import extmodules, images, kconfig, kselftest, patches, source
 from kernel_ci.build import kbuild as builder
 from kernel_ci.build import keys as buildkey
+from kernel_ci.build.source import Tarball
 from kernel_ci.core.errors import BuildError
 from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES
 from kernel_ci.guest import suites
@@ -119,7 +120,7 @@ class BuildPlan:
     def build_key(self, final_config: str, toolchain_fingerprint: str) -> str:
         return buildkey.build_key(self.build_inputs(final_config, toolchain_fingerprint))
 
-    def resolved(self, tarball: source.Tarball) -> BuildPlan:
+    def resolved(self, tarball: Tarball) -> BuildPlan:
         """The plan once the source is fetched: the candidate actually built instead of the list, so that a
         version reached by a fallback ("5.10" -> 5.10.223) builds the same as asking for it directly."""
         pin = SourcePin.of(tarball)

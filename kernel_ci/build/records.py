@@ -185,7 +185,7 @@ def header_lines(patch_text: str) -> Iterator[tuple[int, str]]:
 def _decode(kind: Any, value: Any, where: str) -> Any:
     """value (parsed JSON) as an instance of the type `kind`, or a RecordError naming the path in it."""
     origin = typing.get_origin(kind)
-    if is_dataclass(kind):
+    if isinstance(kind, type) and is_dataclass(kind):
         return _decode_record(kind, value, where)
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(kind)
@@ -218,7 +218,7 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
 def _decode_record(kind: type[T], value: Any, where: str) -> T:
     _expect(isinstance(value, dict), where, "an object", value)
     hints = typing.get_type_hints(kind)
-    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
+    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]  # T is bound to dataclasses by the callers
     missing = [n for n in names if n not in value]
     unknown = sorted(set(value) - set(names))
     if missing or unknown:

@@ -87,7 +87,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     key = sub.add_parser(
         "key",
         help="print the recipe key of a build (its inputs as files; no Docker): for CI cache keys",

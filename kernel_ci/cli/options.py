@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kernel_ci.core.errors import UsageError
 from kernel_ci.core.paths import GUEST_TESTS
 from kernel_ci.core.settings import Settings
+
+if TYPE_CHECKING:  # imported when called: `kernel-ci --help` does not load the build stage
+    from kernel_ci.flow.build import BuildRequest
 
 
 def add_build_options(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +54,7 @@ def settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def build_request(args: argparse.Namespace, ccache_remote: str | None = None):  # type: ignore[no-untyped-def]
+def build_request(args: argparse.Namespace, ccache_remote: str | None = None) -> BuildRequest:
     """The build the options ask for. Never the suites: the kernel carries every suite's needs, so that
     `kernel-ci test --suite X` tests the very kernel a full `kernel-ci test` (or `kernel-ci build`) built."""
     from kernel_ci.flow.build import BuildRequest

@@ -98,14 +98,15 @@ def run(
     except FileNotFoundError as exc:
         raise CommandError(args, None, f"{args[0]}: not found ({exc})") from exc
     if stdin_data is not None:
-        assert proc.stdin is not None
+        stdin = proc.stdin
+        assert stdin is not None
 
         def feed() -> None:
             try:
-                proc.stdin.write(stdin_data)  # type: ignore[union-attr]
+                stdin.write(stdin_data)
             finally:
                 if not hold_stdin:
-                    proc.stdin.close()  # type: ignore[union-attr]
+                    stdin.close()
 
         threading.Thread(target=feed, daemon=True).start()
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,7 +91,7 @@ def module_files(image: str, kernel_dir: Path, names: Sequence[str], work: Path)
     return found
 
 
-def c_compiler(image: str):  # type: ignore[no-untyped-def]
+def c_compiler(image: str) -> Callable[[Path, list[str], Path], None]:
     """compile_c for the payload: static binaries built in the builder container."""
 
     def compile_c(src_dir: Path, c_files: list[str], out_binary: Path) -> None:

@@ -395,7 +395,8 @@ def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
         return GuestRun(
             EndKind.QEMU_FAILED, None, 0.0, None, None, cfg.console_log, argv, f"cannot start: {exc}", ""
         )
-    out = _Console(qemu.stdout, cfg.console_log, cfg.console_limit)  # type: ignore[arg-type]
+    out = _Console(qemu.stdout, cfg.console_log, cfg.console_limit)  # type: ignore[arg-type]  # spawned
+    # with stdout=PIPE, so never None
     try:
         return _watch(cfg, argv, qemu, started, on_line, out)
     finally:

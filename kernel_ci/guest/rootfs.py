@@ -184,7 +184,7 @@ def _build(recipe: Recipe, key: str, image: Path, sidecar: Path) -> dict[str, st
         _make_ext4(root, raw, key)
         tmp_image = work / "image.qcow2"
         proc.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, tmp_image])
-        meta = {
+        meta: dict[str, Any] = {
             "key": key,
             "recipe": recipe.describe(),
             "packages": packages,

@@ -28,7 +28,7 @@ def _ordered(report: RunReport) -> list[SuiteRow]:
 
 def table_rows(report: RunReport) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
     """The summary table's cells: one row per suite (failures first), and the total row."""
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (row.name, str(row.failed), str(row.errors), str(row.skipped), str(row.passed), _time(row.seconds))
         for row in _ordered(report)
     ]
@@ -51,7 +51,8 @@ def render_summary(report: RunReport) -> Table:
         ("passed", "right", "green"),
         ("time", "right", None),
     ):
-        table.add_column(column, justify=justify, style=colour)  # type: ignore[arg-type]
+        table.add_column(column, justify=justify, style=colour)  # type: ignore[arg-type]  # rich wants a
+        # Literal for justify; the tuple above holds only its values
     rows, total = table_rows(report)
     for name, *counts in rows:
         table.add_row(Text(name), *counts)

@@ -143,7 +143,7 @@ def _boot_suite(console: ConsoleReport, end: GuestEnd, stop: _Stop) -> SuiteResu
             "were read and scanned but not kept"
         )
         cases.append(_problem("console", BOOT_SUITE, "failed", message, "", Outcome.TEST_FAILURE))
-    properties = {"guest.end": end.kind}
+    properties = {"guest.end": str(end.kind)}
     if end.detail:
         properties["guest.end.detail"] = end.detail
     if console.boot_seconds is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -64,10 +65,16 @@ def _log_unavailable(status: int, exc: Exception) -> None:
         log.warning("answered %d: %s", status, exc)
 
 
+class RouteGroup(Protocol):
+    """A group of routes sharing the service and the access rules (kernel_ci.cache.server.routes)."""
+
+    def routes(self) -> list[RouteSpec]: ...
+
+
 def route_table(service: CacheService, access: Access, inline_reads: bool) -> list[RouteSpec]:
     """Every route of the service, by group."""
     explainer = MissExplainer(service, service.limits.max_concurrent_explains)
-    groups = [
+    groups: list[RouteGroup] = [
         Pages(service, access, explainer),
         Health(service, access),
         Blobs(service, access),
@@ -96,7 +103,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
 
     app = Starlette(routes=routes, lifespan=lifespan)
     if inline_reads:
-        app.add_middleware(CcacheReads, service=service, auth=auth)  # type: ignore[arg-type]
-    app.add_middleware(PathGuard)  # type: ignore[arg-type]  # before anything looks at the path
-    app.add_middleware(Timing, service=service)  # type: ignore[arg-type]  # outermost: times everything
+        app.add_middleware(CcacheReads, service=service, auth=auth)
+    app.add_middleware(PathGuard)  # before anything looks at the path
+    app.add_middleware(Timing, service=service)  # outermost: times everything
     return app

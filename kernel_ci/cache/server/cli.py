@@ -52,7 +52,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """`cache serve` and `cache scrub`; returns the `cache` subcommands, to which kernel_ci.cli adds
     `cache bench` (the bench composes the service with nginx and wrk: not the service's own business)."""
     cache = sub.add_parser("cache", help="the shared build cache service").add_subparsers(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-ERROR = {
+ERROR: dict[str, Any] = {
     "description": "refused, with the reason",
     "content": {
         "application/json": {
@@ -62,7 +62,7 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 KEY = _param("key", HEX64)
 DIGEST = _param("digest", HEX64)
-SECURE = [{"bearer": []}, {"basic": []}]
+SECURE: list[dict[str, list[str]]] = [{"bearer": []}, {"basic": []}]
 
 
 def openapi_schema() -> dict[str, Any]:

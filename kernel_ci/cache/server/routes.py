@@ -244,14 +244,14 @@ class Aliases:
             self.access.write(request)
             body = await read_limited(request, 1024)
             doc = parse_json(body, "the alias")
-            key = check_key(doc.get("key") if isinstance(doc, dict) else None)  # type: ignore[arg-type]
+            key = check_key(doc.get("key") if isinstance(doc, dict) else None)  # type: ignore[arg-type]  # check_key refuses a non-str
             await run_in_threadpool(self.service.index.alias_put, request_key, key)
             return JSONResponse({"request_key": request_key, "key": key})
         self.access.read(request)
-        key = await run_in_threadpool(self.service.index.alias_get, request_key)
-        if key is None:
+        target = await run_in_threadpool(self.service.index.alias_get, request_key)
+        if target is None:
             return error(404, f"no alias for {request_key}")
-        return JSONResponse({"request_key": request_key, "key": key})
+        return JSONResponse({"request_key": request_key, "key": target})
 
 
 class Ccache:

@@ -159,7 +159,9 @@ class S3BlobStore:
         return _S3Writer(self, digest, size, spool)
 
     def stage(self, digest: str, size: int, stream: BinaryIO) -> _S3Staged:
-        return stage_from(self.writer(digest, size), stream)  # type: ignore[return-value]
+        staged = stage_from(self.writer(digest, size), stream)
+        assert isinstance(staged, _S3Staged)  # an _S3Writer finishes into an _S3Staged
+        return staged
 
     def put(self, digest: str, size: int, stream: BinaryIO) -> bool:
         staged = self.stage(digest, size, stream)

@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
 
 from kernel_ci.cache.server.app import AuthConfig, create_app
 from kernel_ci.cache.server.blobs import BlobStore, LocalBlobStore
@@ -69,7 +72,7 @@ class _Redactor:
         cls.installed = True
         previous = logging.getLogRecordFactory()
 
-        def factory(*args, **kwargs) -> logging.LogRecord:  # type: ignore[no-untyped-def]
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous(*args, **kwargs)
             if cls.secrets:
                 cls._scrub(record)
@@ -104,7 +107,7 @@ def make_service(config: ServerConfig) -> CacheService:
     )
 
 
-def make_app(config: ServerConfig):  # type: ignore[no-untyped-def]
+def make_app(config: ServerConfig) -> tuple[Starlette, CacheService]:
     service = make_service(config)
     auth = AuthConfig(
         write_tokens=list(config.tokens),
@@ -131,7 +134,7 @@ def _config_to_env(config: ServerConfig) -> str:
     )
 
 
-def app_from_environment():  # type: ignore[no-untyped-def]
+def app_from_environment() -> Starlette:
     """The app of one worker process of `serve --workers N` (a uvicorn factory)."""
     raw = json.loads(os.environ[CONFIG_ENV])
     raw["data"] = Path(raw["data"])

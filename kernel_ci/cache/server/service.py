@@ -513,7 +513,7 @@ def validate_manifest(doc: object) -> dict[str, Any]:
         seen.add(name)
         digest = output.get("sha256")
         try:
-            check_digest(digest)  # type: ignore[arg-type]
+            check_digest(digest)  # type: ignore[arg-type]  # unvalidated JSON: check_digest refuses a non-str
         except BlobError as exc:
             raise ServiceError(f"outputs[{position}] ({name}): {exc}") from exc
         kind = output.get("kind", "file")
@@ -556,11 +556,17 @@ def check_metadata(meta: dict[str, Any]) -> None:
             raise ServiceError(f"metadata.ccache.{name}: expected a number")
 
 
+def _table(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """meta[name] when it is an object, else empty (stored metadata may predate validation)."""
+    value = meta.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 def build_summary(doc: dict[str, Any]) -> dict[str, Any]:
     """What the build list shows, taken from metadata.json (tolerant of missing fields)."""
     meta = doc.get("metadata") or {}
-    kernel = meta.get("kernel") if isinstance(meta.get("kernel"), dict) else {}
-    ccache = meta.get("ccache") if isinstance(meta.get("ccache"), dict) else {}
+    kernel = _table(meta, "kernel")
+    ccache = _table(meta, "ccache")
     hit_rate = ccache.get("hit_rate")
     return {
         "kernel_version": str(kernel.get("version", "")),
@@ -581,7 +587,7 @@ def parse_junit(data: bytes) -> dict[str, Any]:
         suites = junit.parse(data)
     except junit.JunitError as exc:
         return {"junit_error": str(exc)}
-    cases = []
+    cases: list[dict[str, Any]] = []
     counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     for suite in suites:
         for case in suite.cases:
