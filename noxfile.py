@@ -34,10 +34,12 @@ def test(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check."""
-    session.install("ruff>=0.5")
+    """ruff lint and format check; mypy over the package (with its dependencies installed, so that their
+    types are checked too)."""
+    _install(session, "[lint]")
     session.run("ruff", "check", "kernel_ci", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "kernel_ci", "tests", "noxfile.py")
+    session.run("mypy", "kernel_ci")
 
 
 @nox.session(python=PYTHON)
