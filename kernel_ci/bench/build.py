@@ -17,7 +17,7 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,12 +31,6 @@ from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.host import setup as hostsetup
 
 HOST_BUILD_DEPS = ["gcc", "make", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "ccache", "cpio", "kmod"]
-
-
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
-    with measure_duration() as took:
-        value = fn()
-    return took.seconds, value
 
 
 def machine_description() -> dict[str, str | int]:
@@ -115,13 +109,15 @@ def tuxmake_figures(work: Path, reference: BuildResult) -> list[Figure]:
         argv = ["tuxmake", "--runtime", "null", "--target-arch", "x86_64", "--toolchain", "gcc",
                 "--kconfig", str(config), "-C", str(tree), "-b", str(build_dir),
                 "-o", str(work / "tuxmake-out"), *extra, "kernel", "modules"]  # fmt: skip
-        seconds, _ = _timed(lambda argv=argv: proc.run(argv, env=env, keep_output=False, quiet=True))
+        with measure_duration() as took:
+            proc.run(argv, env=env, keep_output=False, quiet=True)
+        seconds = took.seconds
         figures.append(Figure(f"tuxmake: {label}", seconds))
     return figures
 
 
-def _report(figures: list[Figure]) -> dict:
-    report = {
+def _report(figures: list[Figure]) -> dict[str, object]:
+    report: dict[str, object] = {
         "machine": machine_description(),
         "load_average": os.getloadavg(),
         "command": " ".join(["kernel-ci", *sys.argv[1:]]) if sys.argv else "kernel-ci bench",

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from kernel_ci.cache.server.server import wait_healthy
-from kernel_ci.cache.store import LocalStore
+from kernel_ci.cache.store import FileRecord, LocalStore
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step
 from kernel_ci.core.errors import InfrastructureError
@@ -166,10 +166,18 @@ class TimedPutStore(LocalStore):
 
     put_seconds = 0.0
 
-    def put(self, key: str, outputs: Path, manifest: Mapping[str, str], *, move: bool = False) -> Path:
+    def put(
+        self,
+        key: str,
+        outputs: Path,
+        manifest: Mapping[str, str],
+        *,
+        move: bool = False,
+        expected: Mapping[str, FileRecord] | None = None,
+    ) -> Path:
         started = time.monotonic()
         try:
-            return super().put(key, outputs, manifest, move=move)
+            return super().put(key, outputs, manifest, move=move, expected=expected)
         finally:
             self.put_seconds = time.monotonic() - started
 

@@ -55,7 +55,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from kernel_ci.build.layout import honest_links
 from kernel_ci.cache.store import (
@@ -382,7 +382,7 @@ def extract_members(stream: Any, destination: Path, output: str, records: Mappin
                 source = tar.extractfile(member)
                 assert source is not None  # a regular member always has a file object
                 with writer.create(parts, record["mode"]) as out:
-                    copy_verified(source, out, record, name)
+                    copy_verified(cast(BinaryIO, source), out, record, name)  # tarfile says IO[bytes]
                     os.utime(out.fileno(), (member.mtime, member.mtime))
             else:
                 raise UnsafeEntryError(

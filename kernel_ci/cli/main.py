@@ -7,6 +7,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
@@ -14,15 +15,19 @@ from rich.text import Text
 from kernel_ci.cli import options
 from kernel_ci.cli.options import SUITE_NO_LONGER_BUILDS, add_build_options, warn_suite_ignored
 from kernel_ci.core.console import console
-from kernel_ci.core.errors import ExitCode, KernelCIError
+from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError
 from kernel_ci.core.paths import REPO_ROOT
+
+if TYPE_CHECKING:  # the commands import their stage when run: `kernel-ci --help` loads none
+    from kernel_ci.flow.build import BuildResult
+    from kernel_ci.report.model import Outcome, RunReport
 
 DEFAULT_OUT = REPO_ROOT / "out"
 ERROR_LOG = "kernel-ci-error.log"  # in --output: the traceback of an unexpected exception
 _build_request = options.build_request  # the name tests and older callers use
 
 
-def build_summary(result) -> Table:  # type: ignore[no-untyped-def]
+def build_summary(result: BuildResult) -> Table:
     meta = result.metadata
     kernel = meta.kernel
     table = Table(title="kernel build", show_header=False, title_justify="left")
@@ -97,15 +102,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     report = run_tests(test_options)
     from kernel_ci.cache.remote import attach_test_run
 
-    attach_test_run(store, kernel_dir, args.output, report.outcome.name)  # JUnit + console to the service
-    return int(report.outcome)
+    outcome = _outcome_of(report)
+    attach_test_run(store, kernel_dir, args.output, outcome.name)  # JUnit + console to the service
+    return int(outcome)
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
     from kernel_ci.flow.test import reproduce
 
     options.check_run_dir(args.run_dir)
-    return int(reproduce(args.run_dir, interactive=args.interactive).outcome)
+    return int(_outcome_of(reproduce(args.run_dir, interactive=args.interactive)))
+
+
+def _outcome_of(report: RunReport) -> Outcome:
+    """A run always has an outcome (only a report read back from JUnit alone may lack one)."""
+    if report.outcome is None:
+        raise InfrastructureError("the run ended without an outcome; see its console.log")
+    return report.outcome
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -184,7 +197,7 @@ def cmd_cache_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_cache_bench(cache: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_cache_bench(cache: argparse._SubParsersAction) -> None:
     """`cache bench` lives here, not beside `cache serve`: the service (a stage) may not import the bench."""
     bench = cache.add_parser("bench", help="restore time from the service; ccache objects/s vs nginx WebDAV")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (wrk)")

@@ -365,7 +365,13 @@ def _metadata(
         ),
         kbuild=configured.env.kbuild_vars() | {"jobs": request.jobs, "steps": compiled.steps},
         durations=job.durations,
-        ccache=CcacheFigures(**compiled.ccache) if compiled.ccache else None,
+        ccache=CcacheFigures(
+            hits=int(compiled.ccache["hits"]),
+            misses=int(compiled.ccache["misses"]),
+            hit_rate=float(compiled.ccache["hit_rate"]),
+        )
+        if compiled.ccache
+        else None,
         inputs=configured.manifest,
         reproduce=reproduce_command(request, src.version, job.planned.series),
     )
