@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kernel_ci.core.errors import UsageError
+from kernel_ci.core.files import write_text_atomic
 
 METADATA_SCHEMA = 2
 METADATA_FILE = "metadata.json"
@@ -111,9 +112,7 @@ class BuildMetadata:
         return _decode(cls, document, where)
 
     def write(self, directory: Path) -> Path:
-        path = directory / METADATA_FILE
-        path.write_text(self.to_json())
-        return path
+        return write_text_atomic(directory / METADATA_FILE, self.to_json())
 
     @classmethod
     def read(cls, directory: Path) -> BuildMetadata:

@@ -34,6 +34,7 @@ from typing import IO, Literal
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
 from kernel_ci.core.errors import InfrastructureError
+from kernel_ci.core.files import write_text_atomic
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.guest import protocol
 from kernel_ci.guest.protocol import EndKind
@@ -162,9 +163,7 @@ def probe_kvm(kernel: Path, *, timeout: float = KVM_PROBE_TIMEOUT, use_cache: bo
             return cached
     result = _run_kvm_probe(kernel, timeout)
     entry = {"key": cache_key, "time": time.time(), "usable": result.usable, "reason": result.reason}
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entry) + "\n")
-    os.replace(tmp, cache_file)
+    write_text_atomic(cache_file, json.dumps(entry) + "\n")
     return result
 
 

@@ -23,6 +23,7 @@ from junitparser import TestCase as ParsedCase
 from junitparser import TestSuite as ParsedSuite
 
 from kernel_ci.core.errors import UsageError
+from kernel_ci.core.files import write_text_atomic
 from kernel_ci.report.model import Case, CaseState, Outcome, RunRecord, RunReport, SuiteResult
 
 
@@ -71,10 +72,7 @@ def to_junit(report: RunReport) -> str:
 
 def write_junit(report: RunReport, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_junit(report), encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a report
-    return path
+    return write_text_atomic(path, to_junit(report))  # a reader never sees half a report
 
 
 # --- reading ---------------------------------------------------------------------------------------------

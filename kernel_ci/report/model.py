@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kernel_ci.core.errors import UsageError
+from kernel_ci.core.files import write_text_atomic
 from kernel_ci.guest.protocol import EndKind
 
 
@@ -243,11 +244,7 @@ class RunRecord:
         return record
 
     def write(self, run_dir: Path) -> Path:
-        path = run_dir / RUN_RECORD_FILE
-        tmp = path.with_name(f".{RUN_RECORD_FILE}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)  # never a half-written run.json
-        return path
+        return write_text_atomic(run_dir / RUN_RECORD_FILE, self.to_json())  # never a half-written run.json
 
     @classmethod
     def read(cls, run_dir: Path) -> RunRecord:
