@@ -123,7 +123,3 @@ def verify(final_config: str, requests: Mapping[str, Request]) -> list[Lost]:
         if actual != request.value:
             lost.append(Lost(request, actual))
     return lost
-
-
-def kernel_release_suffix(final_config: str) -> str:
-    return parse(final_config).get("CONFIG_LOCALVERSION", '""').strip('"')

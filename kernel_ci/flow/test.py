@@ -19,7 +19,6 @@ from pathlib import Path
 
 from kernel_ci.build import extmodules, images, kconfig
 from kernel_ci.build import kbuild as builder
-from kernel_ci.build import plan as buildplan
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
@@ -50,17 +49,6 @@ class TestOptions:
     timeout: float = 1800.0
     keep_overlay: bool = False
     extra_properties: dict[str, str] = field(default_factory=dict)
-
-
-def suite_fragments(names: Sequence[str] | None = None) -> list[kconfig.Fragment]:
-    """One kconfig fragment per guest suite, from its manifest's `kconfig` list (the build carries all of
-    them: kernel_ci.build.plan)."""
-    return list(buildplan.suite_needs(GUEST_TESTS, names).fragments)
-
-
-def suite_kselftest_targets(names: Sequence[str] | None = None) -> list[str]:
-    """The tools/testing/selftests targets the chosen kselftest suites run (built with the kernel)."""
-    return list(buildplan.suite_needs(GUEST_TESTS, names).kselftests)
 
 
 def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Suite]:

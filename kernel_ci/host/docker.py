@@ -101,13 +101,6 @@ def build_image(context: Path, dockerfile: Path, tag: str, build_args: Mapping[s
         raise _failed(f"building {tag}", exc) from exc
 
 
-def remove_image(tag: str) -> None:
-    try:
-        docker.image.remove(tag, force=True)
-    except DockerException as exc:
-        raise _failed(f"removing image {tag}", exc) from exc
-
-
 # -- containers ------------------------------------------------------------------------------------------
 
 

@@ -128,7 +128,6 @@ def test_kernel_ci_build_prints_the_failing_hunk_as_an_annotation_and_exits_10(
         raise AssertionError("the series should not apply")
 
     monkeypatch.setattr("kernel_ci.flow.build.build", build)
-    monkeypatch.setattr("kernel_ci.flow.test.suite_fragments", lambda names=None: [])
     monkeypatch.setattr(ghactions, "KERNEL_PATCHES", root)
     monkeypatch.setattr(ghactions, "REPO_ROOT", tmp_path)
     monkeypatch.setenv("GITHUB_ACTIONS", "true")

@@ -13,9 +13,9 @@ from junit_check import read_back
 
 from kernel_ci.build import kbuild as builder
 from kernel_ci.build import kselftest
+from kernel_ci.build.plan import suite_needs
 from kernel_ci.core import proc
 from kernel_ci.core.paths import GUEST_TESTS
-from kernel_ci.flow.test import suite_kselftest_targets
 from kernel_ci.guest.payload import KSELFTEST_ARGV, PayloadError, Plan, PlanSuite, assemble_payload, read_plan
 from kernel_ci.guest.scanner import scan
 from kernel_ci.guest.suites import ExpectedFailure, ManifestError, load_suite, load_suites
@@ -106,9 +106,10 @@ def test_the_shipped_ptrace_selftests_suite():
     assert "CONFIG_POSIX_TIMERS=y" in suite.kconfig  # kselftest_harness's alarm(), the runner's timeout(1)
     assert {x.testcase for x in suite.expected_failures} == {"selftests: ptrace: vmaccess.global.attach"}
     assert all(x.reason for x in suite.expected_failures)
-    assert suite_kselftest_targets() == ["ptrace"]
-    assert suite_kselftest_targets(["smoke-c", "kselftest-ptrace", "ptrace-basics"]) == ["ptrace"]
-    assert suite_kselftest_targets(["smoke-c"]) == []
+    assert suite_needs(GUEST_TESTS, None).kselftests == ("ptrace",)
+    chosen = ["smoke-c", "kselftest-ptrace", "ptrace-basics"]
+    assert suite_needs(GUEST_TESTS, chosen).kselftests == ("ptrace",)
+    assert suite_needs(GUEST_TESTS, ["smoke-c"]).kselftests == ()
 
 
 # --- payload and plan --------------------------------------------------------------------------------
