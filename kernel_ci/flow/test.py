@@ -21,6 +21,7 @@ from kernel_ci.build import extmodules, images, kconfig
 from kernel_ci.build import kbuild as builder
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
+from kernel_ci.core.errors import UsageError
 from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
 from kernel_ci.guest import payload, qemu, rootfs, scanner, suites
 from kernel_ci.host import setup as hostsetup
@@ -296,13 +297,13 @@ def reproduce(run_dir: Path, *, interactive: bool = False) -> RunReport:
     if entry is not None:
         kernel_dir = entry
     elif not (kernel_dir / "bzImage").exists():
-        raise RuntimeError(
+        raise UsageError(
             f"build {info.build_key[:16]} is neither in the build cache nor at {kernel_dir}; "
             f"rebuild it with: {info.reproduce_build}"
         )
     base = Path(info.rootfs.path)
     if not base.exists():
-        raise RuntimeError(f"rootfs image {base} (key {info.rootfs.key[:16]}) is gone: rerun kernel-ci test")
+        raise UsageError(f"rootfs image {base} (key {info.rootfs.key[:16]}) is gone: rerun kernel-ci test")
     metadata = BuildMetadata.read(kernel_dir)
     options = TestOptions(kernel_dir=kernel_dir, output=run_dir.parent)
     for name, value in info.options.items():
