@@ -116,9 +116,12 @@ def give_to_build_user(path: Path) -> None:
 
 
 def _chown_if_needed(path: str, uid: int, gid: int) -> None:
-    info = os.lstat(path)
-    if (info.st_uid, info.st_gid) != (uid, gid):
-        os.lchown(path, uid, gid)
+    try:
+        info = os.lstat(path)
+        if (info.st_uid, info.st_gid) != (uid, gid):
+            os.lchown(path, uid, gid)
+    except FileNotFoundError:  # the ccache dir is shared: another build removed its lock file meanwhile
+        pass
 
 
 def container_name(env: BuildEnv) -> str:
