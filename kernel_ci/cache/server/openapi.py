@@ -56,6 +56,11 @@ def _json(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """A required JSON request body of that schema."""
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): ERROR for code in codes}
 
@@ -146,18 +151,13 @@ def _blob_paths() -> dict[str, Any]:
         },
         "/api/v1/missing-blobs": {
             "post": {
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["digests"],
-                                "properties": {"digests": {"type": "array", "items": HEX64}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _json_body(
+                    {
+                        "type": "object",
+                        "required": ["digests"],
+                        "properties": {"digests": {"type": "array", "items": HEX64}},
+                    }
+                ),
                 "responses": {"200": _json("the digests not stored"), **_errors(400, 401)},
             }
         },
@@ -182,7 +182,7 @@ def _build_paths() -> dict[str, Any]:
             "head": {"responses": {"200": {"description": "complete"}, "404": {"description": "absent"}}},
             "put": {
                 "security": SECURE,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": MANIFEST}}},
+                "requestBody": _json_body(MANIFEST),
                 "responses": {
                     "200": _json("a complete entry existed: kept"),
                     "201": _json("published"),
@@ -217,21 +217,16 @@ def _build_paths() -> dict[str, Any]:
             ],
             "put": {
                 "security": SECURE,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "junit": REF,
-                                    "console": REF,
-                                    "outcome": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": _json_body(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "junit": REF,
+                            "console": REF,
+                            "outcome": {"type": "string"},
+                        },
+                    }
+                ),
                 "responses": {
                     "200": _json("replaced"),
                     "201": _json("attached"),
@@ -267,18 +262,13 @@ def _alias_paths() -> dict[str, Any]:
             "get": {"responses": {"200": _json("the build key"), **_errors(400, 401, 404)}},
             "put": {
                 "security": SECURE,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["key"],
-                                "properties": {"key": HEX64},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _json_body(
+                    {
+                        "type": "object",
+                        "required": ["key"],
+                        "properties": {"key": HEX64},
+                    }
+                ),
                 "responses": {"200": _json("stored"), **_errors(400, 401, 403, 413)},
             },
         },
