@@ -23,7 +23,10 @@ from kernel_ci.core.proc import capture, run
 
 SERIES_FILE = "series"
 PATCH_SUFFIXES = (".patch", ".diff")
-PATCH_ARGS = ("-p1", "--forward", "--batch", "--no-backup-if-mismatch")
+# --fuzz=0: a hunk whose context lines do not all match is refused, as `git am` refuses it. GNU patch's
+# default (fuzz 2) silently drops up to two context lines, which can put a change in the wrong place.
+# An offset (the same context at another line) still applies, as it does for git apply.
+PATCH_ARGS = ("-p1", "--forward", "--batch", "--no-backup-if-mismatch", "--fuzz=0")
 OUTPUT_TAIL_LINES = 40
 
 
@@ -354,7 +357,7 @@ def parse_patch_failures(output: str) -> list[_Failure]:
 
 
 _HINTS = {
-    "hunk": "the patch does not match this tree's text: it was made against another version, or an earlier "
+    "hunk": "the patch does not match this tree's text exactly (fuzz is refused, as git am refuses it): it was made against another version, or an earlier "
     "patch changed the same lines. Rebase it onto the vanilla source plus the patches before it "
     "(git am / git rebase), then regenerate it with git format-patch",
     "missing": "the file is not in this tree: the patch is for another kernel version, needs an earlier "

@@ -486,3 +486,44 @@ def test_the_helpers_do_not_leave_stray_files(tmp_path: Path, maker: PatchMaker)
     series = load_series(make_series(tmp_path, "s", [patch]))
     export_series(series, tmp_path / "out")
     assert sorted(os.listdir(tmp_path / "out")) == ["s.mbox"]
+
+
+def test_a_hunk_that_needs_fuzz_is_refused_naming_the_patch_and_hunk(
+    tmp_path: Path, maker: PatchMaker
+) -> None:
+    """Strictness: GNU patch's default fuzz would apply this hunk with one context line ignored; git am
+    refuses it, and so must we (the change could land beside code it was never reviewed against)."""
+    patch = maker.make(
+        "core: widen core_20", {"kernel/core.c": edited("kernel/core.c", "int core_20;", "long core_20;")}
+    )
+    root = tmp_path / "kernel-patches"
+    make_series(root, "s", [patch])
+    tree = write_tree(tmp_path / "tree", VANILLA)
+    # a context line two lines above the change differs: fuzz 1 would have applied it
+    fuzzy = VANILLA["kernel/core.c"].replace("int core_18;", "int core_18; /* moved */")
+    (tree / "kernel/core.c").write_text(fuzzy)
+    lenient = run(
+        ["patch", "-p1", "--dry-run", "--batch", "-i", str(patch)], cwd=tree, check=False, quiet=True
+    )
+    assert lenient.returncode == 0 and "with fuzz" in lenient.output  # the default would have taken it
+
+    with pytest.raises(PatchApplyError) as caught:
+        apply_series(discover_series(root), tree)
+
+    assert caught.value.patch_file == patch.name and caught.value.hunk == (1,)
+    assert "kernel/core.c: hunk #1 FAILED" in str(caught.value)
+    assert (tree / "kernel/core.c").read_text() == fuzzy
+
+
+def test_a_hunk_at_an_offset_still_applies_as_with_git_am(tmp_path: Path, maker: PatchMaker) -> None:
+    patch = maker.make(
+        "core: widen core_20", {"kernel/core.c": edited("kernel/core.c", "int core_20;", "long core_20;")}
+    )
+    root = tmp_path / "kernel-patches"
+    make_series(root, "s", [patch])
+    tree = write_tree(tmp_path / "tree", VANILLA)
+    (tree / "kernel/core.c").write_text("int added_above;\n" * 3 + VANILLA["kernel/core.c"])
+
+    apply_series(discover_series(root), tree)
+
+    assert "long core_20;" in (tree / "kernel/core.c").read_text()
