@@ -357,7 +357,8 @@ def parse_patch_failures(output: str) -> list[_Failure]:
 
 
 _HINTS = {
-    "hunk": "the patch does not match this tree's text exactly (fuzz is refused, as git am refuses it): it was made against another version, or an earlier "
+    "hunk": "the patch does not match this tree's text exactly (fuzz is refused, as git am refuses it): "
+    "it was made against another version, or an earlier "
     "patch changed the same lines. Rebase it onto the vanilla source plus the patches before it "
     "(git am / git rebase), then regenerate it with git format-patch",
     "missing": "the file is not in this tree: the patch is for another kernel version, needs an earlier "

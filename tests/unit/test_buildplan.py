@@ -155,7 +155,16 @@ def _what_changes(tmp_path: Path) -> dict[str, list[object]]:
         "fragments": [[fragment]],
         "suites_dir": [None],
         "external_modules": [False],
+        "tree": [_kernel_tree(tmp_path / "linux")],
     }
+
+
+def _kernel_tree(root: Path) -> Path:
+    """A directory that --tree accepts as a kernel source (a top Makefile with a version, a Kconfig)."""
+    root.mkdir()
+    (root / "Makefile").write_text("VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 223\n")
+    (root / "Kconfig").write_text("")
+    return root
 
 
 def test_every_request_field_reaches_the_plan_or_is_declared_how_not_what(tmp_path: Path) -> None:
