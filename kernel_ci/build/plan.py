@@ -32,7 +32,7 @@ from kernel_ci.build import keys as buildkey
 from kernel_ci.build import tree as usertree
 from kernel_ci.build.source import Tarball
 from kernel_ci.core.errors import BuildError
-from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES
+from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES, cache_dir
 from kernel_ci.guest import suites
 
 BASE_FRAGMENT = KCONFIG_DIR / "base.config"
@@ -199,6 +199,15 @@ class PlannedBuild:
         return errors, suite_only
 
 
+def _external_staging(path: Path) -> Path:
+    """Where --patches' mails are written as a quilt series: by content, so a rerun reuses the folder."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() if file.exists() else b"")
+    return cache_dir("external-patches", digest.hexdigest()[:16])
+
+
 def _is_suite_fragment(name: str) -> bool:
     return name.startswith(SUITE_FRAGMENT_PREFIX)
 
@@ -214,6 +223,7 @@ def make_plan(
     modules_root: Path = KERNEL_MODULES,
     lock: source.SourceLock | None = None,
     tree: usertree.TreeState | None = None,
+    external: Path | None = None,
 ) -> PlannedBuild:
     """The plan for a request, from the repository's files alone (no network, no Docker).
 
@@ -226,6 +236,8 @@ def make_plan(
     if tree and series is None:
         series = ()  # the user's tree is the change under test: the repository's series only when asked
     chosen = tuple(patches.discover_series(patches_root, None if series is None else list(series)))
+    if external is not None:  # --patches: applied after the repository's series
+        chosen = (*chosen, patches.load_external(external, _external_staging(external)))
     needs = suite_needs(suites_dir)
     merge_order = (
         kconfig.Fragment.from_file(BASE_FRAGMENT, "kconfig/base.config"),

@@ -37,6 +37,12 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
         "mounted read-only, built out of tree with a persistent object dir, keyed by its content",
     )
     group.add_argument(
+        "--patches",
+        type=Path,
+        help="apply a series from outside, strictly (no fuzz), after any --series: an mbox, what `b4 am` "
+        "wrote (.mbx, its cover letter left out) or a directory of git format-patch files",
+    )
+    group.add_argument(
         "--bisect",
         action="store_true",
         help="exit as `git bisect run` expects (0 good, 1 bad, 125 skip for a build or infrastructure "
@@ -82,7 +88,8 @@ def build_request(args: argparse.Namespace, ccache_remote: str | None = None) ->
         use_ccache=not args.no_ccache,
         fresh=args.fresh,
         ccache_remote=ccache_remote,
-        tree=getattr(args, "tree", None),  # (commands without --tree build from the lock file)
+        tree=getattr(args, "tree", None),
+        patches=getattr(args, "patches", None),  # (commands without --tree build from the lock file)
     )
 
 

@@ -55,6 +55,8 @@ class BuildRequest:
     ccache_remote: str | None = field(default=None, repr=False)
     # --tree: the user's kernel tree as the source (read-only; built with make O=); None = the lock file's
     tree: Path | None = None
+    # --patches: a series from outside (an mbox, b4's .mbx, a format-patch directory), applied strictly last
+    patches: Path | None = None
 
 
 # The fields of a BuildRequest that say how to build, not what: they never reach a key. Every other field
@@ -76,6 +78,7 @@ def plan_request(request: BuildRequest, tree: usertree.TreeState | None = None) 
         suites_dir=request.suites_dir,
         external_modules=request.external_modules,
         tree=tree,
+        external=request.patches,
     )
 
 
@@ -111,6 +114,9 @@ def reproduce_command(request: BuildRequest, version: str, series: Sequence[patc
     argv = ["kernel-ci", "build", "--kernel", version]
     if request.tree is not None:
         argv = ["kernel-ci", "build", "--tree", str(request.tree)]
+    series = [s for s in series if s.name != patches.EXTERNAL_SERIES]
+    if request.patches is not None:
+        argv += ["--patches", str(request.patches)]
     argv += [arg for s in series for arg in ("--series", s.name)] or ["--series", "none"]
     argv += [arg for f in request.fragments for arg in ("--fragment", str(f))]
     if not request.use_ccache:

@@ -14,7 +14,7 @@ from kernel_ci.build import kconfig, source
 from kernel_ci.build import recipe as recipekey
 from kernel_ci.build.plan import BuildPlan, PlanError, SourcePin, make_plan, suite_needs
 from kernel_ci.cli import main as cli
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
 from kernel_ci.flow import build as buildpipeline
 from kernel_ci.flow.build import HOW_NOT_WHAT, BuildRequest, plan_request
 
@@ -156,6 +156,7 @@ def _what_changes(tmp_path: Path) -> dict[str, list[object]]:
         "suites_dir": [None],
         "external_modules": [False],
         "tree": [_kernel_tree(tmp_path / "linux")],
+        "patches": [KERNEL_PATCHES / "ci-smoke"],
     }
 
 
