@@ -119,3 +119,20 @@ def test_bisecting_follows_git_bisect_state(repo: Path) -> None:
     capture([*GIT, "bisect", "reset"], cwd=repo)
     assert not usertree.bisecting(repo)
     assert not usertree.bisecting(Path(os.sep))
+
+
+def test_a_miss_names_the_changed_files(repo: Path) -> None:
+    """`why did this miss`: the plan of an edited tree against the plan of the clean one, in keys' words."""
+    from kernel_ci.build import keys
+    from kernel_ci.build.plan import make_plan
+
+    clean = make_plan(tree=usertree.tree_state(repo), suites_dir=None, external_modules=False).plan
+    (repo / "kernel/ptrace.c").write_text("int ptrace = 1;\n")
+    (repo / "kernel/new.c").write_text("int added;\n")
+    edited = make_plan(tree=usertree.tree_state(repo), suites_dir=None, external_modules=False).plan
+    assert edited.recipe_key() != clean.recipe_key()
+    text = keys.explain_miss(edited.recipe_inputs(), [("clean", clean.recipe_inputs())]).render()
+    assert "file kernel/ptrace.c: edited (uncommitted)" in text
+    assert "file kernel/new.c: edited (uncommitted)" in text
+    assert "2 input(s) differ" in text.replace("inputs differ", "input(s) differ")  # the commit is the same
+    assert clean.source[0].render().startswith("linux-5.10.223 tree git-tree:")
