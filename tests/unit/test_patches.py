@@ -623,3 +623,28 @@ def test_a_mangled_external_patch_is_rejected_as_malformed(tmp_path: Path, maker
     series = load_external(mangled, tmp_path / "staged")
     with pytest.raises(PatchApplyError, match=r"malformed|damaged"):
         apply_series([series], write_tree(tmp_path / "tree", VANILLA))
+
+
+def test_series_on_a_user_tree_go_onto_a_private_copy_without_git(
+    tmp_path: Path, maker: PatchMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tree --series: the user's tree is copied (no hard links, no .git) and only the copy is patched."""
+    from kernel_ci.build import source
+    from kernel_ci.flow import build as buildflow
+
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path / "cache"))
+    patch = maker.make("edit", {"kernel/core.c": edited("kernel/core.c", "int core_5;", "long core_5;")})
+    root = tmp_path / "kernel-patches"
+    make_series(root, "s", [patch])
+    user = write_tree(tmp_path / "user", VANILLA)
+    capture([*GIT, "init", "-q"], cwd=user)
+    src = source.KernelSource(
+        "tree", source.Tarball("5.10", "tree", str(user), "0" * 64, "user"), user, "git:"
+    )
+
+    copy = buildflow._prepare_tree(src, discover_series(root), "u" * 16, private_copy=True)
+
+    assert "long core_5;" in (copy / "kernel/core.c").read_text()
+    assert (user / "kernel/core.c").read_text() == VANILLA["kernel/core.c"]
+    assert not (copy / ".git").exists()
+    assert (copy / "Makefile").stat().st_ino != (user / "Makefile").stat().st_ino
