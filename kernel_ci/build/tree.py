@@ -19,7 +19,7 @@ from kernel_ci.core.errors import UsageError
 from kernel_ci.core.proc import capture
 
 DELETED = "deleted"
-_VERSION_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)\s*=\s*(.*)$", re.MULTILINE)
+_VERSION_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)[ \t]*=[ \t]*(.*)$", re.MULTILINE)
 
 
 class TreeError(UsageError):

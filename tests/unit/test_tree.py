@@ -11,7 +11,7 @@ from kernel_ci.build import tree as usertree
 from kernel_ci.core.proc import capture
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
-MAKEFILE = "VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 223\nEXTRAVERSION =\n"
+MAKEFILE = "VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 223\nEXTRAVERSION =\nNAME = Dare mighty things\n"
 
 
 def kernel_like(root: Path) -> Path:
