@@ -516,3 +516,38 @@ def test_a_bad_limit_concurrency_is_a_usage_error(tmp_path: Path, value: str) ->
     cmd = [sys.executable, "-m", "kernel_ci.cli.main", "cache", "serve", "--data", str(tmp_path)]
     done = subprocess.run([*cmd, "--limit-concurrency", value], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "--limit-concurrency" in done.stderr, done.stderr
+
+
+def test_script_in_every_untrusted_page_field_is_escaped(server: Running) -> None:
+    """Each field a writer controls, on each page: metadata, fragments, a run's outcome, the JUnit
+    report's suite/test names and messages, and the inputs that the miss explanation quotes."""
+    script = "<script>alert(1)</script>"
+    xml = (
+        f'<testsuites><testsuite name="s{script}"><testcase name="t{script}">'
+        f'<failure message="m{script}"/></testcase></testsuite></testsuites>'
+    ).encode()
+    xml = xml.replace(b"<script>", b"&lt;script&gt;").replace(b"</script>", b"&lt;/script&gt;")
+    other = "cd" * 32
+    with server.client() as client:
+        digest = sha(b"kernel")
+        client.put(f"/api/v1/blobs/{digest}", content=b"kernel")
+        junit_digest = sha(xml)
+        client.put(f"/api/v1/blobs/{junit_digest}", content=xml)
+        metadata = {"fragments": [script], "toolchain": {"gcc": script}, "kernel": {"version": script}}
+        for key, source in ((KEY, script), (other, "b")):
+            outputs = json.dumps([{"name": "bzImage", "sha256": digest, "size": 6}])
+            body = json.dumps(
+                {
+                    "outputs": json.loads(outputs),
+                    "inputs": {"source": source, script: script},
+                    "metadata": metadata,
+                }
+            ).encode()
+            assert client.put(f"/api/v1/builds/{key}", content=body).status_code == 201
+        run = {"junit": {"sha256": junit_digest, "size": len(xml)}, "outcome": script[:60]}
+        assert client.put(f"/api/v1/builds/{KEY}/runs/r1", json=run).status_code == 201, "run refused"
+        for page in ("/", f"/builds/{KEY}", f"/builds/{other}", f"/builds/{'ef' * 32}"):
+            html = client.get(page).text
+            assert "<script" not in html, (page, html[html.find("<script") - 200 :][:400])
+        assert html.count("&lt;script&gt;") == 0  # the not-found page quotes only a validated key
+        assert client.get(f"/builds/{KEY}").text.count("&lt;script&gt;") >= 6
