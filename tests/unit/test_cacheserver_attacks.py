@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -551,3 +552,22 @@ def test_script_in_every_untrusted_page_field_is_escaped(server: Running) -> Non
             assert "<script" not in html, (page, html[html.find("<script") - 200 :][:400])
         assert html.count("&lt;script&gt;") == 0  # the not-found page quotes only a validated key
         assert client.get(f"/builds/{KEY}").text.count("&lt;script&gt;") >= 6
+
+
+def test_a_blob_file_swapped_for_another_with_its_timestamps_is_refused(server: Running) -> None:
+    """A small blob is re-hashed on read unless its file still carries the stamp of ITS digest (set when
+    it was verified on write): a file copied over it with timestamps kept (cp -p, rsync -t, a restore
+    from backup into the wrong name) carries another digest's stamp and is still caught."""
+    blobs = server.data / "blobs"
+    with server.client() as client:
+        for body in (b"object-A", b"object-B"):
+            assert client.put(
+                f"/ccache/{CCACHE_KEY[:-1]}{body[-1:].decode().lower()}", content=body
+            ).is_success
+        a_key, a_path = f"{CCACHE_KEY[:-1]}a", blobs / sha(b"object-A")[:2] / sha(b"object-A")
+        b_path = blobs / sha(b"object-B")[:2] / sha(b"object-B")
+        assert client.get(f"/ccache/{a_key}").content == b"object-A"
+        shutil.copy2(b_path, a_path)  # the other blob's bytes, mode and timestamps
+        got = client.get(f"/ccache/{a_key}")
+        assert got.status_code == 404 and b"object-B" not in got.content, "served another blob's bytes"
+        assert list((blobs / "corrupt").iterdir())

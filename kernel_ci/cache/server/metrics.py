@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -24,6 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY = "kernel_ci_cache_request_duration_seconds"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 # name -> (help, label names): every counter the service increments, declared once
@@ -60,19 +62,30 @@ class Metrics:
             for name, (help_text, labels) in COUNTERS.items()
         }
         self.latency = Histogram(
-            "kernel_ci_cache_request_duration_seconds",
+            LATENCY,
             "request latency by route",
             ("route", "method"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
 
+        # labelled children by their labels: .labels() costs ~10x the increment, and the ccache read path
+        # counts three things per request
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def _child(self, name: str, labels: dict[str, str]) -> Any:
+        key = (name, tuple(labels.values()))
+        child = self._children.get(key)
+        if child is None:
+            parent = self.latency if name == LATENCY else self.counters[name]
+            child = self._children[key] = parent.labels(**labels) if labels else parent
+        return child
+
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        counter = self.counters[name]
-        (counter.labels(**labels) if labels else counter).inc(amount)
+        self._child(name, labels).inc(amount)
 
     def observe(self, seconds: float, **labels: str) -> None:
-        self.latency.labels(**labels).observe(seconds)
+        self._child(LATENCY, labels).observe(seconds)
 
     def render(self, gauges: dict[str, tuple[str, float]]) -> str:
         """The Prometheus text format: the gauges, then the counters and histogram (of all workers)."""
