@@ -192,6 +192,7 @@ class LocalBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._root = str(self.root)
         self.tmp = self.root / "tmp"
         self.corrupt = self.root / "corrupt"
         for directory in (self.root, self.tmp, self.corrupt):
@@ -239,7 +240,8 @@ class LocalBlobStore:
         return True
 
     def get(self, digest: str) -> Blob | None:
-        path = self.path(digest)
+        check_digest(digest)
+        path = os.path.join(self._root, digest[:2], digest)  # str, not pathlib: the ccache read path
         try:
             handle = open(path, "rb")  # noqa: SIM115 - handed to the caller
         except FileNotFoundError:
@@ -266,7 +268,7 @@ class LocalBlobStore:
             handle.close()
             raise
 
-    def _set_aside(self, digest: str, path: Path) -> None:
+    def _set_aside(self, digest: str, path: Path | str) -> None:
         aside = self.corrupt / f"{digest}.{int(time.time())}.{secrets.token_hex(3)}"
         log.error("blob %s is corrupt on disk (its bytes no longer hash to it): moved to %s", digest, aside)
         with contextlib.suppress(OSError):
