@@ -283,4 +283,10 @@ def _print(results: dict) -> None:
             f"p99 {figures.get('p99_ms', '?')} ms",
         )
     table.add_row("throughput ratio service / nginx", f"{results['throughput_ratio_service_to_nginx']:.2f}")
+    machine = results["machine"]
+    load = ", ".join(f"{a:.1f}" for a in (*machine["load_before"], *machine.get("load_after", ())))
+    table.add_row("load average (1/5/15 min, before then after)", load)
+    table.add_row(
+        "workers (service = nginx) x connections", f"{results['service_workers']} x {results['connections']}"
+    )
     console.print(table)
