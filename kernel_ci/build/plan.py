@@ -201,6 +201,7 @@ def make_plan(
     external_modules: bool = True,
     patches_root: Path = KERNEL_PATCHES,
     modules_root: Path = KERNEL_MODULES,
+    kconfig_dir: Path = KCONFIG_DIR,
     lock: source.SourceLock | None = None,
 ) -> PlannedBuild:
     """The plan for a request, from the repository's files alone (no network, no Docker).
@@ -213,7 +214,7 @@ def make_plan(
     chosen = tuple(patches.discover_series(patches_root, None if series is None else list(series)))
     needs = suite_needs(suites_dir)
     merge_order = (
-        kconfig.Fragment.from_file(BASE_FRAGMENT, "kconfig/base.config"),
+        kconfig.Fragment.from_file(kconfig_dir / BASE_FRAGMENT.name, "kconfig/base.config"),
         *(kconfig.Fragment.from_file(f, f"series {s.name}: {f.name}") for s in chosen for f in s.fragments),
         *needs.fragments,
         *(kconfig.Fragment.from_file(Path(f)) for f in fragments),
