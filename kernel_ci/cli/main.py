@@ -21,6 +21,7 @@ from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError, 
 from kernel_ci.core.paths import PROJECT_ENV
 
 if TYPE_CHECKING:  # the commands import their stage when run: `kernel-ci --help` loads none
+    from kernel_ci.cli.result import CommandResult
     from kernel_ci.flow.build import BuildResult
     from kernel_ci.report.model import Outcome, RunReport
 
@@ -63,7 +64,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     request = options.build_request(args, settings.ccache_remote)
     result = build(request, store=open_store(settings))
     console.print(build_summary(result))
+    if args.json_file is not None:
+        _build_result(result, options.output(args)).write(args.json_file)
     return 0
+
+
+def _build_result(result: BuildResult, output: Path) -> CommandResult:
+    from kernel_ci.cli.result import CommandResult
+
+    return CommandResult(
+        "build",
+        "PASS",
+        0,
+        build_key=result.key,
+        cache_hit=result.cache_hit,
+        kernel=result.metadata.kernel.version,
+        paths={"output": str(output), "build": str(result.output)},
+    )
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -108,7 +125,35 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     outcome = _outcome_of(report)
     attach_test_run(store, kernel_dir, options.output(args), outcome.name)  # JUnit + console to the service
+    if args.json_file is not None:
+        _test_result(report, outcome, kernel_dir, options.output(args)).write(args.json_file)
     return int(outcome)
+
+
+def _test_result(report: RunReport, outcome: Outcome, kernel_dir: Path, output: Path) -> CommandResult:
+    from kernel_ci.build.records import BuildMetadata
+    from kernel_ci.cli.result import CommandResult, SuiteCounts
+
+    metadata = BuildMetadata.read(kernel_dir)
+    counts = [
+        SuiteCounts(s.name, s.count("passed"), s.count("failed"), s.count("error"), s.count("skipped"))
+        for s in report.suites
+    ]
+    latest = output / "latest"
+    return CommandResult(
+        "test",
+        outcome.name,
+        int(outcome),
+        build_key=metadata.build_key,
+        kernel=metadata.kernel.version,
+        paths={
+            "output": str(output),
+            "build": str(kernel_dir),
+            "junit": str(output / "junit.xml"),
+            "run": str(latest.resolve() if latest.exists() else latest),
+        },
+        suites=counts,
+    )
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
@@ -194,6 +239,16 @@ def _conventions(top: argparse.ArgumentParser) -> None:
             parser.add_argument("--output", "-o", type=Path, default=argparse.SUPPRESS, help=OUTPUT_HELP)
 
 
+def _add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        dest="json_file",
+        metavar="FILE",
+        type=Path,
+        help="also write the result for machines to FILE: outcome, exit code, build key, paths, suite counts",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kernel-ci", description=__doc__)
     top.add_argument("--output", "-o", type=Path, default=None, help=OUTPUT_HELP)
@@ -203,6 +258,7 @@ def parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build the kernel (or restore it from the build cache)")
     add_build_options(build)
     build.add_argument("--suite", action="append", help="deprecated, ignored: " + SUITE_NO_LONGER_BUILDS)
+    _add_json_option(build)
     build.set_defaults(func=cmd_build)
 
     test = sub.add_parser("test", help="build (cached), boot in QEMU, run the guest suites, write JUnit")
@@ -214,6 +270,7 @@ def parser() -> argparse.ArgumentParser:
         help="guest suite to run (repeatable; default: all); it does not change the kernel, which carries "
         "every suite's needs",
     )
+    _add_json_option(test)
     test.set_defaults(func=cmd_test)
 
     repro = sub.add_parser("repro", help="boot the kernel and rootfs of an earlier run again")
@@ -296,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
         report(exc, getattr(args, "kernel", None))  # patch file / target / hunk; annotations in a workflow
         console.print("[bold red]error:[/]", Text(str(exc)))
+        _write_error_result(args, exc)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
@@ -307,6 +365,16 @@ def main(argv: list[str] | None = None) -> int:
             Text(f"{type(exc).__name__}: {exc}; traceback in {log}"),
         )
         return int(ExitCode.INFRASTRUCTURE)
+
+
+def _write_error_result(args: argparse.Namespace, exc: KernelCIError) -> None:
+    """--json FILE also when the command stopped with an error: a script reads one file either way."""
+    path = getattr(args, "json_file", None)
+    if path is not None:
+        from kernel_ci.cli.result import CommandResult
+
+        code = exc.exit_code
+        CommandResult(args.command, code.name, int(code), error=str(exc)).write(path)
 
 
 def _write_traceback(exc: BaseException, output: Path) -> Path:

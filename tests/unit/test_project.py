@@ -171,3 +171,27 @@ def test_nox_fails_when_its_python_is_missing() -> None:
     nox_globals = _noxfile()
     nox = nox_globals["nox"]
     assert nox.options.error_on_missing_interpreters is True  # type: ignore[attr-defined]
+
+
+def test_json_result_round_trips() -> None:
+    from kernel_ci.cli.result import CommandResult, SuiteCounts
+
+    result = CommandResult(
+        "test", "KERNEL_PANIC", 4, build_key="ab" * 32, paths={"junit": "out/junit.xml"},
+        suites=[SuiteCounts("smoke-c", 3, 1, 0, 2)],
+    )  # fmt: skip
+    assert CommandResult.from_json(result.to_json()) == result
+    with pytest.raises(ValueError, match="schema"):
+        CommandResult.from_json('{"command": "test"}')
+
+
+@pytest.mark.parametrize("command", ["build", "test"])
+def test_json_result_is_written_when_the_command_fails(command: str, tmp_path: Path) -> None:
+    from kernel_ci.cli.result import CommandResult
+
+    target = tmp_path / "deep" / "result.json"
+    argv = ["--project", str(paths.CHECKOUT), command, "--json", str(target), "--kernel", "no-such-kernel"]
+    assert cli.main(argv) == 2
+    result = CommandResult.from_json(target.read_text())
+    assert (result.command, result.outcome, result.exit_code) == (command, "USAGE", 2)
+    assert "no-such-kernel" in result.error
