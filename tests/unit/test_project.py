@@ -127,10 +127,18 @@ def test_cli_exits_2_without_a_project(tmp_path: Path, monkeypatch: pytest.Monke
 
 @functools.cache
 def _noxfile() -> dict[str, object]:
-    """Loaded once: nox warns when a session is registered twice."""
+    """Loaded once, and nox's session registry put back after: nox warns (and will refuse) when a session is
+    registered twice, as test_workflow loads the noxfile too."""
     import runpy
 
-    return runpy.run_path(str(paths.CHECKOUT / "noxfile.py"))
+    import nox.registry
+
+    saved = dict(nox.registry._REGISTRY)
+    try:
+        return runpy.run_path(str(paths.CHECKOUT / "noxfile.py"))
+    finally:
+        nox.registry._REGISTRY.clear()
+        nox.registry._REGISTRY.update(saved)
 
 
 def test_nox_test_only_options_are_the_test_parsers() -> None:
