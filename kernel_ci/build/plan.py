@@ -221,6 +221,7 @@ def make_plan(
     external_modules: bool = True,
     patches_root: Path = KERNEL_PATCHES,
     modules_root: Path = KERNEL_MODULES,
+    kconfig_dir: Path = KCONFIG_DIR,
     lock: source.SourceLock | None = None,
     tree: usertree.TreeState | None = None,
     external: Path | None = None,
@@ -240,7 +241,7 @@ def make_plan(
         chosen = (*chosen, patches.load_external(external, _external_staging(external)))
     needs = suite_needs(suites_dir)
     merge_order = (
-        kconfig.Fragment.from_file(BASE_FRAGMENT, "kconfig/base.config"),
+        kconfig.Fragment.from_file(kconfig_dir / BASE_FRAGMENT.name, "kconfig/base.config"),
         *(kconfig.Fragment.from_file(f, f"series {s.name}: {f.name}") for s in chosen for f in s.fragments),
         *needs.fragments,
         *(kconfig.Fragment.from_file(Path(f)) for f in fragments),

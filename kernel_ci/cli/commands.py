@@ -66,8 +66,15 @@ def cmd_patches(args: argparse.Namespace) -> int:
     from kernel_ci.build import patchexport
     from kernel_ci.report import github as ghactions
 
-    dest = args.dest or args.output / "patches"
-    result = patchexport.run(dest, series=args.series, kernel=args.kernel, check=not args.no_check)
+    dest = args.dest or options.output(args) / "patches"
+    project = options.project(args)
+    result = patchexport.run(
+        dest,
+        series=args.series,
+        kernel=args.kernel,
+        check=not args.no_check,
+        patches_root=project.kernel_patches,
+    )
     for one in result.series:
         console.print(f"{one.name}: {len(one.patch_files)} patch(es), {one.mbox}")
     console.print(f"all series: {result.all_mbox}")

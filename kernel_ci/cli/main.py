@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,14 +17,14 @@ from rich.text import Text
 from kernel_ci.cli import options
 from kernel_ci.cli.options import SUITE_NO_LONGER_BUILDS, add_build_options, warn_suite_ignored
 from kernel_ci.core.console import console
-from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError
-from kernel_ci.core.paths import REPO_ROOT
+from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError, UsageError
+from kernel_ci.core.paths import PROJECT_ENV
 
 if TYPE_CHECKING:  # the commands import their stage when run: `kernel-ci --help` loads none
+    from kernel_ci.cli.result import CommandResult
     from kernel_ci.flow.build import BuildResult
     from kernel_ci.report.model import Outcome, RunReport
 
-DEFAULT_OUT = REPO_ROOT / "out"
 ERROR_LOG = "kernel-ci-error.log"  # in --output: the traceback of an unexpected exception
 _build_request = options.build_request  # the name tests and older callers use
 
@@ -57,12 +59,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     from kernel_ci.flow.build import build
 
     warn_suite_ignored(args)
-    options.check_kernel(args.kernel, args.tree)
+    options.check_kernel(args.kernel, args.tree, options.project(args).sources_lock)
     settings = options.settings(args)
     request = options.build_request(args, settings.ccache_remote)
     result = build(request, store=open_store(settings))
     console.print(build_summary(result))
+    if args.json_file is not None:
+        _build_result(result, options.output(args)).write(args.json_file)
     return 0
+
+
+def _build_result(result: BuildResult, output: Path) -> CommandResult:
+    from kernel_ci.cli.result import CommandResult
+
+    return CommandResult(
+        "build",
+        "PASS",
+        0,
+        build_key=result.key,
+        cache_hit=result.cache_hit,
+        kernel=result.metadata.kernel.version,
+        paths={"output": str(output), "build": str(result.output)},
+    )
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -70,11 +88,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     from kernel_ci.flow.test import TestOptions, run_tests
 
     # the user's mistakes first (exit 2), before minutes of building or booting
-    options.check_suites(args.suite)
+    project = options.project(args)
+    options.check_suites(args.suite, project.guest_tests)
     if args.kernel_dir is not None:
         options.check_kernel_dir(args.kernel_dir)
     else:
-        options.check_kernel(args.kernel, args.tree)
+        options.check_kernel(args.kernel, args.tree, project.sources_lock)
     settings = options.settings(args)
     store = open_store(settings)
     if args.kernel_dir is None:
@@ -88,8 +107,10 @@ def cmd_test(args: argparse.Namespace) -> int:
         kernel_dir = args.kernel_dir
     test_options = TestOptions(
         kernel_dir=kernel_dir,
-        output=args.output,
+        output=options.output(args),
         suites=args.suite,
+        suites_dir=project.guest_tests,
+        modules_dir=project.kernel_modules,
         memory=args.memory,
         cpus=args.cpus,
         accel=args.accel,
@@ -103,8 +124,36 @@ def cmd_test(args: argparse.Namespace) -> int:
     from kernel_ci.cache.remote import attach_test_run
 
     outcome = _outcome_of(report)
-    attach_test_run(store, kernel_dir, args.output, outcome.name)  # JUnit + console to the service
+    attach_test_run(store, kernel_dir, options.output(args), outcome.name)  # JUnit + console to the service
+    if args.json_file is not None:
+        _test_result(report, outcome, kernel_dir, options.output(args)).write(args.json_file)
     return int(outcome)
+
+
+def _test_result(report: RunReport, outcome: Outcome, kernel_dir: Path, output: Path) -> CommandResult:
+    from kernel_ci.build.records import BuildMetadata
+    from kernel_ci.cli.result import CommandResult, SuiteCounts
+
+    metadata = BuildMetadata.read(kernel_dir)
+    counts = [
+        SuiteCounts(s.name, s.count("passed"), s.count("failed"), s.count("error"), s.count("skipped"))
+        for s in report.suites
+    ]
+    latest = output / "latest"
+    return CommandResult(
+        "test",
+        outcome.name,
+        int(outcome),
+        build_key=metadata.build_key,
+        kernel=metadata.kernel.version,
+        paths={
+            "output": str(output),
+            "build": str(kernel_dir),
+            "junit": str(output / "junit.xml"),
+            "run": str(latest.resolve() if latest.exists() else latest),
+        },
+        suites=counts,
+    )
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
@@ -125,7 +174,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kernel_ci.bench.build import PARTS, run_bench
 
     parts = args.part or PARTS
-    run_bench(args.output / "bench", skip_reference=args.skip_reference, kernel=args.kernel, parts=parts)
+    run_bench(
+        options.output(args) / "bench", skip_reference=args.skip_reference, kernel=args.kernel, parts=parts
+    )
     return 0
 
 
@@ -144,14 +195,70 @@ def _add_test_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-overlay", action="store_true", help="keep the qcow2 overlay (kept on failure)")
 
 
+OUTPUT_HELP = "output dir (default: out/ in the project, else ./out)"
+PROJECT_HELP = (
+    "the project directory: kernel-patches/, guest-tests/, kernel-modules/, kconfig/ "
+    f"(default: ${PROJECT_ENV}, else the nearest directory from here upwards that has kernel-patches/ and "
+    "guest-tests/)"
+)
+
+
+# defaults not worth a help line
+_NO_DEFAULT: tuple[object, ...] = (None, False, [], "", argparse.SUPPRESS)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default, unless the help already says it or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in _NO_DEFAULT:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """parser and its subcommands' parsers, depth first."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                found += _every_parser(child)
+    return found
+
+
+def _conventions(top: argparse.ArgumentParser) -> None:
+    """-o/--output also after the subcommand (`kernel-ci test -o DIR`), and defaults shown in every help.
+    SUPPRESS as the subcommand's default: an -o given before the subcommand is not overwritten by None."""
+    for parser in _every_parser(top):
+        parser.formatter_class = _HelpFormatter
+        for action in parser._actions:
+            if action.help is None and action.default not in _NO_DEFAULT:
+                action.help = "(default: %(default)s)"  # argparse prints no help line for an empty help
+        if parser is not top and "--output" not in parser._option_string_actions:
+            parser.add_argument("--output", "-o", type=Path, default=argparse.SUPPRESS, help=OUTPUT_HELP)
+
+
+def _add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        dest="json_file",
+        metavar="FILE",
+        type=Path,
+        help="also write the result for machines to FILE: outcome, exit code, build key, paths, suite counts",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kernel-ci", description=__doc__)
-    top.add_argument("--output", "-o", type=Path, default=DEFAULT_OUT, help="output dir (default: ./out)")
+    top.add_argument("--output", "-o", type=Path, default=None, help=OUTPUT_HELP)
+    top.add_argument("--project", type=Path, default=None, help=PROJECT_HELP)
     sub = top.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="build the kernel (or restore it from the build cache)")
     add_build_options(build)
     build.add_argument("--suite", action="append", help="deprecated, ignored: " + SUITE_NO_LONGER_BUILDS)
+    _add_json_option(build)
     build.set_defaults(func=cmd_build)
 
     test = sub.add_parser("test", help="build (cached), boot in QEMU, run the guest suites, write JUnit")
@@ -163,6 +270,7 @@ def parser() -> argparse.ArgumentParser:
         help="guest suite to run (repeatable; default: all); it does not change the kernel, which carries "
         "every suite's needs",
     )
+    _add_json_option(test)
     test.set_defaults(func=cmd_test)
 
     repro = sub.add_parser("repro", help="boot the kernel and rootfs of an earlier run again")
@@ -188,14 +296,40 @@ def parser() -> argparse.ArgumentParser:
 
     cache = register_cache(sub)  # cache serve, cache scrub
     _add_cache_bench(cache)
+    for name in ("serve", "scrub", "bench"):  # the service's commands need the [server] extra
+        command = cache.choices[name]
+        command.set_defaults(func=_needs_server(command.get_default("func")))
+    _conventions(top)
     return top
+
+
+SERVER_MODULES = ("starlette", "uvicorn", "boto3", "psycopg")  # pyproject's [server] extra
+
+
+def _needs_server(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """func, after a check that the service's dependencies are installed: a client install (no [server]
+    extra) gets a usage error that says what to install, not an ImportError traceback."""
+
+    def checked(args: argparse.Namespace) -> int:
+        missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(
+                f"the cache service needs {', '.join(missing)}, which a client install leaves out: "
+                "pip install 'kernel-ci[server]' (or pipx install 'kernel-ci[server]')"
+            )
+        return func(args)
+
+    return checked
 
 
 def cmd_cache_bench(args: argparse.Namespace) -> int:
     from kernel_ci.bench.cache import run_cache_bench
 
     run_cache_bench(
-        args.output / "bench", duration=args.duration, connections=args.connections, workers=args.workers
+        options.output(args) / "bench",
+        duration=args.duration,
+        connections=args.connections,
+        workers=args.workers,
     )
     return 0
 
@@ -221,23 +355,35 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        args.output = options.output(args)  # resolved once: the commands read args.output
         return int(args.func(args))
     except KernelCIError as exc:  # raised on purpose: its message says what to do, its class the exit code
         from kernel_ci.report.github import report
 
         report(exc, getattr(args, "kernel", None))  # patch file / target / hunk; annotations in a workflow
         console.print("[bold red]error:[/]", Text(str(exc)))
+        _write_error_result(args, exc)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         return int(ExitCode.INTERRUPTED)
     except Exception as exc:  # a bug: never a bare traceback that reads as a test failure (1)
-        log = _write_traceback(exc, args.output)
+        log = _write_traceback(exc, args.output or Path("out"))
         console.print(
             "[bold red]internal error:[/]",
             Text(f"{type(exc).__name__}: {exc}; traceback in {log}"),
         )
         return int(ExitCode.INFRASTRUCTURE)
+
+
+def _write_error_result(args: argparse.Namespace, exc: KernelCIError) -> None:
+    """--json FILE also when the command stopped with an error: a script reads one file either way."""
+    path = getattr(args, "json_file", None)
+    if path is not None:
+        from kernel_ci.cli.result import CommandResult
+
+        code = exc.exit_code
+        CommandResult(args.command, code.name, int(code), error=str(exc)).write(path)
 
 
 def _write_traceback(exc: BaseException, output: Path) -> Path:

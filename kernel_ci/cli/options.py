@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kernel_ci.core import paths
 from kernel_ci.core.errors import UsageError
-from kernel_ci.core.paths import GUEST_TESTS
 from kernel_ci.core.settings import Settings
 
 if TYPE_CHECKING:  # imported when called: `kernel-ci --help` does not load the build stage
@@ -65,6 +65,20 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def project(args: argparse.Namespace) -> paths.Project:
+    """The project the command works on: --project, $KERNEL_CI_PROJECT, or found from the current directory
+    upwards; a usage error (exit 2) when there is none."""
+    return paths.require_project(getattr(args, "project", None))
+
+
+def output(args: argparse.Namespace) -> Path:
+    """-o/--output, else `out/` in the project (wherever the command runs from), else ./out."""
+    if args.output is not None:
+        return Path(args.output)
+    found = paths.find_project(getattr(args, "project", None))
+    return found.output if found is not None else Path("out")
+
+
 def settings(args: argparse.Namespace) -> Settings:
     """The run's settings, read once from the flags, the environment and the config file."""
     return Settings.load(
@@ -78,11 +92,14 @@ def build_request(args: argparse.Namespace, ccache_remote: str | None = None) ->
     `kernel-ci test --suite X` tests the very kernel a full `kernel-ci test` (or `kernel-ci build`) built."""
     from kernel_ci.flow.build import BuildRequest
 
+    where = project(args)
     return BuildRequest(
+        project=where,
+        suites_dir=where.guest_tests,
         kernel=args.kernel,
         series=series(args),
         fragments=args.fragment,
-        output=args.output / "build",
+        output=output(args) / "build",
         jobs=args.jobs,
         use_cache=not args.no_cache,
         use_ccache=not args.no_ccache,
@@ -116,7 +133,7 @@ def warn_suite_ignored(args: argparse.Namespace) -> None:
 KERNEL_DIR_FILES = ("bzImage", "metadata.json")
 
 
-def check_kernel(version: str | None, tree: Path | None = None) -> None:
+def check_kernel(version: str | None, tree: Path | None = None, lock: Path = paths.SOURCES_LOCK) -> None:
     """An unknown --kernel is the user's mistake (exit 2), found before Docker or the network is touched."""
     from kernel_ci.build import source
 
@@ -128,7 +145,7 @@ def check_kernel(version: str | None, tree: Path | None = None) -> None:
         usertree.kernel_version(tree.expanduser().resolve())  # not a kernel tree: exit 2 before building
         return
 
-    source.load_lock().candidates(version)  # raises UnknownVersionError (a UsageError)
+    source.load_lock(lock).candidates(version)  # raises UnknownVersionError (a UsageError)
 
 
 def check_kernel_dir(kernel_dir: Path) -> None:
@@ -143,7 +160,7 @@ def check_kernel_dir(kernel_dir: Path) -> None:
         )
 
 
-def check_suites(names: list[str] | None, root: Path = GUEST_TESTS) -> None:
+def check_suites(names: list[str] | None, root: Path = paths.GUEST_TESTS) -> None:
     """Every --suite names a suite folder (exit 2 otherwise), checked before minutes of building."""
     if names:
         from kernel_ci.guest import suites

@@ -29,7 +29,7 @@ from kernel_ci.build.records import METADATA_SCHEMA, BuildMetadata, CcacheFigure
 from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
-from kernel_ci.core.paths import GUEST_TESTS, REPO_ROOT, cache_dir
+from kernel_ci.core.paths import CHECKOUT, GUEST_TESTS, REPO_ROOT, Project, cache_dir
 from kernel_ci.core.timing import Duration, measure_duration
 from kernel_ci.host import setup as hostsetup
 
@@ -44,6 +44,8 @@ class BuildRequest:
     # Whose guest suites' needs (kconfig, kselftest targets) the kernel carries: every suite there, whichever
     # of them a run then chooses (None: none). A suite never changes what is built, only what runs.
     suites_dir: Path | None = GUEST_TESTS
+    # whose kernel-patches/, kernel-modules/, kconfig/ and lock file (core.paths.Project; the CLI's --project)
+    project: Project = field(default_factory=lambda: Project(CHECKOUT))
     output: Path = REPO_ROOT / "out" / "build"
     jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
     use_cache: bool = True  # the build cache (never ccache: see use_ccache)
@@ -79,6 +81,10 @@ def plan_request(request: BuildRequest, tree: usertree.TreeState | None = None) 
         external_modules=request.external_modules,
         tree=tree,
         external=request.patches,
+        patches_root=request.project.kernel_patches,
+        modules_root=request.project.kernel_modules,
+        kconfig_dir=request.project.kconfig,
+        lock=source.load_lock(request.project.sources_lock),
     )
 
 
@@ -257,7 +263,7 @@ def plan_build(request: BuildRequest) -> _Job:
         plan = planned.plan  # its one source is the tree already
         console.print(f"source: {tree.kind} tree {tree.path} (Linux {tree.version}), {_tree_summary(tree)}")
     else:
-        src = source.resolve(request.kernel)
+        src = source.resolve(request.kernel, source.load_lock(request.project.sources_lock))
         plan = planned.plan.resolved(src.tarball)
 
     step("toolchain")

@@ -40,6 +40,7 @@ class TestOptions:
     output: Path
     suites: Sequence[str] | None = None
     suites_dir: Path = GUEST_TESTS  # where the suite folders are (tests use their own)
+    modules_dir: Path = KERNEL_MODULES  # the project's kernel-modules/ (a module the build did not carry)
     memory: str = "1024M"
     cpus: int = 2
     accel: str = "auto"
@@ -64,14 +65,16 @@ def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Sui
     return keep
 
 
-def module_files(image: str, kernel_dir: Path, names: Sequence[str], work: Path) -> dict[str, Path]:
+def module_files(
+    image: str, kernel_dir: Path, names: Sequence[str], work: Path, modules_dir: Path = KERNEL_MODULES
+) -> dict[str, Path]:
     """The .ko of each named kernel-modules/ folder: from the build's outputs (extmod/), else built now
     against the build's kbuild tree (a build made with external modules off, or a module added since)."""
     found: dict[str, Path] = {}
     for name in names:
         kos = sorted((kernel_dir / "extmod" / name).glob("*.ko"))
         if not kos:
-            (module,) = extmodules.discover(KERNEL_MODULES, [name])
+            (module,) = extmodules.discover(modules_dir, [name])
             kos = extmodules.build(image, kernel_dir / "kbuild", module, work)
         if len(kos) != 1:
             raise payload.PayloadError(f"module {name}: expected one .ko, found {[k.name for k in kos]}")
@@ -147,7 +150,7 @@ def run_tests(options: TestOptions) -> RunReport:
     step(f"payload: {len(chosen)} suite(s)")
     image = images.ensure_builder_image()
     module_names = list(dict.fromkeys(m for s in chosen for m in s.all_modules))
-    module_kos = module_files(image, kernel_dir, module_names, run_dir / "modules-build")
+    module_kos = module_files(image, kernel_dir, module_names, run_dir / "modules-build", options.modules_dir)
     payload_dir = payload.assemble_payload(
         chosen,
         run_dir / "payload",

@@ -14,7 +14,7 @@ from kernel_ci.build import kconfig, source
 from kernel_ci.build import recipe as recipekey
 from kernel_ci.build.plan import BuildPlan, PlanError, SourcePin, make_plan, suite_needs
 from kernel_ci.cli import main as cli
-from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
+from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_PATCHES, Project
 from kernel_ci.flow import build as buildpipeline
 from kernel_ci.flow.build import HOW_NOT_WHAT, BuildRequest, plan_request
 
@@ -149,7 +149,12 @@ def test_build_and_key_warn_that_suite_is_ignored(capsys: pytest.CaptureFixture[
 def _what_changes(tmp_path: Path) -> dict[str, list[object]]:
     fragment = tmp_path / "extra.config"
     fragment.write_text("CONFIG_KASAN=y\n")
+    other = tmp_path / "project"  # the checkout's kconfig/, but no patch series
+    for name in ("kernel-patches", "guest-tests"):
+        (other / name).mkdir(parents=True)
+    (other / "kconfig").symlink_to(KCONFIG_DIR)
     return {
+        "project": [Project(other)],
         "kernel": ["5.10.223", "6.1"],
         "series": [["ci-smoke"], []],
         "fragments": [[fragment]],

@@ -1,0 +1,205 @@
+"""The project directory (core/paths.py) and the CLI's conventions: --project, -o after the subcommand,
+defaults in every option's help."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kernel_ci.cli import main as cli
+from kernel_ci.cli import options
+from kernel_ci.core import paths
+from kernel_ci.core.errors import UsageError
+
+
+def _project(root: Path) -> Path:
+    for name in paths.PROJECT_MARKERS:
+        (root / name).mkdir(parents=True)
+    return root
+
+
+def test_found_from_a_subdirectory(tmp_path: Path) -> None:
+    root = _project(tmp_path / "proj")
+    deep = root / "guest-tests" / "x" / "y"
+    deep.mkdir(parents=True)
+    found = paths.find_project(cwd=deep, environ={})
+    assert found is not None and found.root == root.resolve()
+    assert found.output == root.resolve() / "out"
+
+
+def test_one_marker_alone_is_not_a_project(tmp_path: Path) -> None:
+    (tmp_path / "guest-tests").mkdir()
+    assert paths.find_project(cwd=tmp_path, environ={}) is None
+
+
+def test_none_found_is_a_usage_error_naming_the_option(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--project DIR") as caught:
+        paths.require_project(cwd=tmp_path, environ={})
+    assert caught.value.exit_code == 2
+
+
+def test_explicit_wins_over_the_environment_and_the_current_directory(tmp_path: Path) -> None:
+    given = _project(tmp_path / "given")
+    env = _project(tmp_path / "env")
+    here = _project(tmp_path / "here")
+    environ = {paths.PROJECT_ENV: str(env)}
+    assert paths.require_project(given, cwd=here, environ=environ).root == given.resolve()
+    assert paths.require_project(cwd=here, environ=environ).root == env.resolve()
+    assert paths.require_project(cwd=here, environ={}).root == here.resolve()
+
+
+def test_an_explicit_directory_that_is_no_project_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a kernel-ci project"):
+        paths.find_project(tmp_path, environ={})
+    with pytest.raises(UsageError, match=paths.PROJECT_ENV):
+        paths.find_project(environ={paths.PROJECT_ENV: str(tmp_path)})
+
+
+def test_a_project_lock_overrides_the_packaged_one(tmp_path: Path) -> None:
+    project = paths.Project(_project(tmp_path))
+    assert project.sources_lock == paths.DEFAULT_SOURCES_LOCK
+    shutil.copy(paths.DEFAULT_SOURCES_LOCK, tmp_path / paths.LOCK_NAME)
+    assert project.sources_lock == tmp_path / paths.LOCK_NAME
+
+
+def test_the_tool_data_is_in_the_package() -> None:
+    for path in (paths.GUEST_INIT, paths.GUEST_RUNNER, paths.PROTOCOL_DOC, paths.DEFAULT_SOURCES_LOCK):
+        assert path.is_file() and path.is_relative_to(paths.PACKAGE_DATA)
+    assert (paths.CONTAINERS / "builder" / "Dockerfile").is_file()
+
+
+def test_the_build_request_uses_the_given_project(tmp_path: Path) -> None:
+    root = _project(tmp_path / "p")
+    args = cli.parser().parse_args(["--project", str(root), "build"])
+    request = options.build_request(args)
+    assert request.project.root == root.resolve()
+    assert request.suites_dir == root.resolve() / "guest-tests"
+    assert request.output == root.resolve() / "out" / "build"
+
+
+def test_output_after_the_subcommand(tmp_path: Path) -> None:
+    after = cli.parser().parse_args(["test", "-o", str(tmp_path / "a")])
+    before = cli.parser().parse_args(["-o", str(tmp_path / "b"), "test"])
+    assert options.output(after) == tmp_path / "a"
+    assert options.output(before) == tmp_path / "b"  # not overwritten by the subcommand's own -o
+    assert options.build_request(after).output == tmp_path / "a" / "build"
+
+
+def test_output_defaults_to_the_project_out_else_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(paths.PROJECT_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert options.output(cli.parser().parse_args(["repro", "run"])) == Path("out")
+    root = _project(tmp_path / "p")
+    monkeypatch.chdir(root / "guest-tests")
+    assert options.output(cli.parser().parse_args(["build"])) == root.resolve() / "out"
+
+
+def _options_of(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and a.dest not in ("help", "version")]
+
+
+def test_every_option_with_a_default_shows_it_in_its_help() -> None:
+    top = cli.parser()
+    missing = []
+    for parser in cli._every_parser(top):
+        text = parser.format_help()
+        for action in _options_of(parser):
+            if action.default in cli._NO_DEFAULT:
+                continue
+            line = next(i for i, item in enumerate(parser._actions) if item is action)
+            help_text = parser._get_formatter()._expand_help(action) if action.help else ""
+            if "default" not in help_text:
+                missing.append(f"{parser.prog} {action.option_strings[0]} (#{line})")
+        assert "usage:" in text
+    assert not missing, missing
+
+
+def test_cli_exits_2_without_a_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(paths.PROJECT_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["key"]) == 2
+    assert cli.main(["--project", str(tmp_path), "key"]) == 2
+
+
+@functools.cache
+def _noxfile() -> dict[str, object]:
+    """Loaded once, and nox's session registry put back after: nox warns (and will refuse) when a session is
+    registered twice, as test_workflow loads the noxfile too."""
+    import runpy
+
+    import nox.registry
+
+    saved = dict(nox.registry._REGISTRY)
+    try:
+        return runpy.run_path(str(paths.CHECKOUT / "noxfile.py"))
+    finally:
+        nox.registry._REGISTRY.clear()
+        nox.registry._REGISTRY.update(saved)
+
+
+def test_nox_test_only_options_are_the_test_parsers() -> None:
+    """The kernel session drops exactly the options `test` has and `build` lacks (nox cannot import us)."""
+    nox_globals = _noxfile()
+    top = cli.parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    build = set(sub.choices["build"]._option_string_actions)
+    test = sub.choices["test"]._option_string_actions
+    expected = {name: action.nargs != 0 for name, action in test.items() if name not in build}
+    expected["--suite"] = True  # build takes it only to warn that it is ignored
+    test_only = nox_globals["TEST_ONLY"]
+    assert isinstance(test_only, dict)
+    assert test_only == {k: v for k, v in expected.items() if k.startswith("--")}
+
+
+def test_nox_kernel_session_gets_only_build_options() -> None:
+    build_args = _noxfile()["build_args"]
+    assert callable(build_args)
+    given = [
+        "--suite",
+        "smoke-c",
+        "--kernel",
+        "6.1",
+        "--memory=2G",
+        "--keep-overlay",
+        "--cpus",
+        "1",
+        "-j",
+        "2",
+    ]
+    assert build_args(given) == ["--kernel", "6.1", "-j", "2"]
+    args = cli.parser().parse_args(["build", *build_args(given)])  # what build accepts, no exit 2
+    assert args.kernel == "6.1"
+
+
+def test_nox_fails_when_its_python_is_missing() -> None:
+    nox_globals = _noxfile()
+    nox = nox_globals["nox"]
+    assert nox.options.error_on_missing_interpreters is True  # type: ignore[attr-defined]
+
+
+def test_json_result_round_trips() -> None:
+    from kernel_ci.cli.result import CommandResult, SuiteCounts
+
+    result = CommandResult(
+        "test", "KERNEL_PANIC", 4, build_key="ab" * 32, paths={"junit": "out/junit.xml"},
+        suites=[SuiteCounts("smoke-c", 3, 1, 0, 2)],
+    )  # fmt: skip
+    assert CommandResult.from_json(result.to_json()) == result
+    with pytest.raises(ValueError, match="schema"):
+        CommandResult.from_json('{"command": "test"}')
+
+
+@pytest.mark.parametrize("command", ["build", "test"])
+def test_json_result_is_written_when_the_command_fails(command: str, tmp_path: Path) -> None:
+    from kernel_ci.cli.result import CommandResult
+
+    target = tmp_path / "deep" / "result.json"
+    argv = ["--project", str(paths.CHECKOUT), command, "--json", str(target), "--kernel", "no-such-kernel"]
+    assert cli.main(argv) == 2
+    result = CommandResult.from_json(target.read_text())
+    assert (result.command, result.outcome, result.exit_code) == (command, "USAGE", 2)
+    assert "no-such-kernel" in result.error
