@@ -58,6 +58,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     warn_suite_ignored(args)
     options.check_kernel(args.kernel)
+    options.check_output(args.output)
     settings = options.settings(args)
     request = options.build_request(args, settings.ccache_remote)
     result = build(request, store=open_store(settings))
@@ -71,6 +72,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     # the user's mistakes first (exit 2), before minutes of building or booting
     options.check_suites(args.suite)
+    options.check_output(args.output)
     if args.kernel_dir is not None:
         options.check_kernel_dir(args.kernel_dir)
     else:

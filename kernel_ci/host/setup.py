@@ -38,7 +38,7 @@ TEST_PACKAGES = {
     "patch": "patch",
 }
 SETUP_HOST = "sudo kernel-ci setup-host"  # the fix every "you may not" error names
-USER_GROUPS = ("docker", "kvm")  # the engine's socket; /dev/kvm (TCG works without it, only slower)
+USER_GROUPS = {"docker": "the engine's socket", "kvm": "/dev/kvm (TCG works without it, only slower)"}
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 SUBID_COUNT = 65536  # a Debian tree uses ids up to 65534
 SUBID_FIRST = 100000  # where useradd starts allocating (login.defs SUB_UID_MIN)
@@ -240,7 +240,7 @@ def target_user(explicit: str | None, environ: Mapping[str, str]) -> str | None:
 def missing_groups(user: str) -> list[str]:
     """The USER_GROUPS that exist on this host and that user is not in yet."""
     wanted = []
-    for name in USER_GROUPS:
+    for name in USER_GROUPS:  # (the dict says why each)
         try:
             group = grp.getgrnam(name)
         except KeyError:
