@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import traceback
@@ -213,9 +214,19 @@ def _add_cache_bench(cache: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=cmd_cache_bench)
 
 
+def raise_open_file_limit() -> None:
+    """The soft limit on open files up to the hard one. A user's soft limit is 1024 on Debian, and restoring
+    a build entry holds a descriptor per directory of kbuild/ (over a thousand): as a user (not root, whose
+    limit is higher) every restore from the shared cache failed with "Too many open files"."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code says what kind of failure it was (core.errors.ExitCode)."""
     args = parser().parse_args(argv)  # a bad option exits 2 here (argparse)
+    raise_open_file_limit()
     try:
         return args.func(args)
     except KernelCIError as exc:  # raised on purpose: its message says what to do, its class the exit code
