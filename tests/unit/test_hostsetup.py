@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +49,16 @@ def test_docker_permission_denied_is_recognised() -> None:
     )
     assert setup.denied(detail)
     assert not setup.denied("Cannot connect to the Docker daemon. Is the docker daemon running?")
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one() -> None:
+    """A user's soft limit (1024 on Debian) made every restore of a build entry fail (one fd a directory)."""
+    code = (
+        "import resource\n"
+        "from kernel_ci.cli.main import raise_open_file_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "raise_open_file_limit()\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
