@@ -413,6 +413,7 @@ def _with_overhead(data: int, inodes: int) -> int:
 # are left out: a user namespace cannot make them, and the guest kernel mounts devtmpfs on /dev.
 IMAGE_SCRIPT = r"""
 set -eu
+PATH="$PATH:/usr/sbin:/sbin"  # mkfs.ext4 is in sbin, which a user's PATH lacks on Debian
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 trap 'exit 143' TERM INT
