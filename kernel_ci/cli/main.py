@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import resource
 import sys
 import tempfile
 import traceback
@@ -60,6 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     warn_suite_ignored(args)
     options.check_kernel(args.kernel, args.tree, options.project(args).sources_lock)
+    options.check_output(args.output)
     settings = options.settings(args)
     request = options.build_request(args, settings.ccache_remote)
     result = build(request, store=open_store(settings))
@@ -90,6 +92,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     # the user's mistakes first (exit 2), before minutes of building or booting
     project = options.project(args)
     options.check_suites(args.suite, project.guest_tests)
+    options.check_output(args.output)
     if args.kernel_dir is not None:
         options.check_kernel_dir(args.kernel_dir)
     else:
@@ -292,6 +295,9 @@ def parser() -> argparse.ArgumentParser:
     from kernel_ci.cli.bisect import register as register_bisect
 
     register_bisect(sub)
+    from kernel_ci.cli.setuphost import register as register_setup_host
+
+    register_setup_host(sub)  # setup-host
     from kernel_ci.cache.server.cli import register as register_cache
 
     cache = register_cache(sub)  # cache serve, cache scrub
@@ -345,9 +351,19 @@ def _add_cache_bench(cache: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=cmd_cache_bench)
 
 
+def raise_open_file_limit() -> None:
+    """The soft limit on open files up to the hard one. A user's soft limit is 1024 on Debian, and restoring
+    a build entry holds a descriptor per directory of kbuild/ (over a thousand): as a user (not root, whose
+    limit is higher) every restore from the shared cache failed with "Too many open files"."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code says what kind of failure it was (core.errors.ExitCode)."""
     args = parser().parse_args(argv)  # a bad option exits 2 here (argparse)
+    raise_open_file_limit()
     from kernel_ci.cli.bisect import bisect_exit
 
     return bisect_exit(args, _run(args))

@@ -148,6 +148,19 @@ def check_kernel(version: str | None, tree: Path | None = None, lock: Path = pat
     source.load_lock(lock).candidates(version)  # raises UnknownVersionError (a UsageError)
 
 
+def check_output(output: Path) -> None:
+    """--output must be a directory this user can create and write, found before minutes of building: as a
+    user kernel-ci writes only where that user may (its containers run as the user, and their mounts never
+    create a missing directory: kernel_ci.host.docker)."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"--output {output}: cannot create it ({reason}); pick a directory you own") from exc
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output}: not writable by you; pick a directory you own")
+
+
 def check_kernel_dir(kernel_dir: Path) -> None:
     """--kernel-dir must be a build output (kernel-ci build's out/build), not a typo or a source tree."""
     if not kernel_dir.is_dir():

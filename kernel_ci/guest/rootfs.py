@@ -1,9 +1,19 @@
 """The Debian 12 guest root filesystem: a cached qcow2 image built from containers/rootfs/ and kci-init.
 
-debootstrap (minbase) into a temporary directory, trim, add the overlay files and /sbin/kci-init,
-`mkfs.ext4 -d` into a sparse raw image, `qemu-img convert` to qcow2. No mounting. The image is keyed by
-the sha256 of its recipe, so a changed package list, overlay file, init script or build setting makes a
-new image while an unchanged recipe reuses the cached one.
+Built without root by mmdebstrap in its unshare mode (a maintained tool, by a Debian developer, that runs
+apt and dpkg in a user namespace mapped to the user's /etc/subuid range): debootstrap needs real root, and
+fakeroot/fakechroot break maintainer scripts. mmdebstrap writes a tarball whose owners are right (uid 0,
+_apt...) while every file on the host belongs to the user. Its hooks trim the tree, unpack our overlay
+(a tarball of the overlay files and /sbin/kci-init, made here with uid 0) and hand back dpkg's status. The
+tarball becomes an ext4 image inside the same kind of namespace (`mmdebstrap --unshare-helper`, where the
+tar's owners can be restored): `mkfs.ext4 -d` of the unpacked tree into a sparse raw image, `qemu-img
+convert` to qcow2, streamed out on stdout into the user's cache. Nothing is mounted, nothing runs as root,
+nothing the namespace creates outlives it (its scratch directory is removed on exit). As root the same
+commands run without the user namespace.
+
+The image is keyed by the sha256 of its recipe, so a changed package list, overlay file, init script or
+build setting makes a new image while an unchanged recipe reuses the cached one. SCHEMA 2 is the
+mmdebstrap build: an image debootstrapped by root (SCHEMA 1) has another key and is never used again.
 """
 
 from __future__ import annotations
@@ -13,9 +23,10 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import shlex
 import shutil
-import stat
+import tarfile
 import tempfile
 import time
 import uuid
@@ -25,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from kernel_ci.core import proc
-from kernel_ci.core.console import console, warn
+from kernel_ci.core.console import console
 from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.host import aptmirror
 
-SCHEMA = 1  # bump when the build steps below change in a way the recipe does not capture
+# bump when the build steps below change in a way the recipe does not capture (2: mmdebstrap, unshare mode)
+SCHEMA = 2
 SUITE = "bookworm"
 VARIANT = "minbase"
 INIT_PATH = "sbin/kci-init"
@@ -175,20 +187,19 @@ def _build(recipe: Recipe, key: str, image: Path, sidecar: Path) -> dict[str, st
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=image.parent))
     try:
-        root = work / "root"
-        _debootstrap(recipe, root, mirror)
-        packages = installed_packages(root)
-        _trim(root)
-        install_files(recipe, root)
-        raw = work / "root.img"
-        _make_ext4(root, raw, key)
+        overlay = write_overlay_tar(recipe, work / "overlay.tar")
+        root_tar = work / "root.tar"
+        (work / "dpkg").mkdir()
+        _mmdebstrap(mmdebstrap_command(recipe, root_tar, overlay, work / "dpkg" / "status", mirror))
+        packages = installed_packages(work / "dpkg")
+        size = image_bytes_of_tar(root_tar)
         tmp_image = work / "image.qcow2"
-        proc.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, tmp_image])
+        _make_image(root_tar, tmp_image, size, key)
         meta: dict[str, Any] = {
             "key": key,
             "recipe": recipe.describe(),
             "packages": packages,
-            "raw_bytes": raw.stat().st_size,
+            "raw_bytes": size,
             "qcow2_bytes": tmp_image.stat().st_size,
             "build_seconds": round(time.monotonic() - started, 1),
         }
@@ -197,7 +208,7 @@ def _build(recipe: Recipe, key: str, image: Path, sidecar: Path) -> dict[str, st
         os.replace(tmp_image, image)
         os.replace(tmp_sidecar, sidecar)  # last: the sidecar marks a complete image
     finally:
-        _remove_tree(work)
+        shutil.rmtree(work, ignore_errors=True)
     console.log(
         f"rootfs: built {image} ({meta['qcow2_bytes'] / 2**20:.0f} MiB qcow2, "
         f"{len(packages)} packages) in {meta['build_seconds']:.0f} s"
@@ -213,91 +224,138 @@ def debian_mirror() -> str:
     return bases[0]
 
 
-def debootstrap_command(recipe: Recipe, root: Path, mirror: str) -> list[str]:
+def trim_hook() -> str:
+    """The customize hook (sh, the tree is $1) that empties the TRIM directories, keeping apt's partial/."""
+    dirs = " ".join(shlex.quote(rel) for rel in TRIM)
+    return (
+        f'for d in {dirs}; do if [ -d "$1/$d" ] && [ ! -L "$1/$d" ]; then '
+        'find "$1/$d" -mindepth 1 -delete; fi; done; '
+        'mkdir -p "$1/var/lib/apt/lists/partial" "$1/var/cache/apt/archives/partial"'
+    )
+
+
+def mmdebstrap_command(recipe: Recipe, root_tar: Path, overlay: Path, status: Path, mirror: str) -> list[str]:
+    """mmdebstrap in unshare mode: the tree as a tarball, trimmed, with our overlay, and dpkg's status out."""
     return [
-        "debootstrap",
+        "mmdebstrap",
+        "--mode=unshare",
         f"--variant={VARIANT}",
         "--components=main",
         f"--include={','.join(recipe.packages)}",
+        f"--customize-hook={trim_hook()}",
+        f"--customize-hook=tar-in {shlex.quote(str(overlay))} /",
+        f"--customize-hook=download /var/lib/dpkg/status {shlex.quote(str(status))}",
         SUITE,
-        str(root),
+        str(root_tar),
         mirror,
     ]
 
 
 def check_can_build(recipe: Recipe, mirror: str) -> None:
-    command = shlex.join(debootstrap_command(recipe, Path("<dir>"), mirror))
+    """Every tool the build uses is there, and (as a user) a subordinate id range for the namespace."""
+    command = shlex.join(
+        mmdebstrap_command(recipe, Path("<root.tar>"), Path("<overlay.tar>"), Path("<s>"), mirror)
+    )
+    tools = [("mmdebstrap", "mmdebstrap"), ("mkfs.ext4", "e2fsprogs"), ("qemu-img", "qemu-utils")]
     if os.geteuid() != 0:
-        raise RootfsError(
-            f"building the guest rootfs needs root (debootstrap), as root it runs:\n  {command}"
-        )
-    tools = (("debootstrap", "debootstrap"), ("mkfs.ext4", "e2fsprogs"), ("qemu-img", "qemu-utils"))
+        tools.append(("newuidmap", "uidmap"))
     for tool, package in tools:
-        if shutil.which(tool) is None:
+        if shutil.which(tool) is None and not any(Path(d, tool).exists() for d in ("/usr/sbin", "/sbin")):
             raise RootfsError(
-                f"{tool} is not installed: apt-get install -y {package}\n(the rootfs build runs: {command})"
+                f"{tool} is not installed: run `sudo kernel-ci setup-host` "
+                f"(or apt-get install -y {package})\n"
+                f"(the rootfs build runs: {command})"
             )
+    if os.geteuid() != 0 and not has_subordinate_ids(_user_name()):
+        raise RootfsError(
+            f"user {_user_name()} has no range in /etc/subuid and /etc/subgid, which mmdebstrap's unshare "
+            "mode maps the guest's users to: run `sudo kernel-ci setup-host`"
+        )
 
 
-def _debootstrap(recipe: Recipe, root: Path, mirror: str) -> None:
-    console.log(f"rootfs: debootstrap {SUITE} ({VARIANT}) + {len(recipe.packages)} packages")
-    proc.run(debootstrap_command(recipe, root, mirror), on_line=DebootstrapProgress(), keep_output=False)
+def _user_name() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
-class DebootstrapProgress:
-    """Turns debootstrap's one-line-per-package chatter into one line per phase, with package counts."""
+def has_subordinate_ids(
+    user: str, files: tuple[Path, Path] = (Path("/etc/subuid"), Path("/etc/subgid"))
+) -> bool:
+    """Whether user has a range (of at least 65536 ids: a Debian tree uses up to 65534) in both files."""
+    return all(_subordinate_count(path, user) >= 65536 for path in files)
 
-    PER_PACKAGE = ("Retrieving", "Validating", "Extracting", "Unpacking", "Configuring")
-    PHASE_WORDS = ("required", "the", "base", "core")  # "Unpacking the base system..." is a phase
+
+def _subordinate_count(path: Path, user: str) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] == user and fields[2].isdigit():
+            return int(fields[2])
+    return 0
+
+
+def _mmdebstrap(argv: list[str]) -> None:
+    console.log(f"rootfs: mmdebstrap {SUITE} ({VARIANT}, unshare mode)")
+    proc.run(argv, on_line=MmdebstrapProgress(), keep_output=False)
+
+
+class MmdebstrapProgress:
+    """mmdebstrap's phases ("I: ..." lines) with the time since start; apt's chatter in between dropped."""
 
     def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
         self.started = time.monotonic()
 
     def __call__(self, line: str) -> None:
         if line.startswith(("W:", "E:")):
-            console.print(f"[yellow]debootstrap {_escape(line)}[/]", highlight=False)
+            console.print(f"[yellow]mmdebstrap {_escape(line)}[/]", highlight=False)
             return
         if not line.startswith("I: "):
             return
         text = line[3:].strip()
-        verb, _, rest = text.partition(" ")
-        if verb in self.PER_PACKAGE and rest.split(" ", 1)[0] not in self.PHASE_WORDS:
-            self.counts[verb] = self.counts.get(verb, 0) + 1
-            return
-        if self.counts:
-            done = ", ".join(f"{verb.lower()} {n}" for verb, n in self.counts.items())
-            console.log(f"  debootstrap: ({done})")
-            self.counts = {}
-        console.log(f"  debootstrap: {_escape(text)}  [dim]{time.monotonic() - self.started:.0f} s[/]")
+        console.log(f"  mmdebstrap: {_escape(text)}  [dim]{time.monotonic() - self.started:.0f} s[/]")
 
 
 def _escape(text: str) -> str:
     return text.replace("[", r"\[")
 
 
-def installed_packages(root: Path) -> dict[str, str]:
-    out = proc.capture(
-        ["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W", "-f", "${Package}\t${Version}\n"]
-    )
+def installed_packages(admindir: Path) -> dict[str, str]:
+    """package -> version from a dpkg database directory (its status file is enough for dpkg-query)."""
+    out = proc.capture(["dpkg-query", f"--admindir={admindir}", "-W", "-f", "${Package}\t${Version}\n"])
     pairs = (line.split("\t", 1) for line in out.splitlines() if "\t" in line)
     return dict(sorted((name, version) for name, version in pairs))
 
 
-def _trim(root: Path) -> None:
-    for rel in TRIM:
-        target = root / rel
-        if target.is_dir() and not target.is_symlink():
-            for child in target.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
-    (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+def write_overlay_tar(recipe: Recipe, path: Path) -> Path:
+    """The overlay files and the mount points as a tarball owned by uid 0, for mmdebstrap's tar-in hook.
+
+    File entries only (no entries for their parent directories): tar creates missing parents and follows
+    existing symlinked ones, so sbin/kci-init lands in usr/sbin of a merged-/usr tree."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for dest, (src, mode) in sorted(recipe.files.items()):
+            info = _root_owned(tarfile.TarInfo(f"./{dest}"), mode)
+            info.size = src.stat().st_size
+            with src.open("rb") as handle:
+                tar.addfile(info, handle)
+        for name in MOUNT_POINTS:
+            info = _root_owned(tarfile.TarInfo(f"./{name}"), 0o755)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    return path
+
+
+def _root_owned(info: tarfile.TarInfo, mode: int) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mode = mode
+    info.mtime = 0
+    return info
 
 
 def install_files(recipe: Recipe, root: Path) -> None:
+    """The overlay files and mount points into an unpacked tree (used for trees not built here)."""
     for dest, (src, mode) in recipe.files.items():
         target = path_in_root(root, dest)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -329,57 +387,65 @@ def path_in_root(root: Path, rel: str) -> Path:
     return resolved
 
 
-def image_bytes(root: Path) -> int:
-    """Size for the ext4 image: the tree's blocks and inodes, ext4 overhead, plus HEADROOM_MIB."""
-    block = 4096
-    data = 0
-    inodes = 0
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
+def image_bytes_of_tar(tarball: Path) -> int:
+    """Size for the ext4 image of the tarball's tree: its blocks and inodes, ext4 overhead, HEADROOM_MIB."""
+    data = inodes = 0
+    with tarfile.open(tarball) as tar:
+        for member in tar:
             inodes += 1
-            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                data += -(-st.st_size // block) * block
+            data += _blocks(member.size if member.isreg() else len(member.linkname))
+    return _with_overhead(data, inodes)
+
+
+def _blocks(size: int, block: int = 4096) -> int:
+    return -(-size // block) * block
+
+
+def _with_overhead(data: int, inodes: int) -> int:
     overhead = data // 10 + inodes * 256 + 64 * 2**20
     total = data + overhead + HEADROOM_MIB * 2**20
     return -(-total // 2**20) * 2**20
 
 
-def _make_ext4(root: Path, raw: Path, key: str) -> None:
-    size = image_bytes(root)
-    with raw.open("wb") as handle:
-        handle.truncate(size)
+# Runs inside the user namespace (`mmdebstrap --unshare-helper`), where the tar's owners can be restored:
+# the tree in a private scratch directory that is removed on exit, the image streamed out on stdout (the
+# namespace's root is a subordinate uid that may not write into the user's cache). The tar's device nodes
+# are left out: a user namespace cannot make them, and the guest kernel mounts devtmpfs on /dev.
+IMAGE_SCRIPT = r"""
+set -eu
+PATH="$PATH:/usr/sbin:/sbin"  # mkfs.ext4 is in sbin, which a user's PATH lacks on Debian
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+trap 'exit 143' TERM INT
+mkdir "$scratch/root"
+tar -C "$scratch/root" --numeric-owner -xpf - --exclude='./dev/*'
+truncate -s "$1" "$scratch/root.img"
+shift
+mkfs.ext4 "$@" -d "$scratch/root" "$scratch/root.img"
+qemu-img convert -q -f raw -O qcow2 "$scratch/root.img" "$scratch/image.qcow2"
+cat "$scratch/image.qcow2"
+"""
+
+
+def mkfs_options(key: str) -> list[str]:
     fs_uuid = str(uuid.UUID(key[:32]))
-    proc.run(
-        [
-            "mkfs.ext4", "-q", "-F", "-L", "kci-root", "-U", fs_uuid, "-m", "0", "-b", "4096",
-            "-O", MKFS_FEATURES, "-E", f"{MKFS_EXTENDED},hash_seed={fs_uuid}", "-d", root, raw,
-        ]
-    )  # fmt: skip
+    return [
+        "-q", "-F", "-L", "kci-root", "-U", fs_uuid, "-m", "0", "-b", "4096",
+        "-O", MKFS_FEATURES, "-E", f"{MKFS_EXTENDED},hash_seed={fs_uuid}",
+    ]  # fmt: skip
 
 
-def _remove_tree(path: Path) -> None:
-    """Delete a build directory, first unmounting anything debootstrap left mounted inside it."""
-    inner = _mounts_under(path)
-    for mount in sorted(inner, key=len, reverse=True):
-        proc.run(["umount", "-l", mount], check=False, quiet=True)
-    left = _mounts_under(path)
-    if left:
-        warn(f"not deleting {path}: still mounted inside: {', '.join(left)}")
-        return
-    shutil.rmtree(path, ignore_errors=True)
+SCRIPT_ENV = "KCI_IMAGE_SCRIPT"  # IMAGE_SCRIPT travels in the environment: the logged command stays short
 
 
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve()) + "/"
-    found = []
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            mount_point = line.split()[4].replace("\\040", " ")
-            if mount_point.startswith(prefix):
-                found.append(mount_point)
-    return found
+def image_command(root_tar: Path, image: Path, size: int, key: str) -> list[str]:
+    """The tarball (stdin) to a qcow2 (stdout) in the namespace; both files are opened by the outer shell,
+    as the user. Run with SCRIPT_ENV=IMAGE_SCRIPT in the environment."""
+    inner = ["mmdebstrap", "--unshare-helper", "sh", "-c", f'eval "${SCRIPT_ENV}"', "kci-image", str(size)]
+    redirect = f"<{shlex.quote(str(root_tar))} >{shlex.quote(str(image))}"
+    return ["sh", "-c", f"exec {shlex.join([*inner, *mkfs_options(key)])} {redirect}"]
+
+
+def _make_image(root_tar: Path, image: Path, size: int, key: str) -> None:
+    console.log(f"rootfs: ext4 ({size // 2**20} MiB, sparse) -> qcow2")
+    proc.run(image_command(root_tar, image, size, key), env={SCRIPT_ENV: IMAGE_SCRIPT}, keep_output=False)

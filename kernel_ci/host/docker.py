@@ -13,6 +13,11 @@ python-on-whales, because the builder's life depends on three things only proc g
   SIGKILL. python-on-whales' `docker.run` takes no open-ended stdin and kills only its own child.
 So this module builds the `docker run` command line (run_argv) and hands it to proc; nothing else in the
 package writes a `docker` command line (tests/unit/test_docker_seam.py checks it).
+
+Bind mounts: callers say `-v HOST:GUEST[:ro]`; run_argv writes each as `--mount type=bind,...`. With `-v`
+dockerd (root) creates a missing HOST directory, owned by root, wherever it is: a user of the docker group
+running kernel-ci could make root-owned directories anywhere (tests/e2e/test_rootless.py did). `--mount`
+refuses a missing source instead.
 """
 
 from __future__ import annotations
@@ -125,8 +130,36 @@ def container_exists(name_or_id: str) -> bool:
 
 
 def run_argv(image: str, command: Sequence[str], options: Sequence[str] = ()) -> list[str]:
-    """The `docker run --rm` of COMMAND in IMAGE with OPTIONS (network, user, mounts...)."""
-    return [DOCKER, "run", "--rm", *options, image, *command]
+    """The `docker run --rm` of COMMAND in IMAGE with OPTIONS (network, user, mounts...); each `-v` bind
+    mount becomes a `--mount` that fails on a missing source instead of creating it as root."""
+    return [DOCKER, "run", "--rm", *bind_mounts(options), image, *command]
+
+
+def bind_mounts(options: Sequence[str]) -> list[str]:
+    """OPTIONS with every `-v`/`--volume HOST:GUEST[:ro|rw]` of an absolute HOST path as `--mount`."""
+    out: list[str] = []
+    items = iter(options)
+    for option in items:
+        if option in ("-v", "--volume"):
+            out += ["--mount", mount_spec(next(items))]
+        else:
+            out.append(option)
+    return out
+
+
+def mount_spec(volume: str) -> str:
+    """`--mount` of one `-v` value. Paths with a comma, quote or '=' are refused: --mount's CSV syntax would
+    read them as another field."""
+    host, _, rest = volume.partition(":")
+    guest, _, mode = rest.partition(":")
+    if not host.startswith("/") or not guest.startswith("/") or mode not in ("", "ro", "rw"):
+        raise DockerError(f"bind mount {volume!r}: expected /HOST:/GUEST[:ro]")
+    if any(c in path for path in (host, guest) for c in ',"=\n'):
+        raise DockerError(
+            f"bind mount {volume!r}: a path with a comma, quote, '=' or newline cannot be mounted"
+        )
+    spec = f"type=bind,source={host},target={guest}"
+    return spec + (",readonly" if mode == "ro" else "")
 
 
 def run(

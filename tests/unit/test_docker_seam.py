@@ -16,6 +16,7 @@ import pytest
 from kernel_ci.build import ccacherelay
 from kernel_ci.build import kbuild as builder
 from kernel_ci.core.timing import measure_duration
+from kernel_ci.host import docker
 
 PACKAGE = Path(__file__).resolve().parents[2] / "kernel_ci"
 SEAM = PACKAGE / "host" / "docker.py"
@@ -85,7 +86,7 @@ def test_the_builder_never_gets_a_network(tmp_path: Path) -> None:
         argv = builder.docker_run_argv(env, ["make"], watchdog=True, forwarder=forwarder)
     assert argv[argv.index("--network") + 1] == "none"
     assert argv.count("--network") == 1 and "host" not in argv
-    assert f"{forwarder.directory}:{ccacherelay.SOCKET_DIR}:ro" in argv
+    assert f"type=bind,source={forwarder.directory},target={ccacherelay.SOCKET_DIR},readonly" in argv
     assert "secret" not in " ".join(argv)  # the token travels in the client's environment, not the argv
     assert not forwarder.directory.exists()  # the forwarder leaves nothing behind
 
@@ -221,3 +222,21 @@ def test_a_cache_dir_too_deep_for_a_unix_socket_is_a_clear_error(
     with pytest.raises(ccacherelay.RelayError, match="KERNEL_CI_CACHE"):
         ccacherelay.HostForwarder(storage)
     assert list((deep / "tmp").iterdir()) == []  # nothing left behind
+
+
+def test_bind_mounts_never_create_a_missing_source() -> None:
+    """`-v` lets dockerd (root) create a missing host directory as root; the seam writes `--mount` instead,
+    which refuses it (tests/e2e/test_rootless.py::test_a_user_cannot_make_docker_create_root_owned_dirs)."""
+    argv = docker.run_argv(
+        "img", ["true"], ["--user", "1:1", "-v", "/a:/b:ro", "--volume", "/c:/d", "-w", "/"]
+    )
+    assert "-v" not in argv and "--volume" not in argv
+    assert argv[argv.index("--user") + 1] == "1:1" and argv[argv.index("-w") + 1] == "/"
+    mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "--mount"]
+    assert mounts == ["type=bind,source=/a,target=/b,readonly", "type=bind,source=/c,target=/d"]
+
+
+@pytest.mark.parametrize("volume", ["rel:/b", "/a:rel", "/a,type=volume:/b", "/a:/b:z", '/a"x:/b', "/a=1:/b"])
+def test_bind_mounts_that_could_be_misread_are_refused(volume: str) -> None:
+    with pytest.raises(docker.DockerError, match="bind mount"):
+        docker.run_argv("img", ["true"], ["-v", volume])

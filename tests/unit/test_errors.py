@@ -48,6 +48,7 @@ EXPECTED = {
     "kernel_ci.build.source.SourceUnavailableError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.build.records.RecordError": ExitCode.USAGE,
     "kernel_ci.host.setup.HostSetupError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.host.setup.SetupUsageError": ExitCode.USAGE,
     "kernel_ci.guest.rootfs.RootfsError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.guest.qemu.AccelError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.guest.payload.PayloadError": ExitCode.INFRASTRUCTURE,
