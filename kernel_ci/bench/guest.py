@@ -83,10 +83,13 @@ def _vng_first_command(bzimage: Path) -> float | str:
         if VNG_MARK in line and not first:
             first.append(time.monotonic() - started)
 
-    argv = ["vng", "--run", str(bzimage), "--disable-kvm", "--force-9p", "--", "echo", VNG_MARK]
+    argv = ["vng", "--verbose", "--run", str(bzimage), "--disable-kvm", "--force-9p", "--", "echo", VNG_MARK]
     result = proc.run(argv, quiet=True, check=False, timeout=300, on_line=watch)
     if result.returncode != 0 or not first:
-        return f"vng exit {result.returncode}: {result.output[-300:]}"
+        # The PyPI wheel's virtme-ng-init (vng's PID 1) is linked against a newer glibc than Debian 12's
+        # 2.36 (1.33: GLIBC_2.39): it cannot start and the guest panics. Say so rather than a panic tail.
+        why = [line for line in result.output.splitlines() if "GLIBC_" in line or "not syncing" in line]
+        return f"vng exit {result.returncode}: " + " | ".join(why[:2] or [result.output[-300:]])
     return first[0]
 
 
