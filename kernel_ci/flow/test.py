@@ -22,8 +22,8 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.errors import UsageError
-from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, GUEST_TESTS, KERNEL_MODULES
-from kernel_ci.guest import payload, qemu, rootfs, scanner, suites
+from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, GUEST_TESTS, KERNEL_MODULES, cache_dir
+from kernel_ci.guest import binaries, payload, qemu, rootfs, scanner, suites
 from kernel_ci.host import setup as hostsetup
 from kernel_ci.report import junit, render, verdict
 from kernel_ci.report.model import GuestEnd, Outcome, RootfsRef, RunRecord, RunReport
@@ -80,6 +80,13 @@ def module_files(
             raise payload.PayloadError(f"module {name}: expected one .ko, found {[k.name for k in kos]}")
         found[name] = kos[0]
     return found
+
+
+def cached_c_compiler(image: str) -> Callable[[Path, list[str], Path], None]:
+    """c_compiler behind the guest binary cache (kernel_ci.guest.binaries): an unchanged suite is not
+    compiled again; the key has the toolchain image's id, so a new compiler compiles afresh."""
+    toolchain_id = images.toolchain(image).image_id
+    return binaries.cached_compiler(c_compiler(image), toolchain_id, C_FLAGS, cache_dir("guest-binaries"))
 
 
 def c_compiler(image: str) -> Callable[[Path, list[str], Path], None]:
@@ -155,7 +162,7 @@ def run_tests(options: TestOptions) -> RunReport:
         chosen,
         run_dir / "payload",
         metadata.kernel.release,
-        c_compiler(image),
+        cached_c_compiler(image),
         module_kos,
         kselftest_dir=kernel_dir / "kselftest",
     )

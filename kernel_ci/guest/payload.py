@@ -87,12 +87,18 @@ def assemble_payload(
         workdir = Path("suites") / suite.name
         (dest / workdir).mkdir(parents=True)
         expected: tuple[tuple[str, str], ...] = ()
+        cut: tuple[tuple[str, str, float], ...] = ()
         if suite.language == "c":
             argv = _build_c(suite, dest / workdir, compile_c)
         elif suite.language == "kselftest":
             argv = _copy_kselftest(suite, dest / workdir, kselftest_dir)
             expected = tuple(
                 (x.testcase, x.reason) for x in suite.expected_failures if x.applies_to(kernel_release)
+            )
+            cut = tuple(
+                (x.test, x.case, x.timeout)
+                for x in suite.expected_failures
+                if x.timeout is not None and x.applies_to(kernel_release)
             )
         else:
             argv = _copy_python(suite, dest / workdir)
@@ -106,6 +112,7 @@ def assemble_payload(
                 workdir=workdir.as_posix(),
                 junit=suite.language == "python",
                 expected_failures=expected,
+                case_timeouts=cut,
             )
         )
     plan = Plan(kernel_release, tuple(planned))

@@ -60,11 +60,17 @@ class PlanSuite:
     junit: bool  # the suite writes $KCI_JUNIT itself
     # kselftest: (testcase name, reason) of the tests expected to fail on this kernel (read by the host)
     expected_failures: tuple[tuple[str, str], ...] = ()
+    # kselftest: (binary, harness case, seconds): the runner fires the harness's timeout for that case early
+    case_timeouts: tuple[tuple[str, str, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if self.expected_failures:
             extra["expected_failures"] = [{"test": t, "reason": r} for t, r in self.expected_failures]
+        if self.case_timeouts:
+            extra["case_timeouts"] = [
+                {"binary": b, "case": c, "seconds": s} for b, c, s in self.case_timeouts
+            ]
         return {
             "name": self.name,
             "language": self.language,
@@ -91,6 +97,9 @@ class PlanSuite:
             junit=bool(data.get("junit", False)),
             expected_failures=tuple(
                 (str(x["test"]), str(x["reason"])) for x in data.get("expected_failures", [])
+            ),
+            case_timeouts=tuple(
+                (str(x["binary"]), str(x["case"]), float(x["seconds"])) for x in data.get("case_timeouts", [])
             ),
         )
 

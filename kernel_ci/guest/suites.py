@@ -18,6 +18,8 @@ test = "ptrace:vmaccess"            # collection:binary, as kselftest-list.txt n
 case = "global.attach"              # optional: one kselftest_harness case of that binary
 kernels = ["5.10"]                  # optional: kernel versions (prefixes of the release) it applies to
 reason = "why it fails there"
+timeout = 10                        # optional, with case: cut kselftest_harness's per-test timeout (30 s)
+                                    # for this case to 10 s, for a case whose failure IS that timeout
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ _KEYS = {
     "name", "language", "timeout", "modules", "ship_modules", "kconfig", "sources", "description", "targets"
 }  # fmt: skip
 _TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9][A-Za-z0-9_.+-]*)*$")
-_XFAIL_KEYS = {"test", "case", "kernels", "reason"}
+HARNESS_TIMEOUT = 30  # kselftest_harness.h TEST_TIMEOUT_DEFAULT
+_XFAIL_KEYS = {"test", "case", "kernels", "reason", "timeout"}
 
 
 class ManifestError(UsageError, ValueError):
@@ -62,6 +65,9 @@ class ExpectedFailure:
     case: str  # one kselftest_harness case of it, or "" for the binary's own result
     reason: str
     kernels: tuple[str, ...] = ()  # version prefixes ("5.10"); empty: every kernel
+    # seconds: the guest runner fires the harness's own timeout (SIGALRM) for this case after this long
+    # instead of the compiled-in 30 s; None: the harness's own
+    timeout: float | None = None
 
     def applies_to(self, kernel_release: str) -> bool:
         return not self.kernels or any(
@@ -255,8 +261,24 @@ def _expected_failures(folder: Path, language: str, targets: tuple[str, ...]) ->
         kernels = entry.get("kernels", [])
         if not isinstance(kernels, list) or not all(isinstance(k, str) and k for k in kernels):
             raise fail(f"{where}: kernels must be a list of versions, got {kernels!r}")
-        found.append(ExpectedFailure(collection, binary, case, reason.strip(), tuple(kernels)))
+        timeout = _xfail_timeout(entry, case, fail, where)
+        found.append(ExpectedFailure(collection, binary, case, reason.strip(), tuple(kernels), timeout))
     return tuple(found)
+
+
+def _xfail_timeout(
+    entry: dict[str, Any], case: str, fail: Callable[[str], ManifestError], where: str
+) -> float | None:
+    """An expected failure's cut harness timeout: only for one case (the harness times cases, not
+    binaries), a number of seconds in (0, 30) (30 s is the harness's own)."""
+    if "timeout" not in entry:
+        return None
+    value = entry["timeout"]
+    if not case:
+        raise fail(f"{where}: timeout needs a case (kselftest_harness times each case)")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < HARNESS_TIMEOUT:
+        raise fail(f"{where}: timeout must be seconds between 0 and {HARNESS_TIMEOUT}, got {value!r}")
+    return float(value)
 
 
 def _strings(data: dict[str, Any], key: str, fail: Callable[[str], ManifestError]) -> tuple[str, ...]:

@@ -48,6 +48,22 @@ def test_a_kselftest_suite_loads_with_its_expected_failures(tmp_path):
     assert xfail.testcase == "selftests: ptrace: vmaccess.global.attach"
 
 
+def test_an_expected_failure_timeout_reaches_the_plan_for_its_kernels_only(tmp_path):
+    make_suite(tmp_path, "k", KSELFTEST.format(name="k"), {"expected-failures.toml": XFAIL + "timeout = 4\n"})
+    (suite,) = load_suites(tmp_path)
+    assert suite.expected_failures[0].timeout == 4.0
+    selftests = tmp_path / "kselftest-install"
+    (selftests / "kselftest").mkdir(parents=True)
+    (selftests / "ptrace").mkdir()
+    (selftests / "run_kselftest.sh").write_text("#!/bin/sh\n")
+    (selftests / "kselftest-list.txt").write_text("ptrace:vmaccess\n")
+    for release, expected in (("5.10.223-kci", (("vmaccess", "global.attach", 4.0),)), ("6.1.1", ())):
+        dest = tmp_path / release
+        assemble_payload([suite], dest, release, lambda *a: None, {}, kselftest_dir=selftests)
+        (planned,) = read_plan(dest / "plan.json").suites
+        assert planned.case_timeouts == expected
+
+
 def test_expected_failures_apply_to_the_listed_kernels_only():
     xfail = ExpectedFailure("ptrace", "vmaccess", "", "why", ("5.10",))
     assert xfail.testcase == "selftests: ptrace: vmaccess"
@@ -78,6 +94,15 @@ def test_expected_failures_apply_to_the_listed_kernels_only():
         (KSELFTEST.format(name="x"), XFAIL + "bug = 1\n", "unknown key.*bug"),
         (KSELFTEST.format(name="x"), XFAIL.replace('["5.10"]', '"5.10"'), "kernels must be a list"),
         (KSELFTEST.format(name="x"), "[xfail]\ntest = 1\n", "array of tables"),
+        (
+            KSELFTEST.format(name="x"),
+            XFAIL.replace('case = "global.attach"\n', "") + "timeout = 5\n",
+            "needs a case",
+        ),
+        (KSELFTEST.format(name="x"), XFAIL + "timeout = 30\n", "between 0 and 30"),
+        (KSELFTEST.format(name="x"), XFAIL + "timeout = 0\n", "between 0 and 30"),
+        (KSELFTEST.format(name="x"), XFAIL + 'timeout = "5"\n', "between 0 and 30"),
+        (KSELFTEST.format(name="x"), XFAIL + "timeout = true\n", "between 0 and 30"),
         (KSELFTEST.format(name="x"), "xfail = [", "not valid TOML"),
     ],
 )
@@ -106,6 +131,8 @@ def test_the_shipped_ptrace_selftests_suite():
     assert "CONFIG_POSIX_TIMERS=y" in suite.kconfig  # kselftest_harness's alarm(), the runner's timeout(1)
     assert {x.testcase for x in suite.expected_failures} == {"selftests: ptrace: vmaccess.global.attach"}
     assert all(x.reason for x in suite.expected_failures)
+    # the hang is cut short, but long enough that a fixed kernel (the case ends in ~2 s) passes it
+    assert [x.timeout for x in suite.expected_failures] == [10.0]
     assert suite_needs(GUEST_TESTS, None).kselftests == ("ptrace",)
     chosen = ["smoke-c", "kselftest-ptrace", "ptrace-basics"]
     assert suite_needs(GUEST_TESTS, chosen).kselftests == ("ptrace",)
@@ -144,6 +171,7 @@ def test_payload_ships_the_suites_targets_and_runner(tmp_path):
     (planned,) = read_plan(dest / "plan.json").suites
     assert (planned.language, planned.argv, planned.junit) == ("kselftest", KSELFTEST_ARGV, False)
     assert planned.expected_failures == (("selftests: ptrace: vmaccess.global.attach", "no fix"),)
+    assert planned.case_timeouts == ()  # no timeout in this list: the harness's own 30 s
 
     other = tmp_path / "payload-6.1"
     assemble_payload(suites, other, "6.1.176-kci", None, {}, kselftest_dir=install)  # type: ignore[arg-type]

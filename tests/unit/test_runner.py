@@ -269,3 +269,53 @@ def test_unwritable_results_still_print_both_markers(tmp_path):
     assert span.ended and span.rc is None
     assert "KCI-RUNNER: suite a failed: NotADirectoryError" in result.output
     assert report.runner_done_line is not None
+
+
+# A stand-in for a kselftest_harness binary, as the harness does it: print "RUN <case>", fork the case into
+# its own process group, alarm(), waitpid(); SIGALRM kills the case and reports the timeout. The processes
+# are named like the binary (prctl), as a real vmaccess and its forked case are.
+FAKE_HARNESS = """\
+import ctypes, os, signal, sys, time
+ctypes.CDLL(None).prctl(15, b"vmaccess", 0, 0, 0)
+print("# #  RUN           global.attach ...", flush=True)
+child = os.fork()
+if child == 0:
+    os.setpgrp()
+    time.sleep(60)  # the attach that never returns
+    os._exit(0)
+def timeout(sig, frame):
+    os.killpg(child, signal.SIGKILL)
+    print("# # attach: Test terminated by timeout", flush=True)
+signal.signal(signal.SIGALRM, timeout)
+signal.alarm(20)  # the harness's own timeout
+os.waitpid(child, 0)
+print("# #          FAIL  global.attach", flush=True)
+sys.exit(1)
+"""
+
+
+def test_a_case_timeout_fires_the_harness_timeout_early(tmp_path):
+    """expected-failures.toml's timeout: the runner sends the harness SIGALRM after 1 s, not its own 20 s;
+    the harness reports the case terminated by timeout as it would have after 20 s."""
+    script = tmp_path / "harness.py"
+    script.write_text(FAKE_HARNESS)
+    entry = suite("kst", [sys.executable, str(script)], timeout=60)
+    entry["case_timeouts"] = [{"binary": "vmaccess", "case": "global.attach", "seconds": 1}]
+    result = run_runner(tmp_path, [entry])
+    assert result.returncode == 0, result.output
+    output = (tmp_path / "results" / "kst" / "output.txt").read_text()
+    assert "Test terminated by timeout" in output and "FAIL  global.attach" in output
+    assert "global.attach: the harness timeout fired after 1 s" in result.output
+    done = status(tmp_path, "kst")
+    assert done["rc"] == 1 and not done["timed_out"]
+    assert done["seconds"] < 10  # the harness's own alarm is 20 s
+
+
+def test_a_case_timeout_for_another_case_changes_nothing(tmp_path):
+    script = tmp_path / "harness.py"
+    script.write_text(FAKE_HARNESS.replace("signal.alarm(20)", "signal.alarm(2)"))
+    entry = suite("kst", [sys.executable, str(script)], timeout=60)
+    entry["case_timeouts"] = [{"binary": "vmaccess", "case": "global.other", "seconds": 0.1}]
+    result = run_runner(tmp_path, [entry])
+    assert "harness timeout fired" not in result.output
+    assert status(tmp_path, "kst")["seconds"] >= 2

@@ -81,8 +81,78 @@ def default_signals() -> None:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
+class CaseTimer:
+    """Fires kselftest_harness's own per-test timeout early for the cases the plan names (case_timeouts,
+    from expected-failures.toml): when "RUN <case>" shows in the output, the harness process of that
+    binary gets SIGALRM after the case's seconds unless the case ended first. The harness handles it as
+    its 30 s alarm: it kills the case and reports "Test terminated by timeout"; nothing else changes."""
+
+    def __init__(self, cases: list[dict], session: int) -> None:
+        self.cases = {str(c["case"]): (str(c["binary"]), float(c["seconds"])) for c in cases}
+        self.session = session
+        self.pending: dict[str, float] = {}  # case -> when to fire
+        self.partial = b""
+
+    def feed(self, data: bytes, now: float) -> None:
+        if not self.cases:
+            return
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        self.partial = self.partial[-4096:]
+        for raw in lines:
+            words = raw.decode("utf-8", "replace").replace("#", " ").split()
+            if len(words) >= 2 and words[1] in self.cases:
+                if words[0] == "RUN":
+                    self.pending[words[1]] = now + self.cases[words[1]][1]
+                elif words[0] in ("OK", "FAIL", "SKIP", "XFAIL"):
+                    self.pending.pop(words[1], None)
+
+    def next_at(self) -> float | None:
+        return min(self.pending.values(), default=None)
+
+    def fire(self, now: float) -> None:
+        for case, at in list(self.pending.items()):
+            if now >= at:
+                binary, seconds = self.cases[case]
+                pids = harness_pids(binary, self.session)
+                say(f"kci-runner: {case}: the harness timeout fired after {seconds:g} s (pids {pids})")
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGALRM)
+                del self.pending[case]
+
+
+def harness_pids(binary: str, session: int) -> list[int]:
+    """The harness (parent) processes of `binary` in the suite's session: a case runs in a forked child
+    of the same name, which must not get the signal (SIGALRM's default action would just kill it)."""
+    comm = os.path.basename(binary)[:15]
+    procs: dict[int, tuple[str, int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        procs[int(entry)] = (name, int(fields[1]), int(fields[3]))  # comm, ppid, session
+    return sorted(
+        pid
+        for pid, (name, ppid, sid) in procs.items()
+        if name == comm and sid == session and procs.get(ppid, ("", 0, 0))[0] != comm
+    )
+
+
 def run_suite_process(
-    argv: list[str], cwd: str, env: dict[str, str], timeout: float, output: str, name: str, grace: float
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str],
+    timeout: float,
+    output: str,
+    name: str,
+    grace: float,
+    case_timeouts: list[dict] | None = None,
 ) -> tuple[int, bool]:
     """Run argv in its own process group, tee its output, kill the whole group on timeout.
 
@@ -110,6 +180,7 @@ def run_suite_process(
         selector = selectors.DefaultSelector()
         selector.register(fd, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
+        cases = CaseTimer(case_timeouts or [], proc.pid)
         kill_at: float | None = None
         drain_until: float | None = None
         timed_out = eof = False
@@ -129,7 +200,12 @@ def run_suite_process(
                     drain_until = now + DRAIN_SECONDS
                 if eof or now >= drain_until:
                     break
-            limits = [t - now for t in (deadline, kill_at, drain_until) if t is not None and t > now]
+            cases.fire(now)
+            limits = [
+                t - now
+                for t in (deadline, kill_at, drain_until, cases.next_at())
+                if t is not None and t > now
+            ]
             wait = min([0.2, *limits])
             if eof:
                 time.sleep(wait)  # the suite closed its output but still runs
@@ -139,6 +215,7 @@ def run_suite_process(
             data = os.read(fd, 65536)
             if data:
                 tee.write(data)
+                cases.feed(data, time.monotonic())
             else:
                 eof = True
         selector.close()
@@ -239,7 +316,16 @@ class Runner:
                 argv = [expand(arg, env) for arg in suite["argv"]]
                 cwd = os.path.join(self.payload, suite.get("workdir", "."))
                 output = os.path.join(directory, "output.txt")
-                rc, timed_out = run_suite_process(argv, cwd, env, timeout, output, name, self.args.kill_grace)
+                rc, timed_out = run_suite_process(
+                    argv,
+                    cwd,
+                    env,
+                    timeout,
+                    output,
+                    name,
+                    self.args.kill_grace,
+                    suite.get("case_timeouts", []),
+                )
             for path in reversed(loaded):
                 error = run_module_command(self.rmmod, module_name(path), timeout)
                 if error is not None:
