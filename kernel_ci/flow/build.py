@@ -52,6 +52,8 @@ class BuildRequest:
     external_modules: bool = True  # build every kernel-modules/<name> against the kernel (extmod/)
     # CCACHE_REMOTE_STORAGE for the container (core.settings.Settings.ccache_remote); None: local ccache only
     ccache_remote: str | None = field(default=None, repr=False)
+    # (series, n): that series truncated after its n-th patch (BuildPlan.prefix; flow/attribute.py)
+    prefix: tuple[str, int] | None = None
 
 
 # The fields of a BuildRequest that say how to build, not what: they never reach a key. Every other field
@@ -63,13 +65,14 @@ HOW_NOT_WHAT = frozenset(
 
 def plan_request(request: BuildRequest) -> buildplan.PlannedBuild:
     """The plan of what a request builds (files only: no network, no Docker)."""
-    return buildplan.make_plan(
+    planned = buildplan.make_plan(
         request.kernel,
         request.series,
         request.fragments,
         suites_dir=request.suites_dir,
         external_modules=request.external_modules,
     )
+    return planned.prefix(*request.prefix) if request.prefix is not None else planned
 
 
 @dataclass

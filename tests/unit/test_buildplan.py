@@ -155,6 +155,7 @@ def _what_changes(tmp_path: Path) -> dict[str, list[object]]:
         "fragments": [[fragment]],
         "suites_dir": [None],
         "external_modules": [False],
+        "prefix": [("ci-smoke", 0)],
     }
 
 
