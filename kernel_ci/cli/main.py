@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
-from kernel_ci.cli import options
+from kernel_ci.cli import explain, options
 from kernel_ci.cli.options import SUITE_NO_LONGER_BUILDS, add_build_options, warn_suite_ignored
 from kernel_ci.core.console import console
 from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError
@@ -71,6 +71,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     # the user's mistakes first (exit 2), before minutes of building or booting
     options.check_suites(args.suite)
+    explain.check(args)
     if args.kernel_dir is not None:
         options.check_kernel_dir(args.kernel_dir)
     else:
@@ -104,7 +105,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     outcome = _outcome_of(report)
     attach_test_run(store, kernel_dir, args.output, outcome.name)  # JUnit + console to the service
-    return int(outcome)
+    return explain.after_test(args, int(outcome))  # --attribute: retries, baseline, the patch to blame
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
@@ -157,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="build (cached), boot in QEMU, run the guest suites, write JUnit")
     add_build_options(test)
     _add_test_options(test)
+    explain.add_options(test, on_test=True)
     test.add_argument(
         "--suite",
         action="append",
@@ -181,6 +183,7 @@ def parser() -> argparse.ArgumentParser:
     from kernel_ci.cli.commands import register
 
     register(sub)  # key, matrix, summary, patches
+    explain.register(sub)  # attribute
     from kernel_ci.cache.server.cli import register as register_cache
 
     cache = register_cache(sub)  # cache serve, cache scrub
