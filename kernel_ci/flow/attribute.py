@@ -121,8 +121,7 @@ def _build(ctx: Context, series: Sequence[str], prefix: tuple[str, int] | None, 
     request = buildflow.BuildRequest(
         kernel=ctx.metadata.kernel.version,
         series=list(series),
-        suites_dir=ctx.suites_dir,
-        output=ctx.output / "explain" / where,
+        output=ctx.output / "explain" / where,  # suites_dir: the default, as `kernel-ci test` builds
         prefix=prefix,
     )
     result = buildflow.build(request)

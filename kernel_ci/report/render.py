@@ -97,7 +97,8 @@ def render_explanation(comparison: Comparison, cost: str = "") -> Panel:
         text.append(line + "\n")
     if cost:
         text.append(f"cost: {cost}", style="dim")
-    return Panel(text.rstrip() or Text("nothing to explain"), title="explained", title_align="left")
+    text.rstrip()
+    return Panel(text if text.plain else Text("nothing to explain"), title="explained", title_align="left")
 
 
 def explanation_markdown(comparison: Comparison, history: str | None = None) -> str:
