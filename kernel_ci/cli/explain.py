@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kernel_ci.cli import options
-from kernel_ci.core.console import console
-from kernel_ci.core.errors import ExitCode, UsageError
+from kernel_ci.core.console import console, warn
+from kernel_ci.core.errors import ExitCode, KernelCIError, UsageError
+
+if TYPE_CHECKING:
+    from kernel_ci.flow.attribute import Explained
 
 
 def add_options(parser: argparse.ArgumentParser, *, on_test: bool) -> None:
@@ -32,6 +36,12 @@ def add_options(parser: argparse.ArgumentParser, *, on_test: bool) -> None:
         help="exit 1 also for failures the kernel without the series has too",
     )
     group.add_argument("--no-baseline", action="store_true", help="do not run the kernel without the series")
+    group.add_argument(
+        "--branch",
+        default=os.environ.get("GITHUB_HEAD_REF") or os.environ.get("GITHUB_REF_NAME") or None,
+        help="upload the results to this branch's test history on the cache service (default in CI: "
+        "the workflow's branch)",
+    )
 
 
 def check(args: argparse.Namespace) -> None:
@@ -46,16 +56,39 @@ def explain_run(args: argparse.Namespace, run_dir: Path, outcome: int) -> int:
 
     explained = explain(run_dir, retries=args.retries, use_baseline=not args.no_baseline)
     console.print(render.render_explanation(explained.comparison, explained.cost.render()))
+    history = _push_history(args, run_dir, explained)
     if github.in_github_actions():
         for line in github.finding_annotations(explained.comparison):
             print(line, flush=True)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as handle:
-                handle.write(render.explanation_markdown(explained.comparison))
+                handle.write(render.explanation_markdown(explained.comparison, history))
     if outcome != ExitCode.TEST_FAILURE:  # a crash, hang or broken host says more than any test
         return outcome
     return int(explained.comparison.exit_code(args.fail_on_preexisting))
+
+
+def _push_history(args: argparse.Namespace, run_dir: Path, explained: Explained) -> str | None:
+    """The run's results to its branch's history on the service; the link to the first failing test's
+    history page (None without a branch or a service to write to)."""
+    from kernel_ci.cache.remote import open_store
+    from kernel_ci.cache.server.history import page_url
+    from kernel_ci.flow.attribute import history_upload, push_history
+
+    if not args.branch:
+        return None
+    upload = history_upload(explained.report, explained.comparison, args.branch, run_dir.name)
+    try:
+        base = push_history(open_store(options.settings(args)), upload)
+    except KernelCIError as exc:  # the history is extra: a service that refuses it never fails the run
+        warn(f"test history not uploaded: {exc}")
+        return None
+    if base is None or not explained.comparison.findings:
+        return None
+    link = page_url(base, args.branch, explained.comparison.findings[0].test)
+    console.print(f"test history: {link}")
+    return link
 
 
 def after_test(args: argparse.Namespace, outcome: int) -> int:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kernel_ci.build.records import BuildMetadata
+from kernel_ci.cache.remote import RemoteCacheError, RemoteStore
+from kernel_ci.cache.server.history import HistoryUpload, TestResult
 from kernel_ci.core.console import step
 from kernel_ci.core.files import write_text_atomic
 from kernel_ci.core.paths import cache_dir
@@ -232,3 +234,36 @@ def explain(
     write_text_atomic(run_dir / "explained.json", comparison.to_json())
     ctx.cost.seconds = time.monotonic() - started
     return Explained(report, comparison, ctx.cost)
+
+
+# --- history on the cache service -------------------------------------------------------------------------
+
+
+def history_upload(
+    report: RunReport, comparison: compare.Comparison, branch: str, run_id: str
+) -> HistoryUpload:
+    """Every test of the run with its explained state, for the branch's history on the service."""
+    found = comparison.by_test()
+    tests = []
+    for name, state in sorted(compare.test_states(report).items()):
+        finding = found.get(name)
+        verdict = finding.verdict if finding is not None else state
+        shown = "failed" if verdict == "regression" else verdict
+        tests.append(TestResult(name, shown, (finding.blamed_patch or "") if finding else ""))
+    return HistoryUpload(branch, run_id, tuple(tests))
+
+
+def push_history(store: object, upload: HistoryUpload) -> str | None:
+    """Upload the run's results with the write token; the history page's base URL, None when there is no
+    service to write to."""
+    if not isinstance(store, RemoteStore) or not store.push_enabled:
+        return None
+    try:
+        response = store.client.http.post("/api/v1/history", json=upload.to_json())
+    except Exception as exc:  # httpx's transport errors: the service is down or unreachable
+        raise RemoteCacheError(f"the test history could not be sent: {exc}") from exc
+    if response.status_code != 201:
+        raise RemoteCacheError(
+            f"the service refused the test history ({response.status_code}): {response.text[:200]}"
+        )
+    return store.client.config.url

@@ -115,3 +115,29 @@ def test_too_many_tests_or_too_long_a_name_is_refused(server: Running) -> None:
 def test_the_page_link_quotes_branch_and_test() -> None:
     url = history.page_url("http://cache:8080/", "feature/x", "smoke::a b&c")
     assert url == "http://cache:8080/history?branch=feature%2Fx&test=smoke%3A%3Aa%20b%26c"
+
+
+def test_a_run_explained_uploads_its_history_with_the_write_token(server: Running, tmp_path: Path) -> None:
+    """flow.attribute's upload, through the real client (RemoteStore), to the real service."""
+    from kernel_ci.cache.remote import CacheClient, RemoteConfig, RemoteStore
+    from kernel_ci.cache.store import LocalStore
+    from kernel_ci.flow.attribute import history_upload, push_history
+    from kernel_ci.report import compare
+    from kernel_ci.report.model import Case, Outcome, RunReport, SuiteResult
+    from tests.cacheservice import TOKEN
+
+    report = RunReport(
+        Outcome.TEST_FAILURE,
+        [SuiteResult("smoke", [Case("a", "smoke", "failed"), Case("b", "smoke", "passed")])],
+    )
+    comparison = compare.compare(report, compare.Evidence(blamed={"smoke::a": "s/0002-x.patch"}))
+    upload = history_upload(report, comparison, "feature-x", "20261204T200000-abc")
+    store = RemoteStore(LocalStore(tmp_path / "builds"), CacheClient(RemoteConfig(server.url, token=TOKEN)))
+    assert push_history(store, upload) == server.url
+    with server.client() as client:
+        runs = client.get("/api/v1/history", params={"branch": "feature-x", "test": "smoke::a"}).json()[
+            "runs"
+        ]
+    assert [(r["state"], r["blamed"]) for r in runs] == [("failed", "s/0002-x.patch")]
+    reader = RemoteStore(LocalStore(tmp_path / "b2"), CacheClient(RemoteConfig(server.url, token=None)))
+    assert push_history(reader, upload) is None  # no write token: nothing is sent
