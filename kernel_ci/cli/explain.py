@@ -51,12 +51,14 @@ def check(args: argparse.Namespace) -> None:
 
 def explain_run(args: argparse.Namespace, run_dir: Path, outcome: int) -> int:
     """Explain the run in run_dir; the exit code the explanation gives when the run only failed tests."""
+    from kernel_ci.cache.remote import open_store
     from kernel_ci.flow.attribute import explain
     from kernel_ci.report import github, render
 
-    explained = explain(run_dir, retries=args.retries, use_baseline=not args.no_baseline)
+    store = open_store(options.settings(args))
+    explained = explain(run_dir, retries=args.retries, use_baseline=not args.no_baseline, store=store)
     console.print(render.render_explanation(explained.comparison, explained.cost.render()))
-    history = _push_history(args, run_dir, explained)
+    history = _push_history(args, run_dir, explained, store)
     if github.in_github_actions():
         for line in github.finding_annotations(explained.comparison):
             print(line, flush=True)
@@ -69,10 +71,9 @@ def explain_run(args: argparse.Namespace, run_dir: Path, outcome: int) -> int:
     return int(explained.comparison.exit_code(args.fail_on_preexisting))
 
 
-def _push_history(args: argparse.Namespace, run_dir: Path, explained: Explained) -> str | None:
+def _push_history(args: argparse.Namespace, run_dir: Path, explained: Explained, store: object) -> str | None:
     """The run's results to its branch's history on the service; the link to the first failing test's
     history page (None without a branch or a service to write to)."""
-    from kernel_ci.cache.remote import open_store
     from kernel_ci.cache.server.history import page_url
     from kernel_ci.flow.attribute import history_upload, push_history
 
@@ -80,7 +81,7 @@ def _push_history(args: argparse.Namespace, run_dir: Path, explained: Explained)
         return None
     upload = history_upload(explained.report, explained.comparison, args.branch, run_dir.name)
     try:
-        base = push_history(open_store(options.settings(args)), upload)
+        base = push_history(store, upload)
     except KernelCIError as exc:  # the history is extra: a service that refuses it never fails the run
         warn(f"test history not uploaded: {exc}")
         return None

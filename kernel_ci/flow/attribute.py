@@ -16,20 +16,24 @@ probes used by `kernel-ci attribute` build and boot for real.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.cache.remote import RemoteCacheError, RemoteStore
 from kernel_ci.cache.server.history import HistoryUpload, TestResult
-from kernel_ci.core.console import step
+from kernel_ci.cache.store import BuildStore
+from kernel_ci.core.console import step, warn
 from kernel_ci.core.files import write_text_atomic
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.flow import build as buildflow
 from kernel_ci.flow import test as testflow
 from kernel_ci.report import compare
+from kernel_ci.report.junit import parse as parse_junit
 from kernel_ci.report.junit import read_report, write_junit
 from kernel_ci.report.model import RunRecord, RunReport
 
@@ -108,6 +112,7 @@ class Context:
     output: Path
     suites_dir: Path
     cost: Cost = field(default_factory=Cost)
+    store: BuildStore | None = None  # the CLI's (remote-backed when a service is configured)
 
     @classmethod
     def read(cls, run_dir: Path, suites_dir: Path | None = None) -> Context:
@@ -126,7 +131,7 @@ def _build(ctx: Context, series: Sequence[str], prefix: tuple[str, int] | None, 
         output=ctx.output / "explain" / where,  # suites_dir: the default, as `kernel-ci test` builds
         prefix=prefix,
     )
-    result = buildflow.build(request)
+    result = buildflow.build(request, store=ctx.store)
     if result.cache_hit:
         ctx.cost.cache_hits += 1
     else:
@@ -167,12 +172,59 @@ def baseline(ctx: Context) -> compare.Baseline:
     path = baseline_path(key, ctx.record.suites)
     if path.is_file():
         return compare.Baseline.from_json(path.read_text(), str(path))
-    found = compare.Baseline.of(
-        _test(ctx, kernel_dir, list(ctx.record.suites)), key, ctx.metadata.kernel.version
-    )
+    version = ctx.metadata.kernel.version
+    found = fetch_shared_baseline(ctx.store, key, ctx.record.suites, version)
+    if found is None:
+        found = compare.Baseline.of(_test(ctx, kernel_dir, list(ctx.record.suites)), key, version)
+        share_baseline(ctx.store, key, ctx.record.suites, (ctx.output / "explain" / "latest").resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, found.to_json())
     return found
+
+
+# --- baselines on the cache service: a run attached to the baseline's build ----------------------------
+
+MAX_SHARED_JUNIT = 8 << 20
+
+
+def baseline_run_id(suites: Iterable[str]) -> str:
+    """The id under which a baseline of these suites is attached to its build on the service."""
+    return "baseline-" + hashlib.sha256("+".join(sorted(suites)).encode()).hexdigest()[:16]
+
+
+def share_baseline(store: BuildStore | None, key: str, suites: Sequence[str], run_dir: Path) -> None:
+    """Attach the baseline run's JUnit to its build on the service (with the write token)."""
+    if not isinstance(store, RemoteStore) or not store.push_enabled:
+        return
+    try:
+        store.push_run(
+            key, baseline_run_id(suites), run_dir / "junit.xml", run_dir / "console.log", "baseline"
+        )
+    except Exception as exc:  # sharing is extra: the local baseline stands
+        warn(f"baseline not shared with the cache service: {exc}")
+
+
+def fetch_shared_baseline(
+    store: BuildStore | None, key: str, suites: Sequence[str], kernel: str
+) -> compare.Baseline | None:
+    """The baseline another run shared for this build and these suites, verified against the digest the
+    build's manifest records for it (as a cache entry's files are); None when there is none."""
+    if not isinstance(store, RemoteStore):
+        return None
+    run_id = baseline_run_id(suites)
+    manifest = store.client.get_manifest(key) or {}
+    listed = manifest.get("runs")
+    runs: list[Any] = listed if isinstance(listed, list) else []
+    ref = next((r.get("junit") for r in runs if isinstance(r, dict) and r.get("run_id") == run_id), None)
+    if not isinstance(ref, dict) or not isinstance(ref.get("sha256"), str):
+        return None
+    response = store.client.http.get(f"/api/v1/builds/{key}/runs/{run_id}/junit.xml")
+    data = response.content
+    if response.status_code != 200 or len(data) > MAX_SHARED_JUNIT:
+        raise compare.BaselineError(f"the shared baseline {run_id} of {key[:16]} could not be read")
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise compare.BaselineError(f"the shared baseline {run_id} of {key[:16]} does not match its digest")
+    return compare.Baseline.of(RunReport(None, parse_junit(data, f"baseline {run_id}")), key, kernel)
 
 
 def attribute(ctx: Context, tests: set[str]) -> dict[str, str]:
@@ -210,10 +262,12 @@ def explain(
     retries: int = DEFAULT_RETRIES,
     use_baseline: bool = True,
     suites_dir: Path | None = None,
+    store: BuildStore | None = None,
 ) -> Explained:
     """Retries, baseline and attribution of a run; its junit.xml is rewritten with the findings."""
     started = time.monotonic()
     ctx = Context.read(run_dir, suites_dir)
+    ctx.store = store
     evidence = compare.Evidence()
     if compare.failing(ctx.report) and retries > 0:
         evidence.retries = retry(ctx, retries)

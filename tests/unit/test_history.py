@@ -141,3 +141,35 @@ def test_a_run_explained_uploads_its_history_with_the_write_token(server: Runnin
     assert [(r["state"], r["blamed"]) for r in runs] == [("failed", "s/0002-x.patch")]
     reader = RemoteStore(LocalStore(tmp_path / "b2"), CacheClient(RemoteConfig(server.url, token=None)))
     assert push_history(reader, upload) is None  # no write token: nothing is sent
+
+
+def test_a_baseline_shared_on_the_service_is_fetched_verified_by_another_machine(
+    server: Running, tmp_path: Path
+) -> None:
+    """Attached as a run to the baseline's build; read back through the real client and checked against the
+    digest the build's manifest records."""
+    from kernel_ci.cache.remote import CacheClient, RemoteConfig, RemoteStore
+    from kernel_ci.cache.store import LocalStore
+    from kernel_ci.flow import attribute
+    from kernel_ci.report import junit
+    from kernel_ci.report.model import Case, Outcome, RunReport, SuiteResult
+    from tests.cacheservice import TOKEN
+    from tests.unit.test_cacheserver import publish
+
+    key = "b" * 64
+    with server.client() as client:
+        assert publish(client, key, {"bzImage": b"kernel"}).status_code == 201
+    run_dir = tmp_path / "baseline-run"
+    report = RunReport(
+        Outcome.TEST_FAILURE,
+        [SuiteResult("smoke", [Case("a", "smoke", "failed", message="m"), Case("b", "smoke", "passed")])],
+    )
+    junit.write_junit(report, run_dir / "junit.xml")
+    (run_dir / "console.log").write_text("boot\n")
+    writer = RemoteStore(LocalStore(tmp_path / "w"), CacheClient(RemoteConfig(server.url, token=TOKEN)))
+    attribute.share_baseline(writer, key, ["smoke"], run_dir)
+
+    reader = RemoteStore(LocalStore(tmp_path / "r"), CacheClient(RemoteConfig(server.url, token=None)))
+    found = attribute.fetch_shared_baseline(reader, key, ["smoke"], "5.10.223")
+    assert found is not None and found.tests == {"smoke::a": "failed", "smoke::b": "passed"}
+    assert attribute.fetch_shared_baseline(reader, key, ["other"], "5.10.223") is None  # other suites: none
