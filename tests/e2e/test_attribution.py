@@ -21,7 +21,7 @@ import pytest
 
 from kernel_ci.build.patches import discover_series
 from kernel_ci.core.errors import ExitCode
-from kernel_ci.core.paths import KERNEL_PATCHES
+from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
 from kernel_ci.flow.attribute import explain
 from kernel_ci.flow.build import BuildRequest, build
 from kernel_ci.flow.test import TestOptions, run_tests
@@ -98,29 +98,81 @@ def scratch_series(tmp_path: Path) -> Iterator[str]:
         _git(repo, "format-patch", "-q", "-3", "-o", str(folder))
         names = sorted(p.name for p in folder.glob("*.patch"))
         (folder / "series").write_text("\n".join(names) + "\n")
+        (folder / "README.md").write_text(
+            "A scratch series of tests/e2e/test_attribution.py; removed after it.\n"
+        )
         yield SCRATCH
     finally:
         shutil.rmtree(folder)
 
 
+# A planted suite run beside smoke-c: one test broken on every kernel (pre-existing), one only on the
+# kernel without ci-smoke (vanished from the run), one only with it (new).
+PLANTED = """
+import os
+
+PATCHED = os.path.exists("/proc/ci-smoke")
+
+
+def test_always_broken():
+    assert False, "planted: fails on every kernel"
+
+
+if PATCHED:
+
+    def test_only_with_the_series():
+        pass
+
+else:
+
+    def test_only_without_the_series():
+        pass
+"""
+
+
+def _suites(root: Path) -> Path:
+    """smoke-c (with the KTAP library it is built with) and the planted suite."""
+    shutil.copytree(GUEST_TESTS / "lib", root / "lib")
+    shutil.copytree(GUEST_TESTS / "smoke-c", root / "smoke-c")
+    planted = root / "attr-planted"
+    planted.mkdir()
+    (planted / "manifest.toml").write_text(
+        'name = "attr-planted"\nlanguage = "python"\ntimeout = 60\nmodules = []\n'
+        'kconfig = ["CONFIG_PROC_FS=y"]\nsources = ["test_planted.py"]\n'
+    )
+    (planted / "test_planted.py").write_text(PLANTED)
+    return root
+
+
 def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, scratch_series: str) -> None:
     out = tmp_path / "out"
     kernel = build(BuildRequest(series=["ci-smoke", scratch_series], output=out / "build"))
-    report = run_tests(TestOptions(kernel_dir=kernel.output, output=out, suites=["smoke-c"]))
-    assert "smoke-c::proc_ci_smoke.content" in compare.failing(report) or compare.failing(report), report
+    suites_dir = _suites(tmp_path / "suites")
+    report = run_tests(TestOptions(kernel_dir=kernel.output, output=out, suites_dir=suites_dir))
+    failing = sorted(compare.failing(report))
+    broken = [name for name in failing if name.startswith("smoke-c")]
+    always = [name for name in failing if name.startswith("attr-planted")]
+    assert broken and all("content" in name for name in broken), failing  # only the reworded marker
+    assert len(always) == 1 and "always_broken" in always[0], failing
 
     started = time.monotonic()
     explained = explain((out / "latest").resolve(), retries=1)
     seconds = time.monotonic() - started
     print(f"attribution cost: {explained.cost.render()} (measured {seconds:.0f} s)")
 
-    broken = sorted(compare.failing(report))
     findings = explained.comparison.by_test()
     second = discover_series(KERNEL_PATCHES, [scratch_series])[0].patch_names()[1]
     for name in broken:
         assert findings[name].verdict == "regression", findings[name]
         assert findings[name].blamed_patch == second, findings[name]
         assert findings[name].retries == compare.RetryCount(0, 2)
+    assert findings[always[0]].verdict == "preexisting" and findings[always[0]].blamed_patch is None
+    assert [v.rsplit("::", 1)[-1].rsplit(".", 1)[-1] for v in explained.comparison.vanished] == [
+        "test_only_without_the_series"
+    ]
+    assert [n.rsplit("::", 1)[-1].rsplit(".", 1)[-1] for n in explained.comparison.new] == [
+        "test_only_with_the_series"
+    ]
     assert explained.comparison.exit_code() == ExitCode.TEST_FAILURE
     back = junit.read_report((out / "latest").resolve() / "junit.xml")
     case = next(c for s in back.suites for c in s.cases if compare.test_id(s.name, c.name) == broken[0])
