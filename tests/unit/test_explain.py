@@ -184,3 +184,35 @@ def test_a_long_series_is_bisected_in_log_probes_per_test() -> None:
     assert found == breaks
     assert len(set(calls)) <= 3 * 7 and len(calls) == len(set(calls))  # memoised: no prefix twice
     assert blame([f"x/{i}" for i in range(1, 65)], found) == {"s::a": "x/13", "s::b": "x/40"}
+
+
+def test_in_ci_a_regression_is_annotated_on_the_patch_that_broke_it(tmp_path: Path) -> None:
+    from kernel_ci.report import github
+
+    run = _report(smoke__a="failed", smoke__b="failed", smoke__c="failed")
+    base = compare.Baseline.of(_report(smoke__b="failed"), "k" * 64, "6.1")
+    evidence = compare.Evidence(
+        baseline=base,
+        blamed={"smoke::a": "ci-smoke/0002-x.patch"},
+        retries={"smoke::c": compare.RetryCount(1, 2)},
+    )
+    lines = github.finding_annotations(
+        compare.compare(run, evidence), patches_root=tmp_path / "kernel-patches"
+    )
+    assert lines[0].startswith("::error file=")
+    assert "kernel-patches/ci-smoke/0002-x.patch,line=1,title=kernel-ci%3A smoke%3A%3Aa::" in lines[0]
+    assert lines[1].startswith("::notice ") and "pre-existing" in lines[1]
+    assert lines[2].startswith("::warning ") and "1 passed / 2 failed of 3 runs" in lines[2]
+
+
+def test_kernel_ci_attribute_of_a_folder_that_is_no_run_is_a_usage_error(tmp_path: Path) -> None:
+    from kernel_ci.cli.main import main
+
+    assert main(["-o", str(tmp_path), "attribute", str(tmp_path)]) == ExitCode.USAGE
+    from argparse import Namespace
+
+    from kernel_ci.cli import explain
+    from kernel_ci.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="--retries 99"):
+        explain.check(Namespace(retries=99))
