@@ -139,6 +139,27 @@ class BuildPlan:
             raise PlanError(f"{pin.render()} is not a candidate of this plan ({self._source_text()})")
         return replace(self, source=(pin,))
 
+    def prefix(self, series: str, count: int) -> BuildPlan:
+        """The plan with series truncated after its count-th patch (0: the kernel without it), the series
+        before it kept whole and those after it dropped: the kernels attribution tests (flow/attribute.py).
+
+        Its keys derive from it like any plan's, so each prefix is its own build-cache entry, and the full
+        length gives back this very plan (the same keys: the run's own build is reused)."""
+        if series not in self.series:
+            raise PlanError(f"series {series!r} is not in this plan ({' '.join(self.series) or 'none'})")
+        names = [name for name, _digest in self.patches if name.split("/", 1)[0] == series]
+        if not 0 <= count <= len(names):
+            raise PlanError(f"series {series} has {len(names)} patches: no prefix of {count}")
+        position = self.series.index(series)
+        kept_series = self.series[: position + 1] if count else self.series[:position]
+        earlier = set(self.series[:position])
+        kept = set(names[:count])
+        return replace(
+            self,
+            series=kept_series,
+            patches=tuple(p for p in self.patches if p[0].split("/", 1)[0] in earlier or p[0] in kept),
+        )
+
     def _source_text(self) -> str:
         return ", ".join(pin.render() for pin in self.source)
 
@@ -177,6 +198,17 @@ class PlannedBuild:
     fragments: tuple[kconfig.Fragment, ...]  # in merge order
     merged: kconfig.Merged
     modules: tuple[extmodules.ModuleSource, ...]
+
+    def prefix(self, series: str, count: int) -> PlannedBuild:
+        """This build with series truncated after its count-th patch (BuildPlan.prefix, the one definition
+        of a prefix); the patch files carried follow the plan."""
+        plan = self.plan.prefix(series, count)
+        position = self.plan.series.index(series)
+        chosen = [s for s in self.series[:position]]
+        if count:
+            whole = self.series[position]
+            chosen.append(replace(whole, patches=whole.patches[:count]))
+        return replace(self, plan=plan, series=tuple(chosen))
 
     def unmet_needs(self, final_config: str) -> tuple[list[kconfig.Lost], list[kconfig.Lost]]:
         """Requested symbols that did not survive olddefconfig: (errors, suites' needs only).

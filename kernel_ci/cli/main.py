@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
-from kernel_ci.cli import options
+from kernel_ci.cli import explain, options
 from kernel_ci.cli.options import SUITE_NO_LONGER_BUILDS, add_build_options, warn_suite_ignored
 from kernel_ci.core.console import console
 from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError, UsageError
@@ -93,6 +93,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     project = options.project(args)
     options.check_suites(args.suite, project.guest_tests)
     options.check_output(args.output)
+    explain.check(args)
     if args.kernel_dir is not None:
         options.check_kernel_dir(args.kernel_dir)
     else:
@@ -127,13 +128,18 @@ def cmd_test(args: argparse.Namespace) -> int:
     from kernel_ci.cache.remote import attach_test_run
 
     outcome = _outcome_of(report)
-    attach_test_run(store, kernel_dir, options.output(args), outcome.name)  # JUnit + console to the service
+    output = options.output(args)
+    attach_test_run(store, kernel_dir, output, outcome.name)  # JUnit + console to the service
+    code = explain.after_test(args, int(outcome))  # --attribute: retries, baseline, the patch to blame
     if args.json_file is not None:
-        _test_result(report, outcome, kernel_dir, options.output(args)).write(args.json_file)
-    return int(outcome)
+        _test_result(report, outcome, kernel_dir, output, code).write(args.json_file)
+    return code
 
 
-def _test_result(report: RunReport, outcome: Outcome, kernel_dir: Path, output: Path) -> CommandResult:
+def _test_result(
+    report: RunReport, outcome: Outcome, kernel_dir: Path, output: Path, code: int | None = None
+) -> CommandResult:
+    """code: the exit code when --attribute changed it (flaky, pre-existing), else the outcome's."""
     from kernel_ci.build.records import BuildMetadata
     from kernel_ci.cli.result import CommandResult, SuiteCounts
 
@@ -146,7 +152,7 @@ def _test_result(report: RunReport, outcome: Outcome, kernel_dir: Path, output: 
     return CommandResult(
         "test",
         outcome.name,
-        int(outcome),
+        int(outcome) if code is None else code,
         build_key=metadata.build_key,
         kernel=metadata.kernel.version,
         paths={
@@ -267,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="build (cached), boot in QEMU, run the guest suites, write JUnit")
     add_build_options(test)
     _add_test_options(test)
+    explain.add_options(test, on_test=True)
     test.add_argument(
         "--suite",
         action="append",
@@ -298,6 +305,7 @@ def parser() -> argparse.ArgumentParser:
     from kernel_ci.cli.setuphost import register as register_setup_host
 
     register_setup_host(sub)  # setup-host
+    explain.register(sub)  # attribute
     from kernel_ci.cache.server.cli import register as register_cache
 
     cache = register_cache(sub)  # cache serve, cache scrub

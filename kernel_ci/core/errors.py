@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     HANG = 5
     BOOT_TIMEOUT = 6
     INFRASTRUCTURE = 7
+    FLAKY = 8  # every failing test passed on a retry in a fresh guest: not a regression, not green either
     BUILD_FAILED = 10
     INTERRUPTED = 130
 

@@ -59,6 +59,8 @@ class BuildRequest:
     tree: Path | None = None
     # --patches: a series from outside (an mbox, b4's .mbx, a format-patch directory), applied strictly last
     patches: Path | None = None
+    # (series, n): that series truncated after its n-th patch (BuildPlan.prefix; flow/attribute.py)
+    prefix: tuple[str, int] | None = None
 
 
 # The fields of a BuildRequest that say how to build, not what: they never reach a key. Every other field
@@ -73,7 +75,7 @@ def plan_request(request: BuildRequest, tree: usertree.TreeState | None = None) 
     when the caller has already read it (read here otherwise)."""
     if tree is None and request.tree is not None:
         tree = usertree.tree_state(request.tree)
-    return buildplan.make_plan(
+    planned = buildplan.make_plan(
         request.kernel,
         request.series,
         request.fragments,
@@ -86,6 +88,7 @@ def plan_request(request: BuildRequest, tree: usertree.TreeState | None = None) 
         kconfig_dir=request.project.kconfig,
         lock=source.load_lock(request.project.sources_lock),
     )
+    return planned.prefix(*request.prefix) if request.prefix is not None else planned
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import TextIO
 
 from kernel_ci.build.records import PatchRejection, header_lines
 from kernel_ci.core.paths import KERNEL_PATCHES, REPO_ROOT
+from kernel_ci.report.compare import Comparison
 
 
 def in_github_actions(env: Mapping[str, str] | None = None) -> bool:
@@ -245,3 +246,22 @@ def report(
         message = "\n".join(lines[:20]) or type(exc).__name__
         print(annotation("error", message, title=f"kernel-ci: {type(exc).__name__}"), file=out)
     out.flush()
+
+
+def finding_annotations(comparison: Comparison, patches_root: Path | None = None) -> list[str]:
+    """The explained failures as annotations: a regression on the patch that broke it (in a pull request,
+    on the patch file), a flaky test as a warning, a pre-existing failure as a notice."""
+    root = patches_root or KERNEL_PATCHES
+    lines = []
+    for finding in comparison.findings:
+        title = f"kernel-ci: {finding.test}"
+        if finding.verdict == "regression" and finding.blamed_patch:
+            where = _repo_relative(root / finding.blamed_patch)
+            lines.append(annotation("error", finding.line(), file=where, line=1, title=title))
+        elif finding.verdict == "regression":
+            lines.append(annotation("error", finding.line(), title=title))
+        elif finding.verdict == "flaky":
+            lines.append(annotation("warning", finding.line(), title=title))
+        elif finding.verdict == "preexisting":
+            lines.append(annotation("notice", finding.line(), title=title))
+    return lines

@@ -10,6 +10,7 @@ how XML pulls in other files or expands a few bytes into gigabytes).
 from __future__ import annotations
 
 from pathlib import Path
+from xml.etree import ElementTree
 from xml.etree.ElementTree import ParseError
 
 from junit_xml import TestCase as JunitCase
@@ -67,7 +68,29 @@ def to_junit(report: RunReport) -> str:
                 stderr=suite.errors or None,
             )
         )
-    return to_xml_report_string(suites, prettyprint=True, encoding="utf-8")
+    text = to_xml_report_string(suites, prettyprint=True, encoding="utf-8")
+    return _with_case_properties(text, report)
+
+
+def _with_case_properties(text: str, report: RunReport) -> str:
+    """Add <properties> to the testcases that have them (the explanation of a failure, report.compare).
+
+    junit-xml has no testcase properties, though JUnit readers (and junitparser) know the element; the
+    document is ours, so it is re-read with ElementTree and the elements put first in their testcase."""
+    wanted = [[case.properties for case in suite.cases] for suite in report.suites]
+    if not any(props for suite in wanted for props in suite):
+        return text
+    root = ElementTree.fromstring(text.encode("utf-8"))
+    for element, props_of_cases in zip(root.iter("testsuite"), wanted, strict=True):
+        for testcase, props in zip(element.iter("testcase"), props_of_cases, strict=True):
+            if not props:
+                continue
+            holder = ElementTree.Element("properties")
+            for name, value in props.items():
+                ElementTree.SubElement(holder, "property", name=name, value=value)
+            testcase.insert(0, holder)
+    ElementTree.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"
 
 
 def write_junit(report: RunReport, path: Path) -> Path:
@@ -123,6 +146,7 @@ def _case(testcase: ParsedCase) -> Case:
         output=testcase.system_out or "",
         stderr=testcase.system_err or "",
     )
+    case.properties = _case_properties(testcase)
     for item in testcase.result:
         state: CaseState
         if isinstance(item, ParsedError):
@@ -138,6 +162,15 @@ def _case(testcase: ParsedCase) -> Case:
         case.message = item.message or ""
         case.detail = item.text or ""
     return case
+
+
+def _case_properties(testcase: ParsedCase) -> dict[str, str]:
+    """A testcase's <properties> (junitparser reads only a suite's): the first value of each name."""
+    found: dict[str, str] = {}
+    holder = testcase._elem.find("properties")  # junitparser keeps the element as _elem
+    for prop in holder.iter("property") if holder is not None else ():
+        found.setdefault(prop.get("name") or "", prop.get("value") or "")
+    return found
 
 
 def read_report(path: Path) -> RunReport:

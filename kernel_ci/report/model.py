@@ -75,6 +75,7 @@ class Case:
     output: str = ""  # system-out
     stderr: str = ""  # system-err
     outcome: Outcome = Outcome.PASS  # what this case means for the run
+    properties: dict[str, str] = field(default_factory=dict)  # the explanation (report.compare)
 
 
 @dataclass

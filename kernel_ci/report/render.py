@@ -12,6 +12,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from kernel_ci.report.compare import Comparison, summary_lines
 from kernel_ci.report.model import RunReport, SuiteRow
 
 PROBLEM_DETAIL_LINES = 30  # lines of a failing test's detail in the Markdown summary
@@ -82,6 +83,31 @@ def render_problems(report: RunReport, max_lines: int = 40) -> list[RenderableTy
 def render_report(report: RunReport) -> Group:
     """The summary table, then the failing tests' output."""
     return Group(render_summary(report), *render_problems(report))
+
+
+def render_explanation(comparison: Comparison, cost: str = "") -> Panel:
+    """Why the run is red: each failing test as a regression (and its patch), pre-existing or flaky, and
+    the tests vanished since the baseline or new in it."""
+    colours = {"regression": "red", "preexisting": "yellow", "flaky": "magenta"}
+    text = Text()
+    for finding in comparison.findings:
+        text.append(f"{finding.test}: ", style="bold")
+        text.append(finding.line() + "\n", style=colours.get(finding.verdict, ""))
+    for line in summary_lines(comparison)[len(comparison.findings) :]:
+        text.append(line + "\n")
+    if cost:
+        text.append(f"cost: {cost}", style="dim")
+    text.rstrip()
+    return Panel(text if text.plain else Text("nothing to explain"), title="explained", title_align="left")
+
+
+def explanation_markdown(comparison: Comparison, history: str | None = None) -> str:
+    """The explanation under the Markdown summary; history: the service page of the branch's results."""
+    lines = ["", "#### Explained", ""]
+    lines += [f"- {_html(line)}" for line in summary_lines(comparison)] or ["- nothing to explain"]
+    if history:
+        lines += ["", f"[Test history]({history})"]
+    return "\n".join(lines) + "\n"
 
 
 # --- Markdown ($GITHUB_STEP_SUMMARY) ----------------------------------------------------------------------

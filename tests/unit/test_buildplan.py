@@ -162,6 +162,7 @@ def _what_changes(tmp_path: Path) -> dict[str, list[object]]:
         "external_modules": [False],
         "tree": [_kernel_tree(tmp_path / "linux")],
         "patches": [KERNEL_PATCHES / "ci-smoke"],
+        "prefix": [("ci-smoke", 0)],
     }
 
 

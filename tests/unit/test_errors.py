@@ -63,6 +63,7 @@ EXPECTED = {
     "kernel_ci.cli.matrix.MatrixError": ExitCode.USAGE,
     "kernel_ci.build.tree.TreeError": ExitCode.USAGE,  # --tree is not a kernel tree (or has no commit)
     "kernel_ci.flow.bisect.BisectError": ExitCode.USAGE,  # kernel-ci bisect of a tree it cannot bisect
+    "kernel_ci.report.compare.BaselineError": ExitCode.INFRASTRUCTURE,  # ours, damaged or a bad upload
 }
 
 
@@ -95,6 +96,13 @@ def test_every_error_class_carries_an_exit_code(qualified: str) -> None:
 def test_the_exit_codes_of_the_three_kinds() -> None:
     assert (UsageError.exit_code, BuildError.exit_code, InfrastructureError.exit_code) == (2, 10, 7)
     assert KernelCIError.exit_code == ExitCode.INFRASTRUCTURE  # an unclassified error is not the user's
+
+
+def test_flaky_has_its_own_exit_code_apart_from_failed_and_every_guest_outcome() -> None:
+    from kernel_ci.report.model import Outcome
+
+    assert ExitCode.FLAKY == 8
+    assert ExitCode.FLAKY not in {int(o) for o in Outcome} | {ExitCode.TEST_FAILURE, ExitCode.USAGE}
 
 
 def test_a_missing_patch_tool_is_infrastructure_yet_still_a_patch_error() -> None:

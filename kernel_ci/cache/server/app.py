@@ -19,6 +19,7 @@ from starlette.routing import Route
 from kernel_ci.cache.server.auth import Access, AuthConfig, Denied, authorize, has_valid_token
 from kernel_ci.cache.server.blobs import BlobError
 from kernel_ci.cache.server.explain import MissExplainer
+from kernel_ci.cache.server.history import History
 from kernel_ci.cache.server.index import IndexError_
 from kernel_ci.cache.server.middleware import INLINE_HASH_MAX, CcacheReads, PathGuard, Timing, path_problem
 from kernel_ci.cache.server.routes import Aliases, Blobs, Builds, Ccache, Handler, Health, Pages, RouteSpec
@@ -81,6 +82,7 @@ def route_table(service: CacheService, access: Access, inline_reads: bool) -> li
         Builds(service, access, explainer),
         Aliases(service, access),
         Ccache(service, access, inline_reads),
+        History(service, access),
     ]
     return [spec for group in groups for spec in group.routes()]
 

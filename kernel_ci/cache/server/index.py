@@ -101,6 +101,7 @@ class Index(Protocol):
     def evict_lru(self, count: int) -> list[tuple[str, str]]: ...
     def collect_garbage(self, grace_seconds: float, delete: Callable[[str], None]) -> list[str]: ...
     def all_blobs(self) -> list[str]: ...
+    def transaction(self, write: bool = False) -> contextlib.AbstractContextManager[_Tx]: ...
 
 
 class _Tx(Protocol):
@@ -124,6 +125,10 @@ class SqlIndex:
 
     def _tx(self, write: bool = False) -> contextlib.AbstractContextManager[_Tx]:
         raise NotImplementedError
+
+    def transaction(self, write: bool = False) -> contextlib.AbstractContextManager[_Tx]:
+        """A transaction for a table of another module (cache.server.history), in the same database."""
+        return self._tx(write)
 
     def _now(self, sql: str) -> str:
         return sql.replace(NOW, self.now_sql)
