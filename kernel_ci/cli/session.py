@@ -14,9 +14,13 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kernel_ci.cli import options
 from kernel_ci.core.console import console
+
+if TYPE_CHECKING:
+    from kernel_ci.guest.qemu import QemuConfig
 
 
 def _kernel_dir(args: argparse.Namespace) -> Path:
@@ -34,7 +38,9 @@ def _kernel_dir(args: argparse.Namespace) -> Path:
     return result.output
 
 
-def _prepare(args: argparse.Namespace, mode: str, argv: list[str], stdin: bytes | None):  # type: ignore[no-untyped-def]
+def _prepare(
+    args: argparse.Namespace, mode: str, argv: list[str], stdin: bytes | None
+) -> tuple[QemuConfig, Path]:
     from kernel_ci.flow.test import GUEST_INIT, ROOTFS_RECIPE
     from kernel_ci.guest import interactive, qemu, rootfs
     from kernel_ci.host import setup as hostsetup

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -76,7 +77,8 @@ def read_capped(path: Path, limit: int = OUTPUT_LIMIT) -> tuple[bytes, bool]:
 def parse_status(text: str) -> int:
     """The guest's status file: one decimal number 0-255, anything else is not a command status."""
     value = text.strip()
-    if not value.isdigit() or len(value) > 3 or int(value) > 255:
+    # ASCII digits only: str.isdigit() and int() also take other scripts' digits ("\uff13" is 3)
+    if not re.fullmatch(r"[0-9]{1,3}", value) or int(value) > 255:
         raise GuestSessionError(f"the guest wrote a malformed exit status {value[:40]!r}")
     return int(value)
 
