@@ -56,10 +56,14 @@ def _prepare(
     bzimage = kernel_dir / "bzImage"
     accel = qemu.choose_accelerator(bzimage, args.accel)
     append = tuple(args.append.split()) + (("nokaslr",) if args.gdb else ())
+    extra = ("-gdb", f"tcp:127.0.0.1:{args.gdb_port}") if args.gdb else ()
+    if args.gdb:
+        console.print(f"[bold]gdb[/]: {interactive.gdb_command(kernel_dir, args.gdb_port)}")
     cfg = interactive.session_config(
         bzimage, base.path, payload, run_dir, accel,
         memory=args.memory, cpus=args.cpus, extra_append=append,
         boot_timeout=args.boot_timeout, idle_timeout=args.timeout, global_timeout=args.timeout,
+        extra_args=extra,
     )  # fmt: skip
     return cfg, kernel_dir
 
@@ -116,7 +120,10 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--append", default="", help="extra kernel command line arguments")
     group.add_argument("--boot-timeout", type=float, default=120.0, help="seconds to reach the guest's init")
     group.add_argument("--timeout", type=float, default=3600.0, help="limit for the whole guest session")
-    group.add_argument("--gdb", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument(
+        "--gdb", action="store_true", help="QEMU's gdbstub on 127.0.0.1 (nokaslr); prints the gdb command"
+    )
+    group.add_argument("--gdb-port", type=int, default=1234, help="gdbstub port for --gdb")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

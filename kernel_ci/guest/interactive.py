@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -122,6 +123,18 @@ def run_command(cfg: qemu.QemuConfig, echo_console: bool = False) -> RunResult:
         return collect(cfg.results_dir, qemu.run_guest(cfg, on_line=sink))
     finally:
         cfg.overlay.unlink(missing_ok=True)
+
+
+def gdb_command(kernel_dir: Path, port: int) -> str:
+    """The gdb command line that attaches to --gdb's stub: vmlinux (decompressed by the user when kept
+    compressed) and the kernel's gdb scripts (vmlinux-gdb.py, CONFIG_GDB_SCRIPTS) when the build has them."""
+    vmlinux = kernel_dir / "vmlinux"
+    argv = ["gdb", str(vmlinux) if vmlinux.is_file() else "vmlinux"]
+    scripts = kernel_dir / "vmlinux-gdb.py"
+    if scripts.is_file():
+        argv += ["-iex", f"add-auto-load-safe-path {kernel_dir}", "-ex", f"source {scripts}"]
+    argv += ["-ex", f"target remote 127.0.0.1:{port}"]
+    return shlex.join(argv)
 
 
 def interactive_argv(cfg: qemu.QemuConfig) -> list[str]:

@@ -102,3 +102,29 @@ def test_shell_on_a_terminal_runs_a_command_and_exit_powers_off(kernel_dir: Path
         if shell.poll() is None:
             shell.kill()
         os.close(leader)
+
+
+def test_gdb_prints_a_command_and_gdb_attaches(kernel_dir: Path, tmp_path: Path) -> None:
+    import shutil
+    import socket
+
+    if shutil.which("gdb") is None:
+        pytest.skip("no gdb on this host (apt-get install gdb)")
+    with socket.socket() as probe:  # a free port: other guests may hold 1234
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "kernel_ci.cli.main", "-o", str(tmp_path), "run", "--kernel-dir",
+            str(kernel_dir), "--gdb", "--gdb-port", str(port), "--", "sleep", "20"]  # fmt: skip
+    guest = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)  # QEMU listens from its start; the guest is booting meanwhile
+        gdb_argv = ["gdb", "-batch", "-ex", f"target remote 127.0.0.1:{port}", "-ex", "info registers rip"]
+        gdb = subprocess.run([*gdb_argv, "-ex", "detach"], capture_output=True, text=True, timeout=60)
+        assert "rip" in gdb.stdout, gdb.stdout + gdb.stderr
+        _, err = guest.communicate(timeout=200)
+        assert guest.returncode == 0, err
+        assert f"target remote 127.0.0.1:{port}" in err  # the printed gdb command line
+        assert "nokaslr" in err
+    finally:
+        if guest.poll() is None:
+            guest.kill()
