@@ -1,7 +1,7 @@
 """A guest to work in: `kernel-ci run -- CMD` and `kernel-ci shell` on the built kernel.
 
 The guest boots the same rootfs image and kci-init as `kernel-ci test`; only the payload differs: it
-carries guest-tests/runner/kci-session.py under the runner's name (so neither kci-init nor the cached
+carries kernel_ci/data/guest/runner/kci-session.py under the runner's name (so neither kci-init nor the cached
 image changes), a session.json saying what to run, and the build's installed modules. A run's stdout,
 stderr and exit status come back through the results share as plain files; the guest is untrusted, so
 what is read back is capped and the status must be a number 0-255, or the run is an infrastructure
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel_ci.core.errors import InfrastructureError
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import GUEST_DATA
 from kernel_ci.guest import qemu
 
-SESSION_RUNNER = GUEST_TESTS / "runner" / "kci-session.py"
+SESSION_RUNNER = GUEST_DATA / "runner" / "kci-session.py"
 RUNNER_NAME = "kci-runner.py"  # what kci-init execs from the payload share
 OUTPUT_LIMIT = 16 * 2**20  # bytes of the command's stdout (and of its stderr) shown on the host
 
