@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 RB_AUTOBOOT = 0x01234567
 
@@ -17,7 +18,7 @@ def reboot() -> None:
     os.sync()
     ctypes.CDLL(None).reboot(RB_AUTOBOOT)
     while True:  # PID 1 must not exit
-        os.pause()
+        time.sleep(3600)
 
 
 def modules() -> None:
@@ -31,8 +32,11 @@ def modules() -> None:
 def run_command(argv: list[str]) -> None:
     stdin_file = "/kci/stdin" if os.path.exists("/kci/stdin") else os.devnull
     print("KCI-SESSION: run", flush=True)
-    with open(stdin_file, "rb") as fin, open("/kci-results/stdout", "wb") as out, \
-            open("/kci-results/stderr", "wb") as err:
+    with (
+        open(stdin_file, "rb") as fin,
+        open("/kci-results/stdout", "wb") as out,
+        open("/kci-results/stderr", "wb") as err,
+    ):
         try:
             status = subprocess.call(argv, stdin=fin, stdout=out, stderr=err, cwd="/root")
         except OSError as exc:
@@ -51,9 +55,9 @@ def shell() -> None:
     (QEMU passes it through: signal=off) reach the guest's foreground job, not kernel-ci."""
     print("KCI-SESSION: shell (exit or Ctrl-D powers the guest off)", flush=True)
     env = dict(os.environ, TERM=os.environ.get("KCI_TERM", "linux"), PS1="kci-guest:\\w# ")
-    subprocess.call(["setsid", "--ctty", "--wait", "/bin/bash", "-i"],
-                    stdin=open("/dev/ttyS0", "rb"), stdout=open("/dev/ttyS0", "wb"),
-                    stderr=open("/dev/ttyS0", "wb"), env=env, cwd="/root")
+    argv = ["setsid", "--ctty", "--wait", "/bin/bash", "-i"]
+    with open("/dev/ttyS0", "r+b", buffering=0) as tty:
+        subprocess.call(argv, stdin=tty, stdout=tty, stderr=tty, env=env, cwd="/root")
 
 
 def main() -> None:
