@@ -299,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     from kernel_ci.cli.commands import register
 
     register(sub)  # key, matrix, summary, patches
+    from kernel_ci.cli.session import register as register_session
+
+    register_session(sub)  # run, shell
     from kernel_ci.cli.bisect import register as register_bisect
 
     register_bisect(sub)

@@ -69,6 +69,8 @@ _BISECT = {
     # a commit that does not build, or a machine that failed, says nothing about the bug: skip it
     ExitCode.BUILD_FAILED: BISECT_SKIP,
     ExitCode.INFRASTRUCTURE: BISECT_SKIP,
+    # failed, then passed on a retry: no steady verdict on this commit (bisecting a flake needs --retries 0)
+    ExitCode.FLAKY: BISECT_SKIP,
     # the command line is wrong, or the user pressed ^C: every step would fail the same way, stop
     ExitCode.USAGE: BISECT_ABORT,
     ExitCode.INTERRUPTED: BISECT_ABORT + 2,

@@ -250,6 +250,7 @@ class QemuConfig:
     console_limit: int = CONSOLE_LOG_LIMIT  # bytes of console.log kept on disk
     machine: str = MACHINE
     tuning: tuple[str, ...] = field(default=TUNING_APPEND)
+    extra_args: tuple[str, ...] = ()  # appended to the argv as is (e.g. -gdb tcp::1234 for --gdb)
 
     @property
     def console_log(self) -> Path:
@@ -307,6 +308,7 @@ def build_command(cfg: QemuConfig) -> list[str]:
         "-virtfs", f"local,path={payload},mount_tag=kci-payload,{PAYLOAD_SHARE},id=payload",
         "-virtfs", f"local,path={results},mount_tag=kci-results,{RESULTS_SHARE},id=results",
         "-device", "virtio-rng-pci",
+        *cfg.extra_args,
     ]  # fmt: skip
 
 

@@ -26,6 +26,7 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "
         (ExitCode.BOOT_TIMEOUT, 1),
         (ExitCode.BUILD_FAILED, 125),
         (ExitCode.INFRASTRUCTURE, 125),
+        (ExitCode.FLAKY, 125),
         (ExitCode.USAGE, 128),
         (ExitCode.INTERRUPTED, 130),
         (99, BISECT_SKIP),

@@ -51,6 +51,7 @@ EXPECTED = {
     "kernel_ci.host.setup.SetupUsageError": ExitCode.USAGE,
     "kernel_ci.guest.rootfs.RootfsError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.guest.qemu.AccelError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.guest.interactive.GuestSessionError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.guest.payload.PayloadError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.guest.suites.ManifestError": ExitCode.USAGE,
     "kernel_ci.cache.store.CacheStoreError": ExitCode.INFRASTRUCTURE,

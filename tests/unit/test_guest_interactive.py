@@ -1,0 +1,52 @@
+"""What `kernel-ci run` reads back from the untrusted guest: the status file and the output files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kernel_ci.guest import interactive
+from kernel_ci.guest.interactive import GuestSessionError
+
+
+@pytest.mark.parametrize("text", ["0\n", "3", " 255 \n"])
+def test_a_status_is_a_number_0_to_255(text: str) -> None:
+    assert interactive.parse_status(text) == int(text.strip())
+
+
+@pytest.mark.parametrize("text", ["", "-1", "256", "7; rm -rf /", "0x3", "1e2", "0007", "\uff13"])
+def test_a_malformed_status_is_an_infrastructure_failure_not_a_command_status(text: str) -> None:
+    with pytest.raises(GuestSessionError) as err:
+        interactive.parse_status(text)
+    assert int(err.value.exit_code) == 7
+
+
+def test_output_is_capped(tmp_path: Path) -> None:
+    big = tmp_path / "stdout"
+    big.write_bytes(b"x" * 100)
+    assert interactive.read_capped(big, 10) == (b"x" * 10, True)
+    assert interactive.read_capped(big, 100) == (b"x" * 100, False)
+    assert interactive.read_capped(tmp_path / "missing", 10) == (b"", False)
+
+
+def test_the_payload_carries_the_session_under_the_runners_name(tmp_path: Path) -> None:
+    kernel_dir = tmp_path / "build"
+    (kernel_dir / "modules" / "lib" / "modules" / "5.10-x").mkdir(parents=True)
+    payload = interactive.make_payload(tmp_path / "p", kernel_dir, "run", ["uname", "-r"], b"in")
+    assert (payload / "kci-runner.py").read_bytes() == interactive.SESSION_RUNNER.read_bytes()
+    assert json.loads((payload / "session.json").read_text()) == {"mode": "run", "argv": ["uname", "-r"]}
+    assert (payload / "modules" / "lib" / "modules" / "5.10-x").is_dir()
+    assert (payload / "stdin").read_bytes() == b"in"
+    with pytest.raises(ValueError):
+        interactive.make_payload(tmp_path / "q", kernel_dir, "debug", [], None)
+
+
+def test_the_gdb_command_attaches_to_the_stub_with_the_kernels_scripts(tmp_path: Path) -> None:
+    assert interactive.gdb_command(tmp_path, 1234) == "gdb vmlinux -ex 'target remote 127.0.0.1:1234'"
+    (tmp_path / "vmlinux").write_bytes(b"")
+    (tmp_path / "vmlinux-gdb.py").write_text("")
+    command = interactive.gdb_command(tmp_path, 4321)
+    assert command.startswith(f"gdb {tmp_path}/vmlinux -iex 'add-auto-load-safe-path {tmp_path}'")
+    assert command.endswith("-ex 'target remote 127.0.0.1:4321'")
