@@ -37,6 +37,11 @@ TEST_ONLY = {
     "--idle-timeout": True,
     "--timeout": True,
     "--keep-overlay": False,
+    "--attribute": False,
+    "--retries": True,
+    "--fail-on-preexisting": False,
+    "--no-baseline": False,
+    "--branch": True,
     "--suite": True,  # build accepts and ignores it, with a warning: not worth the noise here
 }
 
