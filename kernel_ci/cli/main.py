@@ -16,7 +16,7 @@ from rich.text import Text
 from kernel_ci.cli import options
 from kernel_ci.cli.options import SUITE_NO_LONGER_BUILDS, add_build_options, warn_suite_ignored
 from kernel_ci.core.console import console
-from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError
+from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError, UsageError
 from kernel_ci.core.paths import REPO_ROOT
 
 if TYPE_CHECKING:  # the commands import their stage when run: `kernel-ci --help` loads none
@@ -138,8 +138,15 @@ def _outcome_of(report: RunReport) -> Outcome:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kernel_ci.bench.build import PARTS, run_bench
+    from kernel_ci.bench.build import PARTS, rewrite_readme, run_bench
 
+    if args.readme:  # no measuring: the README's table from the last bench.json
+        bench_json = args.output / "bench" / "bench.json"
+        if not bench_json.is_file():
+            raise UsageError(f"no {bench_json}: run `kernel-ci bench` first")
+        changed = rewrite_readme(bench_json, REPO_ROOT / "README.md")
+        console.print(f"README.md {'rewritten' if changed else 'already up to date'} from {bench_json}")
+        return 0
     parts = args.part or PARTS
     run_bench(args.output / "bench", skip_reference=args.skip_reference, kernel=args.kernel, parts=parts)
     return 0
@@ -189,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure build, cache, boot and test times (JSON + table)")
     bench.add_argument("--kernel", default=None)
     bench.add_argument("--skip-reference", action="store_true", help="skip tuxmake and virtme-ng")
+    bench.add_argument(
+        "--readme", action="store_true", help="only rewrite README.md's performance table from bench.json"
+    )
     bench.add_argument(
         "--part", action="append", choices=["build", "guest"], help="only these parts (repeatable)"
     )
