@@ -29,7 +29,7 @@ from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.paths import GUEST_TESTS, REPO_ROOT, cache_dir
-from kernel_ci.core.timing import Duration, measure_duration
+from kernel_ci.core.timing import RECORD_DIGITS, Duration, measure_duration
 from kernel_ci.host import setup as hostsetup
 
 OBJECT_TREES_KEPT = 3  # per patched source tree
@@ -193,6 +193,7 @@ class _Compiled:
 def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult:
     """Plan, look up, configure, compile, collect, publish: each step below, in that order."""
     job = plan_build(request)
+    job.durations["plan"] = round(job.clock.elapsed(), RECORD_DIGITS)  # source, host, toolchain image
     store = store or LocalStore()
     if request.use_cache:
         hit = look_up_request(store, job)
