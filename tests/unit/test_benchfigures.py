@@ -86,3 +86,26 @@ def test_the_one_line_change_never_writes_the_pristine_file(tmp_path: Path) -> N
     assert edited.read_text() == "int x;\n"
     assert edited.stat().st_ino == pristine.stat().st_ino  # the hard link is back
     assert not list((tree / "kernel").glob("*.kci-bench-*"))
+
+
+def test_the_build_summary_breakdown_nests_the_container_steps_under_build() -> None:
+    from kernel_ci.cli.main import time_breakdown
+
+    shown = time_breakdown(
+        {
+            "plan": 1.0,
+            "configure": 4.0,
+            "build": 100.0,
+            "build.container_start": 0.8,
+            "build.make": 95.0,
+            "collect": 2.0,
+            "publish": 1.5,
+        }
+    )
+    assert shown.splitlines() == [
+        "plan 1.0 s",
+        "configure 4.0 s",
+        "build 100.0 s (container_start 0.8 s, make 95.0 s)",
+        "collect 2.0 s",
+        "publish 1.5 s",
+    ]
