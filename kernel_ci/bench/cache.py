@@ -17,6 +17,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -220,7 +221,8 @@ def restore_bench(url: str, work: Path) -> dict[str, float | str]:
 def run_cache_bench(out_dir: Path, duration: float = 10.0, connections: int = 16, workers: int = 2) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {
-        "machine": {"cpus": os.cpu_count()},
+        # the reference (nginx) is measured in the same run, under the same load: the ratio is the figure
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": os.getloadavg()},
         "duration_s": duration,
         "connections": connections,
         "service_workers": workers,
@@ -248,6 +250,7 @@ def run_cache_bench(out_dir: Path, duration: float = 10.0, connections: int = 16
                 results["nginx_webdav"] = wrk(nginx_url, paths, script, duration, connections)
         ratio = results["service"]["requests_per_second"] / results["nginx_webdav"]["requests_per_second"]
         results["throughput_ratio_service_to_nginx"] = round(ratio, 3)
+    results["machine"]["load_after"] = os.getloadavg()
     (out_dir / "cache-bench.json").write_text(json.dumps(results, indent=1))
     _print(results)
     return results
@@ -280,4 +283,10 @@ def _print(results: dict) -> None:
             f"p99 {figures.get('p99_ms', '?')} ms",
         )
     table.add_row("throughput ratio service / nginx", f"{results['throughput_ratio_service_to_nginx']:.2f}")
+    machine = results["machine"]
+    load = ", ".join(f"{a:.1f}" for a in (*machine["load_before"], *machine.get("load_after", ())))
+    table.add_row("load average (1/5/15 min, before then after)", load)
+    table.add_row(
+        "workers (service = nginx) x connections", f"{results['service_workers']} x {results['connections']}"
+    )
     console.print(table)

@@ -7,6 +7,7 @@ An input manifest is a flat ``dict[str, str]``. Entry names are conventional, by
 - ``patch:<series>/<file>``: the sha256 of one patch file
 - ``config:CONFIG_X``: one kconfig symbol of the final .config (``"n"`` when it is not set)
 - ``flag:<name>``: a build flag (arch, make arguments, ...)
+- ``tree-file:<path>``: (``--tree``) one uncommitted file of the user's tree: its sha256, or ``deleted``
 
 Any other name is allowed and is compared like a plain value.
 """
@@ -24,6 +25,7 @@ KEY_SCHEMA = "kernel-ci/build-key/v1"
 CONFIG_PREFIX = "config:"
 PATCH_PREFIX = "patch:"
 FLAG_PREFIX = "flag:"
+TREE_FILE_PREFIX = "tree-file:"  # --tree: one uncommitted file of the user's tree (sha256 | "deleted")
 
 _SET_RE = re.compile(r"(CONFIG_[A-Za-z0-9_]+)=(.*)")
 _UNSET_RE = re.compile(r"#\s*(CONFIG_[A-Za-z0-9_]+) is not set")
@@ -74,9 +76,10 @@ def build_key(manifest: Mapping[str, str]) -> str:
 
 
 # Order in which groups of differences are listed, most telling first.
-_GROUP_ORDER = ("source", "toolchain", "patch", "flag", "other", "config")
+_GROUP_ORDER = ("source", "file", "toolchain", "patch", "flag", "other", "config")
 _GROUP_NOUNS = {
     "source": ("source", "sources"),
+    "file": ("changed file", "changed files"),
     "toolchain": ("toolchain", "toolchains"),
     "patch": ("patch", "patches"),
     "flag": ("build flag", "build flags"),
@@ -90,6 +93,8 @@ def _group(name: str) -> str:
         return "source"
     if name == "toolchain":
         return "toolchain"
+    if name.startswith(TREE_FILE_PREFIX):
+        return "file"
     if name.startswith(PATCH_PREFIX):
         return "patch"
     if name.startswith(FLAG_PREFIX):
@@ -140,6 +145,8 @@ class InputDifference:
 
     def describe(self) -> str:
         group = _group(self.name)
+        if group == "file":
+            return f"file {self.name.removeprefix(TREE_FILE_PREFIX)}: {self._file_change()}"
         if group == "patch":
             label = "patch " + self.name.removeprefix(PATCH_PREFIX)
             return f"{label}: {self._presence() or 'changed'}"
@@ -155,6 +162,14 @@ class InputDifference:
         if presence == "removed":
             return f"{label}: removed (was {_shorten(self.cached or '')})"
         return f"{label}: {_change(self.cached or '', self.wanted or '')}"
+
+    def _file_change(self) -> str:
+        """An uncommitted file of a --tree build, in the user's words (edited, deleted, committed...)."""
+        if self.cached is None:
+            return "deleted (uncommitted)" if self.wanted == "deleted" else "edited (uncommitted)"
+        if self.wanted is None:
+            return "edit reverted or committed"
+        return "deleted" if self.wanted == "deleted" else "edited again"
 
     def _presence(self) -> str | None:
         if self.cached is None:

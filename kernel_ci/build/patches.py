@@ -23,7 +23,10 @@ from kernel_ci.core.proc import capture, run
 
 SERIES_FILE = "series"
 PATCH_SUFFIXES = (".patch", ".diff")
-PATCH_ARGS = ("-p1", "--forward", "--batch", "--no-backup-if-mismatch")
+# --fuzz=0: a hunk whose context lines do not all match is refused, as `git am` refuses it. GNU patch's
+# default (fuzz 2) silently drops up to two context lines, which can put a change in the wrong place.
+# An offset (the same context at another line) still applies, as it does for git apply.
+PATCH_ARGS = ("-p1", "--forward", "--batch", "--no-backup-if-mismatch", "--fuzz=0")
 OUTPUT_TAIL_LINES = 40
 
 
@@ -354,7 +357,8 @@ def parse_patch_failures(output: str) -> list[_Failure]:
 
 
 _HINTS = {
-    "hunk": "the patch does not match this tree's text: it was made against another version, or an earlier "
+    "hunk": "the patch does not match this tree's text exactly (fuzz is refused, as git am refuses it): "
+    "it was made against another version, or an earlier "
     "patch changed the same lines. Rebase it onto the vanilla source plus the patches before it "
     "(git am / git rebase), then regenerate it with git format-patch",
     "missing": "the file is not in this tree: the patch is for another kernel version, needs an earlier "
@@ -426,3 +430,73 @@ def series_digest(series: Series) -> dict[str, str]:
     return {
         series.patch_name(patch): hashlib.sha256(patch.read_bytes()).hexdigest() for patch in series.patches
     }
+
+
+# -- a series from outside (--patches) ------------------------------------------------------------------
+
+EXTERNAL_SERIES = "patches"  # the series name of --patches in the plan, the metadata and the errors
+_COVER_RE = re.compile(r"\[[^\]]*\b0+/\d+\]")  # "[PATCH 0/3]", "[PATCH v2 00/12]"
+_DIFF_RE = re.compile(r"^(?:diff --git |--- \S)", re.MULTILINE)
+
+
+def _messages(path: Path) -> list[tuple[str, bytes]]:
+    """(name, raw message) of each mail: the files of a format-patch directory, or the mails of an mbox."""
+    import mailbox
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(PATCH_SUFFIXES))
+        if not files:
+            raise SeriesError(f"--patches {path}: no *.patch or *.diff file in this directory")
+        return [(p.name, p.read_bytes()) for p in files]
+    if not path.is_file():
+        raise SeriesError(f"--patches {path}: no such file or directory")
+    data = path.read_bytes()
+    if not data.startswith(b"From "):
+        raise SeriesError(
+            f"--patches {path}: not an mbox (it does not start with a 'From ' line); pass the output of "
+            "git format-patch (a directory or --stdout), or what `b4 am` wrote (.mbx)"
+        )
+    box = mailbox.mbox(path, create=False)
+    try:
+        return [
+            (f"{path.name} message {n}", box.get_bytes(key, from_=True))
+            for n, key in enumerate(box.keys(), 1)
+        ]
+    finally:
+        box.close()
+
+
+def _subject(raw: bytes) -> str:
+    from email.parser import BytesHeaderParser
+
+    return " ".join(str(BytesHeaderParser().parsebytes(raw).get("Subject", "")).split())
+
+
+def load_external(path: Path, staging: Path) -> Series:
+    """A series from outside the repository, strictly: each mail must carry a patch (a cover letter,
+    "[PATCH 0/N]", is left out); the patches are written to staging as a quilt series, in mail order."""
+    path = Path(path)
+    picked: list[tuple[str, bytes]] = []
+    for name, raw in _messages(path):
+        subject = _subject(raw)
+        has_diff = _DIFF_RE.search(raw.decode("utf-8", errors="replace")) is not None
+        if not has_diff and _COVER_RE.search(subject):
+            continue  # the cover letter: the series' description, not a change
+        if not has_diff:
+            raise SeriesError(
+                f"--patches {path}: {name} ({subject or 'no subject'!r}) holds no patch: "
+                "remove it (a reply or a note), keep only the series' patches and its cover letter"
+            )
+        picked.append((subject, raw))
+    if not picked:
+        raise SeriesError(f"--patches {path}: no patch in it (only a cover letter?)")
+    staging = Path(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    names = []
+    for number, (_subject_text, raw) in enumerate(picked, start=1):
+        name = f"{number:04d}.patch"
+        (staging / name).write_bytes(raw)
+        names.append(name)
+    (staging / SERIES_FILE).write_text("".join(f"{n}\n" for n in names))
+    loaded = load_series(staging)
+    return Series(EXTERNAL_SERIES, loaded.directory, loaded.patches, ())

@@ -29,9 +29,10 @@ from pathlib import Path
 from kernel_ci.build import extmodules, images, kconfig, kselftest, patches, source
 from kernel_ci.build import kbuild as builder
 from kernel_ci.build import keys as buildkey
+from kernel_ci.build import tree as usertree
 from kernel_ci.build.source import Tarball
 from kernel_ci.core.errors import BuildError
-from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES
+from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES, cache_dir
 from kernel_ci.guest import suites
 
 BASE_FRAGMENT = KCONFIG_DIR / "base.config"
@@ -46,17 +47,24 @@ class PlanError(BuildError):
 
 @dataclass(frozen=True)
 class SourcePin:
-    """One kernel tarball of the lock file: its version and pinned sha256 ("" = not pinned yet)."""
+    """One kernel tarball of the lock file: its version and pinned sha256 ("" = not pinned yet); or a user's
+    tree (--tree): its Makefile version and content digest, under another scheme."""
 
     version: str
     sha256: str
+    scheme: str = "sha256"
 
     @classmethod
     def of(cls, tarball: source.Tarball) -> SourcePin:
         return cls(tarball.version, tarball.sha256)
 
     def render(self) -> str:
-        return f"linux-{self.version} sha256:{self.sha256 or 'unpinned'}"
+        return f"linux-{self.version} {self.scheme}:{self.sha256 or 'unpinned'}"
+
+    @classmethod
+    def of_tree(cls, state: usertree.TreeState) -> SourcePin:
+        """A --tree source: its base (commit tree id, or every file's digest); the changes are entries."""
+        return cls(f"{state.version} tree", state.base, state.scheme)
 
 
 def build_flags() -> tuple[tuple[str, str], ...]:
@@ -84,6 +92,8 @@ class BuildPlan:
     modules: tuple[tuple[str, str], ...]  # ("<module>/<file>", sha256) of the out-of-tree modules
     toolchain_recipe: str  # the builder image tag: a digest of its recipe files
     flags: tuple[tuple[str, str], ...]  # build_flags()
+    # --tree: (path, sha256 | "deleted") of each uncommitted change, so a miss names the files that changed
+    tree_files: tuple[tuple[str, str], ...] = ()
 
     def entries(self) -> dict[str, str]:
         """The plan as build-manifest entries (names per kernel_ci.build.keys's conventions)."""
@@ -96,6 +106,7 @@ class BuildPlan:
             **{f"module:{name}": digest for name, digest in self.modules},
             "toolchain-recipe": self.toolchain_recipe,
             **{buildkey.FLAG_PREFIX + name: value for name, value in self.flags},
+            **{buildkey.TREE_FILE_PREFIX + name: digest for name, digest in self.tree_files},
         }
 
     def recipe_inputs(self) -> dict[str, str]:
@@ -188,6 +199,15 @@ class PlannedBuild:
         return errors, suite_only
 
 
+def _external_staging(path: Path) -> Path:
+    """Where --patches' mails are written as a quilt series: by content, so a rerun reuses the folder."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() if file.exists() else b"")
+    return cache_dir("external-patches", digest.hexdigest()[:16])
+
+
 def _is_suite_fragment(name: str) -> bool:
     return name.startswith(SUITE_FRAGMENT_PREFIX)
 
@@ -202,15 +222,22 @@ def make_plan(
     patches_root: Path = KERNEL_PATCHES,
     modules_root: Path = KERNEL_MODULES,
     lock: source.SourceLock | None = None,
+    tree: usertree.TreeState | None = None,
+    external: Path | None = None,
 ) -> PlannedBuild:
     """The plan for a request, from the repository's files alone (no network, no Docker).
 
     kernel: a version or alias of the lock file (None: its default); series: names under patches_root
     (None: all); fragments: the user's kconfig fragments, merged last; suites_dir: whose suites' needs the
-    build carries (None: none).
+    build carries (None: none); tree: a user's tree as the source instead of the lock file's tarball, with
+    no series unless named.
     """
-    candidates = tuple((lock or source.load_lock()).candidates(kernel))
+    candidates = () if tree else tuple((lock or source.load_lock()).candidates(kernel))
+    if tree and series is None:
+        series = ()  # the user's tree is the change under test: the repository's series only when asked
     chosen = tuple(patches.discover_series(patches_root, None if series is None else list(series)))
+    if external is not None:  # --patches: applied after the repository's series
+        chosen = (*chosen, patches.load_external(external, _external_staging(external)))
     needs = suite_needs(suites_dir)
     merge_order = (
         kconfig.Fragment.from_file(BASE_FRAGMENT, "kconfig/base.config"),
@@ -221,7 +248,7 @@ def make_plan(
     merged = kconfig.merge(merge_order)
     modules = tuple(extmodules.discover(modules_root)) if external_modules and modules_root.is_dir() else ()
     plan = BuildPlan(
-        source=tuple(SourcePin.of(t) for t in candidates),
+        source=(SourcePin.of_tree(tree),) if tree else tuple(SourcePin.of(t) for t in candidates),
         series=tuple(s.name for s in chosen),
         patches=tuple(item for s in chosen for item in patches.series_digest(s).items()),
         kconfig=merged.render(),
@@ -229,6 +256,7 @@ def make_plan(
         modules=tuple((name.removeprefix("module:"), d) for name, d in extmodules.digests(modules).items()),
         toolchain_recipe=images.builder_image_tag(images.base_image_tag()),
         flags=build_flags(),
+        tree_files=tree.changes if tree else (),
     )
     return PlannedBuild(plan, candidates, chosen, merge_order, merged, modules)
 

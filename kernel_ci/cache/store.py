@@ -302,6 +302,11 @@ def copy_entry(entry: Path, dest: Path) -> None:
             f"{entry} is not a build cache entry of the current format (no valid {ENTRY_FILE})"
         )
     dest = Path(dest)
+    stamp = _restore_stamp_path(entry, dest)
+    if _holds_restore(stamp, entry, dest):
+        return  # dest is the untouched result of restoring this very entry: nothing to copy
+    with contextlib.suppress(FileNotFoundError):
+        stamp.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.restore.{os.getpid()}.{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -334,7 +339,9 @@ def copy_entry(entry: Path, dest: Path) -> None:
             aside = dest.parent / f".{dest.name}.old.{os.getpid()}.{secrets.token_hex(4)}"
             os.rename(dest, aside)
             shutil.rmtree(aside, ignore_errors=True)
+        files = _tree_stats(tmp)  # after every write and utime: what an untouched restore looks like
         os.rename(tmp, dest)
+        _write_restore_stamp(stamp, entry, dest, files)
     except UnsafeEntryError as exc:
         _remove(tmp)
         _discard_entry(entry)
@@ -348,6 +355,72 @@ def copy_entry(entry: Path, dest: Path) -> None:
     except BaseException:
         _remove(tmp)
         raise
+
+
+# -- skipping a restore that is already in place ------------------------------------------------------
+# A local hit restores the entry into out/ as a verified copy (~11,000 files). When out/ still is the
+# untouched result of restoring the same entry, that copy would write the same bytes again: the stamp
+# records the inode, size, mode, mtime and ctime of every name copy_entry left in dest. ctime cannot be
+# set back by any tool (an edit, chmod, utime, or a file renamed over another all change it or the
+# inode), so equal stats for every name, and no other name, mean dest holds exactly what was verified.
+# The entry's own files are compared the same way, so that a damaged entry is still found and removed.
+# The stamp lives in the entry's store (restored/), never in out/, whose contents are the entry's alone.
+
+_Stat = tuple[int, int, int, int, int]  # inode, size, mode, mtime_ns, ctime_ns
+
+
+def _restore_stamp_path(entry: Path, dest: Path) -> Path:
+    root = entry.parent.parent.parent  # <root>/entries/<key[:2]>/<key>
+    where = hashlib.sha256(str(dest.absolute()).encode()).hexdigest()
+    return root / "restored" / f"{where}.json"
+
+
+def _tree_stats(root: Path) -> dict[str, _Stat]:
+    """lstat of every file and symlink under root, by relative name."""
+    found: dict[str, _Stat] = {}
+    for directory, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            found[os.path.relpath(path, root)] = (
+                st.st_ino,
+                st.st_size,
+                st.st_mode,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+    return found
+
+
+def _entry_id(entry: Path) -> str:
+    return hashlib.sha256((entry / ENTRY_FILE).read_bytes()).hexdigest()
+
+
+def _write_restore_stamp(stamp: Path, entry: Path, dest: Path, files: dict[str, _Stat]) -> None:
+    with contextlib.suppress(OSError):  # only an optimisation: without a stamp the next hit copies
+        stamp.parent.mkdir(exist_ok=True)
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        doc = {
+            "entry": _entry_id(entry),
+            "dest_ino": os.stat(dest).st_ino,
+            "files": files,
+            "entry_files": _tree_stats(entry),
+        }
+        tmp.write_text(json.dumps(doc))
+        os.rename(tmp, stamp)
+
+
+def _holds_restore(stamp: Path, entry: Path, dest: Path) -> bool:
+    try:
+        doc = json.loads(stamp.read_text())
+        if doc["entry"] != _entry_id(entry) or doc["dest_ino"] != os.stat(dest).st_ino:
+            return False
+        recorded = {rel: tuple(st) for rel, st in doc["files"].items()}
+        source = {rel: tuple(st) for rel, st in doc["entry_files"].items()}
+        # the entry too: one damaged since (bit rot aside) must still fail the restore and be removed
+        return bool(recorded) and _tree_stats(dest) == recorded and _tree_stats(entry) == source
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _put_back_links(tmp: Path, dropped: Mapping[str, str]) -> None:

@@ -73,7 +73,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from kernel_ci.flow.build import build
 
     warn_suite_ignored(args)
-    options.check_kernel(args.kernel)
+    options.check_kernel(args.kernel, args.tree)
     settings = options.settings(args)
     request = options.build_request(args, settings.ccache_remote)
     result = build(request, store=open_store(settings))
@@ -90,7 +90,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.kernel_dir is not None:
         options.check_kernel_dir(args.kernel_dir)
     else:
-        options.check_kernel(args.kernel)
+        options.check_kernel(args.kernel, args.tree)
     settings = options.settings(args)
     store = open_store(settings)
     if args.kernel_dir is None:
@@ -207,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
     from kernel_ci.cli.commands import register
 
     register(sub)  # key, matrix, summary, patches
+    from kernel_ci.cli.bisect import register as register_bisect
+
+    register_bisect(sub)
     from kernel_ci.cache.server.cli import register as register_cache
 
     cache = register_cache(sub)  # cache serve, cache scrub
@@ -237,8 +240,14 @@ def _add_cache_bench(cache: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code says what kind of failure it was (core.errors.ExitCode)."""
     args = parser().parse_args(argv)  # a bad option exits 2 here (argparse)
+    from kernel_ci.cli.bisect import bisect_exit
+
+    return bisect_exit(args, _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        return args.func(args)
+        return int(args.func(args))
     except KernelCIError as exc:  # raised on purpose: its message says what to do, its class the exit code
         from kernel_ci.report.github import report
 

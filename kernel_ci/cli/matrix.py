@@ -21,10 +21,10 @@ import tomllib
 from pathlib import Path
 
 from kernel_ci.core.errors import UsageError
+from kernel_ci.core.paths import CHECKOUT, SOURCES_LOCK
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = CHECKOUT  # the CI matrix is this checkout's (its fragments are paths in it)
 MATRIX_FILE = Path(__file__).resolve().parent / "matrix.toml"
-SOURCES_LOCK = REPO_ROOT / "kernel-sources.lock.toml"
 
 
 class MatrixError(UsageError):

@@ -27,7 +27,26 @@ def add_build_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--series",
         action="append",
-        help="patch series under kernel-patches/ (repeatable; default: all; 'none' for a vanilla kernel)",
+        help="patch series under kernel-patches/ (repeatable; default: all, or none with --tree; "
+        "'none' for a vanilla kernel)",
+    )
+    group.add_argument(
+        "--tree",
+        type=Path,
+        help="build YOUR kernel tree (a git checkout or a plain directory) instead of a lock file tarball: "
+        "mounted read-only, built out of tree with a persistent object dir, keyed by its content",
+    )
+    group.add_argument(
+        "--patches",
+        type=Path,
+        help="apply a series from outside, strictly (no fuzz), after any --series: an mbox, what `b4 am` "
+        "wrote (.mbx, its cover letter left out) or a directory of git format-patch files",
+    )
+    group.add_argument(
+        "--bisect",
+        action="store_true",
+        help="exit as `git bisect run` expects (0 good, 1 bad, 125 skip for a build or infrastructure "
+        "failure); implied when --tree is in the middle of a git bisect",
     )
     group.add_argument("--fragment", action="append", type=Path, default=[], help="extra kconfig fragment")
     group.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
@@ -69,6 +88,8 @@ def build_request(args: argparse.Namespace, ccache_remote: str | None = None) ->
         use_ccache=not args.no_ccache,
         fresh=args.fresh,
         ccache_remote=ccache_remote,
+        tree=getattr(args, "tree", None),
+        patches=getattr(args, "patches", None),  # (commands without --tree build from the lock file)
     )
 
 
@@ -95,9 +116,17 @@ def warn_suite_ignored(args: argparse.Namespace) -> None:
 KERNEL_DIR_FILES = ("bzImage", "metadata.json")
 
 
-def check_kernel(version: str | None) -> None:
+def check_kernel(version: str | None, tree: Path | None = None) -> None:
     """An unknown --kernel is the user's mistake (exit 2), found before Docker or the network is touched."""
     from kernel_ci.build import source
+
+    if tree is not None:
+        from kernel_ci.build import tree as usertree
+
+        if version is not None:
+            raise UsageError("--kernel and --tree both name the source: give one of them")
+        usertree.kernel_version(tree.expanduser().resolve())  # not a kernel tree: exit 2 before building
+        return
 
     source.load_lock().candidates(version)  # raises UnknownVersionError (a UsageError)
 

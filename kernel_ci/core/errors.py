@@ -52,3 +52,40 @@ class InfrastructureError(KernelCIError):
 
 
 BUILD_FAILED_EXIT = int(ExitCode.BUILD_FAILED)
+
+# `git bisect run` reads an exit code as: 0 good, 125 skip (cannot test this commit), 1-127 bad, >127 abort.
+BISECT_GOOD = 0
+BISECT_BAD = 1
+BISECT_SKIP = 125
+BISECT_ABORT = 128
+_BISECT = {
+    ExitCode.PASS: BISECT_GOOD,
+    ExitCode.TEST_FAILURE: BISECT_BAD,
+    ExitCode.OOPS: BISECT_BAD,
+    ExitCode.PANIC: BISECT_BAD,
+    ExitCode.HANG: BISECT_BAD,
+    ExitCode.BOOT_TIMEOUT: BISECT_BAD,  # the kernel did not come up: a property of the commit
+    # a commit that does not build, or a machine that failed, says nothing about the bug: skip it
+    ExitCode.BUILD_FAILED: BISECT_SKIP,
+    ExitCode.INFRASTRUCTURE: BISECT_SKIP,
+    # the command line is wrong, or the user pressed ^C: every step would fail the same way, stop
+    ExitCode.USAGE: BISECT_ABORT,
+    ExitCode.INTERRUPTED: BISECT_ABORT + 2,
+}
+
+
+def bisect_exit_code(code: int) -> int:
+    """What `kernel-ci` exits with under `git bisect run`, for the code it would exit with otherwise."""
+    try:
+        return _BISECT[ExitCode(code)]
+    except ValueError:
+        return BISECT_SKIP  # an unknown code is no verdict on the commit
+
+
+def bisect_verdict(code: int) -> str:
+    """The word git bisect gives a bisect exit code."""
+    if code == BISECT_GOOD:
+        return "good"
+    if code == BISECT_SKIP:
+        return "skip"
+    return "bad" if 0 < code < BISECT_ABORT else "abort"

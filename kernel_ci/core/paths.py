@@ -1,19 +1,130 @@
-"""Where things live: the repository's folders and the per-user cache (XDG)."""
+"""Where things live: the tool's own data (shipped in the package), the user's project, the per-user cache.
+
+Two kinds of files, found two ways:
+
+- the tool's data ships IN the package (``kernel_ci/data/``: container recipes, the guest's init and
+  runner, the protocol, the default kernel-sources lock), so a wheel or a pipx install has it wherever it
+  is installed: found from this file, never from the current directory;
+- the user's *project* (``kernel-patches/``, ``guest-tests/``, ``kernel-modules/``, ``kconfig/``, and
+  optionally its own ``kernel-sources.lock.toml`` that overrides the packaged one) is found by
+  ``find_project``: ``--project DIR``, else ``$KERNEL_CI_PROJECT``, else the first directory from the
+  current one upwards that holds the project markers. The CLI resolves it once and hands the paths down.
+
+``CHECKOUT`` and the ``KERNEL_PATCHES``/``GUEST_TESTS``/... constants below name the source checkout this
+package was imported from (an editable install, the tests): they are the defaults of library functions, not
+what the CLI uses, which passes its ``Project``'s paths explicitly.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from kernel_ci.core.errors import UsageError
 from kernel_ci.core.settings import default_cache_root
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-KERNEL_PATCHES = REPO_ROOT / "kernel-patches"
-KERNEL_MODULES = REPO_ROOT / "kernel-modules"
-GUEST_TESTS = REPO_ROOT / "guest-tests"
-CONTAINERS = REPO_ROOT / "containers"
-KCONFIG_DIR = REPO_ROOT / "kconfig"
-SOURCES_LOCK = REPO_ROOT / "kernel-sources.lock.toml"
+# --- the tool's own data, inside the package ---------------------------------------------------------
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
+CONTAINERS = PACKAGE_DATA / "containers"
+GUEST_DATA = PACKAGE_DATA / "guest"
+GUEST_INIT = GUEST_DATA / "init" / "kci-init"
+GUEST_RUNNER = GUEST_DATA / "runner" / "kci-runner.py"
+PROTOCOL_DOC = GUEST_DATA / "PROTOCOL.md"
+LOCK_NAME = "kernel-sources.lock.toml"
+DEFAULT_SOURCES_LOCK = PACKAGE_DATA / LOCK_NAME
+
+# --- the project: what makes a directory one, and how it is found -------------------------------------
+PROJECT_ENV = "KERNEL_CI_PROJECT"
+# both must be there: `guest-tests/` alone is too common a name to claim a directory on
+PROJECT_MARKERS = ("kernel-patches", "guest-tests")
+
+
+@dataclass(frozen=True)
+class Project:
+    """A project directory and the folders kernel-ci reads from it."""
+
+    root: Path
+
+    @property
+    def kernel_patches(self) -> Path:
+        return self.root / "kernel-patches"
+
+    @property
+    def guest_tests(self) -> Path:
+        return self.root / "guest-tests"
+
+    @property
+    def kernel_modules(self) -> Path:
+        return self.root / "kernel-modules"
+
+    @property
+    def kconfig(self) -> Path:
+        return self.root / "kconfig"
+
+    @property
+    def sources_lock(self) -> Path:
+        """The project's own lock when it has one (pin other kernels), else the packaged default."""
+        own = self.root / LOCK_NAME
+        return own if own.is_file() else DEFAULT_SOURCES_LOCK
+
+    @property
+    def output(self) -> Path:
+        """The default --output: `out/` in the project, wherever the command was started from."""
+        return self.root / "out"
+
+
+def is_project(directory: Path) -> bool:
+    return all((directory / marker).is_dir() for marker in PROJECT_MARKERS)
+
+
+def find_project(
+    explicit: Path | None = None, *, cwd: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Project | None:
+    """--project (explicit), else $KERNEL_CI_PROJECT, else the nearest directory from cwd upwards that holds
+    the markers; None when there is none. A directory given explicitly must be a project (exit 2)."""
+    env = os.environ if environ is None else environ
+    given = explicit or (Path(env[PROJECT_ENV]) if env.get(PROJECT_ENV) else None)
+    if given is not None:
+        root = given.expanduser().resolve()
+        if not is_project(root):
+            where = "--project" if explicit is not None else f"${PROJECT_ENV}"
+            raise UsageError(f"{where} {given}: not a kernel-ci project (it needs {_markers()})")
+        return Project(root)
+    start = (cwd or Path.cwd()).resolve()
+    for directory in (start, *start.parents):
+        if is_project(directory):
+            return Project(directory)
+    return None
+
+
+def require_project(
+    explicit: Path | None = None, *, cwd: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Project:
+    """find_project, or a usage error (exit 2) saying how to name one."""
+    found = find_project(explicit, cwd=cwd, environ=environ)
+    if found is None:
+        here = cwd or Path.cwd()
+        raise UsageError(
+            f"no kernel-ci project in {here} or above (a directory with {_markers()}); "
+            f"run from inside one or pass --project DIR (or set ${PROJECT_ENV})"
+        )
+    return found
+
+
+def _markers() -> str:
+    return " and ".join(f"{m}/" for m in PROJECT_MARKERS)
+
+
+# --- the source checkout this package came from (library defaults, tests) -----------------------------
+CHECKOUT = Path(__file__).resolve().parents[2]
+REPO_ROOT = CHECKOUT  # the older name
+KERNEL_PATCHES = CHECKOUT / "kernel-patches"
+KERNEL_MODULES = CHECKOUT / "kernel-modules"
+GUEST_TESTS = CHECKOUT / "guest-tests"
+KCONFIG_DIR = CHECKOUT / "kconfig"
+SOURCES_LOCK = DEFAULT_SOURCES_LOCK
 
 
 def cache_root() -> Path:

@@ -23,6 +23,7 @@ from kernel_ci.build import extmodules, images, kconfig, kselftest, patches, sou
 from kernel_ci.build import kbuild as builder
 from kernel_ci.build import keys as buildkey
 from kernel_ci.build import plan as buildplan
+from kernel_ci.build import tree as usertree
 from kernel_ci.build.plan import BASE_FRAGMENT, BUILD_TARGETS  # noqa: F401  (their home used to be here)
 from kernel_ci.build.records import METADATA_SCHEMA, BuildMetadata, CcacheFigures, KernelInfo, ToolchainInfo
 from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
@@ -52,6 +53,10 @@ class BuildRequest:
     external_modules: bool = True  # build every kernel-modules/<name> against the kernel (extmod/)
     # CCACHE_REMOTE_STORAGE for the container (core.settings.Settings.ccache_remote); None: local ccache only
     ccache_remote: str | None = field(default=None, repr=False)
+    # --tree: the user's kernel tree as the source (read-only; built with make O=); None = the lock file's
+    tree: Path | None = None
+    # --patches: a series from outside (an mbox, b4's .mbx, a format-patch directory), applied strictly last
+    patches: Path | None = None
 
 
 # The fields of a BuildRequest that say how to build, not what: they never reach a key. Every other field
@@ -61,14 +66,19 @@ HOW_NOT_WHAT = frozenset(
 )
 
 
-def plan_request(request: BuildRequest) -> buildplan.PlannedBuild:
-    """The plan of what a request builds (files only: no network, no Docker)."""
+def plan_request(request: BuildRequest, tree: usertree.TreeState | None = None) -> buildplan.PlannedBuild:
+    """The plan of what a request builds (files only: no network, no Docker); tree: request.tree's state
+    when the caller has already read it (read here otherwise)."""
+    if tree is None and request.tree is not None:
+        tree = usertree.tree_state(request.tree)
     return buildplan.make_plan(
         request.kernel,
         request.series,
         request.fragments,
         suites_dir=request.suites_dir,
         external_modules=request.external_modules,
+        tree=tree,
+        external=request.patches,
     )
 
 
@@ -102,6 +112,11 @@ def kbuild_timestamp(tree: Path) -> str:
 
 def reproduce_command(request: BuildRequest, version: str, series: Sequence[patches.Series]) -> str:
     argv = ["kernel-ci", "build", "--kernel", version]
+    if request.tree is not None:
+        argv = ["kernel-ci", "build", "--tree", str(request.tree)]
+    series = [s for s in series if s.name != patches.EXTERNAL_SERIES]
+    if request.patches is not None:
+        argv += ["--patches", str(request.patches)]
     argv += [arg for s in series for arg in ("--series", s.name)] or ["--series", "none"]
     argv += [arg for f in request.fragments for arg in ("--fragment", str(f))]
     if not request.use_ccache:
@@ -109,7 +124,9 @@ def reproduce_command(request: BuildRequest, version: str, series: Sequence[patc
     return shlex.join(argv)
 
 
-def _prepare_tree(src: source.KernelSource, series: Sequence[patches.Series], tree_id: str) -> Path:
+def _prepare_tree(
+    src: source.KernelSource, series: Sequence[patches.Series], tree_id: str, *, private_copy: bool = False
+) -> Path:
     """A patched copy of the pristine tree (hard links; patched files get their own copies), made once.
 
     Under the work dir's lock: a second build of the same sources waits for the first one's tree instead of
@@ -117,10 +134,12 @@ def _prepare_tree(src: source.KernelSource, series: Sequence[patches.Series], tr
     """
     work = cache_dir("work", tree_id)
     with source.locked(work.with_name(work.name + ".lock"), "another build preparing the same patched tree"):
-        return _prepare_tree_locked(src, series, work)
+        return _prepare_tree_locked(src, series, work, private_copy)
 
 
-def _prepare_tree_locked(src: source.KernelSource, series: Sequence[patches.Series], work: Path) -> Path:
+def _prepare_tree_locked(
+    src: source.KernelSource, series: Sequence[patches.Series], work: Path, private_copy: bool = False
+) -> Path:
     tree = work / "src"
     marker = work / "src.applied.json"
     if marker.exists() and tree.is_dir():
@@ -130,7 +149,12 @@ def _prepare_tree_locked(src: source.KernelSource, series: Sequence[patches.Seri
     staging = work / f"src.tmp.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        proc.run(["cp", "-al", src.tree, staging], quiet=True)
+        if private_copy:
+            # a user's tree (--tree --series): a real copy, without .git. Hard links would share inodes with
+            # files the user may later edit in place, changing this copy under its content key.
+            shutil.copytree(src.tree, staging, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+        else:
+            proc.run(["cp", "-al", src.tree, staging], quiet=True)
         applied = patches.apply_series(series, staging)
         staging.rename(tree)
     finally:
@@ -163,6 +187,7 @@ class _Job:
     image: str
     toolchain: images.Toolchain
     request_key: str
+    tree: usertree.TreeState | None = None  # --tree: what the user's tree held when it was keyed
     clock: Duration = field(default_factory=Duration)  # the whole build, from its first step
     durations: dict[str, float] = field(default_factory=dict)  # per step, into metadata.json
 
@@ -228,9 +253,15 @@ def plan_build(request: BuildRequest) -> _Job:
     clock = Duration()
     step("kernel source")
     hostsetup.prepare_build_host()
-    planned = plan_request(request)
-    src = source.resolve(request.kernel)
-    plan = planned.plan.resolved(src.tarball)
+    tree = usertree.tree_state(request.tree) if request.tree is not None else None
+    planned = plan_request(request, tree)
+    if tree is not None:
+        src = _tree_source(tree)
+        plan = planned.plan  # its one source is the tree already
+        console.print(f"source: {tree.kind} tree {tree.path} (Linux {tree.version}), {_tree_summary(tree)}")
+    else:
+        src = source.resolve(request.kernel)
+        plan = planned.plan.resolved(src.tarball)
 
     step("toolchain")
     image = images.ensure_builder_image()
@@ -241,7 +272,21 @@ def plan_build(request: BuildRequest) -> _Job:
     for redefinition in planned.merged.redefinitions:
         warn(redefinition.describe())
     request_key = plan.request_key(toolchain.fingerprint)
-    return _Job(request, planned, src, plan, image, toolchain, request_key, clock=clock)
+    return _Job(request, planned, src, plan, image, toolchain, request_key, tree, clock=clock)
+
+
+def _tree_source(tree: usertree.TreeState) -> source.KernelSource:
+    """A user's tree in the shape of a resolved source (its "tarball" names the tree and its content)."""
+    pin = buildplan.SourcePin.of_tree(tree)
+    tarball = source.Tarball(pin.version, "tree", str(tree.path), tree.digest(), tree.path.name)
+    return source.KernelSource(f"tree {tree.path}", tarball, tree.path, f"{tree.kind}:{tree.path}")
+
+
+def _tree_summary(tree: usertree.TreeState) -> str:
+    if tree.kind != "git":
+        return f"content sha256 {tree.base[:12]}"
+    changed = f"{len(tree.changes)} uncommitted file(s)" if tree.changes else "no uncommitted change"
+    return f"git tree {tree.base[:12]}, {changed}"
 
 
 def look_up_request(store: BuildStore, job: _Job) -> BuildResult | None:
@@ -265,12 +310,22 @@ def look_up_build(store: BuildStore, job: _Job, configured: _Configured) -> Buil
 
 def prepare_build_env(job: _Job) -> builder.BuildEnv:
     """The patched source tree and the object tree of this config, as the builder container mounts them."""
-    source_id = job.plan.source[0].render()
-    tree_id = _digest_text(source_id + json.dumps(job.patch_digests, sort_keys=True))[:16]
-    src_tree = _prepare_tree(job.src, job.planned.series, tree_id)
-    # One object tree per (patched source, requested config): builds of different configs never undo each
-    # other's objects, and a rebuild of the same config stays incremental.
-    out_tree = cache_dir("work", tree_id) / f"out-{_digest_text(job.plan.kconfig)[:12]}"
+    if job.tree is not None and not job.planned.series:
+        # the user's tree itself, mounted read-only; one object tree per (tree path, config, toolchain) that
+        # outlives edits and commits, so an edit (or a bisect step) rebuilds incrementally
+        src_tree = job.tree.path
+        config_id = _digest_text(job.plan.kconfig + job.image)[:12]
+        out_tree = cache_dir("trees", usertree.object_dir_name(job.tree)) / f"out-{config_id}"
+    else:
+        source_id = job.plan.source[0].render()
+        if job.tree is not None:  # (a tarball's work dir name must not change: its objects are warm)
+            source_id += " " + job.tree.digest()
+        tree_id = _digest_text(source_id + json.dumps(job.patch_digests, sort_keys=True))[:16]
+        # a user's tree with --series is copied and patched there: its own files are never written
+        src_tree = _prepare_tree(job.src, job.planned.series, tree_id, private_copy=job.tree is not None)
+        # One object tree per (patched source, requested config): builds of different configs never undo
+        # each other's objects, and a rebuild of the same config stays incremental.
+        out_tree = cache_dir("work", tree_id) / f"out-{_digest_text(job.plan.kconfig)[:12]}"
     return builder.BuildEnv(
         image=job.image,
         src=src_tree,

@@ -22,14 +22,13 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.errors import UsageError
-from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS, KERNEL_MODULES
+from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, GUEST_TESTS, KERNEL_MODULES
 from kernel_ci.guest import payload, qemu, rootfs, scanner, suites
 from kernel_ci.host import setup as hostsetup
 from kernel_ci.report import junit, render, verdict
 from kernel_ci.report.model import GuestEnd, Outcome, RootfsRef, RunRecord, RunReport
 
 ROOTFS_RECIPE = CONTAINERS / "rootfs"
-GUEST_INIT = GUEST_TESTS / "init" / "kci-init"
 C_FLAGS = ("-static", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-std=gnu11")
 
 

@@ -10,12 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from kernel_ci.core.errors import InfrastructureError
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import GUEST_RUNNER
 from kernel_ci.guest import protocol
 from kernel_ci.guest.protocol import Plan, PlanSuite
 from kernel_ci.guest.suites import Suite
 
-RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
+RUNNER = GUEST_RUNNER
 KTAP_LIB = ("lib/ktap.c",)
 PYTEST_ARGV = (
     "python3",

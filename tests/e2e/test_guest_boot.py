@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS
+from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, GUEST_RUNNER
 from kernel_ci.guest import qemu, rootfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
+RUNNER = GUEST_RUNNER
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def bzimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_image() -> rootfs.RootfsImage:
-    return rootfs.ensure_rootfs(CONTAINERS / "rootfs", GUEST_TESTS / "init" / "kci-init")
+    return rootfs.ensure_rootfs(CONTAINERS / "rootfs", GUEST_INIT)
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,8 @@ KNOWN_CYCLES: set[frozenset[str]] = set()
 def _modules() -> dict[str, Path]:
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
+        if path.is_relative_to(PACKAGE / "data"):  # package data: guest code (kci-runner), not host modules
+            continue
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         found[name] = path

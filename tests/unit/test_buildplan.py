@@ -14,7 +14,7 @@ from kernel_ci.build import kconfig, source
 from kernel_ci.build import recipe as recipekey
 from kernel_ci.build.plan import BuildPlan, PlanError, SourcePin, make_plan, suite_needs
 from kernel_ci.cli import main as cli
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
 from kernel_ci.flow import build as buildpipeline
 from kernel_ci.flow.build import HOW_NOT_WHAT, BuildRequest, plan_request
 
@@ -155,7 +155,17 @@ def _what_changes(tmp_path: Path) -> dict[str, list[object]]:
         "fragments": [[fragment]],
         "suites_dir": [None],
         "external_modules": [False],
+        "tree": [_kernel_tree(tmp_path / "linux")],
+        "patches": [KERNEL_PATCHES / "ci-smoke"],
     }
+
+
+def _kernel_tree(root: Path) -> Path:
+    """A directory that --tree accepts as a kernel source (a top Makefile with a version, a Kconfig)."""
+    root.mkdir()
+    (root / "Makefile").write_text("VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 223\n")
+    (root / "Kconfig").write_text("")
+    return root
 
 
 def test_every_request_field_reaches_the_plan_or_is_declared_how_not_what(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 
 from kernel_ci.cache.server.server import ServerConfig
 from kernel_ci.cache.server.service import Limits
-from tests.cacheservice import READ_TOKEN, TOKEN, Running, server_in_thread, sha
+from tests.cacheservice import READ_TOKEN, TOKEN, Running, metric, server_in_thread, server_process, sha
 
 KEY = "ab" * 32
 KEY2 = "cd" * 32
@@ -260,7 +261,7 @@ def test_corrupted_blob_is_detected_and_treated_as_missing(server: Running) -> N
         (server.data / "blobs" / sha(b"object")[:2] / sha(b"object")).write_bytes(b"OBJECT")
         assert client.get(f"/ccache/{CCACHE_KEY}").status_code == 404
         metrics = client.get("/metrics").text
-        assert "kernel_ci_cache_corrupt_blobs_total 2" in metrics
+        assert metric(metrics, "kernel_ci_cache_corrupt_blobs_total") == 2
 
 
 def test_eviction_under_the_cap_keeps_pinned_builds(tmp_path: Path) -> None:
@@ -334,13 +335,11 @@ def test_health_metrics_openapi_and_pages(server: Running) -> None:
         assert client.get("/healthz").json()["status"] == "ok"
         assert client.get(f"/ccache/{CCACHE_KEY}").status_code == 404
         metrics = client.get("/metrics").text
-        for name in (
-            "kernel_ci_cache_builds 2",
-            "kernel_ci_cache_bytes 4",
-            'kernel_ci_cache_request_duration_seconds_bucket{method="GET",route="ccache",le="+Inf"} 1',
-            'kernel_ci_cache_requests_total{kind="ccache",result="miss"} 1',
-        ):
-            assert name in metrics
+        assert metric(metrics, "kernel_ci_cache_builds") == 2
+        assert metric(metrics, "kernel_ci_cache_bytes") == 4
+        bucket = "kernel_ci_cache_request_duration_seconds_bucket"
+        assert metric(metrics, bucket, method="GET", route="ccache", le="+Inf") == 1
+        assert metric(metrics, "kernel_ci_cache_requests_total", kind="ccache", result="miss") == 1
         schema = client.get("/openapi.json").json()
         assert schema["openapi"].startswith("3.") and "/api/v1/builds/{key}" in schema["paths"]
         page = client.get("/").text
@@ -365,3 +364,43 @@ def test_openapi_documents_503_everywhere_and_507_on_writes(server: Running) -> 
         writes = method in ("put", "delete") or (method == "post" and path != "/api/v1/missing-blobs")
         assert ("507" in operation["responses"]) == writes, (method, path)
     assert "retry" in paths["/api/v1/builds/{key}/miss"]["get"]["responses"]["503"]["description"]
+
+
+def _workers(server_pid: int) -> list[int]:
+    """The uvicorn worker processes of a `serve --workers N` (spawned children; not the resource tracker)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _read_syscalls(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscr in /proc/<pid>/io")
+
+
+def test_metrics_sum_all_workers(tmp_path: Path) -> None:
+    """With --workers 2, requests land on both workers, and every scrape (whichever worker answers it)
+    counts all of them: prometheus-client's multiprocess mode, not one worker's own counters."""
+    requests = 240
+    (tmp_path / "data").mkdir()
+    with server_process(tmp_path / "data", "--workers", "2") as server:
+        assert server.pid is not None
+        deadline = time.monotonic() + 30
+        while len(workers := _workers(server.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) == 2, workers
+        before = {pid: _read_syscalls(pid) for pid in workers}
+
+        def one_miss(_: int) -> int:  # a new connection each time, so that either worker may accept it
+            with httpx.Client(base_url=server.url) as client:
+                return client.get(f"/ccache/{CCACHE_KEY}").status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(one_miss, range(requests))) == {404}
+        served = {pid: _read_syscalls(pid) - before[pid] for pid in workers}
+        assert all(n >= 20 for n in served.values()), f"the requests did not reach both workers: {served}"
+        for _ in range(6):  # new connections: the scrapes land on either worker
+            with httpx.Client(base_url=server.url) as client:
+                text = client.get("/metrics").text
+            assert metric(text, "kernel_ci_cache_requests_total", kind="ccache", result="miss") == requests

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -516,3 +517,57 @@ def test_a_bad_limit_concurrency_is_a_usage_error(tmp_path: Path, value: str) ->
     cmd = [sys.executable, "-m", "kernel_ci.cli.main", "cache", "serve", "--data", str(tmp_path)]
     done = subprocess.run([*cmd, "--limit-concurrency", value], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "--limit-concurrency" in done.stderr, done.stderr
+
+
+def test_script_in_every_untrusted_page_field_is_escaped(server: Running) -> None:
+    """Each field a writer controls, on each page: metadata, fragments, a run's outcome, the JUnit
+    report's suite/test names and messages, and the inputs that the miss explanation quotes."""
+    script = "<script>alert(1)</script>"
+    xml = (
+        f'<testsuites><testsuite name="s{script}"><testcase name="t{script}">'
+        f'<failure message="m{script}"/></testcase></testsuite></testsuites>'
+    ).encode()
+    xml = xml.replace(b"<script>", b"&lt;script&gt;").replace(b"</script>", b"&lt;/script&gt;")
+    other = "cd" * 32
+    with server.client() as client:
+        digest = sha(b"kernel")
+        client.put(f"/api/v1/blobs/{digest}", content=b"kernel")
+        junit_digest = sha(xml)
+        client.put(f"/api/v1/blobs/{junit_digest}", content=xml)
+        metadata = {"fragments": [script], "toolchain": {"gcc": script}, "kernel": {"version": script}}
+        for key, source in ((KEY, script), (other, "b")):
+            outputs = json.dumps([{"name": "bzImage", "sha256": digest, "size": 6}])
+            body = json.dumps(
+                {
+                    "outputs": json.loads(outputs),
+                    "inputs": {"source": source, script: script},
+                    "metadata": metadata,
+                }
+            ).encode()
+            assert client.put(f"/api/v1/builds/{key}", content=body).status_code == 201
+        run = {"junit": {"sha256": junit_digest, "size": len(xml)}, "outcome": script[:60]}
+        assert client.put(f"/api/v1/builds/{KEY}/runs/r1", json=run).status_code == 201, "run refused"
+        for page in ("/", f"/builds/{KEY}", f"/builds/{other}", f"/builds/{'ef' * 32}"):
+            html = client.get(page).text
+            assert "<script" not in html, (page, html[html.find("<script") - 200 :][:400])
+        assert html.count("&lt;script&gt;") == 0  # the not-found page quotes only a validated key
+        assert client.get(f"/builds/{KEY}").text.count("&lt;script&gt;") >= 6
+
+
+def test_a_blob_file_swapped_for_another_with_its_timestamps_is_refused(server: Running) -> None:
+    """A small blob is re-hashed on read unless its file still carries the stamp of ITS digest (set when
+    it was verified on write): a file copied over it with timestamps kept (cp -p, rsync -t, a restore
+    from backup into the wrong name) carries another digest's stamp and is still caught."""
+    blobs = server.data / "blobs"
+    with server.client() as client:
+        for body in (b"object-A", b"object-B"):
+            assert client.put(
+                f"/ccache/{CCACHE_KEY[:-1]}{body[-1:].decode().lower()}", content=body
+            ).is_success
+        a_key, a_path = f"{CCACHE_KEY[:-1]}a", blobs / sha(b"object-A")[:2] / sha(b"object-A")
+        b_path = blobs / sha(b"object-B")[:2] / sha(b"object-B")
+        assert client.get(f"/ccache/{a_key}").content == b"object-A"
+        shutil.copy2(b_path, a_path)  # the other blob's bytes, mode and timestamps
+        got = client.get(f"/ccache/{a_key}")
+        assert got.status_code == 404 and b"object-B" not in got.content, "served another blob's bytes"
+        assert list((blobs / "corrupt").iterdir())

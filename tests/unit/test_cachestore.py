@@ -416,3 +416,53 @@ def test_copy_entry_of_a_damaged_entry_fails_removes_it_and_keeps_the_previous_o
     assert sorted(p.name for p in dest.parent.iterdir()) == ["build"], "no half copy left"
     assert store.get(KEY_A) is None and not entry.exists(), "the damaged entry is gone: the next run rebuilds"
     assert secret.read_text() == "private key\n"
+
+
+def test_copy_entry_into_an_output_that_already_holds_it_rewrites_nothing(tmp_path: Path) -> None:
+    """A local build-cache hit restoring the entry that out/ already holds, untouched, is a stat per file."""
+    store = LocalStore(tmp_path / "store")
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    dest = tmp_path / "out" / "build"
+    cachestore.copy_entry(entry, dest)
+    inodes = {p: p.stat().st_ino for p in dest.rglob("*") if p.is_file()}
+    cachestore.copy_entry(entry, dest)
+    assert {p: p.stat().st_ino for p in dest.rglob("*") if p.is_file()} == inodes, "copied again"
+    assert sorted(p.name for p in dest.parent.iterdir() if not p.name.startswith(".")) == ["build"]
+
+
+def _edit_keeping_times(path: Path, data: bytes) -> None:
+    st = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    "change", ["same-size-bytes-and-mtime", "deleted", "added", "replaced-by-symlink", "chmod", "other-entry"]
+)
+def test_copy_entry_restores_an_output_changed_since_the_last_restore(tmp_path: Path, change: str) -> None:
+    """Whatever happened to out/ since the last restore (edits that keep size and mtime included), the
+    next hit gives the entry's exact files back: only an untouched restore is skipped."""
+    store = LocalStore(tmp_path / "store")
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    dest = tmp_path / "out" / "build"
+    cachestore.copy_entry(entry, dest)
+    victim = dest / "modules" / "kci.ko"
+    if change == "same-size-bytes-and-mtime":
+        _edit_keeping_times(victim, b"module of two\n")
+    elif change == "deleted":
+        victim.unlink()
+    elif change == "added":
+        (dest / "modules" / "extra.ko").write_text("planted\n")
+    elif change == "replaced-by-symlink":
+        victim.unlink()
+        victim.symlink_to(entry / "modules" / "kci.ko")
+    elif change == "chmod":
+        victim.chmod(0o777)
+    else:
+        other = store.put(KEY_B, make_outputs(tmp_path, "two"), MANIFEST)
+        cachestore.copy_entry(other, dest)
+    cachestore.copy_entry(entry, dest)
+    assert victim.read_text() == "module of one\n" and not victim.is_symlink()
+    assert victim.stat().st_mode & 0o777 == 0o644
+    assert not (dest / "modules" / "extra.ko").exists()
+    assert (dest / "file1.bin").read_bytes() == (entry / "file1.bin").read_bytes()

@@ -61,6 +61,8 @@ EXPECTED = {
     "kernel_ci.guest.protocol.PlanError": ExitCode.INFRASTRUCTURE,  # plan.json is ours: damaged = broken host
     "kernel_ci.cache.store.UnsafeEntryError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.cli.matrix.MatrixError": ExitCode.USAGE,
+    "kernel_ci.build.tree.TreeError": ExitCode.USAGE,  # --tree is not a kernel tree (or has no commit)
+    "kernel_ci.flow.bisect.BisectError": ExitCode.USAGE,  # kernel-ci bisect of a tree it cannot bisect
 }
 
 

@@ -17,6 +17,7 @@ from kernel_ci.build.patches import (
     break_hardlinks,
     discover_series,
     export_series,
+    load_external,
     load_series,
     parse_patch_failures,
     patch_targets,
@@ -486,3 +487,164 @@ def test_the_helpers_do_not_leave_stray_files(tmp_path: Path, maker: PatchMaker)
     series = load_series(make_series(tmp_path, "s", [patch]))
     export_series(series, tmp_path / "out")
     assert sorted(os.listdir(tmp_path / "out")) == ["s.mbox"]
+
+
+def test_a_hunk_that_needs_fuzz_is_refused_naming_the_patch_and_hunk(
+    tmp_path: Path, maker: PatchMaker
+) -> None:
+    """Strictness: GNU patch's default fuzz would apply this hunk with one context line ignored; git am
+    refuses it, and so must we (the change could land beside code it was never reviewed against)."""
+    patch = maker.make(
+        "core: widen core_20", {"kernel/core.c": edited("kernel/core.c", "int core_20;", "long core_20;")}
+    )
+    root = tmp_path / "kernel-patches"
+    make_series(root, "s", [patch])
+    tree = write_tree(tmp_path / "tree", VANILLA)
+    # a context line two lines above the change differs: fuzz 1 would have applied it
+    fuzzy = VANILLA["kernel/core.c"].replace("int core_18;", "int core_18; /* moved */")
+    (tree / "kernel/core.c").write_text(fuzzy)
+    lenient = run(
+        ["patch", "-p1", "--dry-run", "--batch", "-i", str(patch)], cwd=tree, check=False, quiet=True
+    )
+    assert lenient.returncode == 0 and "with fuzz" in lenient.output  # the default would have taken it
+
+    with pytest.raises(PatchApplyError) as caught:
+        apply_series(discover_series(root), tree)
+
+    assert caught.value.patch_file == patch.name and caught.value.hunk == (1,)
+    assert "kernel/core.c: hunk #1 FAILED" in str(caught.value)
+    assert (tree / "kernel/core.c").read_text() == fuzzy
+
+
+def test_a_hunk_at_an_offset_still_applies_as_with_git_am(tmp_path: Path, maker: PatchMaker) -> None:
+    patch = maker.make(
+        "core: widen core_20", {"kernel/core.c": edited("kernel/core.c", "int core_20;", "long core_20;")}
+    )
+    root = tmp_path / "kernel-patches"
+    make_series(root, "s", [patch])
+    tree = write_tree(tmp_path / "tree", VANILLA)
+    (tree / "kernel/core.c").write_text("int added_above;\n" * 3 + VANILLA["kernel/core.c"])
+
+    apply_series(discover_series(root), tree)
+
+    assert "long core_20;" in (tree / "kernel/core.c").read_text()
+
+
+# -- --patches: a series from outside ------------------------------------------------------------------
+
+COVER = (
+    "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+    "From: kernel-ci <kernel-ci@example.invalid>\nSubject: [PATCH 0/2] core: two changes\n\n"
+    "This series changes two things.\n\n-- \n2.39.2\n\n"
+)
+
+
+def _two_patches(maker: PatchMaker) -> list[Path]:
+    one = maker.make(
+        "core: widen core_1", {"kernel/core.c": edited("kernel/core.c", "int core_1;", "long core_1;")}
+    )
+    text = (maker.repo / "kernel/core.c").read_text().replace("int core_30;", "long core_30;")
+    return [one, maker.make("core: widen core_30", {"kernel/core.c": text})]
+
+
+def test_external_patches_from_a_format_patch_directory_apply_in_order(
+    tmp_path: Path, maker: PatchMaker
+) -> None:
+    patches = _two_patches(maker)
+    series = load_external(patches[0].parent, tmp_path / "staged")
+    assert series.name == "patches" and len(series.patches) == 2
+    tree = write_tree(tmp_path / "tree", VANILLA)
+    apply_series([series], tree)
+    text = (tree / "kernel/core.c").read_text()
+    assert "long core_1;" in text and "long core_30;" in text
+
+
+def test_a_b4_mbx_with_a_cover_letter_applies_without_it(tmp_path: Path, maker: PatchMaker) -> None:
+    mbx = tmp_path / "v2_20240101_core.mbx"
+    mbx.write_text(COVER + "".join(p.read_text() for p in _two_patches(maker)))
+    series = load_external(mbx, tmp_path / "staged")
+    assert len(series.patches) == 2  # the cover letter is left out
+    assert series.patches[0].read_text().startswith("From ")
+    tree = write_tree(tmp_path / "tree", VANILLA)
+    apply_series([series], tree)
+    assert "long core_30;" in (tree / "kernel/core.c").read_text()
+
+
+def test_a_mail_that_is_not_a_patch_is_rejected_by_name(tmp_path: Path, maker: PatchMaker) -> None:
+    reply = (
+        "From 1111111111111111111111111111111111111111 Mon Sep 17 00:00:00 2001\n"
+        "From: reviewer <r@example.invalid>\nSubject: Re: [PATCH 1/2] core: widen core_1\n\nLooks good.\n\n"
+    )
+    patches = _two_patches(maker)
+    mbox = tmp_path / "series.mbox"
+    mbox.write_text(patches[0].read_text() + reply + patches[1].read_text())
+    with pytest.raises(
+        SeriesError, match=r"message 2 \('Re: \[PATCH 1/2\] core: widen core_1'\) holds no patch"
+    ):
+        load_external(mbox, tmp_path / "staged")
+
+
+@pytest.mark.parametrize("content", ["just some text\n", ""])
+def test_a_file_that_is_not_an_mbox_is_rejected(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text(content)
+    with pytest.raises(SeriesError, match="not an mbox"):
+        load_external(path, tmp_path / "staged")
+    with pytest.raises(SeriesError, match="no such file"):
+        load_external(tmp_path / "missing.mbx", tmp_path / "staged")
+
+
+def test_a_cover_letter_alone_is_no_series(tmp_path: Path) -> None:
+    mbx = tmp_path / "cover.mbx"
+    mbx.write_text(COVER)
+    with pytest.raises(SeriesError, match="no patch in it"):
+        load_external(mbx, tmp_path / "staged")
+
+
+def test_an_external_patch_needing_fuzz_is_refused(tmp_path: Path, maker: PatchMaker) -> None:
+    patches = _two_patches(maker)
+    series = load_external(patches[0].parent, tmp_path / "staged")
+    tree = write_tree(tmp_path / "tree", VANILLA)
+    (tree / "kernel/core.c").write_text(
+        VANILLA["kernel/core.c"].replace("int core_28;", "int core_28; /* x */")
+    )
+    with pytest.raises(PatchApplyError) as caught:
+        apply_series([series], tree)
+    assert caught.value.series == "patches" and caught.value.patch_file == "0002.patch"
+    assert caught.value.hunk == (1,)
+
+
+def test_a_mangled_external_patch_is_rejected_as_malformed(tmp_path: Path, maker: PatchMaker) -> None:
+    patch = _two_patches(maker)[0]
+    mangled = tmp_path / "mangled"
+    mangled.mkdir()
+    # a mailer that ate the leading space of a context line: the hunk no longer parses
+    (mangled / patch.name).write_text(re.sub(r"\n int core_0;", "\nint core_0;", patch.read_text(), count=1))
+    series = load_external(mangled, tmp_path / "staged")
+    with pytest.raises(PatchApplyError, match=r"malformed|damaged"):
+        apply_series([series], write_tree(tmp_path / "tree", VANILLA))
+
+
+def test_series_on_a_user_tree_go_onto_a_private_copy_without_git(
+    tmp_path: Path, maker: PatchMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tree --series: the user's tree is copied (no hard links, no .git) and only the copy is patched."""
+    from kernel_ci.build import source
+    from kernel_ci.flow import build as buildflow
+
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path / "cache"))
+    patch = maker.make("edit", {"kernel/core.c": edited("kernel/core.c", "int core_5;", "long core_5;")})
+    root = tmp_path / "kernel-patches"
+    make_series(root, "s", [patch])
+    user = write_tree(tmp_path / "user", VANILLA)
+    capture([*GIT, "init", "-q"], cwd=user)
+    src = source.KernelSource(
+        "tree", source.Tarball("5.10", "tree", str(user), "0" * 64, "user"), user, "git:"
+    )
+
+    copy = buildflow._prepare_tree(src, discover_series(root), "u" * 16, private_copy=True)
+
+    assert "long core_5;" in (copy / "kernel/core.c").read_text()
+    assert (user / "kernel/core.c").read_text() == VANILLA["kernel/core.c"]
+    assert not (copy / ".git").exists()
+    assert (copy / "Makefile").stat().st_ino != (user / "Makefile").stat().st_ino

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kernel_ci.core import proc
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import GUEST_RUNNER, GUEST_TESTS
 from kernel_ci.guest.payload import PYTEST_ARGV, PayloadError, assemble_payload, read_plan
 from kernel_ci.guest.suites import ManifestError, kconfig_lines, load_suites
 from kernel_ci.report.ktap import flatten, parse
@@ -131,7 +131,7 @@ def test_assemble_payload(tmp_path, fake_ko):
     dest = tmp_path / "payload"
     suites = load_suites(GUEST_TESTS, SMOKE)
     assert assemble_payload(suites, dest, "5.10.223-kci", gcc_static, {"kci-smoke": fake_ko}) == dest
-    assert (dest / "kci-runner.py").read_bytes() == (GUEST_TESTS / "runner" / "kci-runner.py").read_bytes()
+    assert (dest / "kci-runner.py").read_bytes() == GUEST_RUNNER.read_bytes()
     assert (dest / "modules" / "kci_smoke.ko").read_bytes() == fake_ko.read_bytes()
     binary = dest / "suites" / "smoke-c" / "smoke-c"
     assert is_static_elf(binary)

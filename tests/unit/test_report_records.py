@@ -12,6 +12,7 @@ import pytest
 
 from kernel_ci.build.records import PatchRejection, RecordError
 from kernel_ci.core.digest import file_digest, sha256_file
+from kernel_ci.core.paths import GUEST_INIT, GUEST_RUNNER
 from kernel_ci.guest import protocol
 from kernel_ci.guest.protocol import EndKind, Plan, PlanSuite
 from kernel_ci.guest.scanner import scan
@@ -141,9 +142,8 @@ def test_patch_rejection_round_trips_and_refuses_another_layout() -> None:
 
 
 def test_the_console_markers_are_the_ones_the_guest_prints() -> None:
-    """guest-tests/ prints these literally (kci-init, kci-runner.py); the scanner reads them via protocol."""
-    guest = Path(__file__).resolve().parents[2] / "guest-tests"
-    sources = (guest / "init" / "kci-init").read_text() + (guest / "runner" / "kci-runner.py").read_text()
+    """The guest prints these literally (kci-init, kci-runner.py); the scanner reads them via protocol."""
+    sources = GUEST_INIT.read_text() + GUEST_RUNNER.read_text()
     for marker in (protocol.INIT_READY, protocol.SUITE_START, protocol.SUITE_END, protocol.RUNNER_DONE):
         assert marker in sources
     found = scan(f"{protocol.INIT_READY}\n{protocol.SUITE_START} a\n{protocol.RUNNER_DONE}\n")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kernel_ci.core.paths import CONTAINERS, GUEST_TESTS
+from kernel_ci.core.paths import CONTAINERS, GUEST_INIT
 from kernel_ci.guest import rootfs
 
 RECIPE = CONTAINERS / "rootfs"
-INIT = GUEST_TESTS / "init" / "kci-init"
+INIT = GUEST_INIT
 
 
 @pytest.fixture

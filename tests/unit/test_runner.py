@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 from kernel_ci.core import proc
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import GUEST_RUNNER
 from kernel_ci.guest.payload import PYTEST_ARGV, read_plan
 from kernel_ci.guest.scanner import scan
 from kernel_ci.report.model import GuestEnd, Outcome
 from kernel_ci.report.verdict import collect
 
-RUNNER = GUEST_TESTS / "runner" / "kci-runner.py"
+RUNNER = GUEST_RUNNER
 
 
 def suite(

@@ -5,10 +5,16 @@ upload) once its sha256 and size match what the caller announced: a reader never
 bytes under a digest. Publishing is a separate step so that the index can do it inside its transaction
 (a blob re-uploaded while garbage collection deletes it is never lost: see ``index.blob_add``).
 
-Reads of small blobs (ccache objects) re-hash them, which costs nothing next to reading them; large blobs
-are NOT re-hashed per request (an anonymous reader could otherwise keep every worker hashing gigabytes):
-they were verified as they were written, and ``verify`` (``kernel-ci cache scrub``) checks them at rest.
-A mismatch (bit rot, a hand-edited file) is logged, the bad copy is moved aside, the blob is missing.
+Blobs are verified once, as they are written, and ``verify`` (``kernel-ci cache scrub``) checks them at
+rest. A small blob (a ccache object) is re-hashed on read only when its file no longer carries the
+"verified" stamp of ITS digest: the modification time ``verified_stamp(digest)`` given to it when it was
+renamed in (a re-hash was a third of a ccache GET's server time). A file written or replaced since (an
+edit, a copy of another blob even with its timestamps kept) has another mtime and is re-hashed; one
+that passes is stamped again, so a store written by an older version becomes fast after one read. Bit
+rot in place keeps the mtime: the scrub finds it, and the clients verify anyway (ccache checks its
+objects' own checksums; a build restore checks every file against entry-digests.json). Large blobs are
+never re-hashed per request (an anonymous reader could otherwise keep every worker hashing gigabytes).
+A mismatch is logged, the bad copy is moved aside, the blob is missing.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ log = logging.getLogger("kernel_ci.cacheserver")
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 CHUNK = 1024 * 1024
 SMALL_BLOB = 1024 * 1024  # blobs up to this size are read into memory (ccache objects)
+_STAMP_EPOCH_NS = 946_684_800 * 10**9  # 2000-01-01: far from any real write time
+
+
+def verified_stamp(digest: str) -> int:
+    """The mtime (ns) of a blob file verified against ``digest``: one value per digest, never "now"."""
+    return _STAMP_EPOCH_NS + int(digest[:13], 16)  # < 2**52 ns (~52 days) past the epoch
 
 
 class BlobError(Exception):
@@ -180,6 +192,7 @@ class LocalBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._root = str(self.root)
         self.tmp = self.root / "tmp"
         self.corrupt = self.root / "corrupt"
         for directory in (self.root, self.tmp, self.corrupt):
@@ -227,19 +240,27 @@ class LocalBlobStore:
         return True
 
     def get(self, digest: str) -> Blob | None:
-        path = self.path(digest)
+        check_digest(digest)
+        path = os.path.join(self._root, digest[:2], digest)  # str, not pathlib: the ccache read path
         try:
             handle = open(path, "rb")  # noqa: SIM115 - handed to the caller
         except FileNotFoundError:
             return None
         try:
-            size = os.fstat(handle.fileno()).st_size
+            stat = os.fstat(handle.fileno())
+            size = stat.st_size
             if size <= SMALL_BLOB:
                 data = handle.read()
-                handle.close()
+                if stat.st_mtime_ns == verified_stamp(digest) and len(data) == size:
+                    handle.close()
+                    return Blob(size, data=data)  # this inode was verified on write (module docstring)
                 if hashlib.sha256(data).hexdigest() != digest:
+                    handle.close()
                     self._set_aside(digest, path)
                     return None
+                with contextlib.suppress(OSError):  # the inode just read is the one stamped
+                    os.utime(handle.fileno(), ns=(stat.st_atime_ns, verified_stamp(digest)))
+                handle.close()
                 return Blob(size, data=data)
             # large: verified when written and by the scrub, not per request (see the module docstring)
             return Blob(size, file=handle)
@@ -247,7 +268,7 @@ class LocalBlobStore:
             handle.close()
             raise
 
-    def _set_aside(self, digest: str, path: Path) -> None:
+    def _set_aside(self, digest: str, path: Path | str) -> None:
         aside = self.corrupt / f"{digest}.{int(time.time())}.{secrets.token_hex(3)}"
         log.error("blob %s is corrupt on disk (its bytes no longer hash to it): moved to %s", digest, aside)
         with contextlib.suppress(OSError):
@@ -275,6 +296,8 @@ class _LocalStaged:
     def publish(self) -> bool:
         existed = self.final.exists()
         self.final.parent.mkdir(exist_ok=True)
+        # verified by the writer: stamped so that reads need not re-hash it (see the module docstring)
+        os.utime(self.tmp, ns=(time.time_ns(), verified_stamp(self.final.name)))
         # always renamed in, even over an existing copy (same bytes): garbage collection may be deleting
         # that copy right now, and the index's lock orders the two (see index.blob_add)
         os.rename(self.tmp, self.final)

@@ -3,6 +3,7 @@ PathGuard (one path rule for every route), CcacheReads (the hot ccache read path
 
 from __future__ import annotations
 
+import re
 import time
 
 from starlette.requests import Request
@@ -40,6 +41,7 @@ class PathGuard:
 
 
 _ENCODED_REFUSED = (b"%2f", b"%5c", b"%2e", b"%00")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def path_problem(raw: bytes, path: str) -> str | None:
@@ -52,7 +54,7 @@ def path_problem(raw: bytes, path: str) -> str | None:
         return "percent-encoded '/', '\\', '.' or NUL"
     if "\\" in path:
         return "a backslash"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+    if _CONTROL.search(path):  # one regex scan: a per-character loop was a third of a ccache GET's time
         return "a control character"
     segments = path.split("/")[1:]
     if any(s in (".", "..") for s in segments):

@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from kernel_ci.cache.server import web
 from kernel_ci.cache.server.auth import Access
@@ -319,16 +319,16 @@ class Pages:
         offset = query_int(request, "offset", 0, 0, 1 << 31)
         rows = await run_in_threadpool(self.service.index.build_list, limit, offset)
         total = await run_in_threadpool(self.service.index.build_count)
-        return HTMLResponse(web.list_page(rows, total, limit, offset))
+        return web.render(request, "builds.html", web.list_context(rows, total, limit, offset))
 
     async def build_page(self, request: Request) -> Response:
         self.access.read(request)
         key = check_key(request.path_params["key"])
         row = await run_in_threadpool(self.service.get_build, key, False)
         if row is None:
-            return HTMLResponse(web.not_found_page(key), status_code=404)
+            return web.render(request, "not_found.html", {"key": key}, status_code=404)
         try:
             explanation = await self.explainer.explain(key)
         except ExplainBusy:  # the page still shows the build; only its comparison waits for a reload
             explanation = {"busy": True}
-        return HTMLResponse(web.build_page(row, explanation))
+        return web.render(request, "build.html", web.build_context(row, explanation))

@@ -7,8 +7,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from starlette.applications import Starlette
 from kernel_ci.cache.server.app import AuthConfig, create_app
 from kernel_ci.cache.server.blobs import BlobStore, LocalBlobStore
 from kernel_ci.cache.server.index import dsn_secrets, open_index
+from kernel_ci.cache.server.metrics import MULTIPROC_ENV
 from kernel_ci.cache.server.service import CacheService, Limits
 
 TOKENS_ENV = "KERNEL_CI_CACHE_SERVER_TOKENS"  # comma-separated write tokens (keeps them out of `ps`)
@@ -156,17 +159,20 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info", w
         make_service(config)  # fail early, in the parent, on a bad index or blob store URL
         os.environ[CONFIG_ENV] = _config_to_env(config)
         log.info("%d worker processes", workers)
-        uvicorn.run(
-            "kernel_ci.cache.server.server:app_from_environment",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            access_log=False,
-            limit_concurrency=config.limit_concurrency,
-        )
+        with metrics_dir():
+            uvicorn.run(
+                "kernel_ci.cache.server.server:app_from_environment",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                log_level=log_level,
+                access_log=False,
+                limit_concurrency=config.limit_concurrency,
+            )
         return
+    if os.environ.pop(MULTIPROC_ENV, None):  # one process: its own counters, no other server's files
+        log.info("one worker: %s ignored", MULTIPROC_ENV)
     app, service = make_app(config)
     log.info("index: %s; blobs: %s", service.index.describe(), service.blobs.describe())
     uvicorn.run(
@@ -177,6 +183,24 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info", w
         access_log=False,
         limit_concurrency=config.limit_concurrency,
     )
+
+
+@contextlib.contextmanager
+def metrics_dir() -> Iterator[Path]:
+    """A fresh PROMETHEUS_MULTIPROC_DIR for this server's workers, removed when the server stops.
+
+    The server sets it, and nothing else does: prometheus-client reads it when a process first imports
+    it, so it must be in the environment the workers are spawned with (they inherit this process's);
+    it must be shared by exactly the workers of one server (a directory another server or an earlier
+    run wrote to would be summed into this one's counters); and a library or client that set it would
+    switch every process importing kernel_ci (tests, the build client) to file-backed metrics."""
+    path = Path(tempfile.mkdtemp(prefix="kernel-ci-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_healthy(url: str, alive: Callable[[], bool], timeout: float = 60.0) -> bool:

@@ -10,12 +10,12 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from kernel_ci.cache.server.blobs import Blob, BlobError, BlobStore, BlobWriter, check_digest
 from kernel_ci.cache.server.index import BuildRow, Index
+from kernel_ci.cache.server.metrics import Metrics
 from kernel_ci.report import junit
 
 log = logging.getLogger("kernel_ci.cacheserver")
@@ -92,73 +92,6 @@ def ccache_key_from_path(path: str) -> str:
         f"invalid ccache path {path[:100]!r}: expected /ccache/<2 chars>/<rest of key> (subdirs), "
         "/ccache/<key> (flat) or /ccache/ac/<64 hex> (bazel); keys are 33 chars of [0-9a-v] or 40 hex",
     )
-
-
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def observe(self, value: float) -> None:
-        if not self.counts:
-            self.counts = [0] * len(self.buckets)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
-
-
-class Metrics:
-    """Counters and latency histograms of this process (each replica is scraped on its own)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self.histograms: dict[tuple[tuple[str, str], ...], Histogram] = {}
-
-    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self.lock:
-            self.counters[key] = self.counters.get(key, 0) + amount
-
-    def observe(self, seconds: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self.lock:
-            self.histograms.setdefault(key, Histogram()).observe(seconds)
-
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        lines: list[str] = []
-        for name, (help_text, value) in gauges.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
-        with self.lock:
-            names = sorted({n for n, _ in self.counters})
-            for name in names:
-                lines.append(f"# TYPE {name} counter")
-                for (n, labels), value in sorted(self.counters.items()):
-                    if n == name:
-                        lines.append(f"{name}{_labels(labels)} {value:g}")
-            name = "kernel_ci_cache_request_duration_seconds"
-            lines += [f"# HELP {name} request latency by route", f"# TYPE {name} histogram"]
-            for labels, hist in sorted(self.histograms.items()):
-                for bound, count in zip(hist.buckets, hist.counts, strict=True):
-                    lines.append(f"{name}_bucket{_labels((*labels, ('le', f'{bound:g}')))} {count}")
-                lines.append(f"{name}_bucket{_labels((*labels, ('le', '+Inf')))} {hist.count}")
-                lines.append(f"{name}_sum{_labels(labels)} {hist.total:.6f}")
-                lines.append(f"{name}_count{_labels(labels)} {hist.count}")
-        return "\n".join(lines) + "\n"
-
-
-def _labels(labels: Iterable[tuple[str, str]]) -> str:
-    items = list(labels)
-    if not items:
-        return ""
-    inner = ",".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in items
-    )
-    return "{" + inner + "}"
 
 
 class _AccessTimes:

@@ -1,32 +1,38 @@
 """Server-rendered HTML: the build list (newest first) and a page per build. No JavaScript, no build step.
 
-Every stored value is escaped, and every stored value is read through ``_dict`` / ``_strs`` / ``_num``:
-an entry stored before the service validated metadata (or by another version) renders with blanks
-instead of making its page fail on every visit."""
+The pages are Jinja2 templates (``templates/``, shipped as package data) loaded through Starlette's
+``Jinja2Templates``, with autoescape on for every template: a stored value can only reach a page as
+escaped text, whichever template or field a later change adds, instead of relying on each f-string
+remembering its ``escape()``. ``base.html`` holds the page frame; a new page extends it.
+
+This module only turns index rows into plain values for the templates. Every stored value is read
+through ``_dict`` / ``_strs`` / ``_num``: an entry stored before the service validated metadata (or by
+another version) renders with blanks instead of making its page fail on every visit."""
 
 from __future__ import annotations
 
 import datetime
-from html import escape
 from typing import Any
 from urllib.parse import quote
 
+from jinja2 import Environment, PackageLoader
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.templating import Jinja2Templates
+
 from kernel_ci.cache.server.index import BuildRow, BuildSummary
 
-STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:.35em .5em;
-text-align:left;vertical-align:top}th{background:#f4f4f4}code{font-size:12px}
-.pass{color:#176f2c;font-weight:600}.fail{color:#b3261e;font-weight:600}.muted{color:#777}
-a.dl{margin-right:.6em}pre{background:#f7f7f7;padding:.6em;overflow:auto}
-"""
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>"
+# autoescape=True for every template name, not select_autoescape()'s by-extension default
+TEMPLATES = Jinja2Templates(
+    env=Environment(
+        loader=PackageLoader("kernel_ci.cache.server", "templates"), autoescape=True, auto_reload=False
     )
+)
+
+
+def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
+    """A page: template ``name`` (under templates/) with ``context``."""
+    return TEMPLATES.TemplateResponse(request, name, context, status_code=status_code)
 
 
 def _when(timestamp: object) -> str:
@@ -80,148 +86,115 @@ def _run_url(key: str, run_id: str, part: str) -> str:
     return f"/api/v1/builds/{key}/runs/{quote(run_id)}/{part}"
 
 
-def _tests_cell(counts: dict[str, int] | None) -> str:
+def _test_counts(counts: dict[str, Any] | None) -> dict[str, int] | None:
+    """passed / bad (failed + errors) / skipped as integers, whatever the stored document held."""
     if counts is None:
-        return "<span class=muted>no test run</span>"
-    bad = int(_num(counts.get("failed")) or 0) + int(_num(counts.get("errors")) or 0)
-    return (
-        f"<span class=pass>{int(_num(counts.get('passed')) or 0)} passed</span> / "
-        f'<span class="{"fail" if bad else "muted"}">{bad} failed</span>'
-        + (
-            f" <span class=muted>({int(_num(counts['skipped']) or 0)} skipped)</span>"
-            if counts.get("skipped")
-            else ""
-        )
-    )
+        return None
+
+    def count(name: str) -> int:
+        return int(_num(counts.get(name)) or 0)
+
+    return {"passed": count("passed"), "bad": count("failed") + count("errors"), "skipped": count("skipped")}
 
 
-def _downloads(key: str, outputs: list[str], runs: list[dict[str, Any]]) -> str:
-    links = []
-    for name in _strs(outputs):
-        if name == "bzImage" or name.endswith((".mbox", ".patch")):
-            links.append(f'<a class=dl href="{_file_url(key, name)}">{escape(name.rsplit("/", 1)[-1])}</a>')
-    for run in runs[-1:]:
-        run_id = str(run.get("run_id"))
-        if "junit" in run:
-            links.append(f'<a class=dl href="{_run_url(key, run_id, "junit.xml")}">JUnit XML</a>')
-        if "console" in run:
-            links.append(f'<a class=dl href="{_run_url(key, run_id, "console.log")}">console log</a>')
-    return " ".join(links) or "<span class=muted>-</span>"
-
-
-def list_page(rows: list[BuildSummary], total: int, limit: int, offset: int) -> str:
-    head = (
-        "<tr><th>built</th><th>kernel</th><th>patch series</th><th>config fragments</th><th>tests</th>"
-        "<th>ccache hits</th><th>downloads</th><th>key</th></tr>"
-    )
-    lines = []
-    for row in rows:
-        s = _dict(row.summary)
-        rate = _num(s.get("ccache_hit_rate"))
-        lines.append(
-            "<tr>"
-            f"<td>{escape(_when(row.created))}</td>"
-            f"<td>{escape(str(s.get('kernel_version', '')))}<br><span class=muted>"
-            f"{escape(str(s.get('kernel_release', '')))}</span></td>"
-            f"<td>{escape(', '.join(_strs(s.get('series'))) or 'none (vanilla)')}</td>"
-            f"<td>{'<br>'.join(escape(f) for f in _strs(s.get('fragments')))}</td>"
-            f"<td>{_tests_cell(_counts(row.runs))}</td>"
-            f"<td>{'-' if rate is None else f'{rate:.0%}'}</td>"
-            f"<td>{_downloads(row.key, s.get('outputs', []), row.runs)}</td>"
-            f'<td><a href="/builds/{row.key}"><code>{row.key[:16]}</code></a>'
-            f"{' 📌' if row.pinned else ''}</td>"
-            "</tr>"
-        )
-    nav = []
-    if offset > 0:
-        nav.append(f'<a href="/?offset={max(offset - limit, 0)}&limit={limit}">newer</a>')
-    if offset + limit < total:
-        nav.append(f'<a href="/?offset={offset + limit}&limit={limit}">older</a>')
-    body = (
-        f"<h1>kernel-ci build cache</h1><p>{total} build(s), newest first.</p>"
-        f"<table id=builds>{head}{''.join(lines)}</table><p>{' '.join(nav)}</p>"
-        '<p class=muted><a href="/openapi.json">API (OpenAPI)</a> · <a href="/metrics">metrics</a></p>'
-    )
-    return _page("kernel-ci build cache", body)
-
-
-def build_page(row: BuildRow, explanation: dict[str, Any] | None) -> str:
-    key = row.key
-    runs = [_run_html(key, r) for r in reversed([r for r in row.runs if isinstance(r, dict)])]
-    body = (
-        f'<p><a href="/">all builds</a></p><h1>build {key[:16]}</h1><table>{_facts_html(row)}</table>'
-        "<h2>outputs</h2><table id=outputs><tr><th>file</th><th>bytes</th><th>sha256</th></tr>"
-        f"{_outputs_html(key, row.doc['outputs'])}</table>"
-        f"<h2>test results</h2>{''.join(runs) or '<p class=muted>No test run attached.</p>'}"
-        f"<h2>why a build with these inputs misses the cache of the others</h2>{_miss_html(explanation)}"
-    )
-    return _page(f"build {key[:16]}", body)
-
-
-def _facts_html(row: BuildRow) -> str:
-    doc = row.doc
-    meta = _dict(doc.get("metadata"))
-    kernel = _dict(meta.get("kernel"))
-    facts = [
-        ("build key", f"<code>{row.key}</code>" + (" (pinned)" if row.pinned else "")),
-        ("kernel", escape(f"{kernel.get('version', '')} release {kernel.get('release', '')}")),
-        ("patch series", escape(", ".join(_strs(meta.get("series"))) or "none (vanilla)")),
-        ("config fragments", "<br>".join(escape(f) for f in _strs(meta.get("fragments")))),
-        ("toolchain", escape(str(_dict(meta.get("toolchain")).get("gcc", "")))),
-        ("ccache", escape(_ccache_text(meta.get("ccache")))),
-        ("published", escape(_when(doc.get("published", row.created)))),
-        ("reproduce", f"<code>{escape(str(meta.get('reproduce', '')))}</code>"),
-    ]
-    return "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
-
-
-def _outputs_html(key: str, outputs: list[dict[str, Any]]) -> str:
-    return "".join(
-        f'<tr><td><a href="{_file_url(key, o["name"])}">{escape(o["name"])}</a>'
-        f"{' (tar)' if o['kind'] == 'tar' else ''}</td><td>{o['size']:,}</td>"
-        f"<td><code>{o['sha256'][:16]}</code></td></tr>"
-        for o in outputs
-    )
-
-
-def _run_html(key: str, run: dict[str, Any]) -> str:
+def _run_links(key: str, run: dict[str, Any]) -> list[dict[str, str]]:
     run_id = str(run.get("run_id"))
     links = []
     if "junit" in run:
-        links.append(f'<a href="{_run_url(key, run_id, "junit.xml")}">JUnit XML</a>')
+        links.append({"url": _run_url(key, run_id, "junit.xml"), "text": "JUnit XML"})
     if "console" in run:
-        links.append(f'<a href="{_run_url(key, run_id, "console.log")}">console log</a>')
-    cases = "".join(
-        f"<tr><td>{escape(str(c.get('suite', '')))}</td><td>{escape(str(c.get('name', '')))}</td>"
-        f'<td class="{_status_class(str(c.get("status", "")))}">'
-        f"{escape(str(c.get('status', '')))}</td><td>{escape(str(c.get('time', '')))}</td>"
-        f"<td>{escape(str(c.get('message', '')))}</td></tr>"
-        for c in run.get("cases", [])
-        if isinstance(c, dict)
-    )
-    return (
-        f"<h3>run {escape(run_id)} {escape(str(run.get('outcome', '')))}</h3>"
-        f"<p>{_tests_cell(_dict(run.get('counts')) or None)} · {' · '.join(links)}</p>"
-        + (
-            "<table class=cases><tr><th>suite</th><th>test</th><th>result</th><th>s</th>"
-            "<th>message</th></tr>"
-            f"{cases}</table>"
-            if cases
-            else ""
-        )
-    )
+        links.append({"url": _run_url(key, run_id, "console.log"), "text": "console log"})
+    return links
 
 
-def _miss_html(explanation: dict[str, Any] | None) -> str:
-    if explanation and explanation.get("busy"):
-        return "<p class=muted>Too many comparisons in progress: reload this page in a moment.</p>"
-    if explanation and explanation.get("nearest"):
-        nearest = explanation["nearest"]
-        return (
-            f'<p>Nearest other build: <a href="/builds/{nearest}"><code>{nearest[:16]}</code></a> '
-            f"(of {explanation['candidates']} compared).</p><pre>{escape(explanation['text'])}</pre>"
-        )
-    return "<p class=muted>No other build to compare with.</p>"
+def _downloads(key: str, outputs: object, runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    links = [
+        {"url": _file_url(key, name), "text": name.rsplit("/", 1)[-1]}
+        for name in _strs(outputs)
+        if name == "bzImage" or name.endswith((".mbox", ".patch"))
+    ]
+    for run in runs[-1:]:
+        links += _run_links(key, run)
+    return links
+
+
+def _list_row(row: BuildSummary) -> dict[str, Any]:
+    s = _dict(row.summary)
+    rate = _num(s.get("ccache_hit_rate"))
+    return {
+        "key": row.key,
+        "pinned": row.pinned,
+        "when": _when(row.created),
+        "kernel_version": str(s.get("kernel_version", "")),
+        "kernel_release": str(s.get("kernel_release", "")),
+        "series": ", ".join(_strs(s.get("series"))) or "none (vanilla)",
+        "fragments": _strs(s.get("fragments")),
+        "counts": _test_counts(_counts(row.runs)),
+        "hit_rate": "-" if rate is None else f"{rate:.0%}",
+        "downloads": _downloads(row.key, s.get("outputs", []), row.runs),
+    }
+
+
+def list_context(rows: list[BuildSummary], total: int, limit: int, offset: int) -> dict[str, Any]:
+    """What builds.html shows: one page of the build list and its newer/older offsets."""
+    return {
+        "builds": [_list_row(row) for row in rows],
+        "total": total,
+        "limit": limit,
+        "newer": max(offset - limit, 0) if offset > 0 else None,
+        "older": offset + limit if offset + limit < total else None,
+    }
+
+
+def build_context(row: BuildRow, explanation: dict[str, Any] | None) -> dict[str, Any]:
+    """What build.html shows: the build's facts, outputs, runs (newest first) and miss explanation."""
+    key = row.key
+    meta = _dict(row.doc.get("metadata"))
+    kernel = _dict(meta.get("kernel"))
+    return {
+        "key": key,
+        "pinned": row.pinned,
+        "kernel": f"{kernel.get('version', '')} release {kernel.get('release', '')}",
+        "series": ", ".join(_strs(meta.get("series"))) or "none (vanilla)",
+        "fragments": _strs(meta.get("fragments")),
+        "toolchain": str(_dict(meta.get("toolchain")).get("gcc", "")),
+        "ccache": _ccache_text(meta.get("ccache")),
+        "published": _when(row.doc.get("published", row.created)),
+        "reproduce": str(meta.get("reproduce", "")),
+        "outputs": [
+            {
+                "url": _file_url(key, o["name"]),
+                "name": o["name"],
+                "tar": o["kind"] == "tar",
+                "size": f"{o['size']:,}",
+                "sha256": o["sha256"],
+            }
+            for o in row.doc["outputs"]
+        ],
+        "runs": [_run_view(key, r) for r in reversed([r for r in row.runs if isinstance(r, dict)])],
+        "miss": explanation or {},
+    }
+
+
+def _run_view(key: str, run: dict[str, Any]) -> dict[str, Any]:
+    cases = [c for c in run.get("cases", []) if isinstance(c, dict)]
+    return {
+        "run_id": str(run.get("run_id")),
+        "outcome": str(run.get("outcome", "")),
+        "counts": _test_counts(_dict(run.get("counts")) or None),
+        "links": _run_links(key, run),
+        "cases": [
+            {
+                "suite": str(c.get("suite", "")),
+                "name": str(c.get("name", "")),
+                "status": str(c.get("status", "")),
+                "status_class": _status_class(str(c.get("status", ""))),
+                "time": str(c.get("time", "")),
+                "message": str(c.get("message", "")),
+            }
+            for c in cases
+        ],
+    }
 
 
 def _ccache_text(ccache: object) -> str:
@@ -234,7 +207,3 @@ def _ccache_text(ccache: object) -> str:
 
 def _status_class(status: str) -> str:
     return "pass" if status == "passed" else "fail" if status in ("failed", "error") else "muted"
-
-
-def not_found_page(key: str) -> str:
-    return _page("not found", f'<p><a href="/">all builds</a></p><h1>no build {escape(key[:64])}</h1>')
