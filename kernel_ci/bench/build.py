@@ -17,11 +17,12 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from kernel_ci.bench.figures import Figure, ratio, render
+from kernel_ci.bench.figures import Figure, figures_from_json, markdown_table, ratio, render
+from kernel_ci.bench.figures import rewrite_readme as rewrite_readme_section
 from kernel_ci.bench.guest import guest_figures
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.core import proc
@@ -53,66 +54,118 @@ def machine_description() -> dict[str, str | int]:
     }
 
 
-def build_figures(work: Path, kernel: str | None) -> tuple[list[Figure], BuildResult]:
-    ccache = work / "ccache"
-    store = LocalStore(work / "store")
-    out = work / "out"
+ONE_LINE_CHANGE = "kernel/ptrace.c"
 
-    step("bench: cold build (empty ccache, empty object tree, no build cache)")
-    cold = build(
-        BuildRequest(kernel=kernel, output=out / "cold", fresh=True, use_cache=False, ccache_dir=ccache)
+
+def _build(work: Path, kernel: str | None, name: str, *, fresh: bool = False, use_cache: bool) -> BuildResult:
+    request = BuildRequest(
+        kernel=kernel,
+        output=work / "out" / name,
+        ccache_dir=work / "ccache",
+        fresh=fresh,
+        use_cache=use_cache,
     )
-    figures = [Figure("build: cold, CI config", cold.seconds, "< 300 s")]
-
-    step("bench: ccache-warm build of a clean tree")
-    warm = build(
-        BuildRequest(kernel=kernel, output=out / "warm", fresh=True, use_cache=False, ccache_dir=ccache)
-    )
-    rate = warm.metadata.ccache.hit_rate if warm.metadata.ccache else 0.0
-    figures.append(
-        Figure("build: ccache-warm, clean tree", warm.seconds, "< 90 s", f"ccache {rate:.0%} hits")
-    )
-
-    step("bench: incremental build after touching kernel/ptrace.c")
-    assert warm.work is not None
-    (warm.work / "src" / "kernel" / "ptrace.c").touch()
-    incremental = build(BuildRequest(kernel=kernel, output=out / "incr", use_cache=False, ccache_dir=ccache))
-    figures.append(Figure("build: incremental (kernel/ptrace.c touched)", incremental.seconds, "< 30 s"))
-
-    step("bench: build cache hit")
-    build(BuildRequest(kernel=kernel, output=out / "seed", use_cache=True, ccache_dir=ccache), store=store)
-    hit = build(
-        BuildRequest(kernel=kernel, output=out / "hit", use_cache=True, ccache_dir=ccache), store=store
-    )
-    figures.append(Figure("build: build-cache hit", hit.seconds, "< 5 s", "hit" if hit.cache_hit else "MISS"))
-    return figures, cold
+    return build(request, store=LocalStore(work / "store"))
 
 
-def tuxmake_figures(work: Path, reference: BuildResult) -> list[Figure]:
-    """tuxmake on the host (--runtime null: no toolchain image can be pulled here), same tree and config."""
+@contextlib.contextmanager
+def one_line_change(tree: Path) -> Iterator[None]:
+    """Append one line to kernel/ptrace.c for the block, then put the original file back and touch it (so
+    the next build recompiles it and no object of the edit survives). The tree is hard links to the
+    pristine source: the edit goes to a new file (the pristine one is never written), and the original
+    inode is linked back. The block's builds must not publish: their key says the unedited inputs."""
+    path = tree / ONE_LINE_CHANGE
+    original = path.with_name(path.name + ".kci-bench-orig")
+    original.unlink(missing_ok=True)
+    os.link(path, original)
+    edited = path.with_name(path.name + ".kci-bench-edit")
+    edited.write_bytes(path.read_bytes() + b"/* kernel-ci bench: a one-line change */\n")
+    edited.replace(path)
+    try:
+        yield
+    finally:
+        original.replace(path)
+        path.touch()
+
+
+class Tuxmake:
+    """tuxmake on the host (--runtime null: no toolchain image can be pulled here), building the same tree
+    with the same config as kernel-ci's cold build, in one build dir (so its rebuilds are incremental)."""
+
+    def __init__(self, work: Path, reference: BuildResult) -> None:
+        assert reference.work is not None
+        self.work = work
+        self.tree = reference.work / "src"
+        self.config = reference.output / "config"
+        self.env = {
+            "KBUILD_BUILD_TIMESTAMP": reference.metadata.kbuild_timestamp,
+            "CCACHE_DIR": str(work / "tuxmake-ccache"),
+        }
+        self.build_dir = work / "tuxmake-build"
+
+    def run(self, *, ccache: bool, fresh: bool) -> float:
+        if fresh:
+            shutil.rmtree(self.build_dir, ignore_errors=True)
+        wrapper = ["--wrapper", "ccache" if ccache else "none"]
+        argv = ["tuxmake", "--runtime", "null", "--target-arch", "x86_64", "--toolchain", "gcc",
+                "--kconfig", str(self.config), "-C", str(self.tree), "-b", str(self.build_dir),
+                "-o", str(self.work / "tuxmake-out"), *wrapper, "kernel", "modules"]  # fmt: skip
+        with measure_duration() as took:
+            proc.run(argv, env=self.env, keep_output=False, quiet=True)
+        return took.seconds
+
+
+def tuxmake_ready() -> bool:
     if shutil.which("tuxmake") is None:
-        return [Figure("tuxmake: cold", None, note="tuxmake not installed (pip install tuxmake)")]
+        return False
     if hostsetup.can_install():
         hostsetup.apt_install(HOST_BUILD_DEPS)
-    assert reference.work is not None
-    tree = reference.work / "src"
-    config = reference.output / "config"
-    env = {
-        "KBUILD_BUILD_TIMESTAMP": reference.metadata.kbuild_timestamp,
-        "CCACHE_DIR": str(work / "tuxmake-ccache"),
-    }
-    figures = []
-    for label, extra in (("cold", []), ("ccache-warm #1 (fills ccache)", ["--wrapper", "ccache"]),
-                         ("ccache-warm #2", ["--wrapper", "ccache"])):  # fmt: skip
-        build_dir = work / "tuxmake-build"
-        shutil.rmtree(build_dir, ignore_errors=True)
-        argv = ["tuxmake", "--runtime", "null", "--target-arch", "x86_64", "--toolchain", "gcc",
-                "--kconfig", str(config), "-C", str(tree), "-b", str(build_dir),
-                "-o", str(work / "tuxmake-out"), *extra, "kernel", "modules"]  # fmt: skip
-        with measure_duration() as took:
-            proc.run(argv, env=env, keep_output=False, quiet=True)
-        seconds = took.seconds
-        figures.append(Figure(f"tuxmake: {label}", seconds))
+    return True
+
+
+def build_figures(
+    work: Path, kernel: str | None, *, reference: bool, save: Callable[[list[Figure]], None]
+) -> list[Figure]:
+    """Each kernel-ci figure measured right beside tuxmake's for the same work (cold, ccache-warm,
+    incremental), so both see the same load; bench.json is saved after each pair."""
+    figures: list[Figure] = []
+
+    def add(figure: Figure) -> None:
+        figures.append(figure)
+        save(figures)
+
+    step("bench: cold build (empty ccache, empty object tree, no build cache)")
+    cold = _build(work, kernel, "cold", fresh=True, use_cache=False)
+    tux = Tuxmake(work, cold) if reference and tuxmake_ready() else None
+    step("bench: tuxmake cold (--wrapper none), same tree and config")
+    tux_cold = tux.run(ccache=False, fresh=True) if tux else None
+    add(Figure("build: cold, CI config (fills ccache)", cold.seconds, "<= 0.95x tuxmake", reference=tux_cold,
+               reference_name="tuxmake --wrapper none", breakdown=dict(cold.metadata.durations)))  # fmt: skip
+
+    step("bench: ccache-warm build of a clean tree (and tuxmake filling, then using, its ccache)")
+    warm = _build(work, kernel, "warm", fresh=True, use_cache=False)
+    rate = warm.metadata.ccache.hit_rate if warm.metadata.ccache else 0.0
+    tux_warm = None
+    if tux:
+        add(Figure("tuxmake: fills its ccache (cold, --wrapper ccache)", tux.run(ccache=True, fresh=True)))
+        tux_warm = tux.run(ccache=True, fresh=True)
+    add(Figure("build: ccache-warm, clean tree", warm.seconds, "<= 1.0x tuxmake", f"ccache {rate:.0%} hits",
+               reference=tux_warm, reference_name="tuxmake --wrapper ccache, warm",
+               breakdown=dict(warm.metadata.durations)))  # fmt: skip
+
+    step(f"bench: incremental build after a one-line change in {ONE_LINE_CHANGE}")
+    assert warm.work is not None
+    with one_line_change(warm.work / "src"):
+        incremental = _build(work, kernel, "incr", use_cache=False)
+        tux_incr = tux.run(ccache=True, fresh=False) if tux else None
+    add(Figure(f"build: incremental, one-line change in {ONE_LINE_CHANGE}", incremental.seconds, "< 10 s",
+               reference=tux_incr, reference_name="tuxmake, same build dir",
+               breakdown=dict(incremental.metadata.durations)))  # fmt: skip
+
+    step("bench: build cache hit")
+    _build(work, kernel, "seed", use_cache=True)
+    hit = _build(work, kernel, "hit", use_cache=True)
+    add(Figure("build: build-cache hit", hit.seconds, "<= 0.3 s", "hit" if hit.cache_hit else "MISS"))
     return figures
 
 
@@ -123,10 +176,7 @@ def _report(figures: list[Figure]) -> dict[str, object]:
         "command": " ".join(["kernel-ci", *sys.argv[1:]]) if sys.argv else "kernel-ci bench",
         "figures": [asdict(f) for f in figures],
         "ratios": {
-            "cold build / tuxmake cold": ratio(figures, "build: cold, CI config", "tuxmake: cold"),
-            "ccache-warm / tuxmake ccache-warm": ratio(
-                figures, "build: ccache-warm, clean tree", "tuxmake: ccache-warm #2"
-            ),
+            **{f.name: f"{f.ratio:.2f}" for f in figures if f.ratio is not None},
             "boot-to-first-test / virtme-ng": ratio(
                 figures, "guest: boot-to-first-test, TCG", "virtme-ng: boot + uname -r, TCG"
             ),
@@ -140,6 +190,18 @@ def _report(figures: list[Figure]) -> dict[str, object]:
 
 
 PARTS = ("build", "guest")
+
+
+def _save_with(output: Path, figures: list[Figure], part: list[Figure]) -> None:
+    """bench.json with the figures so far and those of the part being measured."""
+    (output / "bench.json").write_text(json.dumps(_report([*figures, *part]), indent=1))
+
+
+def rewrite_readme(bench_json: Path, readme: Path) -> bool:
+    """README.md's performance table, regenerated from bench_json; True if it changed."""
+    report = json.loads(bench_json.read_text())
+    table = markdown_table(figures_from_json(report), report.get("machine", {}), report.get("command", "?"))
+    return rewrite_readme_section(readme, table)
 
 
 def run_bench(
@@ -158,13 +220,13 @@ def run_bench(
 
     try:
         if "build" in parts:
-            build_part, cold = build_figures(work, kernel)
-            figures += build_part
+            figures += build_figures(
+                work,
+                kernel,
+                reference=not skip_reference,
+                save=lambda part: _save_with(output, figures, part),
+            )
             save()
-            if not skip_reference:
-                step("bench: tuxmake on the same tree and config")
-                figures += tuxmake_figures(work, cold)
-                save()
         if "guest" in parts:
             figures += guest_figures(work, skip_reference=skip_reference)
     finally:

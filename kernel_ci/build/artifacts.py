@@ -43,6 +43,16 @@ def _copy_file(src: Path, dest: Path) -> None:
     shutil.copy2(src, dest, follow_symlinks=True)
 
 
+def _link_file(src: Path, dest: Path) -> None:
+    """A hard link to src (no bytes copied), or a copy where a link cannot be made (another filesystem,
+    the link limit)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest, follow_symlinks=True)
+    except OSError:
+        shutil.copy2(src, dest, follow_symlinks=True)
+
+
 def _is_kbuild_file(rel: Path) -> bool:
     """Makefiles and Kconfigs everywhere (kbuild includes them), other build files only in the x86 tree."""
     if rel.name.startswith(KBUILD_SRC_NAMES):
@@ -54,17 +64,23 @@ def _is_kbuild_file(rel: Path) -> bool:
     )
 
 
-def export_kbuild_tree(src: Path, out: Path, dest: Path) -> None:
+def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool = False) -> None:
     """A single self-contained tree (srctree == objtree) that builds out-of-tree modules for this kernel:
     the source's Makefiles, Kconfigs, headers and scripts, overlaid with the build's generated headers,
-    .config, Module.symvers and host tools (fixdep, modpost, objtool)."""
+    .config, Module.symvers and host tools (fixdep, modpost, objtool).
+
+    With link_sources the source's files are hard-linked, not copied (~90 MB, seconds of a build): only
+    for a source tree nothing ever writes in place (kernel-ci's own patched tree, itself hard links to
+    the pristine tarball's tree, mounted read-only into every container). The object tree's files are
+    always copied: kbuild rewrites some of them in place, which would change the exported ones too."""
+    place_source = _link_file if link_sources else _copy_file
     for directory, _dirs, files in os.walk(src):
         rel_dir = Path(directory).relative_to(src)
         in_full_dir = any(str(rel_dir) == d or str(rel_dir).startswith(d + "/") for d in KBUILD_SRC_DIRS)
         for name in files:
             rel = rel_dir / name
             if in_full_dir or _is_kbuild_file(rel):
-                _copy_file(src / rel, dest / rel)
+                place_source(src / rel, dest / rel)
     for item in KBUILD_OUT_FILES:
         path = out / item
         if path.is_dir():
@@ -80,9 +96,9 @@ def export_kbuild_tree(src: Path, out: Path, dest: Path) -> None:
     (dest / "source").unlink(missing_ok=True)
 
 
-def collect(src: Path, out: Path, dest: Path) -> dict[str, str]:
-    """Copy the kernel, config, symbols, installed modules and the kbuild tree into dest.
-    Returns a map of output name -> relative path."""
+def collect(src: Path, out: Path, dest: Path, *, link_sources: bool = False) -> dict[str, str]:
+    """Copy the kernel, config, symbols, installed modules and the kbuild tree into dest (link_sources:
+    see export_kbuild_tree). Returns a map of output name -> relative path."""
     dest.mkdir(parents=True, exist_ok=True)
     produced = {
         "bzImage": out / "arch/x86/boot/bzImage",
@@ -94,6 +110,6 @@ def collect(src: Path, out: Path, dest: Path) -> dict[str, str]:
     modules = out / ".kci-modules"
     if modules.is_dir():
         shutil.copytree(modules, dest / "modules", symlinks=True, dirs_exist_ok=True)
-    export_kbuild_tree(src, out, dest / "kbuild")
+    export_kbuild_tree(src, out, dest / "kbuild", link_sources=link_sources)
     make_honest_links(dest)  # replaces modules_install's links to the container's /build/{out,src}
     return {name: name for name in produced} | {"modules": "modules", "kbuild": "kbuild"}

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from kernel_ci.build import ccacherelay
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
 from kernel_ci.core.errors import BuildError
-from kernel_ci.core.timing import measure_duration
+from kernel_ci.core.timing import RECORD_DIGITS, measure_duration
 from kernel_ci.host import docker
 
 SRC = "/build/src"
@@ -81,6 +83,10 @@ class BuildEnv:
             "CCACHE_BASEDIR": "/build",
             "CCACHE_COMPILERCHECK": "content",
             "CCACHE_NOHASHDIR": "1",
+            # Depend mode: on a miss ccache hashes the -MMD dependency file kbuild asks gcc for anyway
+            # (-Wp,-MMD,...) instead of running the preprocessor a second time: a miss then costs about
+            # what the compile alone costs. The objects are the compiler's either way.
+            "CCACHE_DEPEND": "1",
             "CCACHE_MAXSIZE": os.environ.get("KERNEL_CI_CCACHE_SIZE", "5G"),
         }
 
@@ -249,6 +255,67 @@ def run_make(env: BuildEnv, *targets: str, title: str, extra: Sequence[str] = ()
     return took.seconds, progress.steps
 
 
+# A line the step script prints as each step starts: the host times the steps of one container run by when
+# these lines reach it (the container shares the host's clock, but the host's monotonic clock needs no
+# parsing and also measures the container's start).
+STEP_MARK = "kci-step "
+CONTAINER_START = "container_start"
+
+
+@dataclass(frozen=True)
+class ScriptStep:
+    """One named step of a step script: a shell command line (built with shlex: no caller text is ever
+    spliced into it unquoted)."""
+
+    name: str
+    command: str
+
+
+def step_script(steps: Sequence[ScriptStep]) -> list[str]:
+    """`sh -c` running STEPS in order in one container, stopping at the first failure, each announced by a
+    STEP_MARK line. One container instead of one per step: each `docker run` costs 0.5-2 s here."""
+    lines = ["set -e"]
+    for item in steps:
+        lines += [f"echo {shlex.quote(STEP_MARK + item.name)}", item.command]
+    lines.append(f"echo {shlex.quote(STEP_MARK + 'end')}")
+    return ["sh", "-c", "\n".join(lines)]
+
+
+class _StepClock:
+    """Times the steps of a step script from its STEP_MARK lines; passes every other line on."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self.durations: dict[str, float] = {}
+        self.current = CONTAINER_START
+        self.since = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        if not line.startswith(STEP_MARK):
+            self.on_line(line)
+            return
+        now = time.monotonic()
+        self.durations[self.current] = self.durations.get(self.current, 0.0) + now - self.since
+        self.current, self.since = line[len(STEP_MARK) :].strip(), now
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(seconds, RECORD_DIGITS) for name, seconds in self.durations.items()}
+
+
+def run_steps(env: BuildEnv, steps: Sequence[ScriptStep], *, title: str) -> tuple[dict[str, float], int, str]:
+    """STEPS in one builder container; returns (seconds per step, kbuild steps, the step that was running
+    last). A failing step raises CompileError naming it; Docker's own failure stays a CommandError."""
+    with _KbuildProgress(title) as progress:
+        clock = _StepClock(progress)
+        try:
+            run_container(env, step_script(steps), on_line=clock, keep_output=False)
+        except proc.CommandError as exc:
+            if not make_failed(exc):
+                raise  # Docker itself failed (daemon down, image missing, OOM kill): infrastructure
+            raise CompileError(f"{title} failed in its step {clock.current}: {exc}") from exc
+    return clock.rounded(), progress.steps, clock.current
+
+
 class CompileError(BuildError):
     """make exited non-zero inside the builder container: the kernel does not build (exit 10)."""
 
@@ -269,24 +336,66 @@ def make_failed(exc: proc.CommandError) -> bool:
 
 
 def configure(env: BuildEnv, merged_fragment: str) -> str:
-    """allnoconfig + the merged fragment (KCONFIG_ALLCONFIG), then olddefconfig; returns the final .config."""
+    """allnoconfig + the merged fragment (KCONFIG_ALLCONFIG), then olddefconfig; returns the final .config.
+
+    One make for both: kbuild runs several config targets one by one (its "mixed build"), and
+    olddefconfig ignores KCONFIG_ALLCONFIG; one container start instead of two."""
     env.out.mkdir(parents=True, exist_ok=True)
     fragment = env.out / "kci-fragment.config"
     fragment.write_text(merged_fragment)
     allconfig = f"KCONFIG_ALLCONFIG={OUT}/kci-fragment.config"
-    run_make(env, "allnoconfig", title="kconfig allnoconfig + fragments", extra=[allconfig])
-    run_make(env, "olddefconfig", title="kconfig olddefconfig")
+    run_make(env, "allnoconfig", "olddefconfig", title="kconfig allnoconfig + fragments, olddefconfig",
+             extra=[allconfig])  # fmt: skip
     return (env.out / ".config").read_text()
 
 
-def build(env: BuildEnv) -> tuple[float, int]:
-    """The kernel image and modules, then modules_install into out/.kci-modules."""
-    seconds, steps = run_make(env, "bzImage", "modules", title="kbuild")
-    staging = env.out / ".kci-modules"
-    if staging.exists():
-        proc.run(["rm", "-rf", staging], quiet=True)
-    run_make(env, "modules_install", title="modules_install", extra=[f"INSTALL_MOD_PATH={OUT}/.kci-modules"])
-    return seconds, steps
+MODULES_STAGING = ".kci-modules"  # under the object tree: modules_install's output
+CCACHE_STATS = (".kci-ccache-before", ".kci-ccache-after")  # under the object tree: --print-stats
+
+
+@dataclass(frozen=True)
+class KbuildRun:
+    """What one kernel build reports: seconds per step (container start, make, modules_install, ccache
+    statistics), kbuild steps, and ccache's hits and misses of this build ({} without ccache)."""
+
+    durations: dict[str, float]
+    steps: int
+    ccache: dict[str, float | int]
+
+
+def build_steps(env: BuildEnv) -> list[ScriptStep]:
+    """The kernel image and modules, then modules_install into out/.kci-modules (emptied first), with
+    ccache's counters read before and after: one container for all of it."""
+    staging = f"{OUT}/{MODULES_STAGING}"
+    steps = [
+        ScriptStep("make", shlex.join(env.make_argv("bzImage", "modules"))),
+        ScriptStep(
+            "modules_install",
+            f"rm -rf {shlex.quote(staging)}; "
+            + shlex.join(env.make_argv("modules_install", extra=[f"INSTALL_MOD_PATH={staging}"])),
+        ),
+    ]
+    if not env.use_ccache:
+        return steps
+    before, after = (shlex.quote(f"{OUT}/{name}") for name in CCACHE_STATS)
+    return [
+        ScriptStep("ccache_stats", f"ccache --print-stats > {before}"),
+        *steps,
+        ScriptStep("ccache_stats", f"ccache --print-stats > {after}"),
+    ]
+
+
+def build(env: BuildEnv) -> KbuildRun:
+    """Build the kernel (build_steps) in one container; its timings, kbuild steps and ccache figures."""
+    for name in CCACHE_STATS:
+        (env.out / name).unlink(missing_ok=True)  # a stale file must not pass for this build's counters
+    durations, steps, _last = run_steps(env, build_steps(env), title="kbuild")
+    ccache: dict[str, float | int] = {}
+    if env.use_ccache:
+        before, after = (parse_ccache_stats((env.out / name).read_text()) for name in CCACHE_STATS)
+        ccache = ccache_delta(before, after)
+    durations.pop("end", None)
+    return KbuildRun(durations, steps, ccache)
 
 
 def kernel_release(env: BuildEnv) -> str:
@@ -299,6 +408,11 @@ def ccache_counters(env: BuildEnv) -> dict[str, int]:
         return {}
     give_to_build_user(env.ccache_dir)
     text = proc.capture(docker_run_argv(env, ["ccache", "--print-stats"]))  # local counters: no relay
+    return parse_ccache_stats(text)
+
+
+def parse_ccache_stats(text: str) -> dict[str, int]:
+    """`ccache --print-stats` output: one "name<TAB>value" line per counter."""
     counters: dict[str, int] = {}
     for line in text.splitlines():
         name, _, value = line.partition("\t")

@@ -30,7 +30,7 @@ from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.paths import CHECKOUT, GUEST_TESTS, REPO_ROOT, Project, cache_dir
-from kernel_ci.core.timing import Duration, measure_duration
+from kernel_ci.core.timing import RECORD_DIGITS, Duration, measure_duration
 from kernel_ci.host import setup as hostsetup
 
 OBJECT_TREES_KEPT = 3  # per patched source tree
@@ -227,6 +227,7 @@ class _Compiled:
 def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult:
     """Plan, look up, configure, compile, collect, publish: each step below, in that order."""
     job = plan_build(request)
+    job.durations["plan"] = round(job.clock.elapsed(), RECORD_DIGITS)  # source, host, toolchain image
     store = store or LocalStore()
     if request.use_cache:
         hit = look_up_request(store, job)
@@ -248,7 +249,9 @@ def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult
             staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
             try:
                 metadata = collect(job, configured, compiled, staging)
-                publish(store, job, configured, staging)
+                with measure_duration() as took:
+                    publish(store, job, configured, staging)
+                job.durations["publish"] = took.rounded  # after metadata.json was written: in the result only
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(configured.key, request.output, metadata, False, job.clock.elapsed(), env.out.parent)
@@ -359,11 +362,12 @@ def compile_kernel(job: _Job, configured: _Configured) -> _Compiled:
     """Compile: the kernel and its modules, with ccache's figures for this build."""
     env = configured.env
     step(f"build {job.src.version} ({len(job.patch_digests)} patches) key {configured.key[:16]}")
-    before = builder.ccache_counters(env)
     with measure_duration(job.durations, "build"):
-        _seconds, steps = builder.build(env)
-    ccache = builder.ccache_delta(before, builder.ccache_counters(env)) if job.request.use_ccache else {}
-    return _Compiled(steps, ccache, builder.kernel_release(env))
+        run = builder.build(env)
+    # where the build's time went inside its container (container start, make, modules_install, ccache
+    # statistics), beside the flow's own steps: the breakdown `kernel-ci build` and the bench print
+    job.durations.update({f"build.{name}": seconds for name, seconds in run.durations.items()})
+    return _Compiled(run.steps, run.ccache, builder.kernel_release(env))
 
 
 def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Path) -> BuildMetadata:
@@ -371,7 +375,9 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
     metadata that describes them (written last)."""
     env = configured.env
     with measure_duration(job.durations, "collect"):
-        outputs.collect(env.src, env.out, staging)
+        # kernel-ci's own patched tree is never written in place: its files can be hard-linked
+        own_tree = env.src.resolve().is_relative_to(cache_dir("work").resolve())
+        outputs.collect(env.src, env.out, staging, link_sources=own_tree)
         for s in job.planned.series:
             patches.export_series(s, staging / "patches")
     with measure_duration(job.durations, "external_modules"):

@@ -30,6 +30,7 @@ INTERNAL = {
     "kernel_ci.report.guestfiles.GuestFileError",
 }
 EXPECTED = {
+    "kernel_ci.bench.figures.ReadmeMarkersError": ExitCode.USAGE,
     "kernel_ci.build.patches.PatchError": ExitCode.BUILD_FAILED,
     "kernel_ci.build.patches.SeriesError": ExitCode.BUILD_FAILED,
     "kernel_ci.build.patches.PatchApplyError": ExitCode.BUILD_FAILED,

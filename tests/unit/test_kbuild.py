@@ -17,3 +17,58 @@ def test_handing_a_tree_to_the_build_user_survives_files_vanishing_meanwhile(tmp
     present.write_text("")
     kbuild._chown_if_needed(os.fspath(present), os.getuid(), os.getgid())
     assert present.exists()
+
+
+def test_the_step_script_announces_each_step_and_stops_at_the_first_failure() -> None:
+    import subprocess
+
+    steps = [
+        kbuild.ScriptStep("one", "echo a"),
+        kbuild.ScriptStep("two", "false"),
+        kbuild.ScriptStep("x", "echo b"),
+    ]
+    argv = kbuild.step_script(steps)
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert done.stdout.splitlines() == ["kci-step one", "a", "kci-step two"]
+
+
+def test_the_step_clock_times_each_step_and_passes_other_lines_on() -> None:
+    seen: list[str] = []
+    clock = kbuild._StepClock(seen.append)
+    for line in ["kci-step ccache_stats", "kci-step make", "  CC kernel/ptrace.o", "kci-step ccache_stats",
+                 "kci-step end"]:  # fmt: skip
+        clock(line)
+    assert seen == ["  CC kernel/ptrace.o"]
+    assert set(clock.rounded()) == {"container_start", "ccache_stats", "make"}
+    assert clock.current == "end"
+
+
+def test_builds_use_ccache_depend_mode_without_the_directory_in_the_hash(tmp_path: Path) -> None:
+    env = kbuild.BuildEnv("img", tmp_path, tmp_path, tmp_path, 2, "t")
+    variables = env.kbuild_vars()
+    assert variables["CCACHE_DEPEND"] == "1" and variables["CCACHE_NOHASHDIR"] == "1"
+
+
+def _kbuild_trees(tmp_path: Path) -> tuple[Path, Path]:
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "include/linux").mkdir(parents=True)
+    (src / "include/linux/a.h").write_text("#define A 1\n")
+    (src / "Makefile").write_text("all:\n")
+    (out / "include/generated").mkdir(parents=True)
+    (out / "include/generated/autoconf.h").write_text("#define CONFIG_X 1\n")
+    (out / ".config").write_text("CONFIG_X=y\n")
+    return src, out
+
+
+def test_the_kbuild_export_links_source_files_and_copies_object_files(tmp_path: Path) -> None:
+    from kernel_ci.build import artifacts
+
+    src, out = _kbuild_trees(tmp_path)
+    artifacts.export_kbuild_tree(src, out, tmp_path / "linked", link_sources=True)
+    assert (tmp_path / "linked/include/linux/a.h").stat().st_ino == (src / "include/linux/a.h").stat().st_ino
+    # the object tree's files are rewritten in place by kbuild: never shared with an export
+    assert (tmp_path / "linked/.config").stat().st_ino != (out / ".config").stat().st_ino
+    assert (tmp_path / "linked/include/generated/autoconf.h").read_text() == "#define CONFIG_X 1\n"
+    artifacts.export_kbuild_tree(src, out, tmp_path / "copied")
+    assert (tmp_path / "copied/include/linux/a.h").stat().st_ino != (src / "include/linux/a.h").stat().st_ino

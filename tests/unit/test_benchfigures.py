@@ -1,0 +1,111 @@
+"""The bench's generic figure table and the README section generated from bench.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kernel_ci.bench import build as buildbench
+from kernel_ci.bench.figures import (
+    README_BEGIN,
+    README_END,
+    Figure,
+    ReadmeMarkersError,
+    figures_from_json,
+    markdown_table,
+    rewrite_readme,
+)
+
+
+def test_a_figure_with_a_reference_has_its_ratio() -> None:
+    figure = Figure("build: cold", 190.0, reference=200.0, reference_name="tuxmake", load=(1.0, 1.0, 1.0))
+    assert figure.ratio == 0.95
+    assert Figure("build-cache hit", 0.3).ratio is None
+
+
+def test_the_markdown_table_has_the_generic_columns_and_the_load() -> None:
+    figures = [
+        Figure(
+            "build: cold",
+            190.0,
+            "<= 0.95x tuxmake",
+            reference=200.0,
+            reference_name="tuxmake",
+            load=(2.5, 2.0, 1.0),
+        ),
+        Figure("build: build-cache hit", 0.25, "<= 0.3 s", load=(0.5, 0.5, 0.5)),
+    ]
+    table = markdown_table(figures, {"cpus": 2, "cpu": "x", "memory_gib": 24}, "kernel-ci bench")
+    assert "| figure | kernel-ci | reference (same run) | ratio | target | load |" in table
+    assert "| build: cold | 190.0 s | 200.0 s (tuxmake) | 0.95x | <= 0.95x tuxmake | 2.5 |" in table
+    assert "| build: build-cache hit | 0.2 s | — | — | <= 0.3 s | 0.5 |" in table
+
+
+def test_the_readme_section_between_the_markers_is_rewritten_and_nothing_else(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    bench = tmp_path / "bench.json"
+    figures = [Figure("build: cold", 190.0, reference=200.0, reference_name="tuxmake", load=(1.0, 1.0, 1.0))]
+    bench.write_text(json.dumps(buildbench._report(figures)))
+    assert buildbench.rewrite_readme(bench, readme)
+    text = readme.read_text()
+    assert text.startswith(f"# title\nbefore\n{README_BEGIN}\n")
+    assert text.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in text and "| build: cold | 190.0 s" in text
+    assert not buildbench.rewrite_readme(bench, readme)  # unchanged the second time
+
+
+def test_a_readme_without_the_markers_is_refused_and_left_alone(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ReadmeMarkersError, match="bench:begin"):
+        rewrite_readme(readme, "| table |\n")
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_figures_round_trip_through_bench_json() -> None:
+    figures = [Figure("a", 1.0, "aim", "note", 2.0, "ref", (1.0, 2.0, 3.0), {"configure": 1.5})]
+    report = json.loads(json.dumps(buildbench._report(figures)))
+    assert figures_from_json(report) == figures
+    assert report["ratios"]["a"] == "0.50"
+    assert report["load_average"]
+
+
+def test_the_one_line_change_never_writes_the_pristine_file(tmp_path: Path) -> None:
+    pristine = tmp_path / "pristine.c"
+    pristine.write_text("int x;\n")
+    tree = tmp_path / "tree"
+    (tree / "kernel").mkdir(parents=True)
+    edited = tree / buildbench.ONE_LINE_CHANGE
+    edited.hardlink_to(pristine)
+    with buildbench.one_line_change(tree):
+        assert edited.read_text().startswith("int x;\n") and edited.read_text().count("\n") == 2
+        assert pristine.read_text() == "int x;\n"
+    assert edited.read_text() == "int x;\n"
+    assert edited.stat().st_ino == pristine.stat().st_ino  # the hard link is back
+    assert not list((tree / "kernel").glob("*.kci-bench-*"))
+
+
+def test_the_build_summary_breakdown_nests_the_container_steps_under_build() -> None:
+    from kernel_ci.cli.main import time_breakdown
+
+    shown = time_breakdown(
+        {
+            "plan": 1.0,
+            "configure": 4.0,
+            "build": 100.0,
+            "build.container_start": 0.8,
+            "build.make": 95.0,
+            "collect": 2.0,
+            "publish": 1.5,
+        }
+    )
+    assert shown.splitlines() == [
+        "plan 1.0 s",
+        "configure 4.0 s",
+        "build 100.0 s (container_start 0.8 s, make 95.0 s)",
+        "collect 2.0 s",
+        "publish 1.5 s",
+    ]
