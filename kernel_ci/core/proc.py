@@ -322,3 +322,37 @@ def spawn(
         args, stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=preexec_fn, start_new_session=True
     )
     return Spawned(popen)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> None:
+    """In a child before exec: the kernel sends it sig when its parent dies, even by SIGKILL (a guest
+    left running would hold its overlay and a vCPU's worth of TCG forever). No library exposes prctl."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def foreground(argv: Sequence[str | os.PathLike[str]]) -> int:
+    """Run argv attached to this terminal (stdin, stdout and stderr inherited, in our process group so
+    that it owns the tty: an interactive guest console) and return its exit status.
+
+    It never outlives us: it gets SIGTERM when this process dies, and is stopped and reaped when the wait is
+    interrupted (SIGTERM to us, an exception)."""
+    args = [os.fspath(a) for a in argv]
+    console.log(f"[bold cyan]$[/] {shlex.join(args)}")
+    popen = subprocess.Popen(args, preexec_fn=die_with_parent)
+    try:
+        return popen.wait()
+    finally:
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                popen.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()

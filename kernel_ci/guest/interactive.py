@@ -11,7 +11,6 @@ failure (exit 7), never a made-up command status.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -19,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernel_ci.core import proc
 from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import GUEST_DATA
 from kernel_ci.guest import qemu
@@ -145,15 +145,7 @@ def interactive_argv(cfg: qemu.QemuConfig) -> list[str]:
 def attach(cfg: qemu.QemuConfig) -> int:
     """Run QEMU in the foreground on this terminal (it sets the tty raw itself; Ctrl-C goes to the guest,
     Ctrl-A x quits QEMU) and return its exit status once the guest powers off."""
-    argv = interactive_argv(cfg)
-    pid = os.fork()
-    if pid == 0:  # the child: QEMU in our process group, so that it owns the terminal
-        try:
-            os.execvp(argv[0], argv)
-        finally:
-            os._exit(127)
     try:
-        _, status = os.waitpid(pid, 0)
+        return proc.foreground(interactive_argv(cfg))
     finally:
         cfg.overlay.unlink(missing_ok=True)
-    return os.waitstatus_to_exitcode(status)

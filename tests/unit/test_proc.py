@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,51 @@ def test_probe_is_a_silent_yes_or_no() -> None:
     started = time.monotonic()
     ok, detail = proc.probe(["sleep", "30"], timeout=0.5)
     assert not ok and "timed out" in detail and time.monotonic() - started < 5
+
+
+def _wait_for(predicate: Callable[[], bool], seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_foreground_command_dies_with_a_sigkilled_parent(tmp_path: Path) -> None:
+    """`kernel-ci shell` runs QEMU in the foreground: a kernel-ci killed with SIGKILL must not leave the guest
+    running (it did: an orphaned QEMU ran on for 24 minutes)."""
+    pidfile = tmp_path / "pid"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from kernel_ci.core import proc; "
+            "proc.foreground(['sh', '-c', 'echo $$ > ' + sys.argv[1] + '; exec sleep 60'])",
+            str(pidfile),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+        child = int(pidfile.read_text())
+        assert _alive(child)
+        parent.kill()
+        parent.wait()
+        assert _wait_for(lambda: not _alive(child)), "the foreground command outlived its parent"
+    finally:
+        parent.kill()
+
+
+def test_a_foreground_command_returns_its_status() -> None:
+    assert proc.foreground(["sh", "-c", "exit 3"]) == 3
