@@ -213,12 +213,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_test_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("test")
-    group.add_argument("--kernel-dir", type=Path, help="test this build output dir instead of building")
-    group.add_argument("--memory", default="1024M")
-    group.add_argument("--cpus", type=int, default=2)
-    group.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
-    group.add_argument("--append", default="", help="extra kernel command line arguments")
-    group.add_argument("--boot-timeout", type=float, default=120.0, help="seconds to reach the guest's init")
+    options.add_machine_options(group, kernel_dir_help="test this build output dir instead of building")
     group.add_argument(
         "--idle-timeout", type=float, default=120.0, help="seconds without console output = hang"
     )

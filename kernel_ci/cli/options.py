@@ -79,6 +79,16 @@ def output(args: argparse.Namespace) -> Path:
     return found.output if found is not None else Path("out")
 
 
+def add_machine_options(group: argparse._ArgumentGroup, *, kernel_dir_help: str) -> None:
+    """The guest machine's options, one definition for `test`, `run` and `shell`."""
+    group.add_argument("--kernel-dir", type=Path, help=kernel_dir_help)
+    group.add_argument("--memory", default="1024M")
+    group.add_argument("--cpus", type=int, default=2)
+    group.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    group.add_argument("--append", default="", help="extra kernel command line arguments")
+    group.add_argument("--boot-timeout", type=float, default=120.0, help="seconds to reach the guest's init")
+
+
 def settings(args: argparse.Namespace) -> Settings:
     """The run's settings, read once from the flags, the environment and the config file."""
     return Settings.load(

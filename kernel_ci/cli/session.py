@@ -113,12 +113,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 def _add_guest_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("guest")
-    group.add_argument("--kernel-dir", type=Path, help="boot this build output dir instead of building")
-    group.add_argument("--memory", default="1024M")
-    group.add_argument("--cpus", type=int, default=2)
-    group.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
-    group.add_argument("--append", default="", help="extra kernel command line arguments")
-    group.add_argument("--boot-timeout", type=float, default=120.0, help="seconds to reach the guest's init")
+    options.add_machine_options(group, kernel_dir_help="boot this build output dir instead of building")
     group.add_argument("--timeout", type=float, default=3600.0, help="limit for the whole guest session")
     group.add_argument(
         "--gdb", action="store_true", help="QEMU's gdbstub on 127.0.0.1 (nokaslr); prints the gdb command"
