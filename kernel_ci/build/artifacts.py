@@ -47,8 +47,11 @@ def _link_file(src: Path, dest: Path) -> None:
     """A hard link to src (no bytes copied), or a copy where a link cannot be made (another filesystem,
     the link limit)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_symlink():  # link(2) would link the symlink itself (scripts/dummy-tools/nm -> ld): copy it
+        shutil.copy2(src, dest, follow_symlinks=True)
+        return
     try:
-        os.link(src, dest, follow_symlinks=True)
+        os.link(src, dest)
     except OSError:
         shutil.copy2(src, dest, follow_symlinks=True)
 

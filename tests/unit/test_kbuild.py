@@ -72,3 +72,18 @@ def test_the_kbuild_export_links_source_files_and_copies_object_files(tmp_path: 
     assert (tmp_path / "linked/include/generated/autoconf.h").read_text() == "#define CONFIG_X 1\n"
     artifacts.export_kbuild_tree(src, out, tmp_path / "copied")
     assert (tmp_path / "copied/include/linux/a.h").stat().st_ino != (src / "include/linux/a.h").stat().st_ino
+
+
+def test_a_linked_kbuild_export_holds_no_symlinks(tmp_path: Path) -> None:
+    """The kernel's scripts/dummy-tools/nm is a symlink to ld: link(2) does not follow symlinks, so a hard
+    link made a symlink in the export, and the cache refused the whole build (UnsafeEntryError)."""
+    from kernel_ci.build import artifacts
+
+    src, out = _kbuild_trees(tmp_path)
+    tools = src / "scripts" / "dummy-tools"
+    tools.mkdir(parents=True)
+    (tools / "ld").write_text("#!/bin/sh\n")
+    (tools / "nm").symlink_to("ld")
+    artifacts.export_kbuild_tree(src, out, tmp_path / "linked", link_sources=True)
+    nm = tmp_path / "linked" / "scripts" / "dummy-tools" / "nm"
+    assert not nm.is_symlink() and nm.read_text() == "#!/bin/sh\n"
