@@ -179,9 +179,10 @@ def docker_run_argv(
         *hardening_argv(*build_user()),
         "-v", f"{env.src}:{SRC}:ro",
         "-v", f"{env.out}:{OUT}",
-        "-v", f"{env.ccache_dir}:{CCACHE}",
         "-w", workdir,
     ]  # fmt: skip
+    if env.use_ccache:  # a missing bind source is an error (host.docker.mount_spec), and nothing reads it
+        options += ["-v", f"{env.ccache_dir}:{CCACHE}"]
     for host, guest in env.extra_mounts.items():
         options += ["-v", f"{host}:{guest}"]
     for name, value in env.kbuild_vars().items():
