@@ -104,6 +104,13 @@ def test_every_nox_session_has_a_one_line_description() -> None:
         assert len(doc.splitlines()[0]) <= 110
 
 
+def test_every_pip_install_in_the_workflow_takes_the_pinned_constraints() -> None:
+    installs = [line for s in scripts() for line in s.splitlines() if "pip install" in line]
+    assert installs, "the workflow installs nox somewhere"
+    unpinned = [line.strip() for line in installs if "-c constraints.txt" not in line]
+    assert not unpinned, f"installs that ignore constraints.txt (not reproducible): {unpinned}"
+
+
 def test_each_job_runs_its_session() -> None:
     assert any(sessions_in(s) == ["lint", "unit"] for s in scripts("lint-unit"))
     assert any(sessions_in(s) == ["patches"] for s in scripts("patches"))
