@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from kernel_ci.build.records import BuildMetadata
+from kernel_ci.cache.history import HistoryUpload, TestResult
 from kernel_ci.cache.remote import RemoteCacheError, RemoteStore
-from kernel_ci.cache.server.history import HistoryUpload, TestResult
 from kernel_ci.cache.store import BuildStore
 from kernel_ci.core.console import step, warn
 from kernel_ci.core.files import write_text_atomic
