@@ -294,3 +294,17 @@ def test_ktap_harness_plan_mismatch_fails(tmp_path):
     assert rc == 1
     assert "# planned 3 tests but ran 2" in output
     assert parse(output).missing() == 1
+
+
+def test_only_a_c_suite_or_an_unbuilt_module_needs_the_toolchain(tmp_path):
+    """What decides whether `kernel-ci test` starts Docker at all (tests/e2e/test_no_docker.py runs it)."""
+    from kernel_ci.flow.test import needs_toolchain
+
+    by_name = {s.name: s for s in load_suites(SUITE_PATH)}
+    kernel_dir = tmp_path / "build"
+    assert needs_toolchain([by_name["smoke-c"]], kernel_dir)  # C: compiled in the builder container
+    assert needs_toolchain([by_name["smoke-py"]], kernel_dir)  # kci-smoke not built with the kernel
+    (kernel_dir / "extmod" / "kci-smoke").mkdir(parents=True)
+    (kernel_dir / "extmod" / "kci-smoke" / "kci_smoke.ko").write_bytes(b"\x7fELF")
+    assert not needs_toolchain([by_name["smoke-py"], by_name["kselftest-ptrace"]], kernel_dir)
+    assert needs_toolchain([by_name["smoke-py"], by_name["smoke-c"]], kernel_dir)
