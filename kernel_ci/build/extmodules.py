@@ -35,7 +35,9 @@ class ModuleSource:
 
 
 def discover(root: Path, names: Sequence[str] | None = None) -> list[ModuleSource]:
-    found = {p.name: ModuleSource(p.name, p) for p in sorted(root.iterdir()) if (p / "Kbuild").is_file()}
+    """The module folders under root (kernel-modules/; a project without one has none), or the named ones."""
+    folders = sorted(root.iterdir()) if root.is_dir() else []
+    found = {p.name: ModuleSource(p.name, p) for p in folders if (p / "Kbuild").is_file()}
     if names is None:
         return list(found.values())
     unknown = [n for n in names if n not in found]

@@ -108,8 +108,11 @@ class Series:
 
 
 def discover_series(root: Path, names: Sequence[str] | None = None) -> list[Series]:
-    """All series folders under root (sorted by name), or exactly the named ones in the order given."""
+    """All series folders under root (sorted by name), or exactly the named ones in the order given. A project
+    without kernel-patches/ (a bare one) has no series; naming one there is an error."""
     root = Path(root)
+    if not root.is_dir() and not names:
+        return []
     if not root.is_dir():
         raise SeriesError(
             f"patch series folder {root} does not exist (expected kernel-patches/<series>/series)"

@@ -32,10 +32,17 @@ from kernel_ci.build import keys as buildkey
 from kernel_ci.build import tree as usertree
 from kernel_ci.build.source import Tarball
 from kernel_ci.core.errors import BuildError
-from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNEL_PATCHES, cache_dir
+from kernel_ci.core.paths import (
+    DEFAULT_BASE_CONFIG,
+    KCONFIG_DIR,
+    KERNEL_MODULES,
+    KERNEL_PATCHES,
+    SUITE_PATH,
+    cache_dir,
+)
 from kernel_ci.guest import suites
 
-BASE_FRAGMENT = KCONFIG_DIR / "base.config"
+BASE_FRAGMENT = DEFAULT_BASE_CONFIG  # the packaged one; a project's kconfig/base.config wins
 BUILD_TARGETS = "bzImage modules modules_install"
 RECIPE_SCHEMA = "kernel-ci-recipe-2"  # 2: one plan for all keys (kselftest targets, series order added)
 SUITE_FRAGMENT_PREFIX = "suite "
@@ -172,8 +179,11 @@ class SuiteNeeds:
     kselftests: tuple[str, ...]  # sorted, without repeats
 
 
-def suite_needs(suites_dir: Path | None = GUEST_TESTS, names: Sequence[str] | None = None) -> SuiteNeeds:
-    """The needs of the named suites of suites_dir (default: all of them; no folder: none)."""
+def suite_needs(
+    suites_dir: suites.SuiteRoots | None = SUITE_PATH, names: Sequence[str] | None = None
+) -> SuiteNeeds:
+    """The needs of the named suites along suites_dir, a folder or a suite path (default: all of them;
+    None: none)."""
     if suites_dir is None:
         return SuiteNeeds((), ())
     chosen = suites.load_suites(suites_dir, names)
@@ -185,6 +195,12 @@ def suite_needs(suites_dir: Path | None = GUEST_TESTS, names: Sequence[str] | No
     )
     targets = kselftest.normalize_targets([t for s in chosen if s.language == "kselftest" for t in s.targets])
     return SuiteNeeds(fragments, targets)
+
+
+def _base_config(kconfig_dir: Path) -> Path:
+    """The project's kconfig/base.config (core.paths.Project.base_config), else the packaged one."""
+    own = kconfig_dir / "base.config"
+    return own if own.is_file() else DEFAULT_BASE_CONFIG
 
 
 @dataclass(frozen=True)
@@ -249,7 +265,7 @@ def make_plan(
     series: Sequence[str] | None = None,
     fragments: Sequence[Path] = (),
     *,
-    suites_dir: Path | None = GUEST_TESTS,
+    suites_dir: suites.SuiteRoots | None = SUITE_PATH,
     external_modules: bool = True,
     patches_root: Path = KERNEL_PATCHES,
     modules_root: Path = KERNEL_MODULES,
@@ -273,7 +289,7 @@ def make_plan(
         chosen = (*chosen, patches.load_external(external, _external_staging(external)))
     needs = suite_needs(suites_dir)
     merge_order = (
-        kconfig.Fragment.from_file(kconfig_dir / BASE_FRAGMENT.name, "kconfig/base.config"),
+        kconfig.Fragment.from_file(_base_config(kconfig_dir), "kconfig/base.config"),
         *(kconfig.Fragment.from_file(f, f"series {s.name}: {f.name}") for s in chosen for f in s.fragments),
         *needs.fragments,
         *(kconfig.Fragment.from_file(Path(f)) for f in fragments),

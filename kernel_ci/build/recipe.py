@@ -27,7 +27,8 @@ from pathlib import Path
 
 from kernel_ci.build import keys as buildkey
 from kernel_ci.build import plan as buildplan
-from kernel_ci.core.paths import GUEST_TESTS, KERNEL_MODULES, KERNEL_PATCHES
+from kernel_ci.core.paths import KERNEL_MODULES, KERNEL_PATCHES, SUITE_PATH
+from kernel_ci.guest.suites import SuiteRoots
 
 RECIPE_SCHEMA = buildplan.RECIPE_SCHEMA
 
@@ -37,7 +38,7 @@ def recipe_manifest(
     series: Sequence[str] | None = None,
     fragments: Sequence[Path] = (),
     *,
-    suites_dir: Path | None = GUEST_TESTS,
+    suites_dir: SuiteRoots | None = SUITE_PATH,
     patches_root: Path = KERNEL_PATCHES,
     modules_root: Path = KERNEL_MODULES,
 ) -> dict[str, str]:

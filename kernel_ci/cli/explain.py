@@ -74,7 +74,7 @@ def explain_run(args: argparse.Namespace, run_dir: Path, outcome: int) -> int:
 def _push_history(args: argparse.Namespace, run_dir: Path, explained: Explained, store: object) -> str | None:
     """The run's results to its branch's history on the service; the link to the first failing test's
     history page (None without a branch or a service to write to)."""
-    from kernel_ci.cache.server.history import page_url
+    from kernel_ci.cache.history import page_url
     from kernel_ci.flow.attribute import history_upload, push_history
 
     if not args.branch:

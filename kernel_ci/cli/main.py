@@ -106,7 +106,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     # the user's mistakes first (exit 2), before minutes of building or booting
     project = options.project(args)
-    options.check_suites(args.suite, project.guest_tests)
+    options.check_suites(args.suite, project.suite_path)
     options.check_output(args.output)
     explain.check(args)
     if args.kernel_dir is not None:
@@ -128,7 +128,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         kernel_dir=kernel_dir,
         output=options.output(args),
         suites=args.suite,
-        suites_dir=project.guest_tests,
+        suites_dir=project.suite_path,
         modules_dir=project.kernel_modules,
         memory=args.memory,
         cpus=args.cpus,

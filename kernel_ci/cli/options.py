@@ -105,7 +105,7 @@ def build_request(args: argparse.Namespace, ccache_remote: str | None = None) ->
     where = project(args)
     return BuildRequest(
         project=where,
-        suites_dir=where.guest_tests,
+        suites_dir=where.suite_path,
         kernel=args.kernel,
         series=series(args),
         fragments=args.fragment,
@@ -183,7 +183,7 @@ def check_kernel_dir(kernel_dir: Path) -> None:
         )
 
 
-def check_suites(names: list[str] | None, root: Path = paths.GUEST_TESTS) -> None:
+def check_suites(names: list[str] | None, root: Path | tuple[Path, ...] = paths.SUITE_PATH) -> None:
     """Every --suite names a suite folder (exit 2 otherwise), checked before minutes of building."""
     if names:
         from kernel_ci.guest import suites

@@ -8,7 +8,10 @@ Two kinds of files, found two ways:
 - the user's *project* (``kernel-patches/``, ``guest-tests/``, ``kernel-modules/``, ``kconfig/``, and
   optionally its own ``kernel-sources.lock.toml`` that overrides the packaged one) is found by
   ``find_project``: ``--project DIR``, else ``$KERNEL_CI_PROJECT``, else the first directory from the
-  current one upwards that holds the project markers. The CLI resolves it once and hands the paths down.
+  current one upwards that holds the project markers, else the current directory as a *bare* project
+  (every folder optional: the packaged default suites, the packaged lock). The CLI resolves it once and
+  hands the paths down. Suites are looked up along ``Project.suite_path``: the project's ``guest-tests/``
+  first, then the defaults shipped in ``kernel_ci/data/guest/suites/``.
 
 ``CHECKOUT`` and the ``KERNEL_PATCHES``/``GUEST_TESTS``/... constants below name the source checkout this
 package was imported from (an editable install, the tests): they are the defaults of library functions, not
@@ -32,6 +35,9 @@ GUEST_DATA = PACKAGE_DATA / "guest"
 GUEST_INIT = GUEST_DATA / "init" / "kci-init"
 GUEST_RUNNER = GUEST_DATA / "runner" / "kci-runner.py"
 PROTOCOL_DOC = GUEST_DATA / "PROTOCOL.md"
+DEFAULT_SUITES = GUEST_DATA / "suites"  # smoke-c, smoke-py: a project's guest-tests/<name> overrides one
+KTAP_LIB = GUEST_DATA / "lib"  # ktap.h / ktap.c for C suites (a project's own guest-tests/lib/ wins)
+DEFAULT_BASE_CONFIG = PACKAGE_DATA / "kconfig" / "base.config"  # a project's kconfig/base.config wins
 LOCK_NAME = "kernel-sources.lock.toml"
 DEFAULT_SOURCES_LOCK = PACKAGE_DATA / LOCK_NAME
 
@@ -56,12 +62,25 @@ class Project:
         return self.root / "guest-tests"
 
     @property
+    def suite_path(self) -> tuple[Path, ...]:
+        """Where suites are found, first match of a name wins: the project's guest-tests/ (when it has one),
+        then the defaults shipped in the package."""
+        return (self.guest_tests, DEFAULT_SUITES)
+
+    @property
     def kernel_modules(self) -> Path:
         return self.root / "kernel-modules"
 
     @property
     def kconfig(self) -> Path:
         return self.root / "kconfig"
+
+    @property
+    def base_config(self) -> Path:
+        """The kconfig fragment every build starts from: the project's kconfig/base.config, else the
+        packaged one."""
+        own = self.kconfig / "base.config"
+        return own if own.is_file() else DEFAULT_BASE_CONFIG
 
     @property
     def sources_lock(self) -> Path:
@@ -83,14 +102,15 @@ def find_project(
     explicit: Path | None = None, *, cwd: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Project | None:
     """--project (explicit), else $KERNEL_CI_PROJECT, else the nearest directory from cwd upwards that holds
-    the markers; None when there is none. A directory given explicitly must be a project (exit 2)."""
+    the markers; None when there is none. A directory given explicitly may be a *bare* project (a kconfig
+    fragment, nothing at all: the packaged default suites, a vanilla kernel) but must exist (exit 2)."""
     env = os.environ if environ is None else environ
     given = explicit or (Path(env[PROJECT_ENV]) if env.get(PROJECT_ENV) else None)
     if given is not None:
         root = given.expanduser().resolve()
-        if not is_project(root):
+        if not root.is_dir():
             where = "--project" if explicit is not None else f"${PROJECT_ENV}"
-            raise UsageError(f"{where} {given}: not a kernel-ci project (it needs {_markers()})")
+            raise UsageError(f"{where} {given}: no such directory")
         return Project(root)
     start = (cwd or Path.cwd()).resolve()
     for directory in (start, *start.parents):
@@ -102,19 +122,10 @@ def find_project(
 def require_project(
     explicit: Path | None = None, *, cwd: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Project:
-    """find_project, or a usage error (exit 2) saying how to name one."""
+    """find_project, else the current directory as a bare project: no series, modules or fragments of its
+    own, the packaged default suites (smoke-c, smoke-py) and lock file."""
     found = find_project(explicit, cwd=cwd, environ=environ)
-    if found is None:
-        here = cwd or Path.cwd()
-        raise UsageError(
-            f"no kernel-ci project in {here} or above (a directory with {_markers()}); "
-            f"run from inside one or pass --project DIR (or set ${PROJECT_ENV})"
-        )
-    return found
-
-
-def _markers() -> str:
-    return " and ".join(f"{m}/" for m in PROJECT_MARKERS)
+    return found if found is not None else Project((cwd or Path.cwd()).resolve())
 
 
 # --- the source checkout this package came from (library defaults, tests) -----------------------------
@@ -123,6 +134,7 @@ REPO_ROOT = CHECKOUT  # the older name
 KERNEL_PATCHES = CHECKOUT / "kernel-patches"
 KERNEL_MODULES = CHECKOUT / "kernel-modules"
 GUEST_TESTS = CHECKOUT / "guest-tests"
+SUITE_PATH = (GUEST_TESTS, DEFAULT_SUITES)  # the checkout's Project(CHECKOUT).suite_path
 KCONFIG_DIR = CHECKOUT / "kconfig"
 SOURCES_LOCK = DEFAULT_SOURCES_LOCK
 

@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from kernel_ci.build.records import BuildMetadata
+from kernel_ci.cache.history import HistoryUpload, TestResult
 from kernel_ci.cache.remote import RemoteCacheError, RemoteStore
-from kernel_ci.cache.server.history import HistoryUpload, TestResult
 from kernel_ci.cache.store import BuildStore
 from kernel_ci.core.console import step, warn
 from kernel_ci.core.files import write_text_atomic
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.flow import build as buildflow
 from kernel_ci.flow import test as testflow
+from kernel_ci.guest.suites import SuiteRoots
 from kernel_ci.report import compare
 from kernel_ci.report.junit import parse as parse_junit
 from kernel_ci.report.junit import read_report, write_junit
@@ -110,18 +111,27 @@ class Context:
     metadata: BuildMetadata
     report: RunReport
     output: Path
-    suites_dir: Path
+    suites_dir: SuiteRoots
     cost: Cost = field(default_factory=Cost)
     store: BuildStore | None = None  # the CLI's (remote-backed when a service is configured)
 
     @classmethod
-    def read(cls, run_dir: Path, suites_dir: Path | None = None) -> Context:
+    def read(cls, run_dir: Path, suites_dir: SuiteRoots | None = None) -> Context:
         record = RunRecord.read(run_dir)
         metadata = BuildMetadata.read(Path(record.kernel_dir))
         report = read_report(run_dir / "junit.xml")
-        chosen = Path(str(record.options.get("suites_dir", suites_dir or testflow.GUEST_TESTS)))
+        chosen = _suite_roots(record.options.get("suites_dir"))
         output = Path(str(record.options.get("output", run_dir.parent.parent)))
         return cls(run_dir, record, metadata, report, output, suites_dir or chosen)
+
+
+def _suite_roots(recorded: object) -> SuiteRoots:
+    """The suite path a run recorded (a folder, or a list of them), else the checkout's."""
+    if isinstance(recorded, str):
+        return Path(recorded)
+    if isinstance(recorded, list) and all(isinstance(r, str) for r in recorded):
+        return tuple(Path(r) for r in recorded)
+    return testflow.SUITE_PATH
 
 
 def _build(ctx: Context, series: Sequence[str], prefix: tuple[str, int] | None, where: str) -> Path:
@@ -261,7 +271,7 @@ def explain(
     *,
     retries: int = DEFAULT_RETRIES,
     use_baseline: bool = True,
-    suites_dir: Path | None = None,
+    suites_dir: SuiteRoots | None = None,
     store: BuildStore | None = None,
 ) -> Explained:
     """Retries, baseline and attribution of a run; its junit.xml is rewritten with the findings."""

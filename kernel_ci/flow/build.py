@@ -29,8 +29,9 @@ from kernel_ci.build.records import METADATA_SCHEMA, BuildMetadata, CcacheFigure
 from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
-from kernel_ci.core.paths import CHECKOUT, GUEST_TESTS, REPO_ROOT, Project, cache_dir
+from kernel_ci.core.paths import CHECKOUT, REPO_ROOT, SUITE_PATH, Project, cache_dir
 from kernel_ci.core.timing import RECORD_DIGITS, Duration, measure_duration
+from kernel_ci.guest.suites import SuiteRoots
 from kernel_ci.host import setup as hostsetup
 
 OBJECT_TREES_KEPT = 3  # per patched source tree
@@ -43,7 +44,7 @@ class BuildRequest:
     fragments: Sequence[Path] = ()  # extra kconfig fragments from the user
     # Whose guest suites' needs (kconfig, kselftest targets) the kernel carries: every suite there, whichever
     # of them a run then chooses (None: none). A suite never changes what is built, only what runs.
-    suites_dir: Path | None = GUEST_TESTS
+    suites_dir: SuiteRoots | None = SUITE_PATH  # a folder or a suite path (Project.suite_path)
     # whose kernel-patches/, kernel-modules/, kconfig/ and lock file (core.paths.Project; the CLI's --project)
     project: Project = field(default_factory=lambda: Project(CHECKOUT))
     output: Path = REPO_ROOT / "out" / "build"

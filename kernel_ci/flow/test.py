@@ -22,8 +22,9 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.errors import UsageError
-from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, GUEST_TESTS, KERNEL_MODULES, cache_dir
+from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, KERNEL_MODULES, SUITE_PATH, cache_dir
 from kernel_ci.guest import binaries, payload, qemu, rootfs, scanner, suites
+from kernel_ci.guest.suites import SuiteRoots
 from kernel_ci.host import setup as hostsetup
 from kernel_ci.report import junit, render, verdict
 from kernel_ci.report.model import GuestEnd, Outcome, RootfsRef, RunRecord, RunReport
@@ -39,7 +40,8 @@ class TestOptions:
     kernel_dir: Path  # a build output dir (bzImage, config, kbuild/, metadata.json)
     output: Path
     suites: Sequence[str] | None = None
-    suites_dir: Path = GUEST_TESTS  # where the suite folders are (tests use their own)
+    # where the suite folders are: a folder, or a suite path (Project.suite_path; tests use their own)
+    suites_dir: SuiteRoots = SUITE_PATH
     modules_dir: Path = KERNEL_MODULES  # the project's kernel-modules/ (a module the build did not carry)
     memory: str = "1024M"
     cpus: int = 2
@@ -142,9 +144,18 @@ def _describe(event: scanner.Event) -> str:
     return ""
 
 
+def needs_toolchain(chosen: Sequence[suites.Suite], kernel_dir: Path) -> bool:
+    """Whether the payload needs the builder container: a C suite to compile, or a module the build did
+    not carry (extmod/<name>/*.ko) to build now. Python and kselftest suites with the build's own modules
+    need neither, so that run needs no Docker at all."""
+    if any(s.language == "c" for s in chosen):
+        return True
+    names = dict.fromkeys(m for s in chosen for m in s.all_modules)
+    return any(not any((kernel_dir / "extmod" / name).glob("*.ko")) for name in names)
+
+
 def run_tests(options: TestOptions) -> RunReport:
     hostsetup.prepare_test_host()
-    hostsetup.prepare_build_host()
     kernel_dir = options.kernel_dir
     metadata = BuildMetadata.read(kernel_dir)
     found = suites.load_suites(options.suites_dir, options.suites)
@@ -155,14 +166,17 @@ def run_tests(options: TestOptions) -> RunReport:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=runs))
 
     step(f"payload: {len(chosen)} suite(s)")
-    image = images.ensure_builder_image()
+    image = ""  # the builder image, only when something must be compiled (no Docker otherwise)
+    if needs_toolchain(chosen, kernel_dir):
+        hostsetup.prepare_build_host()
+        image = images.ensure_builder_image()
     module_names = list(dict.fromkeys(m for s in chosen for m in s.all_modules))
     module_kos = module_files(image, kernel_dir, module_names, run_dir / "modules-build", options.modules_dir)
     payload_dir = payload.assemble_payload(
         chosen,
         run_dir / "payload",
         metadata.kernel.release,
-        cached_c_compiler(image),
+        cached_c_compiler(image) if image else _no_compiler,
         module_kos,
         kselftest_dir=kernel_dir / "kselftest",
     )
@@ -176,12 +190,26 @@ def run_tests(options: TestOptions) -> RunReport:
         reproduce_build=metadata.reproduce,
         rootfs=RootfsRef(base.key, str(base.path)),
         suites=tuple(s.name for s in chosen),
-        options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        options={k: _plain(v) for k, v in asdict(options).items()},
     )
     bzimage = kernel_dir / "bzImage"
     report = boot_and_collect(run_dir, bzimage, base.path, payload_dir, metadata, options, record)
     _publish(options.output, run_dir)
     return report
+
+
+def _no_compiler(src_dir: Path, c_files: list[str], out_binary: Path) -> None:
+    """compile_c of a payload that needs_toolchain said has nothing to compile."""
+    raise payload.PayloadError(f"no C compiler for {out_binary.name}: needs_toolchain missed a C suite")
+
+
+def _plain(value: object) -> object:
+    """An option as run.json holds it: paths as strings, a suite path as a list of them."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list) and all(isinstance(v, Path) for v in value):
+        return [str(v) for v in value]
+    return value
 
 
 def boot_and_collect(

@@ -6,6 +6,7 @@ plan.json's layout (`Plan`) is in kernel_ci.guest.protocol, since the report rea
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -44,7 +45,8 @@ exec sh ./run_kselftest.sh "$@"
 """
 
 # compile_c(src_dir, c_files, out_binary): build a static binary from c_files (paths relative to src_dir,
-# the guest-tests folder, so "lib/ktap.c" and the suite's own "<suite>/x.c" are both under it).
+# a folder holding "<suite>/" and "lib/", so "lib/ktap.c" and the suite's own "<suite>/x.c" are both under
+# it, and a suite's `#include "../lib/ktap.h"` finds the lib wherever each came from: _build_c stages them).
 CompileC = Callable[[Path, list[str], Path], None]
 
 
@@ -138,9 +140,15 @@ def _module_files(suites: Sequence[Suite], module_kos: Mapping[str, Path]) -> di
 
 
 def _build_c(suite: Suite, out_dir: Path, compile_c: CompileC) -> tuple[str, ...]:
+    """The suite's sources and its KTAP lib (suite.lib: the project's or the packaged one) side by side in
+    a staging folder, as <suite>/ and lib/, compiled from there into one static binary."""
     binary = out_dir / suite.name
     sources = [f"{suite.name}/{src}" for src in suite.sources] + list(KTAP_LIB)
-    compile_c(suite.path.parent, sources, binary)
+    with tempfile.TemporaryDirectory(prefix="kci-csrc-") as tmp:
+        staged = Path(tmp)
+        shutil.copytree(suite.path, staged / suite.name)
+        shutil.copytree(suite.lib, staged / "lib")
+        compile_c(staged, sources, binary)
     if not binary.is_file():
         raise PayloadError(f"suite {suite.name}: the C compiler produced no {binary}")
     binary.chmod(0o755)

@@ -1,5 +1,11 @@
 """Guest test suites: each is a folder `guest-tests/<name>/` with a `manifest.toml`.
 
+Suites are found along a *suite path* (core.paths.Project.suite_path): the project's guest-tests/, then the
+defaults shipped in the package (kernel_ci/data/guest/suites/: smoke-c, smoke-py); a name found earlier
+hides the same name later, so a project's own guest-tests/smoke-c replaces the packaged one. A folder of the
+path that does not exist is skipped (a project without guest-tests/ still has the defaults). C suites build
+with a KTAP lib/: the one next to the suite's folder when there is one, else the packaged one.
+
 name = "smoke-c"                    # must equal the folder name
 language = "c"                      # "c" (static binary printing KTAP), "python" (pytest) or
                                     # "kselftest" (tools/testing/selftests/<targets>, built with the kernel)
@@ -32,9 +38,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kernel_ci.core.errors import UsageError
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import KTAP_LIB, SUITE_PATH
 
 Language = Literal["c", "python", "kselftest"]
+# one folder of suites, or a suite path (folders in order, the first holding a name wins)
+SuiteRoots = Path | Sequence[Path]
 MANIFEST = "manifest.toml"
 EXPECTED_FAILURES = "expected-failures.toml"
 NOT_SUITES = frozenset({"lib", "runner", "init"})
@@ -96,6 +104,13 @@ class Suite:
     expected_failures: tuple[ExpectedFailure, ...] = ()
 
     @property
+    def lib(self) -> Path:
+        """The KTAP lib/ a C suite builds with: its folder's sibling lib/ (a project's own), else the
+        packaged one."""
+        own = self.path.parent / "lib"
+        return own if (own / "ktap.c").is_file() else KTAP_LIB
+
+    @property
     def all_modules(self) -> tuple[str, ...]:
         """Every module folder whose .ko the payload must carry (loaded or only shipped), in order."""
         return tuple(dict.fromkeys(self.modules + self.ship_modules))
@@ -115,14 +130,28 @@ def load_suite(folder: Path) -> Suite:
     return _suite_from(data, folder, manifest)
 
 
-def load_suites(root: Path = GUEST_TESTS, names: Sequence[str] | None = None) -> list[Suite]:
-    """All suites under root (sorted by name), or the named ones in the order given."""
-    folders = sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name not in NOT_SUITES and not p.name.startswith(".")
-    )
-    available = {p.name: p for p in folders}
+def roots_of(roots: SuiteRoots) -> tuple[Path, ...]:
+    """A suite path as a tuple of folders (one folder is a path of one)."""
+    return (roots,) if isinstance(roots, Path) else tuple(roots)
+
+
+def suite_folders(roots: SuiteRoots = SUITE_PATH) -> dict[str, Path]:
+    """Every suite folder along the path by name, the first of a name winning, sorted by name."""
+    found: dict[str, Path] = {}
+    for root in roots_of(roots):
+        if not root.is_dir():
+            continue
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and p.name not in NOT_SUITES and not p.name.startswith("."):
+                found.setdefault(p.name, p)
+    return dict(sorted(found.items()))
+
+
+def load_suites(roots: SuiteRoots = SUITE_PATH, names: Sequence[str] | None = None) -> list[Suite]:
+    """All suites along roots (sorted by name), or the named ones in the order given."""
+    available = suite_folders(roots)
     if names is None:
-        return [load_suite(p) for p in folders]
+        return [load_suite(p) for p in available.values()]
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ManifestError(

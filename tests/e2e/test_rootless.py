@@ -1,5 +1,6 @@
 """Root once, then a user: `kernel-ci setup-host --user NAME` as root, then that (real, non-root) user runs
-`kernel-ci test --suite smoke-c` in its own copy of the repository and owns everything it leaves behind.
+`kernel-ci test --suite smoke-c` (kernel-ci as pipx installed it from this checkout's wheel, nothing from
+the checkout on PYTHONPATH) in its own copy of the repository and owns everything it leaves behind.
 
 The user's caches start cold. The kernel comes the way a teammate's would: from a build cache service
 started here, to which root's (warm) build entry is published; the user's run restores it. The guest rootfs
@@ -16,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,38 +28,27 @@ from kernel_ci.cache.store import LocalStore
 from kernel_ci.core.settings import default_cache_root
 from kernel_ci.flow.build import BuildRequest, build
 from tests.cacheservice import REPO, TOKEN, server_process
+from tests.pipxinstall import Installed, pipx_install
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="creates a user and runs setup-host: needs root"),
 ]
-SYSTEM_PYTHON = "/usr/bin/python3"  # the user cannot reach a Python under /root (pyenv)
 
 
 @dataclass(frozen=True)
 class User:
     name: str
     home: Path
-    checkout: Path  # the user's own copy of the repository
-    python: Path  # a venv (system Python) with kernel-ci's dependencies; the code comes from the checkout
+    checkout: Path  # the user's own copy of the repository: the project (found from the current directory)
+    tool: Installed  # kernel-ci as pipx installed it from this checkout's wheel (tests/pipxinstall.py)
 
     def run(
         self, *args: str, cwd: Path | None = None, timeout: float = 1500
     ) -> subprocess.CompletedProcess[str]:
         """`kernel-ci ARGS` as this user, with a clean login-like environment."""
-        env = [f"HOME={self.home}", "PATH=/usr/local/bin:/usr/bin:/bin", f"PYTHONPATH={self.checkout}"]
-        argv = [
-            "runuser",
-            "-u",
-            self.name,
-            "--",
-            "env",
-            "-i",
-            *env,
-            str(self.python),
-            "-m",
-            "kernel_ci.cli.main",
-        ]
+        env = [f"HOME={self.home}", "PATH=/usr/local/bin:/usr/bin:/bin"]
+        argv = ["runuser", "-u", self.name, "--", "env", "-i", *env, str(self.tool.tool)]
         return subprocess.run(
             [*argv, *args],
             cwd=cwd or self.checkout,
@@ -106,21 +95,16 @@ def user() -> Iterator[User]:
     name = f"kci-rl{os.getpid() % 100000}"
     subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
     home = Path(pwd.getpwnam(name).pw_dir)
-    venv = Path(tempfile.mkdtemp(prefix="kci-user-venv-"))
+    work = Path(tempfile.mkdtemp(prefix="kci-user-pipx-"))
     try:
-        venv.chmod(0o755)
-        subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True)
-        dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-        subprocess.run(
-            [str(venv / "bin/pip"), "install", "-q", *dependencies], check=True, capture_output=True
-        )
+        installed = pipx_install(work)  # made readable by every user
         checkout = home / "kernel-ci"
         _copy_repository(checkout)
         subprocess.run(["chown", "-R", f"{name}:{name}", str(checkout)], check=True)
-        yield User(name, home, checkout, venv / "bin/python")
+        yield User(name, home, checkout, installed)
     finally:
         subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
-        shutil.rmtree(venv, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +186,9 @@ def test_a_user_cannot_make_docker_create_root_owned_dirs(set_up: User) -> None:
         "user = f'{os.getuid()}:{os.getgid()}'\n"
         f"docker.run_capture(image, ['true'], ['--user', user, '-v', '{target}/y:/mnt'])\n"
     )
-    env = [f"HOME={set_up.home}", "PATH=/usr/bin:/bin", f"PYTHONPATH={set_up.checkout}"]
+    env = [f"HOME={set_up.home}", "PATH=/usr/bin:/bin"]
     done = subprocess.run(
-        ["runuser", "-u", set_up.name, "--", "env", "-i", *env, str(set_up.python), "-c", script],
+        ["runuser", "-u", set_up.name, "--", "env", "-i", *env, str(set_up.tool.python), "-c", script],
         cwd=set_up.checkout,
         capture_output=True,
         text=True,

@@ -14,7 +14,7 @@ from kernel_ci.build import kconfig, source
 from kernel_ci.build import recipe as recipekey
 from kernel_ci.build.plan import BuildPlan, PlanError, SourcePin, make_plan, suite_needs
 from kernel_ci.cli import main as cli
-from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_PATCHES, Project
+from kernel_ci.core.paths import DEFAULT_SUITES, GUEST_TESTS, KCONFIG_DIR, KERNEL_PATCHES, SUITE_PATH, Project
 from kernel_ci.flow import build as buildpipeline
 from kernel_ci.flow.build import HOW_NOT_WHAT, BuildRequest, plan_request
 
@@ -100,13 +100,13 @@ def test_a_suite_manifest_change_reaches_the_recipe_key_from_the_files(tmp_path:
     """The same, through the files `kernel-ci key` reads: a suite's manifest gains a kselftest target."""
     suites_dir = tmp_path / "guest-tests"
     shutil.copytree(GUEST_TESTS, suites_dir)
-    before = recipekey.recipe_manifest(suites_dir=suites_dir)
+    before = recipekey.recipe_manifest(suites_dir=(suites_dir, DEFAULT_SUITES))
     assert before == recipekey.recipe_manifest()  # a copy of guest-tests/ is the same plan
     manifest = suites_dir / "kselftest-ptrace" / "manifest.toml"
     manifest.write_text(
         manifest.read_text().replace('targets = ["ptrace"]', 'targets = ["ptrace", "timers"]')
     )
-    after = recipekey.recipe_manifest(suites_dir=suites_dir)
+    after = recipekey.recipe_manifest(suites_dir=(suites_dir, DEFAULT_SUITES))
     assert after["flag:kselftest"] == "ptrace timers"
     assert recipekey.recipe_key(after) != recipekey.recipe_key(before)
 
@@ -252,4 +252,4 @@ def test_cli_request_has_no_suite_fields() -> None:
         no_ccache=False, fresh=False,
     )  # fmt: skip
     request = cli._build_request(args)
-    assert request.series == [] and request.suites_dir == GUEST_TESTS
+    assert request.series == [] and request.suites_dir == SUITE_PATH

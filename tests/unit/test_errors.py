@@ -27,6 +27,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "kernel_ci"
 INTERNAL = {
     "kernel_ci.cache.server.service.ServiceError",
     "kernel_ci.cache.server.blobs.BlobError",
+    "kernel_ci.cache.history.HistoryError",  # the service's 400 (a client sends what it built itself)
     "kernel_ci.report.guestfiles.GuestFileError",
 }
 EXPECTED = {

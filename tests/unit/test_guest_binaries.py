@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kernel_ci.core import proc
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import DEFAULT_SUITES, KTAP_LIB
 from kernel_ci.guest.binaries import binary_key, cached_compiler
 
 FLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
@@ -31,8 +31,8 @@ class CountingGcc:
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     src = tmp_path / "guest-tests"
-    for folder in ("smoke-c", "lib"):
-        shutil.copytree(GUEST_TESTS / folder, src / folder)
+    shutil.copytree(DEFAULT_SUITES / "smoke-c", src / "smoke-c")
+    shutil.copytree(KTAP_LIB, src / "lib")
     return src
 
 

@@ -60,6 +60,55 @@ def test_xss_in_a_test_name_is_shown_escaped(server: Running) -> None:
     assert XSS not in page.text and "&lt;script&gt;" in page.text
 
 
+BLAMED_XSS = '<script>alert("blamed")</script>'
+NAME_XSS = "smoke::<img src=x onerror=alert(2)>"
+
+
+def test_a_script_in_a_test_name_or_blamed_patch_is_escaped_on_the_page(server: Running) -> None:
+    """The page is the autoescaped template: each uploaded field, and the test name from the query, comes
+    out as text; drop autoescape (or mark a field |safe) and this fails."""
+    with server.client() as client:
+        upload = {
+            "schema": 1,
+            "branch": "main",
+            "run_id": "r-1",
+            "tests": [{"test": NAME_XSS, "state": "failed", "blamed": BLAMED_XSS}],
+        }
+        assert client.post("/api/v1/history", json=upload).status_code == 201
+        page = client.get("/history", params={"branch": "main", "test": NAME_XSS})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for raw in (BLAMED_XSS, NAME_XSS, "<script", "<img"):
+        assert raw not in page.text
+    assert "&lt;script&gt;alert(&#34;blamed&#34;)&lt;/script&gt;" in page.text  # the blamed patch, as text
+    assert "smoke::&lt;img src=x onerror=alert(2)&gt;" in page.text  # the name, in <title> and <h1>
+    assert page.text.count("&lt;img") >= 2
+    assert "r-1" in page.text and 'class="fail"' in page.text
+
+
+def test_the_page_is_the_services_template() -> None:
+    """history.html through the service's one autoescaping environment, no HTML built in Python."""
+    html = history.render_page("main", "a&b", [history.HistoryRow("r", "flaky", "s/0001-<x>.patch", 0.0)])
+    assert "<h1>a&amp;b</h1>" in html and "s/0001-&lt;x&gt;.patch" in html
+    assert "<!doctype html>" in html and "all builds" in html  # base.html's frame
+    assert "No results" in history.render_page("main", "a", [])
+
+
+def test_the_client_side_of_history_imports_nothing_of_the_service() -> None:
+    """--attribute --branch builds and sends an upload on a client install (no [server] extra)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "import kernel_ci.flow.attribute, kernel_ci.cli.explain, kernel_ci.cache.history\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('starlette', 'jinja2', 'uvicorn', 'boto3')\n"
+        "       or m.startswith('kernel_ci.cache.server')]\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 def test_an_upload_without_the_write_token_is_refused(server: Running) -> None:
     for token in (None, READ_TOKEN, "wrong-token"):
         with server.client(token=token) as client:

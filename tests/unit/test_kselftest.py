@@ -15,7 +15,7 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.build import kselftest
 from kernel_ci.build.plan import suite_needs
 from kernel_ci.core import proc
-from kernel_ci.core.paths import GUEST_TESTS
+from kernel_ci.core.paths import GUEST_TESTS, SUITE_PATH
 from kernel_ci.guest.payload import KSELFTEST_ARGV, PayloadError, Plan, PlanSuite, assemble_payload, read_plan
 from kernel_ci.guest.scanner import scan
 from kernel_ci.guest.suites import ExpectedFailure, ManifestError, load_suite, load_suites
@@ -133,10 +133,10 @@ def test_the_shipped_ptrace_selftests_suite():
     assert all(x.reason for x in suite.expected_failures)
     # the hang is cut short, but long enough that a fixed kernel (the case ends in ~2 s) passes it
     assert [x.timeout for x in suite.expected_failures] == [10.0]
-    assert suite_needs(GUEST_TESTS, None).kselftests == ("ptrace",)
+    assert suite_needs(SUITE_PATH, None).kselftests == ("ptrace",)
     chosen = ["smoke-c", "kselftest-ptrace", "ptrace-basics"]
-    assert suite_needs(GUEST_TESTS, chosen).kselftests == ("ptrace",)
-    assert suite_needs(GUEST_TESTS, ["smoke-c"]).kselftests == ()
+    assert suite_needs(SUITE_PATH, chosen).kselftests == ("ptrace",)
+    assert suite_needs(SUITE_PATH, ["smoke-c"]).kselftests == ()
 
 
 # --- payload and plan --------------------------------------------------------------------------------

@@ -160,7 +160,8 @@ def test_unknown_or_repeated_series_names_are_errors_listing_the_known_ones(
     with pytest.raises(SeriesError, match="more than once: ptrace"):
         discover_series(root, ["ptrace", "ptrace"])
     with pytest.raises(SeriesError, match="does not exist"):
-        discover_series(tmp_path / "nowhere")
+        discover_series(tmp_path / "nowhere", ["ci-smoke"])
+    assert discover_series(tmp_path / "nowhere") == []  # a bare project: no kernel-patches/, no series
 
 
 def test_a_series_naming_a_missing_patch_is_an_error(tmp_path: Path, maker: PatchMaker) -> None:

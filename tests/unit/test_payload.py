@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kernel_ci.core import proc
-from kernel_ci.core.paths import GUEST_RUNNER, GUEST_TESTS
+from kernel_ci.core.paths import GUEST_RUNNER, KTAP_LIB, SUITE_PATH
 from kernel_ci.guest.payload import PYTEST_ARGV, PayloadError, assemble_payload, read_plan
 from kernel_ci.guest.suites import ManifestError, kconfig_lines, load_suites
 from kernel_ci.report.ktap import flatten, parse
@@ -35,7 +35,7 @@ SMOKE = ["smoke-c", "smoke-py"]
 
 
 def test_shipped_suites_load():
-    suites = {s.name: s for s in load_suites(GUEST_TESTS)}
+    suites = {s.name: s for s in load_suites(SUITE_PATH)}
     assert {"smoke-c", "smoke-py"} <= set(suites)
     smoke_c, smoke_py = suites["smoke-c"], suites["smoke-py"]
     assert (smoke_c.language, smoke_c.modules, smoke_c.ship_modules) == ("c", ("kci-smoke",), ())
@@ -46,9 +46,9 @@ def test_shipped_suites_load():
 
 
 def test_named_suites_keep_the_given_order_and_unknown_names_fail():
-    assert [s.name for s in load_suites(GUEST_TESTS, ["smoke-py", "smoke-c"])] == ["smoke-py", "smoke-c"]
+    assert [s.name for s in load_suites(SUITE_PATH, ["smoke-py", "smoke-c"])] == ["smoke-py", "smoke-c"]
     with pytest.raises(ManifestError, match=r"unknown suite.*nope.*available: .*smoke-c, smoke-py"):
-        load_suites(GUEST_TESTS, ["nope"])
+        load_suites(SUITE_PATH, ["nope"])
 
 
 def make_suite(root: Path, name: str, manifest: str, files: dict[str, str] | None = None) -> Path:
@@ -129,7 +129,7 @@ def fake_ko(tmp_path) -> Path:
 
 def test_assemble_payload(tmp_path, fake_ko):
     dest = tmp_path / "payload"
-    suites = load_suites(GUEST_TESTS, SMOKE)
+    suites = load_suites(SUITE_PATH, SMOKE)
     assert assemble_payload(suites, dest, "5.10.223-kci", gcc_static, {"kci-smoke": fake_ko}) == dest
     assert (dest / "kci-runner.py").read_bytes() == GUEST_RUNNER.read_bytes()
     assert (dest / "modules" / "kci_smoke.ko").read_bytes() == fake_ko.read_bytes()
@@ -162,7 +162,7 @@ def test_assemble_payload(tmp_path, fake_ko):
 
 
 def test_payload_errors(tmp_path, fake_ko):
-    suites = load_suites(GUEST_TESTS, SMOKE)
+    suites = load_suites(SUITE_PATH, SMOKE)
     with pytest.raises(PayloadError, match=r"no built \.ko for module folder.*kci-smoke"):
         assemble_payload(suites, tmp_path / "p1", "r", gcc_static, {})
     busy = tmp_path / "p2"
@@ -176,7 +176,7 @@ def test_payload_errors(tmp_path, fake_ko):
 
 def test_compile_failure_surfaces(tmp_path, fake_ko):
     root = tmp_path / "guest-tests"
-    shutil.copytree(GUEST_TESTS / "lib", root / "lib")
+    shutil.copytree(KTAP_LIB, root / "lib")
     make_suite(
         root, "broken", GOOD.format(name="broken"), {"t.c": "int main(void) { int unused; return 0; }\n"}
     )
@@ -189,7 +189,7 @@ def test_payload_runs_under_the_runner_on_the_host(tmp_path, fake_ko):
     module) those checks must fail, the release check must pass, and the artifact must be written."""
     dest = tmp_path / "payload"
     release = proc.capture(["uname", "-r"]).strip()
-    assemble_payload(load_suites(GUEST_TESTS, ["smoke-c"]), dest, release, gcc_static, {"kci-smoke": fake_ko})
+    assemble_payload(load_suites(SUITE_PATH, ["smoke-c"]), dest, release, gcc_static, {"kci-smoke": fake_ko})
     results = tmp_path / "results"
     runner = [sys.executable, str(dest / "kci-runner.py"), "--no-reboot", "--results", str(results)]
     run = proc.run([*runner, "--insmod", "true", "--rmmod", "true", str(dest / "plan.json")], quiet=True)
@@ -265,7 +265,7 @@ int main(void)
 
 def build_and_run(tmp_path: Path, program: str) -> tuple[int, str]:
     root = tmp_path / "guest-tests"
-    shutil.copytree(GUEST_TESTS / "lib", root / "lib")
+    shutil.copytree(KTAP_LIB, root / "lib")
     (root / "prog").mkdir()
     (root / "prog" / "prog.c").write_text(program)
     binary = tmp_path / "prog"
@@ -294,3 +294,17 @@ def test_ktap_harness_plan_mismatch_fails(tmp_path):
     assert rc == 1
     assert "# planned 3 tests but ran 2" in output
     assert parse(output).missing() == 1
+
+
+def test_only_a_c_suite_or_an_unbuilt_module_needs_the_toolchain(tmp_path):
+    """What decides whether `kernel-ci test` starts Docker at all (tests/e2e/test_no_docker.py runs it)."""
+    from kernel_ci.flow.test import needs_toolchain
+
+    by_name = {s.name: s for s in load_suites(SUITE_PATH)}
+    kernel_dir = tmp_path / "build"
+    assert needs_toolchain([by_name["smoke-c"]], kernel_dir)  # C: compiled in the builder container
+    assert needs_toolchain([by_name["smoke-py"]], kernel_dir)  # kci-smoke not built with the kernel
+    (kernel_dir / "extmod" / "kci-smoke").mkdir(parents=True)
+    (kernel_dir / "extmod" / "kci-smoke" / "kci_smoke.ko").write_bytes(b"\x7fELF")
+    assert not needs_toolchain([by_name["smoke-py"], by_name["kselftest-ptrace"]], kernel_dir)
+    assert needs_toolchain([by_name["smoke-py"], by_name["smoke-c"]], kernel_dir)

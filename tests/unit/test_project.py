@@ -36,10 +36,11 @@ def test_one_marker_alone_is_not_a_project(tmp_path: Path) -> None:
     assert paths.find_project(cwd=tmp_path, environ={}) is None
 
 
-def test_none_found_is_a_usage_error_naming_the_option(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="--project DIR") as caught:
-        paths.require_project(cwd=tmp_path, environ={})
-    assert caught.value.exit_code == 2
+def test_none_found_is_the_current_directory_as_a_bare_project(tmp_path: Path) -> None:
+    bare = paths.require_project(cwd=tmp_path, environ={})
+    assert bare.root == tmp_path.resolve() and bare.output == tmp_path.resolve() / "out"
+    assert bare.suite_path == (tmp_path.resolve() / "guest-tests", paths.DEFAULT_SUITES)
+    assert bare.sources_lock == paths.DEFAULT_SOURCES_LOCK and bare.base_config == paths.DEFAULT_BASE_CONFIG
 
 
 def test_explicit_wins_over_the_environment_and_the_current_directory(tmp_path: Path) -> None:
@@ -52,11 +53,57 @@ def test_explicit_wins_over_the_environment_and_the_current_directory(tmp_path: 
     assert paths.require_project(cwd=here, environ={}).root == here.resolve()
 
 
-def test_an_explicit_directory_that_is_no_project_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="not a kernel-ci project"):
-        paths.find_project(tmp_path, environ={})
+def test_an_explicit_directory_may_be_bare_but_must_exist(tmp_path: Path) -> None:
+    assert paths.find_project(tmp_path, environ={}) == paths.Project(tmp_path.resolve())
+    with pytest.raises(UsageError, match=r"--project .*no such directory"):
+        paths.find_project(tmp_path / "missing", environ={})
     with pytest.raises(UsageError, match=paths.PROJECT_ENV):
-        paths.find_project(environ={paths.PROJECT_ENV: str(tmp_path)})
+        paths.find_project(environ={paths.PROJECT_ENV: str(tmp_path / "missing")})
+
+
+def test_a_project_suite_overrides_the_default_of_its_name(tmp_path: Path) -> None:
+    from kernel_ci.guest.suites import load_suites
+
+    project = paths.Project(tmp_path)
+    defaults = {s.name: s for s in load_suites(project.suite_path)}  # no guest-tests/: the defaults
+    assert set(defaults) == {"smoke-c", "smoke-py"}
+    assert defaults["smoke-c"].path == paths.DEFAULT_SUITES / "smoke-c"
+    assert defaults["smoke-c"].lib == paths.KTAP_LIB
+    own = project.guest_tests / "smoke-py"
+    own.mkdir(parents=True)
+    (own / "manifest.toml").write_text(
+        'name = "smoke-py"\nlanguage = "python"\ntimeout = 5\nsources = ["test_mine.py"]\n'
+    )
+    (own / "test_mine.py").write_text("def test_mine():\n    pass\n")
+    found = {s.name: s for s in load_suites(project.suite_path)}
+    assert [*found] == ["smoke-c", "smoke-py"]
+    assert found["smoke-py"].path == own and found["smoke-py"].sources == ("test_mine.py",)
+    assert found["smoke-c"].path == paths.DEFAULT_SUITES / "smoke-c"  # the other default stays
+    lib = project.guest_tests / "lib"
+    shutil.copytree(paths.KTAP_LIB, lib)
+    (project.guest_tests / "c1").mkdir()
+    (project.guest_tests / "c1" / "manifest.toml").write_text(
+        'name = "c1"\nlanguage = "c"\ntimeout = 5\nsources = ["c1.c"]\n'
+    )
+    (project.guest_tests / "c1" / "c1.c").write_text("int main(void) { return 0; }\n")
+    found = {s.name: s for s in load_suites(project.suite_path)}
+    assert found["c1"].lib == lib  # a project's own lib/ next to its suites wins
+    assert found["smoke-c"].lib == paths.KTAP_LIB  # the packaged suite keeps the packaged lib
+
+
+def test_a_bare_project_has_the_packaged_base_config(tmp_path: Path) -> None:
+    from kernel_ci.build.plan import make_plan
+
+    bare = paths.Project(tmp_path)
+    planned = make_plan(
+        suites_dir=bare.suite_path, patches_root=bare.kernel_patches, modules_root=bare.kernel_modules,
+        kconfig_dir=bare.kconfig,
+    )  # fmt: skip
+    assert planned.plan.series == () and planned.modules == ()
+    assert [f.name for f in planned.fragments][:1] == ["kconfig/base.config"]
+    (tmp_path / "kconfig").mkdir()
+    (tmp_path / "kconfig" / "base.config").write_text("CONFIG_PRINTK=y\n")
+    assert bare.base_config == tmp_path / "kconfig" / "base.config"
 
 
 def test_a_project_lock_overrides_the_packaged_one(tmp_path: Path) -> None:
@@ -77,7 +124,7 @@ def test_the_build_request_uses_the_given_project(tmp_path: Path) -> None:
     args = cli.parser().parse_args(["--project", str(root), "build"])
     request = options.build_request(args)
     assert request.project.root == root.resolve()
-    assert request.suites_dir == root.resolve() / "guest-tests"
+    assert request.suites_dir == (root.resolve() / "guest-tests", paths.DEFAULT_SUITES)
     assert request.output == root.resolve() / "out" / "build"
 
 
@@ -118,11 +165,14 @@ def test_every_option_with_a_default_shows_it_in_its_help() -> None:
     assert not missing, missing
 
 
-def test_cli_exits_2_without_a_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_works_in_a_bare_directory_and_exits_2_on_a_missing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(paths.PROJECT_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["key"]) == 2
-    assert cli.main(["--project", str(tmp_path), "key"]) == 2
+    assert cli.main(["key"]) == 0  # the current directory, bare: the packaged suites, lock, base config
+    assert cli.main(["--project", str(tmp_path), "key"]) == 0
+    assert cli.main(["--project", str(tmp_path / "missing"), "key"]) == 2
 
 
 @functools.cache

@@ -188,7 +188,7 @@ def _run_view(key: str, run: dict[str, Any]) -> dict[str, Any]:
                 "suite": str(c.get("suite", "")),
                 "name": str(c.get("name", "")),
                 "status": str(c.get("status", "")),
-                "status_class": _status_class(str(c.get("status", ""))),
+                "status_class": status_class(str(c.get("status", ""))),
                 "time": str(c.get("time", "")),
                 "message": str(c.get("message", "")),
             }
@@ -205,5 +205,6 @@ def _ccache_text(ccache: object) -> str:
     return f"{rate:.0%} hits ({hits} hits, {misses} misses)"
 
 
-def _status_class(status: str) -> str:
+def status_class(status: str) -> str:
+    """The CSS class of a test's status: pass, fail or muted."""
     return "pass" if status == "passed" else "fail" if status in ("failed", "error") else "muted"
