@@ -139,6 +139,7 @@ def test_assemble_payload(tmp_path, fake_ko):
     assert (dest / "suites" / "smoke-py" / "test_smoke.py").is_file()
     plan = read_plan(dest / "plan.json")
     assert plan.kernel_release == "5.10.223-kci"
+    assert plan.attempt == 0  # a run; a retry's payload says which (test_a_retry_s_payload_names_its_attempt)
     smoke_c, smoke_py = plan.suites
     assert (smoke_c.argv, smoke_c.workdir, smoke_c.modules, smoke_c.junit) == (
         ("./smoke-c",),
@@ -294,3 +295,14 @@ def test_ktap_harness_plan_mismatch_fails(tmp_path):
     assert rc == 1
     assert "# planned 3 tests but ran 2" in output
     assert parse(output).missing() == 1
+
+
+def test_a_retry_s_payload_names_its_attempt(tmp_path, fake_ko):
+    suites = load_suites(GUEST_TESTS, ["smoke-py"])
+    assemble_payload(suites, tmp_path / "payload", "r", gcc_static, {"kci-smoke": fake_ko}, attempt=2)
+    assert read_plan(tmp_path / "payload" / "plan.json").attempt == 2
+    document = json.loads((tmp_path / "payload" / "plan.json").read_text())
+    document["attempt"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(document))
+    with pytest.raises(PayloadError, match="attempt"):
+        read_plan(tmp_path / "bad.json")
