@@ -3,12 +3,19 @@
 Three looks, each a real build (a build-cache entry: a second look costs boots, not builds) and real boots
 of only the failing suites:
 
-- retries: the failing suites again in fresh guests, `retries` times; a test that passes once is flaky;
-- baseline: every suite of the run on the kernel without the series (series "none", same version); a
-  failure it has too is pre-existing, a test it has and the run lacks vanished, one it lacks is new;
+- retries: the failing suites again in fresh guests, `retries` times (attempt n: $KCI_ATTEMPT in the
+  guest); a test that passes once is flaky;
+- baseline: every suite of the run on the kernel without the series (the prefix of length 0 of its first
+  series: same version, fragments and options; a --tree run without series: the tree at its base
+  revision, tree_base); a failure it has too is pre-existing, a test it has and the run lacks vanished,
+  one it lacks is new;
 - attribution: the series' prefixes (BuildPlan.prefix: the base, patch 1, 1..2, ...), walked when the
   series is short and bisected when it is long, naming for each regression the first patch after which
   it fails.
+
+Every kernel built here is the run's own BuildRequest (flow.build keeps it beside the build output) with
+a prefix, checked to still plan the run's kernel (run_request): a prefix build can never drop a
+--fragment, the project's suites or any other option of the run.
 
 The search (first_failures) takes the probe as a function, so its walk/bisect rules are tested on data; the
 probes used by `kernel-ci attribute` build and boot for real.
