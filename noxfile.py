@@ -41,6 +41,7 @@ TEST_ONLY = {
     "--retries": True,
     "--fail-on-preexisting": False,
     "--no-baseline": False,
+    "--base": True,
     "--branch": True,
     "--suite": True,  # build accepts and ignores it, with a warning: not worth the noise here
 }

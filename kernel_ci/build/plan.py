@@ -214,17 +214,44 @@ class PlannedBuild:
     fragments: tuple[kconfig.Fragment, ...]  # in merge order
     merged: kconfig.Merged
     modules: tuple[extmodules.ModuleSource, ...]
+    # fragments whose requests may be lost without failing the build: those of a series cut short by
+    # prefix() (the symbol they ask for may come with a later patch of it)
+    tolerated: frozenset[str] = frozenset()
 
     def prefix(self, series: str, count: int) -> PlannedBuild:
         """This build with series truncated after its count-th patch (BuildPlan.prefix, the one definition
-        of a prefix); the patch files carried follow the plan."""
+        of a prefix); everything else of the build (the user's fragments, the suites' needs, the modules,
+        the source) is this build's.
+
+        The patch files carried follow the plan. A series left out entirely leaves its kconfig fragments
+        out too, so that the prefix without any series is the very plan of the kernel without them (the
+        baseline: the same key as `--series none` with the same options); a series cut short keeps its
+        fragments, whose requests it may not meet yet (a later patch adds the symbol): tolerated, a
+        warning rather than a failed build."""
         plan = self.plan.prefix(series, count)
         position = self.plan.series.index(series)
-        chosen = [s for s in self.series[:position]]
+        chosen = list(self.series[:position])
+        whole = self.series[position]
         if count:
-            whole = self.series[position]
             chosen.append(replace(whole, patches=whole.patches[:count]))
-        return replace(self, plan=plan, series=tuple(chosen))
+        dropped = {
+            series_fragment_name(s.name, f)
+            for s in self.series
+            if s.name not in plan.series
+            for f in s.fragments
+        }
+        fragments = tuple(f for f in self.fragments if f.name not in dropped)
+        merged = kconfig.merge(fragments)
+        cut_short = 0 < count < len(whole.patches)
+        tolerated = {series_fragment_name(whole.name, f) for f in whole.fragments} if cut_short else set()
+        return replace(
+            self,
+            plan=replace(plan, kconfig=merged.render()),
+            series=tuple(chosen),
+            fragments=fragments,
+            merged=merged,
+            tolerated=self.tolerated | tolerated,
+        )
 
     def unmet_needs(self, final_config: str) -> tuple[list[kconfig.Lost], list[kconfig.Lost]]:
         """Requested symbols that did not survive olddefconfig: (errors, suites' needs only).
@@ -234,9 +261,14 @@ class PlannedBuild:
         requirements of the build itself.
         """
         lost = kconfig.verify(final_config, self.merged.requests)
-        required = kconfig.merge(f for f in self.fragments if not _is_suite_fragment(f.name)).requests
+        required = kconfig.merge(
+            f for f in self.fragments if not _is_suite_fragment(f.name) and f.name not in self.tolerated
+        ).requests
         errors, suite_only = [], []
         for item in lost:
+            if item.request.fragment in self.tolerated:
+                suite_only.append(item)
+                continue
             also_required = required.get(item.request.symbol)
             if _is_suite_fragment(item.request.fragment) and (
                 also_required is None or also_required.value != item.request.value
@@ -254,6 +286,11 @@ def _external_staging(path: Path) -> Path:
     for file in files:
         digest.update(file.name.encode() + b"\0" + file.read_bytes() if file.exists() else b"")
     return cache_dir("external-patches", digest.hexdigest()[:16])
+
+
+def series_fragment_name(series: str, path: Path) -> str:
+    """The name a series' kconfig fragment is merged under (and reported by)."""
+    return f"series {series}: {path.name}"
 
 
 def _is_suite_fragment(name: str) -> bool:
@@ -290,7 +327,11 @@ def make_plan(
     needs = suite_needs(suites_dir)
     merge_order = (
         kconfig.Fragment.from_file(_base_config(kconfig_dir), "kconfig/base.config"),
-        *(kconfig.Fragment.from_file(f, f"series {s.name}: {f.name}") for s in chosen for f in s.fragments),
+        *(
+            kconfig.Fragment.from_file(f, series_fragment_name(s.name, f))
+            for s in chosen
+            for f in s.fragments
+        ),
         *needs.fragments,
         *(kconfig.Fragment.from_file(Path(f)) for f in fragments),
     )

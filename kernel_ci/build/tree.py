@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernel_ci.build.source import locked
 from kernel_ci.core.errors import UsageError
-from kernel_ci.core.proc import capture
+from kernel_ci.core.paths import cache_dir
+from kernel_ci.core.proc import capture, run
 
 DELETED = "deleted"
 _VERSION_RE = re.compile(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)[ \t]*=[ \t]*(.*)$", re.MULTILINE)
@@ -130,6 +133,49 @@ def bisecting(path: Path) -> bool:
     return (marker if marker.is_absolute() else tree / marker).exists()
 
 
+def resolve_commit(tree: Path, revision: str) -> str:
+    """The commit id a revision (--base REV) names in the git tree; a usage error when it names none."""
+    if not is_git_tree(tree):
+        raise TreeError(f"--base {revision}: {tree} is not a git work tree, so it has no revisions")
+    if revision.startswith("-"):
+        raise TreeError(f"--base {revision}: not a revision")
+    found = capture(
+        ["git", "-C", tree, "rev-parse", "--verify", "-q", "--end-of-options", f"{revision}^{{commit}}"],
+        check=False,
+    ).strip()
+    if not found:
+        raise TreeError(f"--base {revision}: no such commit in {tree}")
+    return found
+
+
+def upstream_merge_base(tree: Path) -> str | None:
+    """The merge-base of HEAD with the branch's upstream (what the branch's own commits apply on); None
+    when the tree is not a git work tree or its branch has no upstream."""
+    if not is_git_tree(tree):
+        return None
+    upstream = capture(["git", "-C", tree, "rev-parse", "-q", "--verify", "@{upstream}"], check=False).strip()
+    if not upstream:
+        return None
+    return capture(["git", "-C", tree, "merge-base", "HEAD", upstream], check=False).strip() or None
+
+
+def base_checkout(tree: Path, commit: str) -> Path:
+    """A clean checkout of one commit of the user's git tree, made once per commit in the cache: a clone
+    sharing the tree's objects (`git clone --shared`: nothing is written into the user's repository), so
+    that the baseline of a --tree run builds like any --tree (keyed by the commit's tree id)."""
+    work = cache_dir("tree-bases", commit)
+    checkout = work / "src"
+    with locked(work / "lock", f"another checkout of {commit[:12]}"):
+        if (work / "done").is_file():
+            return checkout
+        if checkout.exists():
+            shutil.rmtree(checkout)
+        run(["git", "clone", "-q", "--shared", "--no-checkout", tree, checkout], quiet=True)
+        run(["git", "-C", checkout, "checkout", "-q", "--detach", commit], quiet=True)
+        (work / "done").write_text(f"{tree}\n")
+    return checkout
+
+
 def object_dir_name(tree: TreeState) -> str:
     """The persistent object directory of this tree path: edits keep it, so rebuilds stay incremental."""
     return hashlib.sha256(str(tree.path).encode()).hexdigest()[:16]
@@ -138,12 +184,15 @@ def object_dir_name(tree: TreeState) -> str:
 __all__ = [
     "TreeError",
     "TreeState",
+    "base_checkout",
     "bisecting",
     "git_state",
     "is_git_tree",
     "kernel_version",
     "object_dir_name",
     "plain_state",
+    "resolve_commit",
     "tree_state",
     "uncommitted_files",
+    "upstream_merge_base",
 ]

@@ -37,6 +37,13 @@ def add_options(parser: argparse.ArgumentParser, *, on_test: bool) -> None:
     )
     group.add_argument("--no-baseline", action="store_true", help="do not run the kernel without the series")
     group.add_argument(
+        "--base",
+        metavar="REV",
+        help="a --tree run without series: the commit whose kernel is the baseline (default: the merge-base "
+        "of HEAD with the branch's upstream; none: no baseline). With series, the baseline is the tree "
+        "without them",
+    )
+    group.add_argument(
         "--branch",
         default=os.environ.get("GITHUB_HEAD_REF") or os.environ.get("GITHUB_REF_NAME") or None,
         help="upload the results to this branch's test history on the cache service (default in CI: "
@@ -55,8 +62,16 @@ def explain_run(args: argparse.Namespace, run_dir: Path, outcome: int) -> int:
     from kernel_ci.flow.attribute import explain
     from kernel_ci.report import github, render
 
-    store = open_store(options.settings(args))
-    explained = explain(run_dir, retries=args.retries, use_baseline=not args.no_baseline, store=store)
+    settings = options.settings(args)
+    store = open_store(settings)
+    explained = explain(
+        run_dir,
+        retries=args.retries,
+        use_baseline=not args.no_baseline,
+        store=store,
+        ccache_remote=settings.ccache_remote,
+        base=args.base,
+    )
     console.print(render.render_explanation(explained.comparison, explained.cost.render()))
     history = _push_history(args, run_dir, explained, store)
     if github.in_github_actions():

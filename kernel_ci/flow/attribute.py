@@ -3,12 +3,19 @@
 Three looks, each a real build (a build-cache entry: a second look costs boots, not builds) and real boots
 of only the failing suites:
 
-- retries: the failing suites again in fresh guests, `retries` times; a test that passes once is flaky;
-- baseline: every suite of the run on the kernel without the series (series "none", same version); a
-  failure it has too is pre-existing, a test it has and the run lacks vanished, one it lacks is new;
+- retries: the failing suites again in fresh guests, `retries` times (attempt n: $KCI_ATTEMPT in the
+  guest); a test that passes once is flaky;
+- baseline: every suite of the run on the kernel without the series (the prefix of length 0 of its first
+  series: same version, fragments and options; a --tree run without series: the tree at its base
+  revision, tree_base); a failure it has too is pre-existing, a test it has and the run lacks vanished,
+  one it lacks is new;
 - attribution: the series' prefixes (BuildPlan.prefix: the base, patch 1, 1..2, ...), walked when the
   series is short and bisected when it is long, naming for each regression the first patch after which
   it fails.
+
+Every kernel built here is the run's own BuildRequest (flow.build keeps it beside the build output) with
+a prefix, checked to still plan the run's kernel (run_request): a prefix build can never drop a
+--fragment, the project's suites or any other option of the run.
 
 The search (first_failures) takes the probe as a function, so its walk/bisect rules are tested on data; the
 probes used by `kernel-ci attribute` build and boot for real.
@@ -23,16 +30,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kernel_ci.build import tree as usertree
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.cache.history import HistoryUpload, TestResult
 from kernel_ci.cache.remote import RemoteCacheError, RemoteStore
 from kernel_ci.cache.store import BuildStore
 from kernel_ci.core.console import step, warn
+from kernel_ci.core.errors import UsageError
 from kernel_ci.core.files import write_text_atomic
-from kernel_ci.core.paths import cache_dir
+from kernel_ci.core.paths import KTAP_LIB, cache_dir
 from kernel_ci.flow import build as buildflow
 from kernel_ci.flow import test as testflow
-from kernel_ci.guest.suites import SuiteRoots
+from kernel_ci.guest.suites import SuiteRoots, roots_of, suite_folders
 from kernel_ci.report import compare
 from kernel_ci.report.junit import parse as parse_junit
 from kernel_ci.report.junit import read_report, write_junit
@@ -112,17 +121,29 @@ class Context:
     report: RunReport
     output: Path
     suites_dir: SuiteRoots
+    # the request that built the run's kernel (kept beside its output dir by flow.build); None: not known
+    request: buildflow.BuildRequest | None = None
     cost: Cost = field(default_factory=Cost)
     store: BuildStore | None = None  # the CLI's (remote-backed when a service is configured)
+    ccache_remote: str | None = field(default=None, repr=False)  # the CLI's setting (never in a file)
+    base: str | None = None  # --tree without series: the revision whose kernel is the baseline
 
     @classmethod
     def read(cls, run_dir: Path, suites_dir: SuiteRoots | None = None) -> Context:
         record = RunRecord.read(run_dir)
-        metadata = BuildMetadata.read(Path(record.kernel_dir))
+        kernel_dir = Path(record.kernel_dir)
+        metadata = BuildMetadata.read(kernel_dir)
+        if metadata.build_key != record.build_key:
+            raise UsageError(
+                f"{kernel_dir} holds build {metadata.build_key[:16]} now, not the run's "
+                f"{record.build_key[:16]} (built over since): rebuild the run's kernel "
+                f"({record.reproduce_build}) and test it again"
+            )
         report = read_report(run_dir / "junit.xml")
         chosen = _suite_roots(record.options.get("suites_dir"))
         output = Path(str(record.options.get("output", run_dir.parent.parent)))
-        return cls(run_dir, record, metadata, report, output, suites_dir or chosen)
+        request = buildflow.read_request(kernel_dir)
+        return cls(run_dir, record, metadata, report, output, suites_dir or chosen, request)
 
 
 def _suite_roots(recorded: object) -> SuiteRoots:
@@ -134,14 +155,41 @@ def _suite_roots(recorded: object) -> SuiteRoots:
     return testflow.SUITE_PATH
 
 
-def _build(ctx: Context, series: Sequence[str], prefix: tuple[str, int] | None, where: str) -> Path:
-    request = buildflow.BuildRequest(
-        kernel=ctx.metadata.kernel.version,
-        series=list(series),
-        output=ctx.output / "explain" / where,  # suites_dir: the default, as `kernel-ci test` builds
-        prefix=prefix,
-    )
-    result = buildflow.build(request, store=ctx.store)
+def run_request(ctx: Context) -> buildflow.BuildRequest:
+    """The request that built the run's kernel, checked to still plan that kernel: its recipe key (the
+    plan's files: series, fragments, suites' needs, modules, source) is the one the build recorded. Every
+    kernel attribution builds is this request with a prefix, so it keeps every option of the run."""
+    kernel_dir = Path(ctx.record.kernel_dir)
+    if ctx.request is None:
+        raise UsageError(
+            f"the build options of {kernel_dir} are unknown (no {buildflow.request_path(kernel_dir).name} "
+            f"beside it: built by an older kernel-ci, or copied from elsewhere); build it again with "
+            f"{ctx.metadata.reproduce} and test it, or explain it without rebuilding (--no-baseline)"
+        )
+    key = buildflow.plan_request(ctx.request).plan.recipe_key()
+    if key != ctx.metadata.recipe_key:
+        raise UsageError(
+            f"the inputs of {kernel_dir} changed since it was built (recipe key {key[:16]}, the build's "
+            f"{ctx.metadata.recipe_key[:16]}): its series, kconfig fragments, suites or modules are no "
+            "longer what built it, so their prefixes would not be its prefixes; test it again, then "
+            "explain that run"
+        )
+    return ctx.request
+
+
+def prefix_request(
+    request: buildflow.BuildRequest, prefix: tuple[str, int], output: Path, ccache_remote: str | None = None
+) -> buildflow.BuildRequest:
+    """The run's request for one prefix (BuildPlan.prefix): only the prefix and where it goes change."""
+    return replace(request, prefix=prefix, output=output, ccache_remote=ccache_remote)
+
+
+def _build(ctx: Context, prefix: tuple[str, int], where: str) -> Path:
+    request = prefix_request(run_request(ctx), prefix, ctx.output / "explain" / where, ctx.ccache_remote)
+    return _count(ctx, buildflow.build(request, store=ctx.store))
+
+
+def _count(ctx: Context, result: buildflow.BuildResult) -> Path:
     if result.cache_hit:
         ctx.cost.cache_hits += 1
     else:
@@ -149,10 +197,21 @@ def _build(ctx: Context, series: Sequence[str], prefix: tuple[str, int] | None, 
     return result.output
 
 
-def _test(ctx: Context, kernel_dir: Path, suites: Sequence[str] | None) -> RunReport:
+def _test(ctx: Context, kernel_dir: Path, suites: Sequence[str] | None, attempt: int = 0) -> RunReport:
+    """Boot kernel_dir with the run's suites folder and machine (memory, cpus, accel, append, timeouts)."""
+    ran = ctx.record.options
     options = testflow.TestOptions(
-        kernel_dir=kernel_dir, output=ctx.output / "explain", suites=suites, suites_dir=ctx.suites_dir
+        kernel_dir=kernel_dir,
+        output=ctx.output / "explain",
+        suites=suites,
+        suites_dir=ctx.suites_dir,
+        attempt=attempt,
     )
+    if "modules_dir" in ran:
+        options.modules_dir = Path(str(ran["modules_dir"]))
+    for name in testflow.MACHINE_OPTIONS:
+        if name in ran:
+            setattr(options, name, ran[name])
     ctx.cost.boots += 1
     return testflow.run_tests(options)
 
@@ -163,30 +222,88 @@ def retry(ctx: Context, retries: int) -> dict[str, compare.RetryCount]:
     reports: list[RunReport] = []
     for number in range(retries):
         step(f"retry {number + 1}/{retries}: {', '.join(compare.failing_suites(failing))}")
-        reports.append(_test(ctx, Path(ctx.record.kernel_dir), compare.failing_suites(failing)))
+        suites = compare.failing_suites(failing)
+        reports.append(_test(ctx, Path(ctx.record.kernel_dir), suites, attempt=number + 1))
         if all(c.flaky for c in compare.count_retries(ctx.report, reports).values()):
             break
     return compare.count_retries(ctx.report, reports)
 
 
-def baseline_path(build_key: str, suites: Iterable[str]) -> Path:
-    """Where a baseline is kept locally: beside the build it belongs to, per set of suites run."""
-    return cache_dir("baselines") / build_key / f"{'+'.join(sorted(suites)) or 'none'}.json"
+def baseline_path(build_key: str, suites: Iterable[str], content: str = "") -> Path:
+    """Where a baseline is kept locally: beside the build it belongs to, per set of suites run (and their
+    files' digest: a changed suite is run again)."""
+    name = "+".join(sorted(suites)) or "none"
+    return cache_dir("baselines") / build_key / f"{name}{'@' + content[:16] if content else ''}.json"
 
 
-def baseline(ctx: Context) -> compare.Baseline:
-    """The run's suites on the kernel without the series; read from the local store when already run."""
+def suites_digest(suites_dir: SuiteRoots, names: Iterable[str]) -> str:
+    """A digest of the named suites' files and the KTAP lib, found along the suite path as a run finds
+    them (the project's first, then the packaged ones): what a baseline ran."""
+    digest = hashlib.sha256()
+    folders = suite_folders(suites_dir)
+    libs = [r / "lib" for r in roots_of(suites_dir)] + [KTAP_LIB]
+    chosen = [(n, folders[n]) for n in sorted(set(names)) if n in folders]
+    chosen += (
+        [("lib", next(lib for lib in libs if lib.is_dir()))] if any(lib.is_dir() for lib in libs) else []
+    )
+    for name, root in chosen:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{name}/{path.relative_to(root).as_posix()}".encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def baseline_build(ctx: Context) -> Path | None:
+    """The kernel without the change under test, built with the run's options: the run's plan without its
+    series (the prefix of length 0 of its first series); for a --tree run without series, the tree at its
+    base revision (tree_base). None when there is nothing to compare with (a vanilla kernel's run)."""
+    series = ctx.metadata.series
+    if series:
+        return _build(ctx, (series[0], 0), "baseline")
+    request = run_request(ctx)
+    if request.tree is None:
+        warn("no baseline: the run's kernel has no series, so the kernel without them is the run's own")
+        return None
+    base = tree_base(request.tree, ctx.base)
+    if base is None:
+        return None
+    checkout = usertree.base_checkout(request.tree, base)
+    output = ctx.output / "explain" / "baseline"
+    based = replace(request, tree=checkout, prefix=None, output=output, ccache_remote=ctx.ccache_remote)
+    return _count(ctx, buildflow.build(based, store=ctx.store))
+
+
+def tree_base(tree: Path, base: str | None) -> str | None:
+    """The commit a --tree run is compared with: --base, else the merge-base of HEAD with its upstream
+    branch; None (no baseline, with a warning) when neither is there."""
+    if base is not None:
+        return usertree.resolve_commit(tree, base)
+    found = usertree.upstream_merge_base(tree)
+    if found is None:
+        warn(
+            f"no baseline: {tree} has no upstream branch to take the merge-base with; "
+            "name the revision to compare with: --base REV"
+        )
+    return found
+
+
+def baseline(ctx: Context) -> compare.Baseline | None:
+    """The run's suites on the kernel without the change; read from the local store when already run."""
     step("baseline: the kernel without the series")
-    kernel_dir = _build(ctx, [], None, "baseline")
+    kernel_dir = baseline_build(ctx)
+    if kernel_dir is None:
+        return None
     key = BuildMetadata.read(kernel_dir).build_key
-    path = baseline_path(key, ctx.record.suites)
+    content = suites_digest(ctx.suites_dir, ctx.record.suites)
+    path = baseline_path(key, ctx.record.suites, content)
     if path.is_file():
         return compare.Baseline.from_json(path.read_text(), str(path))
-    version = ctx.metadata.kernel.version
-    found = fetch_shared_baseline(ctx.store, key, ctx.record.suites, version)
+    version = BuildMetadata.read(kernel_dir).kernel.version
+    found = fetch_shared_baseline(ctx.store, key, ctx.record.suites, version, content)
     if found is None:
         found = compare.Baseline.of(_test(ctx, kernel_dir, list(ctx.record.suites)), key, version)
-        share_baseline(ctx.store, key, ctx.record.suites, (ctx.output / "explain" / "latest").resolve())
+        run_dir = (ctx.output / "explain" / "latest").resolve()
+        share_baseline(ctx.store, key, ctx.record.suites, run_dir, content)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, found.to_json())
     return found
@@ -197,31 +314,35 @@ def baseline(ctx: Context) -> compare.Baseline:
 MAX_SHARED_JUNIT = 8 << 20
 
 
-def baseline_run_id(suites: Iterable[str]) -> str:
-    """The id under which a baseline of these suites is attached to its build on the service."""
-    return "baseline-" + hashlib.sha256("+".join(sorted(suites)).encode()).hexdigest()[:16]
+def baseline_run_id(suites: Iterable[str], content: str = "") -> str:
+    """The id under which a baseline of these suites (of these files: suites_digest) is attached to its
+    build on the service."""
+    name = "+".join(sorted(suites)) + (f"@{content}" if content else "")
+    return "baseline-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-def share_baseline(store: BuildStore | None, key: str, suites: Sequence[str], run_dir: Path) -> None:
+def share_baseline(
+    store: BuildStore | None, key: str, suites: Sequence[str], run_dir: Path, content: str = ""
+) -> None:
     """Attach the baseline run's JUnit to its build on the service (with the write token)."""
     if not isinstance(store, RemoteStore) or not store.push_enabled:
         return
     try:
         store.push_run(
-            key, baseline_run_id(suites), run_dir / "junit.xml", run_dir / "console.log", "baseline"
+            key, baseline_run_id(suites, content), run_dir / "junit.xml", run_dir / "console.log", "baseline"
         )
     except Exception as exc:  # sharing is extra: the local baseline stands
         warn(f"baseline not shared with the cache service: {exc}")
 
 
 def fetch_shared_baseline(
-    store: BuildStore | None, key: str, suites: Sequence[str], kernel: str
+    store: BuildStore | None, key: str, suites: Sequence[str], kernel: str, content: str = ""
 ) -> compare.Baseline | None:
     """The baseline another run shared for this build and these suites, verified against the digest the
     build's manifest records for it (as a cache entry's files are); None when there is none."""
     if not isinstance(store, RemoteStore):
         return None
-    run_id = baseline_run_id(suites)
+    run_id = baseline_run_id(suites, content)
     manifest = store.client.get_manifest(key) or {}
     listed = manifest.get("runs")
     runs: list[Any] = listed if isinstance(listed, list) else []
@@ -250,7 +371,7 @@ def attribute(ctx: Context, tests: set[str]) -> dict[str, str]:
 
         def probe(length: int, series_name: str = name, suites: Sequence[str] = suites) -> set[str]:
             step(f"attribution: {series_name} after {length} patch(es)")
-            kernel_dir = _build(ctx, series, (series_name, length), f"{series_name}-{length}")
+            kernel_dir = _build(ctx, (series_name, length), f"{series_name}-{length}")
             return compare.failing(_test(ctx, kernel_dir, suites))
 
         found = first_failures(len(patch_names), left, probe)
@@ -273,11 +394,15 @@ def explain(
     use_baseline: bool = True,
     suites_dir: SuiteRoots | None = None,
     store: BuildStore | None = None,
+    ccache_remote: str | None = None,
+    base: str | None = None,
 ) -> Explained:
-    """Retries, baseline and attribution of a run; its junit.xml is rewritten with the findings."""
+    """Retries, baseline and attribution of a run; its junit.xml is rewritten with the findings.
+
+    base: for a --tree run without series, the revision whose kernel is the baseline (tree_base)."""
     started = time.monotonic()
     ctx = Context.read(run_dir, suites_dir)
-    ctx.store = store
+    ctx.store, ctx.ccache_remote, ctx.base = store, ccache_remote, base
     evidence = compare.Evidence()
     if compare.failing(ctx.report) and retries > 0:
         evidence.retries = retry(ctx, retries)

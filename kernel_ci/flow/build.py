@@ -14,7 +14,7 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,10 +25,18 @@ from kernel_ci.build import keys as buildkey
 from kernel_ci.build import plan as buildplan
 from kernel_ci.build import tree as usertree
 from kernel_ci.build.plan import BASE_FRAGMENT, BUILD_TARGETS  # noqa: F401  (their home used to be here)
-from kernel_ci.build.records import METADATA_SCHEMA, BuildMetadata, CcacheFigures, KernelInfo, ToolchainInfo
+from kernel_ci.build.records import (
+    METADATA_SCHEMA,
+    BuildMetadata,
+    CcacheFigures,
+    KernelInfo,
+    RecordError,
+    ToolchainInfo,
+)
 from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
+from kernel_ci.core.files import write_text_atomic
 from kernel_ci.core.paths import CHECKOUT, REPO_ROOT, SUITE_PATH, Project, cache_dir
 from kernel_ci.core.timing import RECORD_DIGITS, Duration, measure_duration
 from kernel_ci.guest.suites import SuiteRoots
@@ -62,6 +70,127 @@ class BuildRequest:
     patches: Path | None = None
     # (series, n): that series truncated after its n-th patch (BuildPlan.prefix; flow/attribute.py)
     prefix: tuple[str, int] | None = None
+
+    def to_json(self) -> str:
+        """The request as it can be made again elsewhere (`kernel-ci attribute`): paths absolute, and
+        without ccache_remote (a setting of whoever builds, which may carry a token)."""
+
+        def path(value: Path | None) -> str | None:
+            return None if value is None else str(Path(value).expanduser().resolve())
+
+        def roots(value: SuiteRoots | None) -> str | list[str] | None:
+            if value is None or isinstance(value, Path):
+                return path(value)
+            return [str(path(p)) for p in value]
+
+        document = {
+            "schema": REQUEST_SCHEMA,
+            "kernel": self.kernel,
+            "series": None if self.series is None else list(self.series),
+            "fragments": [path(f) for f in self.fragments],
+            "suites_dir": roots(self.suites_dir),
+            "project": path(self.project.root),
+            "output": path(self.output),
+            "jobs": self.jobs,
+            "use_cache": self.use_cache,
+            "use_ccache": self.use_ccache,
+            "fresh": self.fresh,
+            "ccache_dir": path(self.ccache_dir),
+            "external_modules": self.external_modules,
+            "tree": path(self.tree),
+            "patches": path(self.patches),
+            "prefix": None if self.prefix is None else list(self.prefix),
+        }
+        return json.dumps(document, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "build request") -> BuildRequest:
+        """A request written by to_json; a RecordError (exit 2) naming what is wrong otherwise."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise RecordError(f"{where}: not JSON ({exc})") from exc
+        if not isinstance(data, dict) or data.get("schema") != REQUEST_SCHEMA:
+            raise RecordError(f"{where}: not a build request of schema {REQUEST_SCHEMA}")
+        known = {f.name for f in fields(cls)} - {"ccache_remote"} | {"schema"}
+        if set(data) != known:
+            raise RecordError(f"{where}: fields {sorted(set(data) ^ known)} missing or unknown")
+
+        def text_of(name: str, optional: bool = True) -> str | None:
+            value = data[name]
+            if (value is None and optional) or isinstance(value, str):
+                return value
+            raise RecordError(f"{where}: {name} must be a string{' or null' if optional else ''}")
+
+        def path(name: str) -> Path | None:
+            value = text_of(name)
+            return None if value is None else Path(value)
+
+        def flag(name: str) -> bool:
+            if not isinstance(data[name], bool):
+                raise RecordError(f"{where}: {name} must be true or false")
+            return bool(data[name])
+
+        def strings(name: str) -> list[str]:
+            value = data[name]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RecordError(f"{where}: {name} must be a list of strings")
+            return list(value)
+
+        def suite_roots() -> SuiteRoots | None:
+            value = data["suites_dir"]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return tuple(Path(v) for v in value)
+            return path("suites_dir")
+
+        prefix = data["prefix"]
+        if prefix is not None and not (
+            isinstance(prefix, list)
+            and len(prefix) == 2
+            and isinstance(prefix[0], str)
+            and isinstance(prefix[1], int)
+        ):
+            raise RecordError(f"{where}: prefix must be null or [series, count]")
+        if not isinstance(data["jobs"], int) or isinstance(data["jobs"], bool) or data["jobs"] < 1:
+            raise RecordError(f"{where}: jobs must be a positive integer")
+        return cls(
+            kernel=text_of("kernel"),
+            series=None if data["series"] is None else strings("series"),
+            fragments=[Path(f) for f in strings("fragments")],
+            suites_dir=suite_roots(),
+            project=Project(Path(str(text_of("project", optional=False)))),
+            output=Path(str(text_of("output", optional=False))),
+            jobs=int(data["jobs"]),
+            use_cache=flag("use_cache"),
+            use_ccache=flag("use_ccache"),
+            fresh=flag("fresh"),
+            ccache_dir=path("ccache_dir"),
+            external_modules=flag("external_modules"),
+            tree=path("tree"),
+            patches=path("patches"),
+            prefix=None if prefix is None else (prefix[0], prefix[1]),
+        )
+
+
+REQUEST_SCHEMA = 1
+REQUEST_FILE_SUFFIX = ".request.json"
+
+
+def request_path(output: Path) -> Path:
+    """Where the request that made a build output dir is kept: beside it (out/build.request.json), never in
+    it (the dir is a build cache entry's copy, compared file by file on the next restore)."""
+    return output.with_name(output.name + REQUEST_FILE_SUFFIX)
+
+
+def read_request(output: Path) -> BuildRequest | None:
+    """The request that made the build output dir `output`; None when none was kept (an older kernel-ci,
+    a build output copied from elsewhere)."""
+    path = request_path(output)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return BuildRequest.from_json(text, str(path))
 
 
 # The fields of a BuildRequest that say how to build, not what: they never reach a key. Every other field
@@ -226,7 +355,14 @@ class _Compiled:
 
 
 def build(request: BuildRequest, store: BuildStore | None = None) -> BuildResult:
-    """Plan, look up, configure, compile, collect, publish: each step below, in that order."""
+    """Plan, look up, configure, compile, collect, publish: each step below, in that order; the request is
+    kept beside the output dir (request_path), for whoever rebuilds its variants (flow/attribute.py)."""
+    result = _build(request, store)
+    write_text_atomic(request_path(Path(request.output)), request.to_json())
+    return result
+
+
+def _build(request: BuildRequest, store: BuildStore | None) -> BuildResult:
     job = plan_build(request)
     job.durations["plan"] = round(job.clock.elapsed(), RECORD_DIGITS)  # source, host, toolchain image
     store = store or LocalStore()
@@ -470,7 +606,10 @@ def _check_config(planned: buildplan.PlannedBuild, final_config: str) -> None:
     cannot meet is a warning (kernel-ci test skips that suite), not a reason to refuse the build."""
     errors, suite_only = planned.unmet_needs(final_config)
     for item in suite_only:
-        warn(f"{item.request.fragment} will be skipped on this kernel: {item.describe()}")
+        if item.request.fragment in planned.tolerated:  # a series cut short by attribution's prefixes
+            warn(f"not yet met by this prefix of the series: {item.describe()}")
+        else:
+            warn(f"{item.request.fragment} will be skipped on this kernel: {item.describe()}")
     if errors:
         raise kconfig.KconfigError(
             "requested kconfig options did not survive olddefconfig:\n  "

@@ -51,7 +51,12 @@ class TestOptions:
     idle_timeout: float = 120.0
     timeout: float = 1800.0
     keep_overlay: bool = False
+    attempt: int = 0  # 0: a run; n: its n-th retry in a fresh guest (flow/attribute.py); $KCI_ATTEMPT
     extra_properties: dict[str, str] = field(default_factory=dict)
+
+
+# The guest machine's options: a rerun of a run (repro, attribution's retries and prefixes) keeps them.
+MACHINE_OPTIONS = ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout")
 
 
 def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Suite]:
@@ -179,6 +184,7 @@ def run_tests(options: TestOptions) -> RunReport:
         cached_c_compiler(image) if image else _no_compiler,
         module_kos,
         kselftest_dir=kernel_dir / "kselftest",
+        attempt=options.attempt,
     )
     step("rootfs")
     base = rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
@@ -344,7 +350,7 @@ def reproduce(run_dir: Path, *, interactive: bool = False) -> RunReport:
     metadata = BuildMetadata.read(kernel_dir)
     options = TestOptions(kernel_dir=kernel_dir, output=run_dir.parent)
     for name, value in info.options.items():
-        if name in ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout"):
+        if name in MACHINE_OPTIONS:
             setattr(options, name, value)
     repro_dir = run_dir / f"repro-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     repro_dir.mkdir()

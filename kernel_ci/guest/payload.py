@@ -71,11 +71,13 @@ def assemble_payload(
     *,
     runner: Path = RUNNER,
     kselftest_dir: Path | None = None,
+    attempt: int = 0,
 ) -> Path:
     """Write dest/kci-runner.py, dest/plan.json, dest/suites/<name>/... and dest/modules/*.ko.
 
     module_kos maps a kernel-modules/ folder name (as the manifests name it) to its built .ko file.
     kselftest_dir is the build's kselftest install tree (outputs' kselftest/), for kselftest suites.
+    attempt: 0 for a run, n for its n-th retry (the plan's attempt, $KCI_ATTEMPT in the guest).
     """
     if dest.exists() and any(dest.iterdir()):
         raise PayloadError(f"{dest}: payload destination is not empty")
@@ -117,7 +119,7 @@ def assemble_payload(
                 case_timeouts=cut,
             )
         )
-    plan = Plan(kernel_release, tuple(planned))
+    plan = Plan(kernel_release, tuple(planned), attempt)
     protocol.write_plan(plan, dest / "plan.json")
     return dest
 

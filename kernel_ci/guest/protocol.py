@@ -108,13 +108,23 @@ class PlanSuite:
 class Plan:
     kernel_release: str
     suites: tuple[PlanSuite, ...]
+    # 0 for a run, n for its n-th retry (kernel-ci attribute): the suites see it as $KCI_ATTEMPT
+    attempt: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"kernel_release": self.kernel_release, "suites": [s.to_json() for s in self.suites]}
+        return {
+            "kernel_release": self.kernel_release,
+            "attempt": self.attempt,
+            "suites": [s.to_json() for s in self.suites],
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plan:
-        return cls(str(data["kernel_release"]), tuple(PlanSuite.from_json(s) for s in data["suites"]))
+        attempt = int(data.get("attempt", 0))
+        if attempt < 0:
+            raise ValueError(f"attempt {attempt}: a run's attempt number is 0 or more")
+        suites = tuple(PlanSuite.from_json(s) for s in data["suites"])
+        return cls(str(data["kernel_release"]), suites, attempt)
 
 
 def read_plan(path: Path) -> Plan:

@@ -1,27 +1,45 @@
-"""End to end: a red run explained with real builds and boots (issue 18).
+"""End to end: red runs explained with real builds and boots (issue 18), in a scratch project.
 
-A three-patch scratch series on top of ci-smoke whose second patch changes what /proc/ci-smoke reads: the
-smoke-c suite's `content` test fails. `explain` retries it in a fresh guest (it fails again: consistent),
-runs the kernel without the series (the baseline: vanilla, where /proc/ci-smoke does not exist, so the
-test is not failing there), and walks the series' prefixes: the report must name patch 2.
+The project (tmp: `--project DIR`, nothing is written into the checkout) is the checkout's series, suites,
+modules and kconfig, plus a two-patch scratch series on top of ci-smoke whose FIRST patch changes what
+/proc/ci-smoke reads (smoke-c's `content` test fails) and whose second is harmless, plus planted Python
+suites that ask the kernel for nothing (no kconfig: the plan, and so every build key, is the checkout's).
 
-Cost (warm ccache): the prefixes are the default kconfig with other patches, so each build recompiles one
-file; the suite rerun is smoke-c only.
+- attribution: `explain` retries the failing suites once in a fresh guest (the content test fails again:
+  consistent), runs the kernel without the series (the baseline: /proc/ci-smoke does not exist there, so
+  the test does not fail there), and walks the scratch series' prefixes: the report must name patch 1,
+  not the last one.
+- flaky: `kernel-ci test --attribute` on a planted test that fails when $KCI_ATTEMPT % 3 == 0 (the run is
+  attempt 0, the n-th retry attempt n): it fails the run, passes the first retry, and is reported flaky
+  (exit 8, not 1).
+
+Cost, kept low by reuse: the scratch series' prefix 0 is the checkout's CI kernel (a build-cache hit once
+any e2e built it); the scratch patches are the same files on every run (fixed commit dates), so the full
+kernel, prefix 1 and the baseline (the vanilla kernel with the same options) are hits from the second run
+on, and the baseline's result is kept too. Boots run only the failing suites (two small ones). The flaky
+test reuses the attribution test's full kernel (a hit) and boots twice (the run and one retry).
+
+Measured on the shared 2-core host (load 5-7, other builds running), first run: the run's kernel ~4.5 min,
+then explain: 4 boots, 2 builds compiled (the baseline ~8 min: its config differs, so ccache has little;
+prefix 1 ~1.5 min), 1 hit, 611 s; the whole file 15 min. Warm (every build a hit, the baseline's
+result kept): explain 3 boots, 0 builds, 3 hits, 23 s; the whole file 135 s (load 5-10).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kernel_ci.build.patches import discover_series
+from kernel_ci.cli.main import main
+from kernel_ci.cli.result import CommandResult
 from kernel_ci.core.errors import ExitCode
-from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
+from kernel_ci.core.paths import CHECKOUT, Project
 from kernel_ci.flow.attribute import explain
 from kernel_ci.flow.build import BuildRequest, build
 from kernel_ci.flow.test import TestOptions, run_tests
@@ -29,7 +47,7 @@ from kernel_ci.report import compare, junit
 
 pytestmark = pytest.mark.slow
 
-SCRATCH = "zz-e2e-attribution"  # sorts after the repository's series; removed after the test
+SCRATCH = "zz-e2e-attribution"  # sorts after the checkout's series: applied last
 CI_SMOKE_C = """// SPDX-License-Identifier: GPL-2.0
 /*
  * /proc/ci-smoke: a marker that this kernel was built from a patched tree.
@@ -57,13 +75,8 @@ static int __init ci_smoke_init(void)
 }
 device_initcall(ci_smoke_init);
 """
-# (subject, old text, new text): patch 2 is the planted regression
+# (subject, old text, new text): patch 1 is the planted regression, patch 2 harmless
 CHANGES = (
-    (
-        "ci_smoke: say why the file is read-only",
-        "static int __init",
-        "/* read-only: a marker */\nstatic int __init",
-    ),
     ("ci_smoke: reword the marker", "patch applied\\n", "patch applied (reworded)\\n"),
     (
         "ci_smoke: note the initcall level",
@@ -73,14 +86,19 @@ CHANGES = (
 )
 
 
+# Fixed dates: the same commits, so the same patch files, on every run: their builds (the full kernel, the
+# prefix 1) are build-cache hits from the second run on, like the baseline and prefix 0.
+FIXED_DATE = "2024-07-27T08:40:24+00:00"
+
+
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    env = {**os.environ, "GIT_AUTHOR_DATE": FIXED_DATE, "GIT_COMMITTER_DATE": FIXED_DATE}
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
 
 
-@pytest.fixture
-def scratch_series(tmp_path: Path) -> Iterator[str]:
-    """git format-patch files of three commits over ci-smoke's kernel/ci_smoke.c, as a series folder."""
-    repo = tmp_path / "repo"
+def _scratch_series(folder: Path, work: Path) -> None:
+    """git format-patch files of the CHANGES over ci-smoke's kernel/ci_smoke.c, as a series folder."""
+    repo = work / "repo"
     (repo / "kernel").mkdir(parents=True)
     _git(repo, "init", "-q")
     _git(repo, "config", "user.email", "kernel-ci@example.invalid")
@@ -90,20 +108,14 @@ def scratch_series(tmp_path: Path) -> Iterator[str]:
     _git(repo, "add", ".")
     _git(repo, "commit", "-qm", "base")
     for subject, old, new in CHANGES:
+        assert old in source.read_text(), old
         source.write_text(source.read_text().replace(old, new, 1))
         _git(repo, "commit", "-qam", subject)
-    folder = KERNEL_PATCHES / SCRATCH
     folder.mkdir()
-    try:
-        _git(repo, "format-patch", "-q", "-3", "-o", str(folder))
-        names = sorted(p.name for p in folder.glob("*.patch"))
-        (folder / "series").write_text("\n".join(names) + "\n")
-        (folder / "README.md").write_text(
-            "A scratch series of tests/e2e/test_attribution.py; removed after it.\n"
-        )
-        yield SCRATCH
-    finally:
-        shutil.rmtree(folder)
+    _git(repo, "format-patch", "-q", "--no-signature", f"-{len(CHANGES)}", "-o", str(folder))
+    names = sorted(p.name for p in folder.glob("*.patch"))
+    (folder / "series").write_text("\n".join(names) + "\n")
+    (folder / "README.md").write_text("A scratch series of tests/e2e/test_attribution.py.\n")
 
 
 # A planted suite run beside smoke-c: one test broken on every kernel (pre-existing), one only on the
@@ -130,25 +142,54 @@ else:
 """
 
 
-def _suites(root: Path) -> Path:
-    """smoke-c (with the KTAP library it is built with) and the planted suite."""
-    shutil.copytree(GUEST_TESTS / "lib", root / "lib")
-    shutil.copytree(GUEST_TESTS / "smoke-c", root / "smoke-c")
-    planted = root / "attr-planted"
-    planted.mkdir()
-    (planted / "manifest.toml").write_text(
-        'name = "attr-planted"\nlanguage = "python"\ntimeout = 60\nmodules = []\n'
-        'kconfig = ["CONFIG_PROC_FS=y"]\nsources = ["test_planted.py"]\n'
+# A planted suite that fails one attempt in three: the run (attempt 0), then passes on its retries 1 and 2.
+FLAKY = """
+import os
+
+
+def test_fails_one_attempt_in_three():
+    attempt = int(os.environ["KCI_ATTEMPT"])
+    assert attempt % 3 != 0, f"planted: fails on attempt {attempt}"
+"""
+
+
+def _planted(root: Path, name: str, text: str) -> None:
+    """A Python suite that asks the kernel for nothing: the build plan stays the checkout's."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "manifest.toml").write_text(
+        f'name = "{name}"\nlanguage = "python"\ntimeout = 60\nmodules = []\nkconfig = []\n'
+        'sources = ["test_planted.py"]\n'
     )
-    (planted / "test_planted.py").write_text(PLANTED)
-    return root
+    (folder / "test_planted.py").write_text(text)
 
 
-def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, scratch_series: str) -> None:
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """The checkout's project files, the scratch series and the planted suites, in a temporary directory."""
+    root = tmp_path_factory.mktemp("project")
+    for folder in ("kernel-patches", "guest-tests", "kernel-modules", "kconfig"):
+        shutil.copytree(CHECKOUT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    _scratch_series(root / "kernel-patches" / SCRATCH, tmp_path_factory.mktemp("scratch"))
+    _planted(root / "guest-tests", "attr-planted", PLANTED)
+    _planted(root / "guest-tests", "attr-flaky", FLAKY)
+    return Project(root)
+
+
+def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, project: Project) -> None:
     out = tmp_path / "out"
-    kernel = build(BuildRequest(series=["ci-smoke", scratch_series], output=out / "build"))
-    suites_dir = _suites(tmp_path / "suites")
-    report = run_tests(TestOptions(kernel_dir=kernel.output, output=out, suites_dir=suites_dir))
+    request = BuildRequest(project=project, suites_dir=project.guest_tests, output=out / "build")
+    kernel = build(request)
+    assert kernel.metadata.series[-1] == SCRATCH
+    suites = ["smoke-c", "attr-planted"]
+    options = TestOptions(
+        kernel_dir=kernel.output,
+        output=out,
+        suites=suites,
+        suites_dir=project.guest_tests,
+        modules_dir=project.kernel_modules,
+    )
+    report = run_tests(options)
     failing = sorted(compare.failing(report))
     broken = [name for name in failing if name.startswith("smoke-c")]
     always = [name for name in failing if name.startswith("attr-planted")]
@@ -161,10 +202,10 @@ def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, scratch_s
     print(f"attribution cost: {explained.cost.render()} (measured {seconds:.0f} s)")
 
     findings = explained.comparison.by_test()
-    second = discover_series(KERNEL_PATCHES, [scratch_series])[0].patch_names()[1]
+    first = discover_series(project.kernel_patches, [SCRATCH])[0].patch_names()[0]
     for name in broken:
         assert findings[name].verdict == "regression", findings[name]
-        assert findings[name].blamed_patch == second, findings[name]
+        assert findings[name].blamed_patch == first, findings[name]
         assert findings[name].retries == compare.RetryCount(0, 2)
     assert findings[always[0]].verdict == "preexisting" and findings[always[0]].blamed_patch is None
     assert [v.rsplit("::", 1)[-1].rsplit(".", 1)[-1] for v in explained.comparison.vanished] == [
@@ -176,7 +217,30 @@ def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, scratch_s
     assert explained.comparison.exit_code() == ExitCode.TEST_FAILURE
     back = junit.read_report((out / "latest").resolve() / "junit.xml")
     case = next(c for s in back.suites for c in s.cases if compare.test_id(s.name, c.name) == broken[0])
-    assert case.properties[compare.PROP_BLAMED_PATCH] == second
-    assert f"first fails after {second}" in case.detail
-    # a prefix already built is a cache hit: the second look costs boots, not builds
-    assert explained.cost.boots >= 3
+    assert case.properties[compare.PROP_BLAMED_PATCH] == first
+    assert f"first fails after {first}" in case.detail
+    # built or restored: the baseline and the prefixes 0 and 1 (2 is the run's own kernel)
+    assert explained.cost.builds + explained.cost.cache_hits == 3, explained.cost
+    # boots: the retry, the prefixes 0 and 1, and the baseline unless its result was kept from before
+    assert explained.cost.boots in (3, 4), explained.cost
+
+
+def test_a_test_that_fails_one_run_in_three_is_reported_flaky(tmp_path: Path, project: Project) -> None:
+    out = tmp_path / "out"
+    argv = ["--project", str(project.root), "test", "--suite", "attr-flaky", "--attribute", "-o", str(out)]
+    code = main([*argv, "--retries", "2", "--no-baseline", "--json", str(tmp_path / "result.json")])
+    assert code == ExitCode.FLAKY, code
+    run_dir = (out / "latest").resolve()
+    explained = compare.Comparison.from_json((run_dir / "explained.json").read_text())
+    (finding,) = explained.findings
+    assert finding.test.startswith("attr-flaky::") and finding.verdict == "flaky"
+    # the run failed (attempt 0), its first retry passed (attempt 1): flaky, so no second retry
+    assert finding.retries == compare.RetryCount(1, 1)
+    back = junit.read_report(run_dir / "junit.xml")
+    (case,) = [c for s in back.suites for c in s.cases if c.state in ("failed", "error")]
+    assert case.properties[compare.PROP_CLASSIFICATION] == "flaky"
+    assert case.properties[compare.PROP_RETRIES] == "1/1"
+    assert "flaky (1 passed / 1 failed of 2 runs)" in case.detail
+    result = CommandResult.from_json((tmp_path / "result.json").read_text())
+    assert (result.outcome, result.exit_code) == ("TEST_FAILURE", ExitCode.FLAKY)  # the guest's, explained
+    assert not (CHECKOUT / "kernel-patches" / SCRATCH).exists()  # nothing written into the checkout

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from kernel_ci.build import kconfig
 from kernel_ci.build.plan import PlanError, make_plan
-from kernel_ci.core.errors import ExitCode
-from kernel_ci.flow.attribute import blame, first_failures
+from kernel_ci.build.records import RecordError
+from kernel_ci.core.errors import ExitCode, UsageError
+from kernel_ci.flow.attribute import (
+    Context,
+    baseline_build,
+    blame,
+    first_failures,
+    prefix_request,
+    run_request,
+    tree_base,
+)
+from kernel_ci.flow.build import BuildRequest, plan_request, read_request, request_path
 from kernel_ci.report import compare, junit, render
 from kernel_ci.report.model import Case, Outcome, RunReport, SuiteResult
 
@@ -159,6 +172,127 @@ def test_a_prefix_past_the_series_or_of_another_series_is_refused() -> None:
         planned.prefix("self-ptrace", 0)
 
 
+def _fragment(tmp_path: Path) -> Path:
+    fragment = tmp_path / "user.config"
+    fragment.write_text("CONFIG_PRINTK_TIME=y\n")
+    return fragment
+
+
+def test_a_prefix_keeps_every_option_of_the_run_and_without_series_is_the_plan_without_them(
+    tmp_path: Path,
+) -> None:
+    """--fragment, the suites folder, the series before: the prefix is the run's plan with fewer patches;
+    the prefix of length 0 of the first series is, field by field, the plan of `--series none` with the
+    same options (the baseline), its series' fragments left out with their patches."""
+    fragment = _fragment(tmp_path)
+    suites_dir = tmp_path / "suites"
+    suites_dir.mkdir()
+    run = make_plan(series=["ci-smoke", "self-ptrace"], fragments=[fragment], suites_dir=suites_dir)
+    assert "CONFIG_PRINTK_TIME=y" in run.plan.kconfig and "CONFIG_CI_SMOKE=y" in run.plan.kconfig
+    one = run.prefix("self-ptrace", 1)
+    assert one.plan.series == ("ci-smoke", "self-ptrace")
+    assert [name for name, _ in one.plan.patches][:2] == [name for name, _ in run.plan.patches][:2]
+    assert len(one.plan.patches) == 2
+    assert one.plan.kconfig == run.plan.kconfig  # both series' fragments, the user's: unchanged
+    assert one.plan.kselftests == run.plan.kselftests and one.plan.modules == run.plan.modules
+    without = run.prefix("ci-smoke", 0)
+    assert without.plan == make_plan(series=[], fragments=[fragment], suites_dir=suites_dir).plan
+    assert "CONFIG_PRINTK_TIME=y" in without.plan.kconfig and "CONFIG_CI_SMOKE" not in without.plan.kconfig
+    assert [f.name for f in without.fragments] == ["kconfig/base.config", str(fragment)]
+    only_first = run.prefix("self-ptrace", 0)
+    assert only_first.plan == make_plan(series=["ci-smoke"], fragments=[fragment], suites_dir=suites_dir).plan
+
+
+def test_a_series_cut_short_may_lose_its_own_fragment_s_symbols_and_nothing_else() -> None:
+    """The symbol a series' fragment asks for may come with a later patch of it: a prefix that lacks it
+    builds (a warning); a whole series, or another fragment, that loses a symbol is still an error."""
+    run = make_plan(series=["self-ptrace"], suites_dir=None)
+    count = len(run.series[0].patches)
+    without_self_ptrace = "\n".join(
+        f"{symbol}={r.value}" if r.value != kconfig.NOT_SET else f"# {symbol} is not set"
+        for symbol, r in run.merged.requests.items()
+        if symbol != "CONFIG_SELF_PTRACE"
+    )
+    errors, _ = run.unmet_needs(without_self_ptrace)
+    assert [i.request.symbol for i in errors] == ["CONFIG_SELF_PTRACE"]  # the whole series: an error
+    cut = run.prefix("self-ptrace", 1)
+    assert cut.tolerated == {"series self-ptrace: self-ptrace.config"}
+    errors, tolerated = cut.unmet_needs(without_self_ptrace)
+    assert errors == [] and [i.request.symbol for i in tolerated] == ["CONFIG_SELF_PTRACE"]
+    without_proc = "\n".join(
+        line for line in without_self_ptrace.splitlines() if not line.startswith("CONFIG_PROC_FS=")
+    )
+    errors, _ = cut.unmet_needs(without_proc)
+    assert [i.request.symbol for i in errors] == ["CONFIG_PROC_FS"]  # the base fragment's: still required
+    assert run.prefix("self-ptrace", count).tolerated == frozenset()  # the whole series is the run itself
+
+
+def test_attribution_builds_the_run_s_request_with_a_prefix_and_nothing_else(tmp_path: Path) -> None:
+    """flow.attribute's prefix builds derive from the run's BuildRequest (fragments, suites, project,
+    ccache and cache options), which plans exactly BuildPlan.prefix of the run's plan."""
+    request = BuildRequest(
+        series=["ci-smoke", "self-ptrace"],
+        fragments=[_fragment(tmp_path)],
+        suites_dir=None,
+        output=tmp_path / "out" / "build",
+        jobs=1,
+        use_ccache=False,
+        external_modules=False,
+    )
+    run = plan_request(request)
+    for prefix in (("self-ptrace", 2), ("self-ptrace", 0), ("ci-smoke", 0)):
+        made = prefix_request(request, prefix, tmp_path / "explain" / "x", "http://127.0.0.1:1/ccache/")
+        assert made == replace(
+            request,
+            prefix=prefix,
+            output=tmp_path / "explain" / "x",
+            ccache_remote="http://127.0.0.1:1/ccache/",
+        )
+        assert plan_request(made).plan == run.prefix(*prefix).plan
+
+
+def test_a_build_request_round_trips_through_its_file_without_the_ccache_remote(tmp_path: Path) -> None:
+    fragment = _fragment(tmp_path)
+    request = BuildRequest(
+        kernel="5.10",
+        series=["ci-smoke"],
+        fragments=[fragment],
+        output=tmp_path / "build",
+        jobs=3,
+        fresh=True,
+        ccache_remote="http://user:secret@127.0.0.1:1/ccache/",
+        prefix=("ci-smoke", 0),
+    )
+    text = request.to_json()
+    assert "secret" not in text
+    back = BuildRequest.from_json(text)
+    assert back == replace(request, ccache_remote=None)
+    assert plan_request(back).plan == plan_request(request).plan
+    (tmp_path / "build").mkdir()
+    assert read_request(tmp_path / "build") is None
+    request_path(tmp_path / "build").write_text(text)
+    assert read_request(tmp_path / "build") == back
+    assert request_path(tmp_path / "build") == tmp_path / "build.request.json"  # beside, never inside
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"schema": 9}, "schema"),
+        ({"jobs": 0}, "jobs"),
+        ({"fresh": "yes"}, "fresh"),
+        ({"prefix": ["ci-smoke"]}, "prefix"),
+        ({"series": [1]}, "series"),
+        ({"extra": 1}, "unknown"),
+    ],
+)
+def test_a_damaged_build_request_is_refused(tmp_path: Path, change: dict, message: str) -> None:
+    data = json.loads(BuildRequest(output=tmp_path).to_json())
+    data.update(change)
+    with pytest.raises(RecordError, match=message):
+        BuildRequest.from_json(json.dumps(data))
+
+
 # --- the search: walk a short series, bisect a long one ------------------------------------------------
 
 
@@ -216,3 +350,36 @@ def test_kernel_ci_attribute_of_a_folder_that_is_no_run_is_a_usage_error(tmp_pat
 
     with pytest.raises(UsageError, match="--retries 99"):
         explain.check(Namespace(retries=99))
+
+
+# --- which request attribution builds from, and when there is no baseline to build --------------------
+
+
+def _context(tmp_path: Path, request: BuildRequest | None, recipe_key: str, series: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    from tests.unit.test_buildrecords import sample
+    from tests.unit.test_report_records import record
+
+    metadata = replace(sample(), recipe_key=recipe_key, series=series)
+    run = replace(record(), build_key=metadata.build_key, kernel_dir=str(tmp_path / "build"))
+    return Context(tmp_path / "run", run, metadata, _report(), tmp_path, tmp_path / "suites", request)
+
+
+def test_prefixes_are_built_only_from_the_request_that_built_the_run(tmp_path: Path) -> None:
+    request = BuildRequest(series=["ci-smoke"], suites_dir=None, output=tmp_path / "build")
+    key = plan_request(request).plan.recipe_key()
+    assert run_request(_context(tmp_path, request, key, ("ci-smoke",))) is request
+    with pytest.raises(UsageError, match="changed since it was built"):  # a series or fragment edited since
+        run_request(_context(tmp_path, request, "5e" * 32, ("ci-smoke",)))
+    with pytest.raises(UsageError, match="--no-baseline"):  # an older kernel-ci's output: no request kept
+        run_request(_context(tmp_path, None, key, ("ci-smoke",)))
+
+
+def test_a_vanilla_run_and_a_tree_without_a_base_have_no_baseline(tmp_path: Path) -> None:
+    vanilla = BuildRequest(series=[], suites_dir=None, output=tmp_path / "build")
+    ctx = _context(tmp_path, vanilla, plan_request(vanilla).plan.recipe_key(), ())
+    assert baseline_build(ctx) is None and ctx.cost.builds + ctx.cost.cache_hits == 0
+    tree = tmp_path / "linux"
+    tree.mkdir()
+    assert tree_base(tree, None) is None  # not git, no upstream: no default base (a warning says --base)
+    with pytest.raises(UsageError, match="--base"):
+        tree_base(tree, "v5.10")

@@ -139,6 +139,7 @@ def test_assemble_payload(tmp_path, fake_ko):
     assert (dest / "suites" / "smoke-py" / "test_smoke.py").is_file()
     plan = read_plan(dest / "plan.json")
     assert plan.kernel_release == "5.10.223-kci"
+    assert plan.attempt == 0  # a run; a retry's payload says which (test_a_retry_s_payload_names_its_attempt)
     smoke_c, smoke_py = plan.suites
     assert (smoke_c.argv, smoke_c.workdir, smoke_c.modules, smoke_c.junit) == (
         ("./smoke-c",),
@@ -308,3 +309,14 @@ def test_only_a_c_suite_or_an_unbuilt_module_needs_the_toolchain(tmp_path):
     (kernel_dir / "extmod" / "kci-smoke" / "kci_smoke.ko").write_bytes(b"\x7fELF")
     assert not needs_toolchain([by_name["smoke-py"], by_name["kselftest-ptrace"]], kernel_dir)
     assert needs_toolchain([by_name["smoke-py"], by_name["smoke-c"]], kernel_dir)
+
+
+def test_a_retry_s_payload_names_its_attempt(tmp_path, fake_ko):
+    suites = load_suites(SUITE_PATH, ["smoke-py"])
+    assemble_payload(suites, tmp_path / "payload", "r", gcc_static, {"kci-smoke": fake_ko}, attempt=2)
+    assert read_plan(tmp_path / "payload" / "plan.json").attempt == 2
+    document = json.loads((tmp_path / "payload" / "plan.json").read_text())
+    document["attempt"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(document))
+    with pytest.raises(PayloadError, match="attempt"):
+        read_plan(tmp_path / "bad.json")

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kernel_ci.core import proc
 from kernel_ci.core.paths import GUEST_RUNNER
 from kernel_ci.guest.payload import PYTEST_ARGV, read_plan
@@ -34,12 +36,17 @@ def suite(
     }
 
 
-def run_runner(tmp_path: Path, suites: list[dict], *extra: str, grace: float = 0.5) -> proc.Result:
+def run_runner(
+    tmp_path: Path, suites: list[dict], *extra: str, grace: float = 0.5, attempt: int | None = None
+) -> proc.Result:
     payload = tmp_path / "payload"
     for entry in suites:
         (payload / entry["workdir"]).mkdir(parents=True, exist_ok=True)
     plan = payload / "plan.json"
-    plan.write_text(json.dumps({"kernel_release": "9.9.9-kci", "suites": suites}))
+    document: dict = {"kernel_release": "9.9.9-kci", "suites": suites}
+    if attempt is not None:
+        document["attempt"] = attempt
+    plan.write_text(json.dumps(document))
     argv = [sys.executable, str(RUNNER), "--no-reboot", "--results", str(tmp_path / "results")]
     argv += ["--kill-grace", str(grace), *extra, str(plan)]
     return proc.run(argv, quiet=True, check=False, timeout=120)
@@ -84,6 +91,15 @@ def test_passing_suite_markers_output_env_and_status(tmp_path):
         "timed_out": False,
         "module_errors": [],
     }
+
+
+@pytest.mark.parametrize(("attempt", "seen"), [(None, "0"), (0, "0"), (2, "2")])
+def test_a_suite_sees_the_plan_s_attempt_number(tmp_path, attempt, seen):
+    """$KCI_ATTEMPT: 0 for a run (also from a plan written before attempts existed), n for the n-th retry."""
+    script = 'echo "KTAP version 1"; echo "1..1"; echo "ok 1 attempt-$KCI_ATTEMPT"'
+    result = run_runner(tmp_path, [suite("attempt", ["sh", "-c", script])], attempt=attempt)
+    assert result.returncode == 0, result.output
+    assert f"[attempt] ok 1 attempt-{seen}" in result.output.splitlines()
 
 
 def test_hanging_suite_is_killed_with_its_whole_process_group(tmp_path):

@@ -136,3 +136,42 @@ def test_a_miss_names_the_changed_files(repo: Path) -> None:
     assert "file kernel/new.c: edited (uncommitted)" in text
     assert "2 input(s) differ" in text.replace("inputs differ", "input(s) differ")  # the commit is the same
     assert clean.source[0].render().startswith("linux-5.10.223 tree git-tree:")
+
+
+# --- the baseline of a --tree run: --base REV, else the merge-base with the upstream branch --------------
+
+
+def test_base_names_a_commit_and_a_bad_one_is_a_usage_error(repo: Path) -> None:
+    head = capture(["git", "rev-parse", "HEAD"], cwd=repo).strip()
+    assert usertree.resolve_commit(repo, "HEAD") == head
+    for bad in ("no-such-branch", "--output=x", "HEAD^{tree}"):
+        with pytest.raises(usertree.TreeError, match="--base"):
+            usertree.resolve_commit(repo, bad)
+
+
+def test_the_default_base_is_the_merge_base_with_the_upstream_branch(repo: Path, tmp_path: Path) -> None:
+    assert usertree.upstream_merge_base(repo) is None  # no upstream: no default (flow: no baseline)
+    upstream = capture(["git", "rev-parse", "HEAD"], cwd=repo).strip()
+    clone = tmp_path / "clone"
+    capture(["git", "clone", "-q", str(repo), str(clone)])
+    (clone / "kernel/ptrace.c").write_text("int ptrace = 1;\n")
+    capture([*GIT, "commit", "-q", "-am", "the change under test"], cwd=clone)
+    assert usertree.upstream_merge_base(clone) == upstream
+
+
+def test_a_base_checkout_is_the_commit_and_writes_nothing_into_the_user_s_repository(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path / "cache"))
+    base = capture(["git", "rev-parse", "HEAD"], cwd=repo).strip()
+    (repo / "kernel/ptrace.c").write_text("int ptrace = 2;\n")
+    capture([*GIT, "commit", "-q", "-am", "change"], cwd=repo)
+    before = sorted(str(p.relative_to(repo)) for p in (repo / ".git").rglob("*") if "objects" not in p.parts)
+    checkout = usertree.base_checkout(repo, base)
+    assert (checkout / "kernel/ptrace.c").read_text() == "int ptrace;\n"
+    state = usertree.tree_state(checkout)
+    assert state.kind == "git" and state.changes == ()
+    assert state.base == capture(["git", "rev-parse", f"{base}^{{tree}}"], cwd=repo).strip()
+    assert usertree.base_checkout(repo, base) == checkout  # made once
+    after = sorted(str(p.relative_to(repo)) for p in (repo / ".git").rglob("*") if "objects" not in p.parts)
+    assert after == before

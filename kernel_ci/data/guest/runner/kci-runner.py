@@ -263,7 +263,7 @@ class Runner:
         self.insmod = shlex.split(args.insmod)
         self.rmmod = shlex.split(args.rmmod)
 
-    def suite_env(self, suite: dict, release: str) -> dict[str, str]:
+    def suite_env(self, suite: dict, release: str, attempt: int = 0) -> dict[str, str]:
         name = suite["name"]
         env = dict(os.environ)
         env.setdefault("PATH", DEFAULT_PATH)
@@ -276,6 +276,7 @@ class Runner:
                 "KCI_JUNIT": os.path.join(self.results, name, "junit.xml"),
                 "KCI_KERNEL_RELEASE": release,
                 "KCI_PAYLOAD": self.payload,
+                "KCI_ATTEMPT": str(attempt),
                 "PYTHONDONTWRITEBYTECODE": "1",
                 "PYTHONUNBUFFERED": "1",
             }
@@ -286,12 +287,13 @@ class Runner:
         with open(self.args.plan) as handle:
             plan = json.load(handle)
         release = plan.get("kernel_release", "")
+        attempt = int(plan.get("attempt", 0))
         for suite in plan["suites"]:
-            self.run_suite(suite, release)
+            self.run_suite(suite, release, attempt)
             reap_orphans()
         say("KCI-RUNNER: done")
 
-    def run_suite(self, suite: dict, release: str) -> None:
+    def run_suite(self, suite: dict, release: str, attempt: int = 0) -> None:
         name = suite["name"]
         directory = os.path.join(self.results, name)
         say(f"KCI-SUITE-START: {name}")
@@ -312,7 +314,7 @@ class Runner:
                     break
                 loaded.append(path)
             if not errors:
-                env = self.suite_env(suite, release)
+                env = self.suite_env(suite, release, attempt)
                 argv = [expand(arg, env) for arg in suite["argv"]]
                 cwd = os.path.join(self.payload, suite.get("workdir", "."))
                 output = os.path.join(directory, "output.txt")
