@@ -22,6 +22,7 @@ from kernel_ci.core import proc
 from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import GUEST_DATA
 from kernel_ci.guest import qemu
+from kernel_ci.guest.protocol import EndKind
 
 SESSION_RUNNER = GUEST_DATA / "runner" / "kci-session.py"
 RUNNER_NAME = "kci-runner.py"  # what kci-init execs from the payload share
@@ -87,7 +88,10 @@ def parse_status(text: str) -> int:
 def collect(results_dir: Path, run: qemu.GuestRun) -> RunResult:
     """The command's result, or GuestSessionError naming the infrastructure failure."""
     status_file = results_dir / "status"
-    if not status_file.is_file():
+    # Only a guest that powered off by itself has a status to report. After a boot timeout, a timeout or a
+    # hang, the guest runs on while its stacks are dumped (qemu._sysrq_dump) and may still write one: the
+    # run was already declared failed, so that late status would read as the command's (exit 0 for `true`).
+    if run.end != EndKind.POWEROFF or not status_file.is_file():
         raise GuestSessionError(
             f"no exit status from the guest ({run.end}: {run.detail.splitlines()[0] if run.detail else ''}); "
             f"console: {run.console_log}"

@@ -8,6 +8,7 @@ bad commit changes the text of /proc/ci-smoke, which smoke-c reads.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -40,7 +41,12 @@ def _request(tree: Path, out: Path) -> BuildRequest:
 
 def _snapshot(tree: Path) -> tuple[str, dict[str, int]]:
     status = capture(["git", "status", "--porcelain", "--ignored"], cwd=tree)
-    mtimes = {str(p): p.lstat().st_mtime_ns for p in tree.rglob("*") if ".git" not in p.parts}
+    mtimes: dict[str, int] = {}
+    for root, dirs, files in os.walk(tree):  # .git pruned, not filtered: git's own gc rewrites it meanwhile
+        dirs[:] = [d for d in dirs if d != ".git"]
+        for name in [*dirs, *files]:
+            path = os.path.join(root, name)
+            mtimes[path] = os.lstat(path).st_mtime_ns
     return status, mtimes
 
 
@@ -50,6 +56,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = tmp_path_factory.mktemp("tree") / "linux"
     run(["cp", "-a", pristine, tree], quiet=True)
     capture([*GIT, "init", "-q"], cwd=tree)
+    capture(["git", "config", "gc.auto", "0"], cwd=tree)  # no background gc racing the snapshots
     _commit(tree, "Linux 5.10.223")
     patch = next((KERNEL_PATCHES / "ci-smoke").glob("0001-*.patch"))
     capture([*GIT, "am", "-q", str(patch)], cwd=tree)

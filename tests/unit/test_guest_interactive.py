@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kernel_ci.guest import interactive
+from kernel_ci.guest import interactive, qemu
 from kernel_ci.guest.interactive import GuestSessionError
+from kernel_ci.guest.protocol import EndKind
 
 
 @pytest.mark.parametrize("text", ["0\n", "3", " 255 \n"])
@@ -20,6 +21,29 @@ def test_a_status_is_a_number_0_to_255(text: str) -> None:
 def test_a_malformed_status_is_an_infrastructure_failure_not_a_command_status(text: str) -> None:
     with pytest.raises(GuestSessionError) as err:
         interactive.parse_status(text)
+    assert int(err.value.exit_code) == 7
+
+
+def _guest_run(tmp_path: Path, end: EndKind) -> qemu.GuestRun:
+    return qemu.GuestRun(end, 0, 4.8, None, None, tmp_path / "console.log", ["qemu"], "why", "")
+
+
+def test_a_status_written_by_a_guest_that_powered_off_is_the_command_s(tmp_path: Path) -> None:
+    (tmp_path / "status").write_text("3\n")
+    (tmp_path / "stdout").write_bytes(b"out")
+    result = interactive.collect(tmp_path, _guest_run(tmp_path, EndKind.POWEROFF))
+    assert (result.status, result.stdout) == (3, b"out")
+
+
+@pytest.mark.parametrize("end", [e for e in EndKind if e != EndKind.POWEROFF])
+def test_a_status_written_after_the_run_was_declared_failed_is_not_a_command_status(
+    tmp_path: Path, end: EndKind
+) -> None:
+    """Seen under load: a boot timeout fired, the guest booted during the stack dump and ran `true`; its
+    status 0 came back as the command's, exit 0 instead of 7."""
+    (tmp_path / "status").write_text("0\n")
+    with pytest.raises(GuestSessionError, match=f"no exit status from the guest \\({end}") as err:
+        interactive.collect(tmp_path, _guest_run(tmp_path, end))
     assert int(err.value.exit_code) == 7
 
 
