@@ -2,6 +2,7 @@
 
 Layout of an output directory (and of a build cache entry):
   bzImage, config, System.map      the kernel
+  vmlinux.xz                       vmlinux, xz-compressed in the builder (line tables: decoding, gdb)
   modules/lib/modules/<release>/   `make modules_install` output
   kbuild/                          a prepared tree for out-of-tree modules: `make -C kbuild M=$PWD modules`
   patches/<series>.mbox            the applied patches, one downloadable file per series
@@ -14,7 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from kernel_ci.build.layout import make_honest_links
+from kernel_ci.build.kbuild import VMLINUX_XZ as VMLINUX_XZ_IN_OUT
+from kernel_ci.build.layout import VMLINUX_XZ, make_honest_links
 
 KBUILD_SRC_NAMES = ("Makefile", "Kbuild", "Kconfig")
 KBUILD_SRC_SUFFIXES = (".h", ".lds", ".S", ".sh", ".pl", ".awk", ".tbl", ".py", ".lds.S")
@@ -92,9 +94,16 @@ def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool =
                     if name.endswith((".o", ".cmd")) and not item.startswith("include"):
                         continue
                     file = Path(directory) / name
+                    if file.is_symlink() and not file.exists():
+                        # a link into the container's source tree (scripts/gdb/linux/*.py ->
+                        # /build/src/...): the source pass above placed that file already
+                        continue
                     _copy_file(file, dest / file.relative_to(out))
         elif path.exists():
             _copy_file(path, dest / item)
+    # scripts_gdb's loader (a link to the container's source tree): beside scripts/gdb/, which it imports
+    if os.path.lexists(out / "vmlinux-gdb.py"):
+        _copy_file(src / "scripts/gdb/vmlinux-gdb.py", dest / "vmlinux-gdb.py")
     # The build's tree is O=-style; the exported one is a plain tree: drop the O= wrapper makefile.
     (dest / "source").unlink(missing_ok=True)
 
@@ -110,6 +119,10 @@ def collect(src: Path, out: Path, dest: Path, *, link_sources: bool = False) -> 
     }
     for name, path in produced.items():
         _copy_file(path, dest / name)
+    vmlinux_xz = out / VMLINUX_XZ_IN_OUT
+    if vmlinux_xz.is_file():
+        shutil.move(vmlinux_xz, dest / VMLINUX_XZ)  # made for this build only: moved, not copied
+        produced["vmlinux.xz"] = dest / VMLINUX_XZ
     modules = out / ".kci-modules"
     if modules.is_dir():
         shutil.copytree(modules, dest / "modules", symlinks=True, dirs_exist_ok=True)

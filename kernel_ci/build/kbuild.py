@@ -350,6 +350,10 @@ def configure(env: BuildEnv, merged_fragment: str) -> str:
 
 
 MODULES_STAGING = ".kci-modules"  # under the object tree: modules_install's output
+VMLINUX_XZ = ".kci-vmlinux.xz"  # under the object tree: vmlinux (with its line tables), xz-compressed
+# xz's preset for vmlinux: -1 compresses a reduced-debug-info vmlinux of this config to about a quarter in
+# seconds with both cores; higher presets gained little for several times the time (README "Debugging").
+VMLINUX_XZ_PRESET = "-1"
 CCACHE_STATS = (".kci-ccache-before", ".kci-ccache-after")  # under the object tree: --print-stats
 
 
@@ -364,16 +368,20 @@ class KbuildRun:
 
 
 def build_steps(env: BuildEnv) -> list[ScriptStep]:
-    """The kernel image and modules, then modules_install into out/.kci-modules (emptied first), with
-    ccache's counters read before and after: one container for all of it."""
+    """The kernel image, modules and gdb scripts, then modules_install into out/.kci-modules (emptied
+    first) and vmlinux compressed (out/.kci-vmlinux.xz, for decoding traces and gdb), with ccache's
+    counters read before and after: one container for all of it."""
     staging = f"{OUT}/{MODULES_STAGING}"
+    vmlinux_xz = shlex.quote(f"{OUT}/{VMLINUX_XZ}")
+    xz = shlex.join(["xz", VMLINUX_XZ_PRESET, f"-T{env.jobs}", "--check=crc32", "-c", f"{OUT}/vmlinux"])
     steps = [
-        ScriptStep("make", shlex.join(env.make_argv("bzImage", "modules"))),
+        ScriptStep("make", shlex.join(env.make_argv("bzImage", "modules", "scripts_gdb"))),
         ScriptStep(
             "modules_install",
             f"rm -rf {shlex.quote(staging)}; "
             + shlex.join(env.make_argv("modules_install", extra=[f"INSTALL_MOD_PATH={staging}"])),
         ),
+        ScriptStep("vmlinux_xz", f"{xz} > {vmlinux_xz}.tmp && mv {vmlinux_xz}.tmp {vmlinux_xz}"),
     ]
     if not env.use_ccache:
         return steps
@@ -387,8 +395,8 @@ def build_steps(env: BuildEnv) -> list[ScriptStep]:
 
 def build(env: BuildEnv) -> KbuildRun:
     """Build the kernel (build_steps) in one container; its timings, kbuild steps and ccache figures."""
-    for name in CCACHE_STATS:
-        (env.out / name).unlink(missing_ok=True)  # a stale file must not pass for this build's counters
+    for name in (*CCACHE_STATS, VMLINUX_XZ):
+        (env.out / name).unlink(missing_ok=True)  # a stale file must not pass for this build's
     durations, steps, _last = run_steps(env, build_steps(env), title="kbuild")
     ccache: dict[str, float | int] = {}
     if env.use_ccache:
@@ -442,6 +450,7 @@ def run_in_toolchain(
     quiet: bool = False,
     check: bool = True,
     as_build_user: bool = False,
+    timeout: float | None = None,
 ) -> proc.Result:
     """Any command in the builder image (C test binaries, out-of-tree modules), confined like a build and
     tied to this process's life. As the invoking user unless as_build_user (then every writable mount must
@@ -451,4 +460,4 @@ def run_in_toolchain(
     for host, guest in mounts.items():
         options += ["-v", f"{host}:{guest}"]
     watched = ["sh", "-c", WATCHDOG, "kci-watchdog", *command]
-    return docker.run(image, watched, options, quiet=quiet, check=check, hold_stdin=True)
+    return docker.run(image, watched, options, quiet=quiet, check=check, hold_stdin=True, timeout=timeout)

@@ -36,8 +36,9 @@ from kernel_ci.core.paths import GUEST_TESTS, KCONFIG_DIR, KERNEL_MODULES, KERNE
 from kernel_ci.guest import suites
 
 BASE_FRAGMENT = KCONFIG_DIR / "base.config"
-BUILD_TARGETS = "bzImage modules modules_install"
-RECIPE_SCHEMA = "kernel-ci-recipe-2"  # 2: one plan for all keys (kselftest targets, series order added)
+BUILD_TARGETS = "bzImage modules scripts_gdb modules_install vmlinux.xz"
+RECIPE_SCHEMA = "kernel-ci-recipe-3"  # 2: one plan for all keys (kselftest targets, series order added);
+# 3: the outputs hold vmlinux.xz and the gdb scripts (an entry of 2 lacks them)
 SUITE_FRAGMENT_PREFIX = "suite "
 
 
@@ -72,6 +73,7 @@ def build_flags() -> tuple[tuple[str, str], ...]:
     return (
         ("arch", builder.ARCH),
         ("targets", BUILD_TARGETS),
+        ("vmlinux", f"xz {builder.VMLINUX_XZ_PRESET}"),
         ("kbuild", f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source"),
     )
 
