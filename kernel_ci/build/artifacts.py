@@ -12,6 +12,7 @@ Layout of an output directory (and of a build cache entry):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -104,8 +105,26 @@ def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool =
     # scripts_gdb's loader (a link to the container's source tree): beside scripts/gdb/, which it imports
     if os.path.lexists(out / "vmlinux-gdb.py"):
         _copy_file(src / "scripts/gdb/vmlinux-gdb.py", dest / "vmlinux-gdb.py")
+    constants = dest / GDB_CONSTANTS
+    if constants.is_file():
+        text = constants.read_text()
+        constants.unlink()  # a new file: never written through a hard link
+        constants.write_text(python_int_literals(text))
     # The build's tree is O=-style; the exported one is a plain tree: drop the O= wrapper makefile.
     (dest / "source").unlink(missing_ok=True)
+
+
+# 5.10's scripts/gdb/linux/constants.py is C preprocessor output: `LX_SB_RDONLY = ((((1UL))) << (0))` since
+# SB_RDONLY became BIT(0), and Python refuses 1UL, so vmlinux-gdb.py stopped at `import linux.proc` and
+# every lx-* command after it (lx-mounts, lx-cmdline, lx-timerlist, ...) was missing. Upstream later made
+# these gdb expressions (LX_GDBPARSED); the exported copy gets C's integer suffixes dropped instead.
+GDB_CONSTANTS = "scripts/gdb/linux/constants.py"
+_C_INT_SUFFIX = re.compile(r"\b(0[xX][0-9a-fA-F]+|\d+)(?:[uU](?:ll|LL|l|L)?|(?:ll|LL|l|L)[uU]?)\b")
+
+
+def python_int_literals(text: str) -> str:
+    """C integer literals (1UL, 0x10ULL, 4u) as Python reads them (1, 0x10, 4)."""
+    return _C_INT_SUFFIX.sub(r"\1", text)
 
 
 def collect(src: Path, out: Path, dest: Path, *, link_sources: bool = False) -> dict[str, str]:

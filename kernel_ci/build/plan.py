@@ -73,7 +73,8 @@ def build_flags() -> tuple[tuple[str, str], ...]:
     return (
         ("arch", builder.ARCH),
         ("targets", BUILD_TARGETS),
-        ("vmlinux", f"xz {builder.VMLINUX_XZ_PRESET}"),
+        # what the outputs keep for debugging, and how (build.artifacts: the gdb scripts' constants.py)
+        ("debug", f"vmlinux.xz (xz {builder.VMLINUX_XZ_PRESET}), gdb scripts with Python int literals"),
         ("kbuild", f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source"),
     )
 

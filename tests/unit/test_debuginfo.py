@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kernel_ci.build import debuginfo
+from kernel_ci.build.artifacts import python_int_literals
 from kernel_ci.build.layout import DECODE_SCRIPT, VMLINUX_XZ
 from kernel_ci.guest.protocol import EndKind, Plan
 from kernel_ci.guest.scanner import scan
@@ -164,3 +165,19 @@ def test_the_junit_failure_text_carries_the_trace_the_decoder_left(tmp_path: Pat
     assert ("not decoded to file:line: Docker failed" in text) != decoded
     (case,) = [c for s in run.suites for c in s.cases if c.name.startswith("kernel: BUG")]
     assert case.state == "failed" and case.message.startswith("oops: BUG: kernel NULL pointer dereference")
+
+
+def test_the_gdb_constants_become_python() -> None:
+    """5.10's generated scripts/gdb/linux/constants.py has C literals (BIT(0) -> 1UL): Python refused it."""
+    generated = (
+        "import gdb\nif 1:\n"
+        '    LX_CLK_GET_RATE_NOCACHE = gdb.parse_and_eval("((((1UL))) << (6))")\n'
+        "LX_SB_RDONLY = ((((1UL))) << (0))\nLX_BIG = 0x10ULL + 4u + 7L\nLX_MNT_NOSUID = 0x01\n"
+        "LX_OF_DT_HEADER = 0xd00dfeed\nLX_1UL_NAME = LX_MNT_NOSUID\n"
+    )
+    with pytest.raises(SyntaxError):
+        compile(generated, "constants.py", "exec")
+    fixed = python_int_literals(generated)
+    compile(fixed, "constants.py", "exec")
+    assert "LX_SB_RDONLY = ((((1))) << (0))" in fixed and "LX_BIG = 0x10 + 4 + 7" in fixed
+    assert "0xd00dfeed" in fixed and "LX_1UL_NAME = LX_MNT_NOSUID" in fixed
