@@ -104,7 +104,8 @@ def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool =
             _copy_file(path, dest / item)
     # scripts_gdb's loader (a link to the container's source tree): beside scripts/gdb/, which it imports
     if os.path.lexists(out / "vmlinux-gdb.py"):
-        _copy_file(src / "scripts/gdb/vmlinux-gdb.py", dest / "vmlinux-gdb.py")
+        loader = (src / "scripts/gdb/vmlinux-gdb.py").read_text()
+        (dest / "vmlinux-gdb.py").write_text(gdb_loader_importing_each(loader))
     constants = dest / GDB_CONSTANTS
     if constants.is_file():
         text = constants.read_text()
@@ -120,6 +121,32 @@ def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool =
 # these gdb expressions (LX_GDBPARSED); the exported copy gets C's integer suffixes dropped instead.
 GDB_CONSTANTS = "scripts/gdb/linux/constants.py"
 _C_INT_SUFFIX = re.compile(r"\b(0[xX][0-9a-fA-F]+|\d+)(?:[uU](?:ll|LL|l|L)?|(?:ll|LL|l|L)[uU]?)\b")
+
+
+# With CONFIG_DEBUG_INFO_REDUCED gcc describes a struct only in the file named after its header
+# (-femit-struct-debug-baseonly): struct module is there (kernel/module.c), struct mount, task_struct and
+# printk_log are not. linux/proc.py looks `struct mount` up when imported, and its error stopped the
+# kernel's loader before the modules after it. The exported loader imports each module on its own and
+# says which did not load; a command that needs a missing type says so when run.
+_LOADER_IMPORT = re.compile(r"^(\s+)import (linux\.\w+)\s*$", re.MULTILINE)
+_LOADER_HELPER = """
+def _kci_import(name):
+    # kernel-ci (build/artifacts.py): one module's failure no longer stops the others
+    try:
+        __import__(name)
+    except Exception as exc:
+        gdb.write("kernel-ci: %s not loaded (%s): its lx- commands are missing\\n" % (name, exc))
+
+"""
+
+
+def gdb_loader_importing_each(loader: str) -> str:
+    """The kernel's vmlinux-gdb.py with each `import linux.X` guarded (see _LOADER_HELPER)."""
+    if not _LOADER_IMPORT.search(loader):
+        return loader
+    guarded = _LOADER_IMPORT.sub(r"\1_kci_import('\2')", loader)
+    head, marker, rest = guarded.partition("\nimport os\n")
+    return head + marker + _LOADER_HELPER + rest if marker else _LOADER_HELPER + guarded
 
 
 def python_int_literals(text: str) -> str:

@@ -74,7 +74,7 @@ def build_flags() -> tuple[tuple[str, str], ...]:
         ("arch", builder.ARCH),
         ("targets", BUILD_TARGETS),
         # what the outputs keep for debugging, and how (build.artifacts: the gdb scripts' constants.py)
-        ("debug", f"vmlinux.xz (xz {builder.VMLINUX_XZ_PRESET}), gdb scripts with Python int literals"),
+        ("debug", f"vmlinux.xz (xz {builder.VMLINUX_XZ_PRESET}); gdb scripts: int literals, one import each"),
         ("kbuild", f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source"),
     )
 

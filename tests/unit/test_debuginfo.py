@@ -11,12 +11,13 @@ import dataclasses
 import lzma
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kernel_ci.build import debuginfo
-from kernel_ci.build.artifacts import python_int_literals
+from kernel_ci.build.artifacts import gdb_loader_importing_each, python_int_literals
 from kernel_ci.build.layout import DECODE_SCRIPT, VMLINUX_XZ
 from kernel_ci.guest.protocol import EndKind, Plan
 from kernel_ci.guest.scanner import scan
@@ -181,3 +182,46 @@ def test_the_gdb_constants_become_python() -> None:
     compile(fixed, "constants.py", "exec")
     assert "LX_SB_RDONLY = ((((1))) << (0))" in fixed and "LX_BIG = 0x10 + 4 + 7" in fixed
     assert "0xd00dfeed" in fixed and "LX_1UL_NAME = LX_MNT_NOSUID" in fixed
+
+
+LOADER = """import os
+
+sys.path.insert(0, os.path.dirname(__file__) + "/scripts/gdb")
+
+try:
+    gdb.parse_and_eval("0")
+except:
+    gdb.write("NOTE: gdb 7.2 or later required\\n")
+else:
+    import linux.utils
+    import linux.proc
+    import linux.timerlist
+"""
+
+
+def test_the_gdb_loader_imports_each_module_on_its_own(tmp_path: Path) -> None:
+    """A module that fails at import (linux.proc: no struct mount in reduced debug info) no longer stops
+    those after it; run by Python with a stand-in for gdb's own module and a scripts package."""
+    loader = gdb_loader_importing_each(LOADER)
+    assert "import linux." not in loader and "_kci_import('linux.timerlist')" in loader
+    package = tmp_path / "scripts" / "gdb" / "linux"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "utils.py").write_text("LOADED.append('utils')\n")
+    (package / "proc.py").write_text("raise RuntimeError('No struct type named mount.')\n")
+    (package / "timerlist.py").write_text("LOADED.append('timerlist')\n")
+    (tmp_path / "vmlinux-gdb.py").write_text(loader)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import builtins, sys, types\n"
+        "written = []\n"
+        "gdb = types.SimpleNamespace(parse_and_eval=lambda e: 0, write=written.append)\n"
+        "builtins.LOADED = []\n"
+        f"__file__ = {str(tmp_path / 'vmlinux-gdb.py')!r}\n"
+        "exec(open(__file__).read())\n"
+        "print(LOADED, written)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("['utils', 'timerlist']"), result.stdout + result.stderr
+    assert "kernel-ci: linux.proc not loaded (No struct type named mount.)" in result.stdout
+    assert gdb_loader_importing_each("print('no imports')\n") == "print('no imports')\n"
