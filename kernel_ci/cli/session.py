@@ -62,7 +62,7 @@ def _prepare(
         from kernel_ci.flow.test import gdb_command
 
         vmlinux = debuginfo.unpack_vmlinux(kernel_dir, run_dir)
-        console.print(f"[bold]gdb[/]: {gdb_command(kernel_dir, vmlinux, args.gdb_port)}")
+        console.print(f"[bold]gdb[/]: {gdb_command(kernel_dir, vmlinux, args.gdb_port)}", soft_wrap=True)
     cfg = interactive.session_config(
         bzimage, base.path, payload, run_dir, accel,
         memory=args.memory, cpus=args.cpus, extra_append=append,

@@ -206,7 +206,7 @@ def boot_and_collect(
         append += ("nokaslr",)
         extra_args = ("-gdb", f"tcp:127.0.0.1:{options.gdb_port}")
         vmlinux = debuginfo.unpack_vmlinux(kernel_dir, run_dir)
-        console.print(f"[bold]gdb[/]: {gdb_command(kernel_dir, vmlinux, options.gdb_port)}")
+        console.print(f"[bold]gdb[/]: {gdb_command(kernel_dir, vmlinux, options.gdb_port)}", soft_wrap=True)
     overlay = qemu.create_overlay(base_image, run_dir)
     results_dir = run_dir / "results"
     results_dir.mkdir(exist_ok=True)
