@@ -22,7 +22,7 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.build.layout import EXTMOD_DIR, GDB_SCRIPT
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
-from kernel_ci.core.errors import KernelCIError, UsageError
+from kernel_ci.core.errors import UsageError
 from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, GUEST_TESTS, KERNEL_MODULES, cache_dir
 from kernel_ci.guest import binaries, interactive, payload, qemu, rootfs, scanner, suites
 from kernel_ci.guest.protocol import ConsoleReport
@@ -288,17 +288,19 @@ def decode_traces(report: ConsoleReport, kernel_dir: Path, run_dir: Path, payloa
     if not report.faults:
         return report
     step(f"decode {len(report.faults)} kernel trace(s)")
-    try:
-        image = images.ensure_builder_image()
-    except KernelCIError as exc:
-        faults = [dataclasses.replace(f, trace=debuginfo.with_note(f.trace, str(exc))) for f in report.faults]
-        return dataclasses.replace(report, faults=faults)
     module_dirs = [kernel_dir / "modules", kernel_dir / EXTMOD_DIR, payload_dir / "modules"]
     unpacked_for_gdb = (run_dir / "vmlinux").exists()
     try:
         faults = debuginfo.decode_faults(
-            report.faults, image=image, kernel_dir=kernel_dir, work=run_dir, module_dirs=module_dirs
+            report.faults,
+            image=images.ensure_builder_image(),
+            kernel_dir=kernel_dir,
+            work=run_dir,
+            module_dirs=module_dirs,
         )
+    except Exception as exc:  # an annotation: no failure of it (even a bug) may change the verdict
+        why = f"{type(exc).__name__}: {exc}"
+        faults = [dataclasses.replace(f, trace=debuginfo.with_note(f.trace, why)) for f in report.faults]
     finally:
         if not unpacked_for_gdb:  # vmlinux.xz stays in the build: `gdb` or `addr2line` can unpack it again
             (run_dir / "vmlinux").unlink(missing_ok=True)
