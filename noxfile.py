@@ -34,6 +34,8 @@ TEST_ONLY = {
     "--accel": True,
     "--append": True,
     "--boot-timeout": True,
+    "--gdb": False,
+    "--gdb-port": True,
     "--idle-timeout": True,
     "--timeout": True,
     "--keep-overlay": False,

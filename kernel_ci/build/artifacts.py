@@ -2,6 +2,7 @@
 
 Layout of an output directory (and of a build cache entry):
   bzImage, config, System.map      the kernel
+  vmlinux.xz                       vmlinux, xz-compressed in the builder (line tables: decoding, gdb)
   modules/lib/modules/<release>/   `make modules_install` output
   kbuild/                          a prepared tree for out-of-tree modules: `make -C kbuild M=$PWD modules`
   patches/<series>.mbox            the applied patches, one downloadable file per series
@@ -11,10 +12,12 @@ Layout of an output directory (and of a build cache entry):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
-from kernel_ci.build.layout import make_honest_links
+from kernel_ci.build.kbuild import VMLINUX_XZ as VMLINUX_XZ_IN_OUT
+from kernel_ci.build.layout import VMLINUX_XZ, make_honest_links
 
 KBUILD_SRC_NAMES = ("Makefile", "Kbuild", "Kconfig")
 KBUILD_SRC_SUFFIXES = (".h", ".lds", ".S", ".sh", ".pl", ".awk", ".tbl", ".py", ".lds.S")
@@ -92,11 +95,63 @@ def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool =
                     if name.endswith((".o", ".cmd")) and not item.startswith("include"):
                         continue
                     file = Path(directory) / name
+                    if file.is_symlink() and not file.exists():
+                        # a link into the container's source tree (scripts/gdb/linux/*.py ->
+                        # /build/src/...): the source pass above placed that file already
+                        continue
                     _copy_file(file, dest / file.relative_to(out))
         elif path.exists():
             _copy_file(path, dest / item)
+    # scripts_gdb's loader (a link to the container's source tree): beside scripts/gdb/, which it imports
+    if os.path.lexists(out / "vmlinux-gdb.py"):
+        loader = (src / "scripts/gdb/vmlinux-gdb.py").read_text()
+        (dest / "vmlinux-gdb.py").write_text(gdb_loader_importing_each(loader))
+    constants = dest / GDB_CONSTANTS
+    if constants.is_file():
+        text = constants.read_text()
+        constants.unlink()  # a new file: never written through a hard link
+        constants.write_text(python_int_literals(text))
     # The build's tree is O=-style; the exported one is a plain tree: drop the O= wrapper makefile.
     (dest / "source").unlink(missing_ok=True)
+
+
+# 5.10's scripts/gdb/linux/constants.py is C preprocessor output: `LX_SB_RDONLY = ((((1UL))) << (0))` since
+# SB_RDONLY became BIT(0), and Python refuses 1UL, so vmlinux-gdb.py stopped at `import linux.proc` and
+# every lx-* command after it (lx-mounts, lx-cmdline, lx-timerlist, ...) was missing. Upstream later made
+# these gdb expressions (LX_GDBPARSED); the exported copy gets C's integer suffixes dropped instead.
+GDB_CONSTANTS = "scripts/gdb/linux/constants.py"
+_C_INT_SUFFIX = re.compile(r"\b(0[xX][0-9a-fA-F]+|\d+)(?:[uU](?:ll|LL|l|L)?|(?:ll|LL|l|L)[uU]?)\b")
+
+
+# With CONFIG_DEBUG_INFO_REDUCED gcc describes a struct only in the file named after its header
+# (-femit-struct-debug-baseonly): struct module is there (kernel/module.c), struct mount, task_struct and
+# printk_log are not. linux/proc.py looks `struct mount` up when imported, and its error stopped the
+# kernel's loader before the modules after it. The exported loader imports each module on its own and
+# says which did not load; a command that needs a missing type says so when run.
+_LOADER_IMPORT = re.compile(r"^(\s+)import (linux\.\w+)\s*$", re.MULTILINE)
+_LOADER_HELPER = """
+def _kci_import(name):
+    # kernel-ci (build/artifacts.py): one module's failure no longer stops the others
+    try:
+        __import__(name)
+    except Exception as exc:
+        gdb.write("kernel-ci: %s not loaded (%s): its lx- commands are missing\\n" % (name, exc))
+
+"""
+
+
+def gdb_loader_importing_each(loader: str) -> str:
+    """The kernel's vmlinux-gdb.py with each `import linux.X` guarded (see _LOADER_HELPER)."""
+    if not _LOADER_IMPORT.search(loader):
+        return loader
+    guarded = _LOADER_IMPORT.sub(r"\1_kci_import('\2')", loader)
+    head, marker, rest = guarded.partition("\nimport os\n")
+    return head + marker + _LOADER_HELPER + rest if marker else _LOADER_HELPER + guarded
+
+
+def python_int_literals(text: str) -> str:
+    """C integer literals (1UL, 0x10ULL, 4u) as Python reads them (1, 0x10, 4)."""
+    return _C_INT_SUFFIX.sub(r"\1", text)
 
 
 def collect(src: Path, out: Path, dest: Path, *, link_sources: bool = False) -> dict[str, str]:
@@ -110,6 +165,10 @@ def collect(src: Path, out: Path, dest: Path, *, link_sources: bool = False) -> 
     }
     for name, path in produced.items():
         _copy_file(path, dest / name)
+    vmlinux_xz = out / VMLINUX_XZ_IN_OUT
+    if vmlinux_xz.is_file():
+        shutil.move(vmlinux_xz, dest / VMLINUX_XZ)  # made for this build only: moved, not copied
+        produced["vmlinux.xz"] = dest / VMLINUX_XZ
     modules = out / ".kci-modules"
     if modules.is_dir():
         shutil.copytree(modules, dest / "modules", symlinks=True, dirs_exist_ok=True)

@@ -3,10 +3,14 @@
 Shared by the build stage (which writes it) and the cache (which stores, checks and restores it), so it
 imports nothing of ours:
   bzImage, config, System.map      the kernel
+  vmlinux.xz                       vmlinux with its line tables (CONFIG_DEBUG_INFO), xz-compressed: traces
+                                   decode against it (build.debuginfo), gdb loads it unpacked
   modules/lib/modules/<release>/   `make modules_install` output; its `build` and `source` symlinks are the
                                    only symlinks an honest entry has (both -> kbuild/), and a restore
                                    recreates them rather than trusting any link from a cache entry
-  kbuild/                          a prepared tree for out-of-tree modules: `make -C kbuild M=$PWD modules`
+  kbuild/                          a prepared tree for out-of-tree modules: `make -C kbuild M=$PWD modules`;
+                                   with the kernel's scripts (decode_stacktrace.sh) and gdb scripts
+                                   (kbuild/vmlinux-gdb.py, kbuild/scripts/gdb/linux/)
   patches/<series>.mbox            the applied patches, one downloadable file per series
   metadata.json                    the typed build record (kernel_ci.build.records.BuildMetadata)
 """
@@ -24,6 +28,10 @@ from pathlib import Path
 # instead links to their own kbuild/ tree, which is what `make -C .../build M=$PWD` needs. They are never
 # taken from a cache entry's files: whoever stores or restores an entry drops links and recreates these
 # (make_honest_links).
+VMLINUX_XZ = "vmlinux.xz"
+GDB_SCRIPT = "kbuild/vmlinux-gdb.py"  # loads kbuild/scripts/gdb/linux/ (the lx-* commands)
+DECODE_SCRIPT = "kbuild/scripts/decode_stacktrace.sh"
+EXTMOD_DIR = "extmod"  # extmod/<module>/*.ko: the out-of-tree modules
 MODULES_ROOT = "modules/lib/modules"
 HONEST_LINK_NAMES = ("build", "source")
 HONEST_LINK_TARGET = "../../../../kbuild"

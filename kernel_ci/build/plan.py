@@ -43,8 +43,9 @@ from kernel_ci.core.paths import (
 from kernel_ci.guest import suites
 
 BASE_FRAGMENT = DEFAULT_BASE_CONFIG  # the packaged one; a project's kconfig/base.config wins
-BUILD_TARGETS = "bzImage modules modules_install"
-RECIPE_SCHEMA = "kernel-ci-recipe-2"  # 2: one plan for all keys (kselftest targets, series order added)
+BUILD_TARGETS = "bzImage modules scripts_gdb modules_install vmlinux.xz"
+RECIPE_SCHEMA = "kernel-ci-recipe-3"  # 2: one plan for all keys (kselftest targets, series order added);
+# 3: the outputs hold vmlinux.xz and the gdb scripts (an entry of 2 lacks them)
 SUITE_FRAGMENT_PREFIX = "suite "
 
 
@@ -79,6 +80,8 @@ def build_flags() -> tuple[tuple[str, str], ...]:
     return (
         ("arch", builder.ARCH),
         ("targets", BUILD_TARGETS),
+        # what the outputs keep for debugging, and how (build.artifacts: the gdb scripts' constants.py)
+        ("debug", f"vmlinux.xz (xz {builder.VMLINUX_XZ_PRESET}); gdb scripts: int literals, one import each"),
         ("kbuild", f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source"),
     )
 

@@ -138,6 +138,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         timeout=args.timeout,
         keep_overlay=args.keep_overlay,
+        gdb_port=args.gdb_port if args.gdb else None,
     )
     report = run_tests(test_options)
     from kernel_ci.cache.remote import attach_test_run

@@ -87,6 +87,13 @@ def add_machine_options(group: argparse._ArgumentGroup, *, kernel_dir_help: str)
     group.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     group.add_argument("--append", default="", help="extra kernel command line arguments")
     group.add_argument("--boot-timeout", type=float, default=120.0, help="seconds to reach the guest's init")
+    group.add_argument(
+        "--gdb",
+        action="store_true",
+        help="QEMU's gdbstub on 127.0.0.1 (nokaslr); prints a gdb command that loads vmlinux and the gdb "
+        "scripts",
+    )
+    group.add_argument("--gdb-port", type=int, default=1234, help="gdbstub port for --gdb")
 
 
 def settings(args: argparse.Namespace) -> Settings:

@@ -58,7 +58,11 @@ def _prepare(
     append = tuple(args.append.split()) + (("nokaslr",) if args.gdb else ())
     extra = ("-gdb", f"tcp:127.0.0.1:{args.gdb_port}") if args.gdb else ()
     if args.gdb:
-        console.print(f"[bold]gdb[/]: {interactive.gdb_command(kernel_dir, args.gdb_port)}")
+        from kernel_ci.build import debuginfo
+        from kernel_ci.flow.test import gdb_command
+
+        vmlinux = debuginfo.unpack_vmlinux(kernel_dir, run_dir)
+        console.print(f"[bold]gdb[/]: {gdb_command(kernel_dir, vmlinux, args.gdb_port)}", soft_wrap=True)
     cfg = interactive.session_config(
         bzimage, base.path, payload, run_dir, accel,
         memory=args.memory, cpus=args.cpus, extra_append=append,
@@ -115,10 +119,6 @@ def _add_guest_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("guest")
     options.add_machine_options(group, kernel_dir_help="boot this build output dir instead of building")
     group.add_argument("--timeout", type=float, default=3600.0, help="limit for the whole guest session")
-    group.add_argument(
-        "--gdb", action="store_true", help="QEMU's gdbstub on 127.0.0.1 (nokaslr); prints the gdb command"
-    )
-    group.add_argument("--gdb-port", type=int, default=1234, help="gdbstub port for --gdb")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

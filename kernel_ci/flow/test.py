@@ -17,13 +17,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kernel_ci.build import extmodules, images, kconfig
+from kernel_ci.build import debuginfo, extmodules, images, kconfig
 from kernel_ci.build import kbuild as builder
+from kernel_ci.build.layout import EXTMOD_DIR, GDB_SCRIPT
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.errors import UsageError
 from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, KERNEL_MODULES, SUITE_PATH, cache_dir
-from kernel_ci.guest import binaries, payload, qemu, rootfs, scanner, suites
+from kernel_ci.guest import binaries, interactive, payload, qemu, rootfs, scanner, suites
+from kernel_ci.guest.protocol import ConsoleReport
 from kernel_ci.guest.suites import SuiteRoots
 from kernel_ci.host import setup as hostsetup
 from kernel_ci.report import junit, render, verdict
@@ -53,6 +55,7 @@ class TestOptions:
     keep_overlay: bool = False
     attempt: int = 0  # 0: a run; n: its n-th retry in a fresh guest (flow/attribute.py); $KCI_ATTEMPT
     extra_properties: dict[str, str] = field(default_factory=dict)
+    gdb_port: int | None = None  # QEMU's gdbstub on 127.0.0.1:PORT (and nokaslr); None: none
 
 
 # The guest machine's options: a rerun of a run (repro, attribution's retries and prefixes) keeps them.
@@ -229,7 +232,15 @@ def boot_and_collect(
 ) -> RunReport:
     """Boot a fresh overlay with the payload, watch the console, turn what came back into a report."""
     step("boot")
+    kernel_dir = bzimage.parent
     accel = qemu.choose_accelerator(bzimage, options.accel)
+    append = tuple(options.append.split())
+    extra_args: tuple[str, ...] = ()
+    if options.gdb_port is not None:
+        append += ("nokaslr",)
+        extra_args = ("-gdb", f"tcp:127.0.0.1:{options.gdb_port}")
+        vmlinux = debuginfo.unpack_vmlinux(kernel_dir, run_dir)
+        console.print(f"[bold]gdb[/]: {gdb_command(kernel_dir, vmlinux, options.gdb_port)}", soft_wrap=True)
     overlay = qemu.create_overlay(base_image, run_dir)
     results_dir = run_dir / "results"
     results_dir.mkdir(exist_ok=True)
@@ -242,15 +253,16 @@ def boot_and_collect(
         accel=accel,
         memory=options.memory,
         cpus=options.cpus,
-        extra_append=tuple(options.append.split()),
+        extra_append=append,
         boot_timeout=options.boot_timeout,
         idle_timeout=options.idle_timeout,
         global_timeout=options.timeout,
+        extra_args=extra_args,
     )
     live = _LiveConsole()
     run = qemu.run_guest(cfg, live)
     live.scanner.finish()
-    report_in = live.scanner.report()
+    report_in = decode_traces(live.scanner.report(), kernel_dir, run_dir, payload_dir)
     end = GuestEnd(
         kind=run.end,
         detail=run.detail,
@@ -294,6 +306,39 @@ def boot_and_collect(
     console.print(render.render_report(report))
     console.print(f"run: {run_dir}  (reproduce: kernel-ci repro {run_dir})")
     return report
+
+
+def gdb_command(kernel_dir: Path, vmlinux: Path | None, port: int) -> str:
+    """The gdb command line for a guest started with QEMU's gdbstub on port: vmlinux (unpacked into the
+    run dir) and the build's gdb scripts."""
+    script = kernel_dir / GDB_SCRIPT
+    return interactive.gdb_command(vmlinux, script if script.is_file() else None, port)
+
+
+def decode_traces(report: ConsoleReport, kernel_dir: Path, run_dir: Path, payload_dir: Path) -> ConsoleReport:
+    """The console report with each kernel trace decoded to file:line (build.debuginfo) against the
+    build's vmlinux and the modules: the build's own, its out-of-tree ones and those the payload shipped.
+    A trace that cannot be decoded stays raw, with a note: the verdict is the same either way."""
+    if not report.faults:
+        return report
+    step(f"decode {len(report.faults)} kernel trace(s)")
+    module_dirs = [kernel_dir / "modules", kernel_dir / EXTMOD_DIR, payload_dir / "modules"]
+    unpacked_for_gdb = (run_dir / "vmlinux").exists()
+    try:
+        faults = debuginfo.decode_faults(
+            report.faults,
+            image=images.ensure_builder_image(),
+            kernel_dir=kernel_dir,
+            work=run_dir,
+            module_dirs=module_dirs,
+        )
+    except Exception as exc:  # an annotation: no failure of it (even a bug) may change the verdict
+        why = f"{type(exc).__name__}: {exc}"
+        faults = [dataclasses.replace(f, trace=debuginfo.with_note(f.trace, why)) for f in report.faults]
+    finally:
+        if not unpacked_for_gdb:  # vmlinux.xz stays in the build: `gdb` or `addr2line` can unpack it again
+            (run_dir / "vmlinux").unlink(missing_ok=True)
+    return dataclasses.replace(report, faults=faults)
 
 
 def _cut_properties(run: qemu.GuestRun, console_report: scanner.ConsoleReport) -> dict[str, str]:

@@ -129,14 +129,12 @@ def run_command(cfg: qemu.QemuConfig, echo_console: bool = False) -> RunResult:
         cfg.overlay.unlink(missing_ok=True)
 
 
-def gdb_command(kernel_dir: Path, port: int) -> str:
-    """The gdb command line that attaches to --gdb's stub: vmlinux (decompressed by the user when kept
-    compressed) and the kernel's gdb scripts (vmlinux-gdb.py, CONFIG_GDB_SCRIPTS) when the build has them."""
-    vmlinux = kernel_dir / "vmlinux"
-    argv = ["gdb", str(vmlinux) if vmlinux.is_file() else "vmlinux"]
-    scripts = kernel_dir / "vmlinux-gdb.py"
-    if scripts.is_file():
-        argv += ["-iex", f"add-auto-load-safe-path {kernel_dir}", "-ex", f"source {scripts}"]
+def gdb_command(vmlinux: Path | None, gdb_script: Path | None, port: int) -> str:
+    """The gdb command line that attaches to QEMU's gdbstub on port: vmlinux (the build keeps it as
+    vmlinux.xz; the caller unpacks it) and the kernel's gdb scripts (vmlinux-gdb.py: the lx-* commands)."""
+    argv = ["gdb", str(vmlinux) if vmlinux is not None else "vmlinux"]
+    if gdb_script is not None:
+        argv += ["-iex", f"add-auto-load-safe-path {gdb_script.parent}", "-ex", f"source {gdb_script}"]
     argv += ["-ex", f"target remote 127.0.0.1:{port}"]
     return shlex.join(argv)
 

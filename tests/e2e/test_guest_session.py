@@ -118,12 +118,21 @@ def test_gdb_prints_a_command_and_gdb_attaches(kernel_dir: Path, tmp_path: Path)
     guest = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(8)  # QEMU listens from its start; the guest is booting meanwhile
-        gdb_argv = ["gdb", "-batch", "-ex", f"target remote 127.0.0.1:{port}", "-ex", "info registers rip"]
-        gdb = subprocess.run([*gdb_argv, "-ex", "detach"], capture_output=True, text=True, timeout=60)
+        # the vmlinux --gdb unpacked into the session's dir, with the build's gdb scripts: the stopped
+        # guest's pc is a kernel symbol (nokaslr), and lx-lsmod walks the guest's module list
+        (vmlinux,) = tmp_path.glob("sessions/*/vmlinux")
+        script = kernel_dir / "kbuild" / "vmlinux-gdb.py"
+        gdb_argv = ["gdb", "-batch", str(vmlinux), "-ex", f"source {script}",
+                    "-ex", f"target remote 127.0.0.1:{port}", "-ex", "info registers rip",
+                    "-ex", "info symbol $pc", "-ex", "lx-lsmod"]  # fmt: skip
+        gdb = subprocess.run([*gdb_argv, "-ex", "detach"], capture_output=True, text=True, timeout=120)
         assert "rip" in gdb.stdout, gdb.stdout + gdb.stderr
+        assert " in section .text" in gdb.stdout, gdb.stdout + gdb.stderr
+        assert "Traceback" not in gdb.stdout + gdb.stderr, gdb.stdout + gdb.stderr
         _, err = guest.communicate(timeout=200)
         assert guest.returncode == 0, err
         assert f"target remote 127.0.0.1:{port}" in err  # the printed gdb command line
+        assert f"source {script}" in err and str(vmlinux) in err
         assert "nokaslr" in err
     finally:
         if guest.poll() is None:

@@ -243,7 +243,7 @@ def test_recipekey_no_longer_derives_the_plan_itself() -> None:
     """recipekey.py used to copy the pipeline's derivation (and import it for BUILD_TARGETS)."""
     text = Path(recipekey.__file__).read_text()
     assert "buildpipeline" not in text and "kconfig.merge" not in text
-    assert buildpipeline.BUILD_TARGETS == "bzImage modules modules_install"
+    assert buildpipeline.BUILD_TARGETS == "bzImage modules scripts_gdb modules_install vmlinux.xz"
 
 
 def test_cli_request_has_no_suite_fields() -> None:

@@ -68,9 +68,10 @@ def test_the_payload_carries_the_session_under_the_runners_name(tmp_path: Path) 
 
 
 def test_the_gdb_command_attaches_to_the_stub_with_the_kernels_scripts(tmp_path: Path) -> None:
-    assert interactive.gdb_command(tmp_path, 1234) == "gdb vmlinux -ex 'target remote 127.0.0.1:1234'"
-    (tmp_path / "vmlinux").write_bytes(b"")
-    (tmp_path / "vmlinux-gdb.py").write_text("")
-    command = interactive.gdb_command(tmp_path, 4321)
-    assert command.startswith(f"gdb {tmp_path}/vmlinux -iex 'add-auto-load-safe-path {tmp_path}'")
-    assert command.endswith("-ex 'target remote 127.0.0.1:4321'")
+    assert interactive.gdb_command(None, None, 1234) == "gdb vmlinux -ex 'target remote 127.0.0.1:1234'"
+    script = tmp_path / "kbuild" / "vmlinux-gdb.py"
+    command = interactive.gdb_command(tmp_path / "run" / "vmlinux", script, 4321)
+    assert command == (
+        f"gdb {tmp_path}/run/vmlinux -iex 'add-auto-load-safe-path {tmp_path}/kbuild' "
+        f"-ex 'source {script}' -ex 'target remote 127.0.0.1:4321'"
+    )
