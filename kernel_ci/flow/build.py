@@ -85,7 +85,7 @@ def plan_request(request: BuildRequest, tree: usertree.TreeState | None = None) 
         tree=tree,
         external=request.patches,
         patches_root=request.project.kernel_patches,
-        modules_root=request.project.kernel_modules,
+        modules_root=request.project.module_path,
         kconfig_dir=request.project.kconfig,
         lock=source.load_lock(request.project.sources_lock),
     )
@@ -383,7 +383,7 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
             patches.export_series(s, staging / "patches")
     with measure_duration(job.durations, "external_modules"):
         built_modules = extmodules.build_all(
-            job.image, staging / "kbuild", job.planned.modules, staging / "extmod"
+            job.image, staging / "kbuild", _buildable_modules(job, staging / "config"), staging / "extmod"
         )
     with measure_duration() as took:
         selftests = kselftest.build_selftests(env, job.plan.kselftests, staging / "kselftest")
@@ -392,6 +392,18 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
     metadata = _metadata(job, configured, compiled, built_modules, selftests, staging)
     metadata.write(staging)
     return metadata
+
+
+def _buildable_modules(job: _Job, final_config: Path) -> tuple[extmodules.ModuleSource, ...]:
+    """The external modules to build: all of the plan's, unless the kernel cannot load modules at all (a
+    fragment turned CONFIG_MODULES off): then none, with a warning (the packaged kci-smoke is in every plan;
+    the suites that load a module ask for CONFIG_MODULES=y and are skipped on such a kernel)."""
+    modules = job.planned.modules
+    if modules and kconfig.parse(final_config.read_text(), str(final_config)).get("CONFIG_MODULES") != "y":
+        names = ", ".join(m.name for m in modules)
+        warn(f"CONFIG_MODULES is not set: the out-of-tree module(s) {names} are not built")
+        return ()
+    return modules
 
 
 def _metadata(
