@@ -1,12 +1,12 @@
 """End to end: a red run explained with real builds and boots (issue 18).
 
 A three-patch scratch series on top of ci-smoke whose second patch changes what /proc/ci-smoke reads: the
-smoke-c suite's `content` test fails. `explain` retries it in a fresh guest (it fails again: consistent),
+ci-smoke suite's `content` test fails. `explain` retries it in a fresh guest (it fails again: consistent),
 runs the kernel without the series (the baseline: vanilla, where /proc/ci-smoke does not exist, so the
 test is not failing there), and walks the series' prefixes: the report must name patch 2.
 
 Cost (warm ccache): the prefixes are the default kconfig with other patches, so each build recompiles one
-file; the suite rerun is smoke-c only.
+file; the suite rerun is ci-smoke only.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def scratch_series(tmp_path: Path) -> Iterator[str]:
         shutil.rmtree(folder)
 
 
-# A planted suite run beside smoke-c: one test broken on every kernel (pre-existing), one only on the
+# A planted suite run beside ci-smoke: one test broken on every kernel (pre-existing), one only on the
 # kernel without ci-smoke (vanished from the run), one only with it (new).
 PLANTED = """
 import os
@@ -131,9 +131,8 @@ else:
 
 
 def _suites(root: Path) -> Path:
-    """smoke-c (with the KTAP library it is built with) and the planted suite."""
-    shutil.copytree(GUEST_TESTS / "lib", root / "lib")
-    shutil.copytree(GUEST_TESTS / "smoke-c", root / "smoke-c")
+    """ci-smoke (built with the packaged KTAP library: no lib/ beside it) and the planted suite."""
+    shutil.copytree(GUEST_TESTS / "ci-smoke", root / "ci-smoke")
     planted = root / "attr-planted"
     planted.mkdir()
     (planted / "manifest.toml").write_text(
@@ -150,7 +149,7 @@ def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, scratch_s
     suites_dir = _suites(tmp_path / "suites")
     report = run_tests(TestOptions(kernel_dir=kernel.output, output=out, suites_dir=suites_dir))
     failing = sorted(compare.failing(report))
-    broken = [name for name in failing if name.startswith("smoke-c")]
+    broken = [name for name in failing if name.startswith("ci-smoke")]
     always = [name for name in failing if name.startswith("attr-planted")]
     assert broken and all("content" in name for name in broken), failing  # only the reworded marker
     assert len(always) == 1 and "always_broken" in always[0], failing
