@@ -383,7 +383,10 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
             patches.export_series(s, staging / "patches")
     with measure_duration(job.durations, "external_modules"):
         built_modules = extmodules.build_all(
-            job.image, staging / "kbuild", _buildable_modules(job, staging / "config"), staging / "extmod"
+            job.image,
+            staging / "kbuild",
+            buildable_modules(job.planned.modules, (staging / "config").read_text()),
+            staging / "extmod",
         )
     with measure_duration() as took:
         selftests = kselftest.build_selftests(env, job.plan.kselftests, staging / "kselftest")
@@ -394,16 +397,17 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
     return metadata
 
 
-def _buildable_modules(job: _Job, final_config: Path) -> tuple[extmodules.ModuleSource, ...]:
+def buildable_modules(
+    modules: Sequence[extmodules.ModuleSource], final_config: str
+) -> tuple[extmodules.ModuleSource, ...]:
     """The external modules to build: all of the plan's, unless the kernel cannot load modules at all (a
     fragment turned CONFIG_MODULES off): then none, with a warning (the packaged kci-smoke is in every plan;
     the suites that load a module ask for CONFIG_MODULES=y and are skipped on such a kernel)."""
-    modules = job.planned.modules
-    if modules and kconfig.parse(final_config.read_text(), str(final_config)).get("CONFIG_MODULES") != "y":
+    if modules and kconfig.parse(final_config, "the final .config").get("CONFIG_MODULES") != "y":
         names = ", ".join(m.name for m in modules)
         warn(f"CONFIG_MODULES is not set: the out-of-tree module(s) {names} are not built")
         return ()
-    return modules
+    return tuple(modules)
 
 
 def _metadata(

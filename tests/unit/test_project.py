@@ -293,3 +293,16 @@ def test_json_result_is_written_when_the_command_fails(command: str, tmp_path: P
     result = CommandResult.from_json(target.read_text())
     assert (result.command, result.outcome, result.exit_code) == (command, "USAGE", 2)
     assert "no-such-kernel" in result.error
+
+
+def test_a_kernel_without_modules_builds_no_external_module(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every plan carries the packaged kci-smoke; a fragment turning CONFIG_MODULES off must not make the
+    build fail on it (the suites loading it ask for CONFIG_MODULES=y and are skipped on that kernel)."""
+    from kernel_ci.build import extmodules
+    from kernel_ci.flow.build import buildable_modules
+
+    modules = extmodules.discover(paths.Project(paths.CHECKOUT).module_path)
+    assert buildable_modules(modules, "CONFIG_64BIT=y\nCONFIG_MODULES=y\n") == tuple(modules)
+    assert buildable_modules(modules, "CONFIG_64BIT=y\n# CONFIG_MODULES is not set\n") == ()
+    said = " ".join(capsys.readouterr().err.split())
+    assert "CONFIG_MODULES is not set" in said and "kci-smoke" in said
