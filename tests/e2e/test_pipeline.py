@@ -169,3 +169,5 @@ def test_every_guest_suite_passes_on_the_default_build(kernel: BuildResult, tmp_
     report = run_tests(TestOptions(kernel_dir=kernel.output, output=tmp_path / "out"))
     problems = [f"{suite}/{case.name}: {case.message}" for suite, case in report.problems()]
     assert report.outcome == Outcome.PASS, "\n".join(problems)
+    ran = set(RunRecord.read(tmp_path / "out" / "latest").suites)
+    assert {"smoke-c", "smoke-py", "ci-smoke"} <= ran  # the packaged defaults and the repository's own
