@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kernel_ci.build import source
+from kernel_ci.cache.store import LocalStore
 from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
 from kernel_ci.core.proc import capture, run
 from kernel_ci.flow.build import BuildRequest, build
@@ -59,12 +60,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_an_edit_rebuilds_incrementally_never_writes_the_tree_and_passes(repo: Path, tmp_path: Path) -> None:
-    first = build(_request(repo, tmp_path))
+    # a build cache of the test's own: both builds compile (ccache keeps the first cheap). From the shared
+    # cache the first would be restored (an earlier run built it), leaving this new tree path's object dir
+    # empty, and the edit, the same every run, would be restored as well: nothing incremental to measure.
+    store = LocalStore(tmp_path / "build-cache")
+    first = build(_request(repo, tmp_path), store)
+    assert not first.cache_hit
     ptrace = repo / "kernel/ptrace.c"
     ptrace.write_text(ptrace.read_text() + "/* an edit */\n")
     before = _snapshot(repo)
 
-    edited = build(_request(repo, tmp_path))
+    edited = build(_request(repo, tmp_path), store)
 
     assert not edited.cache_hit and edited.key != first.key
     assert edited.metadata.inputs["tree-file:kernel/ptrace.c"]
