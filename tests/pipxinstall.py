@@ -18,6 +18,8 @@ PACKAGE_DATA = (
     "kernel_ci/data/guest/suites/smoke-c/manifest.toml",
     "kernel_ci/data/guest/suites/smoke-c/smoke.c",
     "kernel_ci/data/guest/suites/smoke-py/test_smoke.py",
+    "kernel_ci/data/modules/kci-smoke/kci_smoke.c",
+    "kernel_ci/data/modules/kci-smoke/Kbuild",
     "kernel_ci/data/guest/lib/ktap.c",
     "kernel_ci/data/guest/lib/ktap.h",
     "kernel_ci/data/guest/runner/kci-runner.py",

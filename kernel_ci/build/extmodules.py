@@ -1,5 +1,9 @@
 """Out-of-tree modules (kernel-modules/<name>/): discovered, hashed, built against a kernel's kbuild tree.
 
+They are found along a module path (core.paths.Project.module_path): the project's kernel-modules/, then
+the defaults shipped in the package (kernel_ci/data/modules/: kci-smoke, which the default suites load); a
+name found earlier hides the same name later.
+
 A module folder holds its sources, a Kbuild (and a Makefile for `make -C <tree> M=$PWD`) and a README.
 The pipeline builds every one of them against the kernel it just built, in the builder container, and the
 .ko files become part of that build's outputs and cache entry (`extmod/<name>/*.ko`).
@@ -34,15 +38,27 @@ class ModuleSource:
         return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.endswith(BUILD_LEFTOVERS))
 
 
-def discover(root: Path, names: Sequence[str] | None = None) -> list[ModuleSource]:
-    """The module folders under root (kernel-modules/; a project without one has none), or the named ones."""
-    folders = sorted(root.iterdir()) if root.is_dir() else []
-    found = {p.name: ModuleSource(p.name, p) for p in folders if (p / "Kbuild").is_file()}
+ModuleRoots = Path | Sequence[Path]  # one folder of modules, or a module path (the first holding a name wins)
+
+
+def discover(roots: ModuleRoots, names: Sequence[str] | None = None) -> list[ModuleSource]:
+    """The module folders (those with a Kbuild) along roots, sorted by name, or the named ones in order.
+    A folder that does not exist holds none (a project without kernel-modules/)."""
+    found: dict[str, ModuleSource] = {}
+    for root in (roots,) if isinstance(roots, Path) else roots:
+        folders = sorted(root.iterdir()) if root.is_dir() else []
+        for p in folders:
+            if (p / "Kbuild").is_file():
+                found.setdefault(p.name, ModuleSource(p.name, p))
+    found = dict(sorted(found.items()))
     if names is None:
         return list(found.values())
     unknown = [n for n in names if n not in found]
     if unknown:
-        raise ModuleBuildError(f"unknown module folder(s) {', '.join(unknown)}; known: {', '.join(found)}")
+        where = ", ".join(str(r) for r in ((roots,) if isinstance(roots, Path) else roots))
+        raise ModuleBuildError(
+            f"unknown module folder(s) {', '.join(unknown)} (looked in {where}); known: {', '.join(found)}"
+        )
     return [found[n] for n in names]
 
 

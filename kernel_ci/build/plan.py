@@ -35,8 +35,8 @@ from kernel_ci.core.errors import BuildError
 from kernel_ci.core.paths import (
     DEFAULT_BASE_CONFIG,
     KCONFIG_DIR,
-    KERNEL_MODULES,
     KERNEL_PATCHES,
+    MODULE_PATH,
     SUITE_PATH,
     cache_dir,
 )
@@ -308,7 +308,7 @@ def make_plan(
     suites_dir: suites.SuiteRoots | None = SUITE_PATH,
     external_modules: bool = True,
     patches_root: Path = KERNEL_PATCHES,
-    modules_root: Path = KERNEL_MODULES,
+    modules_root: extmodules.ModuleRoots = MODULE_PATH,
     kconfig_dir: Path = KCONFIG_DIR,
     lock: source.SourceLock | None = None,
     tree: usertree.TreeState | None = None,
@@ -339,7 +339,7 @@ def make_plan(
         *(kconfig.Fragment.from_file(Path(f)) for f in fragments),
     )
     merged = kconfig.merge(merge_order)
-    modules = tuple(extmodules.discover(modules_root)) if external_modules and modules_root.is_dir() else ()
+    modules = tuple(extmodules.discover(modules_root)) if external_modules else ()
     plan = BuildPlan(
         source=(SourcePin.of_tree(tree),) if tree else tuple(SourcePin.of(t) for t in candidates),
         series=tuple(s.name for s in chosen),

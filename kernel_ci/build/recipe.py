@@ -27,7 +27,8 @@ from pathlib import Path
 
 from kernel_ci.build import keys as buildkey
 from kernel_ci.build import plan as buildplan
-from kernel_ci.core.paths import KERNEL_MODULES, KERNEL_PATCHES, SUITE_PATH
+from kernel_ci.build.extmodules import ModuleRoots
+from kernel_ci.core.paths import KERNEL_PATCHES, MODULE_PATH, SUITE_PATH
 from kernel_ci.guest.suites import SuiteRoots
 
 RECIPE_SCHEMA = buildplan.RECIPE_SCHEMA
@@ -40,7 +41,7 @@ def recipe_manifest(
     *,
     suites_dir: SuiteRoots | None = SUITE_PATH,
     patches_root: Path = KERNEL_PATCHES,
-    modules_root: Path = KERNEL_MODULES,
+    modules_root: ModuleRoots = MODULE_PATH,
 ) -> dict[str, str]:
     """name -> digest of every input of the build that `kernel-ci build` with the same options would run."""
     planned = buildplan.make_plan(

@@ -129,7 +129,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         output=options.output(args),
         suites=args.suite,
         suites_dir=project.suite_path,
-        modules_dir=project.kernel_modules,
+        modules_dir=project.module_path,
         memory=args.memory,
         cpus=args.cpus,
         accel=args.accel,

@@ -3,15 +3,17 @@
 Two kinds of files, found two ways:
 
 - the tool's data ships IN the package (``kernel_ci/data/``: container recipes, the guest's init and
-  runner, the protocol, the default kernel-sources lock), so a wheel or a pipx install has it wherever it
-  is installed: found from this file, never from the current directory;
+  runner, the protocol, the default suites and their module, the default kernel-sources lock), so a wheel
+  or a pipx install has it wherever it is installed: found from this file, never from the current
+  directory;
 - the user's *project* (``kernel-patches/``, ``guest-tests/``, ``kernel-modules/``, ``kconfig/``, and
   optionally its own ``kernel-sources.lock.toml`` that overrides the packaged one) is found by
   ``find_project``: ``--project DIR``, else ``$KERNEL_CI_PROJECT``, else the first directory from the
   current one upwards that holds the project markers, else the current directory as a *bare* project
   (every folder optional: the packaged default suites, the packaged lock). The CLI resolves it once and
   hands the paths down. Suites are looked up along ``Project.suite_path``: the project's ``guest-tests/``
-  first, then the defaults shipped in ``kernel_ci/data/guest/suites/``.
+  first, then the defaults shipped in ``kernel_ci/data/guest/suites/``; out-of-tree modules along
+  ``Project.module_path``: its ``kernel-modules/`` first, then ``kernel_ci/data/modules/``.
 
 ``CHECKOUT`` and the ``KERNEL_PATCHES``/``GUEST_TESTS``/... constants below name the source checkout this
 package was imported from (an editable install, the tests): they are the defaults of library functions, not
@@ -36,6 +38,7 @@ GUEST_INIT = GUEST_DATA / "init" / "kci-init"
 GUEST_RUNNER = GUEST_DATA / "runner" / "kci-runner.py"
 PROTOCOL_DOC = GUEST_DATA / "PROTOCOL.md"
 DEFAULT_SUITES = GUEST_DATA / "suites"  # smoke-c, smoke-py: a project's guest-tests/<name> overrides one
+DEFAULT_MODULES = PACKAGE_DATA / "modules"  # kci-smoke, the default suites load it; kernel-modules/ wins
 KTAP_LIB = GUEST_DATA / "lib"  # ktap.h / ktap.c for C suites (a project's own guest-tests/lib/ wins)
 DEFAULT_BASE_CONFIG = PACKAGE_DATA / "kconfig" / "base.config"  # a project's kconfig/base.config wins
 LOCK_NAME = "kernel-sources.lock.toml"
@@ -70,6 +73,12 @@ class Project:
     @property
     def kernel_modules(self) -> Path:
         return self.root / "kernel-modules"
+
+    @property
+    def module_path(self) -> tuple[Path, ...]:
+        """Where out-of-tree modules are found, first match of a name wins: the project's kernel-modules/,
+        then the defaults shipped in the package (the kci-smoke module the default suites load)."""
+        return (self.kernel_modules, DEFAULT_MODULES)
 
     @property
     def kconfig(self) -> Path:
@@ -133,6 +142,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 REPO_ROOT = CHECKOUT  # the older name
 KERNEL_PATCHES = CHECKOUT / "kernel-patches"
 KERNEL_MODULES = CHECKOUT / "kernel-modules"
+MODULE_PATH = (KERNEL_MODULES, DEFAULT_MODULES)  # the checkout's Project(CHECKOUT).module_path
 GUEST_TESTS = CHECKOUT / "guest-tests"
 SUITE_PATH = (GUEST_TESTS, DEFAULT_SUITES)  # the checkout's Project(CHECKOUT).suite_path
 KCONFIG_DIR = CHECKOUT / "kconfig"

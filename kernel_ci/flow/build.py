@@ -214,7 +214,7 @@ def plan_request(request: BuildRequest, tree: usertree.TreeState | None = None) 
         tree=tree,
         external=request.patches,
         patches_root=request.project.kernel_patches,
-        modules_root=request.project.kernel_modules,
+        modules_root=request.project.module_path,
         kconfig_dir=request.project.kconfig,
         lock=source.load_lock(request.project.sources_lock),
     )
@@ -519,7 +519,10 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
             patches.export_series(s, staging / "patches")
     with measure_duration(job.durations, "external_modules"):
         built_modules = extmodules.build_all(
-            job.image, staging / "kbuild", job.planned.modules, staging / "extmod"
+            job.image,
+            staging / "kbuild",
+            buildable_modules(job.planned.modules, (staging / "config").read_text()),
+            staging / "extmod",
         )
     with measure_duration() as took:
         selftests = kselftest.build_selftests(env, job.plan.kselftests, staging / "kselftest")
@@ -528,6 +531,19 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
     metadata = _metadata(job, configured, compiled, built_modules, selftests, staging)
     metadata.write(staging)
     return metadata
+
+
+def buildable_modules(
+    modules: Sequence[extmodules.ModuleSource], final_config: str
+) -> tuple[extmodules.ModuleSource, ...]:
+    """The external modules to build: all of the plan's, unless the kernel cannot load modules at all (a
+    fragment turned CONFIG_MODULES off): then none, with a warning (the packaged kci-smoke is in every plan;
+    the suites that load a module ask for CONFIG_MODULES=y and are skipped on such a kernel)."""
+    if modules and kconfig.parse(final_config, "the final .config").get("CONFIG_MODULES") != "y":
+        names = ", ".join(m.name for m in modules)
+        warn(f"CONFIG_MODULES is not set: the out-of-tree module(s) {names} are not built")
+        return ()
+    return tuple(modules)
 
 
 def _metadata(

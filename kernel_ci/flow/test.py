@@ -23,7 +23,7 @@ from kernel_ci.build.layout import EXTMOD_DIR, GDB_SCRIPT
 from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.errors import UsageError
-from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, KERNEL_MODULES, SUITE_PATH, cache_dir
+from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, MODULE_PATH, SUITE_PATH, cache_dir
 from kernel_ci.guest import binaries, interactive, payload, qemu, rootfs, scanner, suites
 from kernel_ci.guest.protocol import ConsoleReport
 from kernel_ci.guest.suites import SuiteRoots
@@ -44,7 +44,9 @@ class TestOptions:
     suites: Sequence[str] | None = None
     # where the suite folders are: a folder, or a suite path (Project.suite_path; tests use their own)
     suites_dir: SuiteRoots = SUITE_PATH
-    modules_dir: Path = KERNEL_MODULES  # the project's kernel-modules/ (a module the build did not carry)
+    # the project's module path (Project.module_path: its kernel-modules/, then the packaged defaults),
+    # for a module the build did not carry
+    modules_dir: extmodules.ModuleRoots = MODULE_PATH
     memory: str = "1024M"
     cpus: int = 2
     accel: str = "auto"
@@ -76,10 +78,15 @@ def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Sui
 
 
 def module_files(
-    image: str, kernel_dir: Path, names: Sequence[str], work: Path, modules_dir: Path = KERNEL_MODULES
+    image: str,
+    kernel_dir: Path,
+    names: Sequence[str],
+    work: Path,
+    modules_dir: extmodules.ModuleRoots = MODULE_PATH,
 ) -> dict[str, Path]:
-    """The .ko of each named kernel-modules/ folder: from the build's outputs (extmod/), else built now
-    against the build's kbuild tree (a build made with external modules off, or a module added since)."""
+    """The .ko of each named module folder (along the module path): from the build's outputs (extmod/),
+    else built now against the build's kbuild tree (a build made with external modules off, or a module
+    added since)."""
     found: dict[str, Path] = {}
     for name in names:
         kos = sorted((kernel_dir / "extmod" / name).glob("*.ko"))

@@ -75,7 +75,7 @@ def assemble_payload(
 ) -> Path:
     """Write dest/kci-runner.py, dest/plan.json, dest/suites/<name>/... and dest/modules/*.ko.
 
-    module_kos maps a kernel-modules/ folder name (as the manifests name it) to its built .ko file.
+    module_kos maps a module folder name (as the manifests name it) to its built .ko file.
     kselftest_dir is the build's kselftest install tree (outputs' kselftest/), for kselftest suites.
     attempt: 0 for a run, n for its n-th retry (the plan's attempt, $KCI_ATTEMPT in the guest).
     """

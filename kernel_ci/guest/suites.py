@@ -10,8 +10,10 @@ name = "smoke-c"                    # must equal the folder name
 language = "c"                      # "c" (static binary printing KTAP), "python" (pytest) or
                                     # "kselftest" (tools/testing/selftests/<targets>, built with the kernel)
 timeout = 60                        # seconds before the runner kills the suite
-modules = ["kci-smoke"]             # kernel-modules/<dir> the runner loads before and unloads after
-ship_modules = []                   # kernel-modules/<dir> only copied to /kci/modules
+modules = ["kci-smoke"]             # module folders (Project.module_path: the project's kernel-modules/<dir>,
+                                    # else the packaged kernel_ci/data/modules/<dir>) the runner loads
+                                    # before and unloads after
+ship_modules = []                   # module folders only copied to /kci/modules
 kconfig = ["CONFIG_PROC_FS=y"]      # options the kernel under test must have
 sources = ["smoke.c"]               # C: the .c files; Python: the test files; kselftest: none
 targets = ["ptrace"]                # kselftest only: the selftests TARGETS to build and run
@@ -201,7 +203,7 @@ def _suite_from(data: dict[str, Any], folder: Path, manifest: Path) -> Suite:
     ship_modules = _strings(data, "ship_modules", fail)
     for module in modules + ship_modules:
         if not _NAME.match(module):
-            raise fail(f"module {module!r} is not a folder name under kernel-modules/")
+            raise fail(f"module {module!r} is not a module folder name (kernel-modules/<name>)")
     kconfig = _strings(data, "kconfig", fail)
     for line in kconfig:
         if not _KCONFIG.match(line):

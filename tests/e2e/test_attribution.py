@@ -2,8 +2,9 @@
 
 The project (tmp: `--project DIR`, nothing is written into the checkout) is the checkout's series, suites,
 modules and kconfig, plus a two-patch scratch series on top of ci-smoke whose FIRST patch changes what
-/proc/ci-smoke reads (smoke-c's `content` test fails) and whose second is harmless, plus planted Python
-suites that ask the kernel for nothing (no kconfig: the plan, and so every build key, is the checkout's).
+/proc/ci-smoke reads (the ci-smoke suite's `content` test fails) and whose second is harmless, plus
+planted Python suites that ask the kernel for nothing (no kconfig: the plan, and every build key, is the
+checkout's).
 
 - attribution: `explain` retries the failing suites once in a fresh guest (the content test fails again:
   consistent), runs the kernel without the series (the baseline: /proc/ci-smoke does not exist there, so
@@ -118,7 +119,7 @@ def _scratch_series(folder: Path, work: Path) -> None:
     (folder / "README.md").write_text("A scratch series of tests/e2e/test_attribution.py.\n")
 
 
-# A planted suite run beside smoke-c: one test broken on every kernel (pre-existing), one only on the
+# A planted suite run beside ci-smoke: one test broken on every kernel (pre-existing), one only on the
 # kernel without ci-smoke (vanished from the run), one only with it (new).
 PLANTED = """
 import os
@@ -178,20 +179,20 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
 
 def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, project: Project) -> None:
     out = tmp_path / "out"
-    request = BuildRequest(project=project, suites_dir=project.guest_tests, output=out / "build")
+    request = BuildRequest(project=project, suites_dir=project.suite_path, output=out / "build")
     kernel = build(request)
     assert kernel.metadata.series[-1] == SCRATCH
-    suites = ["smoke-c", "attr-planted"]
+    suites = ["ci-smoke", "attr-planted"]
     options = TestOptions(
         kernel_dir=kernel.output,
         output=out,
         suites=suites,
-        suites_dir=project.guest_tests,
-        modules_dir=project.kernel_modules,
+        suites_dir=project.suite_path,
+        modules_dir=project.module_path,
     )
     report = run_tests(options)
     failing = sorted(compare.failing(report))
-    broken = [name for name in failing if name.startswith("smoke-c")]
+    broken = [name for name in failing if name.startswith("ci-smoke")]
     always = [name for name in failing if name.startswith("attr-planted")]
     assert broken and all("content" in name for name in broken), failing  # only the reworded marker
     assert len(always) == 1 and "always_broken" in always[0], failing

@@ -71,24 +71,25 @@ def _verdict(case: junitparser.TestCase) -> str:
 
 
 def test_smoke_suites_pass_and_the_report_carries_the_build(kernel: BuildResult, tmp_path: Path) -> None:
-    report = run_tests(
-        TestOptions(kernel_dir=kernel.output, output=tmp_path / "out", suites=["smoke-c", "smoke-py"])
-    )
+    """The packaged smoke suites and this repository's ci-smoke (its series' /proc file) on its build."""
+    chosen = ["smoke-c", "smoke-py", "ci-smoke"]
+    report = run_tests(TestOptions(kernel_dir=kernel.output, output=tmp_path / "out", suites=chosen))
     assert report.outcome == Outcome.PASS
     junit = tmp_path / "out" / "junit.xml"
     xml = junitparser.JUnitXml.fromfile(str(junit))
     suites = {suite.name: suite for suite in xml}
-    assert {"boot", "smoke-c", "smoke-py"} <= set(suites)
+    assert {"boot", "smoke-c", "smoke-py", "ci-smoke"} <= set(suites)
     props = {p.name: p.value for p in suites["smoke-c"].properties()}
     assert props["kernel.version"] == kernel.metadata.kernel.version
     assert props["build_key"] == kernel.key
     assert props["accelerator"] in ("kvm", "tcg")
     assert "ci-smoke/0001-proc-add-proc-ci-smoke.patch" in props["patches"]
-    assert suites["smoke-c"].tests >= 4 and suites["smoke-py"].tests >= 3
+    assert suites["smoke-c"].tests >= 3 and suites["smoke-py"].tests >= 3
+    assert suites["ci-smoke"].tests == 2 and suites["ci-smoke"].failures == suites["ci-smoke"].skipped == 0
     assert "hello from smoke-py on" in junit.read_text()  # the artifact written in the guest
     run = RunRecord.read(tmp_path / "out" / "latest")
     assert run.build_key == kernel.key and run.qemu_command[0].startswith("qemu-system")
-    assert (tmp_path / "out" / "latest" / "console.log").read_text().count("KCI-SUITE-END") == 2
+    assert (tmp_path / "out" / "latest" / "console.log").read_text().count("KCI-SUITE-END") == 3
     assert run.overlay is None  # a passing run does not keep its overlay
 
 
@@ -168,3 +169,5 @@ def test_every_guest_suite_passes_on_the_default_build(kernel: BuildResult, tmp_
     report = run_tests(TestOptions(kernel_dir=kernel.output, output=tmp_path / "out"))
     problems = [f"{suite}/{case.name}: {case.message}" for suite, case in report.problems()]
     assert report.outcome == Outcome.PASS, "\n".join(problems)
+    ran = set(RunRecord.read(tmp_path / "out" / "latest").suites)
+    assert {"smoke-c", "smoke-py", "ci-smoke"} <= ran  # the packaged defaults and the repository's own

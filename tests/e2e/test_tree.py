@@ -2,21 +2,24 @@
 
 An edit rebuilds incrementally in the tree's persistent object dir and never writes to the tree; a commit is
 a cache hit from a second clone; `git bisect run kernel-ci test --tree .` finds a planted bad commit.
-The ci-smoke patch is committed into the scratch tree (with its fragment), so smoke-c passes there, and the
-bad commit changes the text of /proc/ci-smoke, which smoke-c reads.
+The ci-smoke patch is committed into the scratch tree (with its fragment), so this repository's ci-smoke
+suite passes there (run from a project holding only that suite), and the bad commit changes the text of
+/proc/ci-smoke, which it reads. The packaged smoke-c passes on the edited tree.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from kernel_ci.build import source
-from kernel_ci.core.paths import KERNEL_PATCHES
+from kernel_ci.cache.store import LocalStore
+from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
 from kernel_ci.core.proc import capture, run
 from kernel_ci.flow.build import BuildRequest, build
 from kernel_ci.flow.test import TestOptions, run_tests
@@ -64,12 +67,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_an_edit_rebuilds_incrementally_never_writes_the_tree_and_passes(repo: Path, tmp_path: Path) -> None:
-    first = build(_request(repo, tmp_path))
+    # a build cache of the test's own: both builds compile (ccache keeps the first cheap). From the shared
+    # cache the first would be restored (an earlier run built it), leaving this new tree path's object dir
+    # empty, and the edit, the same every run, would be restored as well: nothing incremental to measure.
+    store = LocalStore(tmp_path / "build-cache")
+    first = build(_request(repo, tmp_path), store)
+    assert not first.cache_hit
     ptrace = repo / "kernel/ptrace.c"
     ptrace.write_text(ptrace.read_text() + "/* an edit */\n")
     before = _snapshot(repo)
 
-    edited = build(_request(repo, tmp_path))
+    edited = build(_request(repo, tmp_path), store)
 
     assert not edited.cache_hit and edited.key != first.key
     assert edited.metadata.inputs["tree-file:kernel/ptrace.c"]
@@ -98,10 +106,20 @@ def test_git_bisect_run_finds_the_planted_bad_commit(repo: Path, tmp_path: Path)
     bad = _commit(repo, "proc: break /proc/ci-smoke")
     comment.write_text(comment.read_text() + "/* step 3 */\n")
     _commit(repo, "ptrace: step 3")
+    project = tmp_path / "project"  # the ci-smoke suite and the packaged defaults, no series or modules
+    shutil.copytree(GUEST_TESTS / "ci-smoke", project / "guest-tests" / "ci-smoke")
     capture([*GIT, "bisect", "start", "HEAD", good], cwd=repo)
     try:
-        step = [sys.executable, "-m", "kernel_ci.cli.main", "-o", str(tmp_path / "out")]
-        step += ["test", "--tree", ".", "--suite", "smoke-c", "--fragment", str(FRAGMENT)]
+        step = [
+            sys.executable,
+            "-m",
+            "kernel_ci.cli.main",
+            "--project",
+            str(project),
+            "-o",
+            str(tmp_path / "out"),
+        ]
+        step += ["test", "--tree", ".", "--suite", "ci-smoke", "--fragment", str(FRAGMENT)]
         done = run([*GIT, "bisect", "run", *step], cwd=repo, check=False)
     finally:
         capture([*GIT, "bisect", "reset"], cwd=repo)

@@ -186,11 +186,13 @@ def test_compile_failure_surfaces(tmp_path, fake_ko):
 
 
 def test_payload_runs_under_the_runner_on_the_host(tmp_path, fake_ko):
-    """smoke-c built into a payload and run by the runner: on the host (no /proc/ci-smoke, no kci_smoke
-    module) those checks must fail, the release check must pass, and the artifact must be written."""
+    """smoke-c (packaged) and this repository's ci-smoke built into a payload and run by the runner: on the
+    host (no kci_smoke module, no /proc/ci-smoke) those checks must fail, the release check must pass, and
+    the artifact must be written."""
     dest = tmp_path / "payload"
     release = proc.capture(["uname", "-r"]).strip()
-    assemble_payload(load_suites(SUITE_PATH, ["smoke-c"]), dest, release, gcc_static, {"kci-smoke": fake_ko})
+    chosen = load_suites(SUITE_PATH, ["smoke-c", "ci-smoke"])
+    assemble_payload(chosen, dest, release, gcc_static, {"kci-smoke": fake_ko})
     results = tmp_path / "results"
     runner = [sys.executable, str(dest / "kci-runner.py"), "--no-reboot", "--results", str(results)]
     run = proc.run([*runner, "--insmod", "true", "--rmmod", "true", str(dest / "plan.json")], quiet=True)
@@ -198,14 +200,18 @@ def test_payload_runs_under_the_runner_on_the_host(tmp_path, fake_ko):
     status = json.loads((results / "smoke-c" / "status.json").read_text())
     assert status["rc"] == 1 and status["timed_out"] is False
     report = parse((results / "smoke-c" / "output.txt").read_text())
-    assert report.errors == [] and report.plan == 4
+    assert report.errors == [] and report.plan == 3
     checks = {name: test.status for name, test in flatten(report.tests)}
-    assert checks["uname_release.release_matches"] == "ok"
-    assert checks["proc_ci_smoke.exists"] == "fail"
-    assert checks["proc_ci_smoke.content"] == "skip"
-    assert checks["module_loaded.sysfs_entry"] == "fail"
-    assert checks["artifact.written"] == "ok"
+    assert checks == {
+        "uname_release.release_matches": "ok",
+        "module_loaded.sysfs_entry": "fail",
+        "module_loaded.tag_parameter": "skip",
+        "artifact.written": "ok",
+    }
     assert (results / "smoke-c" / "artifacts" / "smoke-c.txt").read_text() == f"smoke-c ran on {release}\n"
+    report = parse((results / "ci-smoke" / "output.txt").read_text())
+    checks = {name: test.status for name, test in flatten(report.tests)}
+    assert checks["proc_ci_smoke.exists"] == "fail" and checks["proc_ci_smoke.content"] == "skip"
 
 
 # --- the C harness -----------------------------------------------------------------------------------

@@ -96,14 +96,54 @@ def test_a_bare_project_has_the_packaged_base_config(tmp_path: Path) -> None:
 
     bare = paths.Project(tmp_path)
     planned = make_plan(
-        suites_dir=bare.suite_path, patches_root=bare.kernel_patches, modules_root=bare.kernel_modules,
+        suites_dir=bare.suite_path, patches_root=bare.kernel_patches, modules_root=bare.module_path,
         kconfig_dir=bare.kconfig,
     )  # fmt: skip
-    assert planned.plan.series == () and planned.modules == ()
+    assert planned.plan.series == ()
+    # the default suites' module ships in the package: every build carries it
+    assert [(m.name, m.path) for m in planned.modules] == [("kci-smoke", paths.DEFAULT_MODULES / "kci-smoke")]
+    assert {name.split("/")[0] for name, _ in planned.plan.modules} == {"kci-smoke"}
     assert [f.name for f in planned.fragments][:1] == ["kconfig/base.config"]
     (tmp_path / "kconfig").mkdir()
     (tmp_path / "kconfig" / "base.config").write_text("CONFIG_PRINTK=y\n")
     assert bare.base_config == tmp_path / "kconfig" / "base.config"
+
+
+def test_a_project_module_overrides_the_default_of_its_name(tmp_path: Path) -> None:
+    from kernel_ci.build import extmodules
+    from kernel_ci.build.plan import make_plan
+
+    project = paths.Project(tmp_path)
+    own = project.kernel_modules / "kci-smoke"
+    shutil.copytree(paths.DEFAULT_MODULES / "kci-smoke", own)
+    (own / "kci_smoke.c").write_text((own / "kci_smoke.c").read_text().replace('"smoke"', '"mine"'))
+    (project.kernel_modules / "extra").mkdir()
+    (project.kernel_modules / "extra" / "Kbuild").write_text("obj-m := extra.o\n")
+    (project.kernel_modules / "notes").mkdir()  # no Kbuild: not a module
+    found = extmodules.discover(project.module_path)
+    assert [(m.name, m.path) for m in found] == [
+        ("extra", project.kernel_modules / "extra"),
+        ("kci-smoke", own),
+    ]
+    assert extmodules.discover(project.module_path, ["kci-smoke"])[0].path == own
+    with pytest.raises(
+        extmodules.ModuleBuildError, match=r"unknown module folder\(s\) nope .*kernel-modules"
+    ):
+        extmodules.discover(project.module_path, ["nope"])
+    default = make_plan(suites_dir=None, modules_root=paths.Project(tmp_path / "bare").module_path)
+    mine = make_plan(suites_dir=None, modules_root=project.module_path)
+    assert default.plan.recipe_key() != mine.plan.recipe_key()  # the module's source is in the key
+
+
+def test_the_checkout_builds_its_own_modules_and_the_packaged_default() -> None:
+    """kci-smoke moved from this checkout's kernel-modules/ into the package: the checkout's plan names the
+    same modules with the same files (its recipe and build keys did not change with the move)."""
+    from kernel_ci.build import extmodules
+
+    found = extmodules.discover(paths.Project(paths.CHECKOUT).module_path)
+    assert [m.name for m in found] == ["kci-panic", "kci-smoke", "tracer", "tracer-workload"]
+    assert next(m for m in found if m.name == "kci-smoke").path == paths.DEFAULT_MODULES / "kci-smoke"
+    assert not (paths.KERNEL_MODULES / "kci-smoke").exists()
 
 
 def test_a_project_lock_overrides_the_packaged_one(tmp_path: Path) -> None:
@@ -253,3 +293,16 @@ def test_json_result_is_written_when_the_command_fails(command: str, tmp_path: P
     result = CommandResult.from_json(target.read_text())
     assert (result.command, result.outcome, result.exit_code) == (command, "USAGE", 2)
     assert "no-such-kernel" in result.error
+
+
+def test_a_kernel_without_modules_builds_no_external_module(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every plan carries the packaged kci-smoke; a fragment turning CONFIG_MODULES off must not make the
+    build fail on it (the suites loading it ask for CONFIG_MODULES=y and are skipped on that kernel)."""
+    from kernel_ci.build import extmodules
+    from kernel_ci.flow.build import buildable_modules
+
+    modules = extmodules.discover(paths.Project(paths.CHECKOUT).module_path)
+    assert buildable_modules(modules, "CONFIG_64BIT=y\nCONFIG_MODULES=y\n") == tuple(modules)
+    assert buildable_modules(modules, "CONFIG_64BIT=y\n# CONFIG_MODULES is not set\n") == ()
+    said = " ".join(capsys.readouterr().err.split())
+    assert "CONFIG_MODULES is not set" in said and "kci-smoke" in said
