@@ -7,6 +7,8 @@ uploaded report can show it in $GITHUB_STEP_SUMMARY.
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -17,6 +19,26 @@ from kernel_ci.report.model import RunReport, SuiteRow
 
 PROBLEM_DETAIL_LINES = 30  # lines of a failing test's detail in the Markdown summary
 COLUMNS = ("suite", "failed", "errors", "skipped", "passed", "time")
+# decode_stacktrace.sh ends a decoded oops with decodecode's listing of the `Code:` bytes: two headed blocks
+# of "  N:\tbytes\tinstruction" lines. Shown last, it pushed the decoded frames (file:line) out of a summary
+# that keeps a failure's last lines; the summaries fold it to one line (the JUnit keeps it whole).
+DISASSEMBLY_HEADERS = ("All code", "Code starting with the faulting instruction")
+DISASSEMBLY_LINE = re.compile(r"^\s*(=+|[0-9a-f]+:\*?(\s.*)?)?$")  # blank lines between the two blocks
+
+
+def fold_disassembly(lines: list[str]) -> list[str]:
+    """LINES with each decodecode listing (a header, its ===== rule, its instruction lines) as one line."""
+    out: list[str] = []
+    folding = False
+    for line in lines:
+        if line.strip() in DISASSEMBLY_HEADERS:
+            if not folding:
+                out.append("[... disassembly of the Code: bytes folded; the JUnit report has it ...]")
+            folding = True
+        elif not (folding and DISASSEMBLY_LINE.match(line)):
+            folding = False
+            out.append(line)
+    return out
 
 
 def _time(seconds: float | None) -> str:
@@ -67,7 +89,7 @@ def render_problems(report: RunReport, max_lines: int = 40) -> list[RenderableTy
     panels: list[RenderableType] = []
     for suite, case in report.problems():
         body = case.detail or case.output
-        lines = body.rstrip().splitlines()
+        lines = fold_disassembly(body.rstrip().splitlines())
         if len(lines) > max_lines:
             lines = [f"[... {len(lines) - max_lines} lines cut ...]", *lines[-max_lines:]]
         text = Text(case.message, style="bold")
@@ -144,7 +166,7 @@ def to_markdown(report: RunReport, title: str = "kernel-ci test") -> str:
         message = case.message.strip()
         lines += ["", f"<details><summary>{case.state.upper()} {_html(suite)} :: {_html(case.name)}"]
         lines[-1] += f": {_html(message)}</summary>" if message else "</summary>"
-        body = case.detail.strip().splitlines()
+        body = fold_disassembly(case.detail.strip().splitlines())
         if len(body) > PROBLEM_DETAIL_LINES:
             body = [f"[... {len(body) - PROBLEM_DETAIL_LINES} lines cut ...]", *body[-PROBLEM_DETAIL_LINES:]]
         if body:
