@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from kernel_ci.bench.figures import Figure, figures_from_json, markdown_table, ratio, render
+from kernel_ci.bench.figures import Figure, figures_from_json, markdown_table, render
 from kernel_ci.bench.figures import rewrite_readme as rewrite_readme_section
 from kernel_ci.bench.guest import guest_figures
 from kernel_ci.cache.store import LocalStore
@@ -175,12 +175,7 @@ def _report(figures: list[Figure]) -> dict[str, object]:
         "load_average": os.getloadavg(),
         "command": " ".join(["kernel-ci", *sys.argv[1:]]) if sys.argv else "kernel-ci bench",
         "figures": [asdict(f) for f in figures],
-        "ratios": {
-            **{f.name: f"{f.ratio:.2f}" for f in figures if f.ratio is not None},
-            "boot-to-first-test / virtme-ng": ratio(
-                figures, "guest: boot-to-first-test, TCG", "virtme-ng: boot + uname -r, TCG"
-            ),
-        },
+        "ratios": {f.name: f"{f.ratio:.2f}" for f in figures if f.ratio is not None},
         "ccache": {"note": "cold uses an empty ccache dir of its own; the user's ccache is not touched"},
     }
     boot = [f.seconds for f in figures if f.name.startswith("guest: boot-to-first-test") and f.seconds]

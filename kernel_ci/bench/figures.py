@@ -65,12 +65,6 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def ratio(figures: list[Figure], ours: str, theirs: str) -> str:
-    by_name = {f.name: f.seconds for f in figures}
-    a, b = by_name.get(ours), by_name.get(theirs)
-    return f"{a / b:.2f}" if a and b else "n/a"
-
-
 def figures_from_json(report: dict) -> list[Figure]:
     """The figures of a bench.json (unknown keys of newer files are ignored)."""
     known = set(Figure.__dataclass_fields__)

@@ -1,15 +1,15 @@
 """End to end: red runs explained with real builds and boots (issue 18), in a scratch project.
 
 The project (tmp: `--project DIR`, nothing is written into the checkout) is the checkout's series, suites,
-modules and kconfig, plus a two-patch scratch series on top of ci-smoke whose FIRST patch changes what
-/proc/ci-smoke reads (the ci-smoke suite's `content` test fails) and whose second is harmless, plus
+modules and kconfig, plus a three-patch scratch series on top of ci-smoke whose SECOND patch changes what
+/proc/ci-smoke reads (the ci-smoke suite's `content` test fails) and whose first and third are harmless, plus
 planted Python suites that ask the kernel for nothing (no kconfig: the plan, and every build key, is the
 checkout's).
 
 - attribution: `explain` retries the failing suites once in a fresh guest (the content test fails again:
   consistent), runs the kernel without the series (the baseline: /proc/ci-smoke does not exist there, so
-  the test does not fail there), and walks the scratch series' prefixes: the report must name patch 1,
-  not the last one.
+  the test does not fail there), and walks the scratch series' prefixes: the report must name patch 2,
+  neither the first nor the last.
 - flaky: `kernel-ci test --attribute` on a planted test that fails when $KCI_ATTEMPT % 3 == 0 (the run is
   attempt 0, the n-th retry attempt n): it fails the run, passes the first retry, and is reported flaky
   (exit 8, not 1).
@@ -76,15 +76,21 @@ static int __init ci_smoke_init(void)
 }
 device_initcall(ci_smoke_init);
 """
-# (subject, old text, new text): patch 1 is the planted regression, patch 2 harmless
+# (subject, old text, new text): patch 2 is the planted regression, patches 1 and 3 harmless
 CHANGES = (
-    ("ci_smoke: reword the marker", "patch applied\\n", "patch applied (reworded)\\n"),
     (
         "ci_smoke: note the initcall level",
         "device_initcall(",
         "/* any level after procfs */\ndevice_initcall(",
     ),
+    ("ci_smoke: reword the marker", "patch applied\\n", "patch applied (reworded)\\n"),
+    (
+        "ci_smoke: say why creating the file can fail",
+        "\t\treturn -ENOMEM;",
+        "\t\treturn -ENOMEM;\t/* its only failure: no memory */",
+    ),
 )
+BROKEN = 1  # index in CHANGES of the planted regression
 
 
 # Fixed dates: the same commits, so the same patch files, on every run: their builds (the full kernel, the
@@ -203,10 +209,12 @@ def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, project: 
     print(f"attribution cost: {explained.cost.render()} (measured {seconds:.0f} s)")
 
     findings = explained.comparison.by_test()
-    first = discover_series(project.kernel_patches, [SCRATCH])[0].patch_names()[0]
+    patches = discover_series(project.kernel_patches, [SCRATCH])[0].patch_names()
+    assert len(patches) == len(CHANGES)
+    culprit = patches[BROKEN]
     for name in broken:
         assert findings[name].verdict == "regression", findings[name]
-        assert findings[name].blamed_patch == first, findings[name]
+        assert findings[name].blamed_patch == culprit, findings[name]
         assert findings[name].retries == compare.RetryCount(0, 2)
     assert findings[always[0]].verdict == "preexisting" and findings[always[0]].blamed_patch is None
     assert [v.rsplit("::", 1)[-1].rsplit(".", 1)[-1] for v in explained.comparison.vanished] == [
@@ -218,12 +226,12 @@ def test_a_red_run_names_the_patch_that_broke_its_test(tmp_path: Path, project: 
     assert explained.comparison.exit_code() == ExitCode.TEST_FAILURE
     back = junit.read_report((out / "latest").resolve() / "junit.xml")
     case = next(c for s in back.suites for c in s.cases if compare.test_id(s.name, c.name) == broken[0])
-    assert case.properties[compare.PROP_BLAMED_PATCH] == first
-    assert f"first fails after {first}" in case.detail
-    # built or restored: the baseline and the prefixes 0 and 1 (2 is the run's own kernel)
-    assert explained.cost.builds + explained.cost.cache_hits == 3, explained.cost
-    # boots: the retry, the prefixes 0 and 1, and the baseline unless its result was kept from before
-    assert explained.cost.boots in (3, 4), explained.cost
+    assert case.properties[compare.PROP_BLAMED_PATCH] == culprit
+    assert f"first fails after {culprit}" in case.detail
+    # built or restored: the baseline and the prefixes 0, 1 and 2 (3 is the run's own kernel)
+    assert explained.cost.builds + explained.cost.cache_hits == 4, explained.cost
+    # boots: the retry, the prefixes 0, 1 and 2, and the baseline unless its result was kept from before
+    assert explained.cost.boots in (4, 5), explained.cost
 
 
 def test_a_test_that_fails_one_run_in_three_is_reported_flaky(tmp_path: Path, project: Project) -> None:

@@ -9,6 +9,7 @@ from kernel_ci.bench.guest import TRACER_COST_RUNS, tracer_cost_figures
 COST = {
     "workload": "16 processes x 4 x (kmalloc(64) x 256, kfree x 256)",
     "pairs_per_batch": 16384,
+    "measured": True,
     "ns_per_pair": {
         "tracer not loaded": 50000.0,
         "0 monitored": 51000.4,
@@ -35,3 +36,11 @@ def test_a_missing_configuration_is_an_error_not_a_silent_gap() -> None:
     partial = {**COST, "seconds": {k: v for k, v in COST["seconds"].items() if k != "16 monitored"}}
     with pytest.raises(KeyError, match="16 monitored"):
         tracer_cost_figures(partial)
+
+
+def test_a_functional_run_s_file_is_not_a_figure() -> None:
+    """An ordinary run (no kci.bench=1) makes one round per batch: its seconds are not the workload's."""
+    with pytest.raises(ValueError, match="functional"):
+        tracer_cost_figures({**COST, "measured": False})
+    with pytest.raises(ValueError, match="functional"):
+        tracer_cost_figures({k: v for k, v in COST.items() if k != "measured"})  # written before the flag
