@@ -162,11 +162,22 @@ def build_figures(
                reference=tux_incr, reference_name="tuxmake, same build dir",
                breakdown=dict(incremental.metadata.durations)))  # fmt: skip
 
-    step("bench: build cache hit")
+    step("bench: build cache hit (restored into an empty output dir, then a rerun into the same one)")
     _build(work, kernel, "seed", use_cache=True)
-    hit = _build(work, kernel, "hit", use_cache=True)
-    add(Figure("build: build-cache hit", hit.seconds, "<= 0.3 s", "hit" if hit.cache_hit else "MISS"))
+    restore = _build(work, kernel, "hit", use_cache=True)
+    add(Figure("build: build-cache hit, restored into an empty output dir", restore.seconds,
+               note=_hit_note(restore)))  # fmt: skip
+    rerun = _build(work, kernel, "hit", use_cache=True)
+    add(Figure("build: build-cache hit, rerun (output dir as the last run left it)", rerun.seconds,
+               "<= 0.3 s", _hit_note(rerun)))  # fmt: skip
     return figures
+
+
+def _hit_note(result: BuildResult) -> str:
+    if not result.cache_hit:
+        return "MISS"
+    files = sum(1 for p in result.output.rglob("*") if not p.is_dir())
+    return f"hit, {files} files"
 
 
 def _report(figures: list[Figure]) -> dict[str, object]:

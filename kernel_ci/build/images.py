@@ -107,10 +107,10 @@ def builder_image_tag(base_tag: str) -> str:
 
 def ensure_builder_image() -> str:
     """The tag of the builder image, built with BuildKit through python-on-whales when missing."""
-    base = ensure_base_image()
-    tag = builder_image_tag(base)
+    tag = builder_image_tag(base_image_tag())
     if docker.image_exists(tag):
-        return tag
+        return tag  # its tag digests the base's recipe too: the base image itself is not needed
+    base = ensure_base_image()
     console.print(f"building the builder image {tag} with BuildKit")
     try:
         docker.build_image(BUILDER_DIR, BUILDER_DIR / "Dockerfile", tag, {"BASE": base})

@@ -358,15 +358,15 @@ def copy_entry(entry: Path, dest: Path) -> None:
 
 
 # -- skipping a restore that is already in place ------------------------------------------------------
-# A local hit restores the entry into out/ as a verified copy (~11,000 files). When out/ still is the
+# A local hit restores the entry into out/ as a verified copy (~15,000 files). When out/ still is the
 # untouched result of restoring the same entry, that copy would write the same bytes again: the stamp
 # records the inode, size, mode, mtime and ctime of every name copy_entry left in dest. ctime cannot be
 # set back by any tool (an edit, chmod, utime, or a file renamed over another all change it or the
 # inode), so equal stats for every name, and no other name, mean dest holds exactly what was verified.
 # The entry's own files are compared the same way, so that a damaged entry is still found and removed.
 # The stamp lives in the entry's store (restored/), never in out/, whose contents are the entry's alone.
-
-_Stat = tuple[int, int, int, int, int]  # inode, size, mode, mtime_ns, ctime_ns
+# It holds a sha256 of each tree's sorted stats, not the stats: a hit reads a few hundred bytes instead
+# of decoding 30,000 records (75 ms), and which name differs does not matter (any difference copies).
 
 
 def _restore_stamp_path(entry: Path, dest: Path) -> Path:
@@ -375,36 +375,43 @@ def _restore_stamp_path(entry: Path, dest: Path) -> Path:
     return root / "restored" / f"{where}.json"
 
 
-def _tree_stats(root: Path) -> dict[str, _Stat]:
-    """lstat of every file and symlink under root, by relative name."""
-    found: dict[str, _Stat] = {}
-    for directory, dirs, files in os.walk(root):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            found[os.path.relpath(path, root)] = (
-                st.st_ino,
-                st.st_size,
-                st.st_mode,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-            )
-    return found
+def _tree_stats(root: Path) -> str:
+    """The sha256 of the lstat (inode, size, mode, mtime, ctime) of every file and symlink under root (not
+    directories), by relative name, sorted; "" for a tree without any. os.scandir and names built by
+    concatenation, not os.walk and relpath: this runs twice over ~15,000 names on every build-cache hit,
+    and the walk was most of a hit's time (1.1 s of 1.5 s)."""
+    found: list[str] = []
+    pending = [("", os.fspath(root))]
+    while pending:
+        prefix, directory = pending.pop()
+        with os.scandir(directory) as names:
+            for item in names:
+                rel = prefix + item.name
+                if item.is_dir(follow_symlinks=False):
+                    pending.append((rel + "/", item.path))
+                    continue
+                st = item.stat(follow_symlinks=False)
+                stats = f"{st.st_ino} {st.st_size} {st.st_mode} {st.st_mtime_ns} {st.st_ctime_ns}"
+                found.append(f"{rel}\0{stats}")
+    if not found:
+        return ""
+    found.sort()
+    return hashlib.sha256("\n".join(found).encode(errors="surrogateescape")).hexdigest()
 
 
 def _entry_id(entry: Path) -> str:
     return hashlib.sha256((entry / ENTRY_FILE).read_bytes()).hexdigest()
 
 
-def _write_restore_stamp(stamp: Path, entry: Path, dest: Path, files: dict[str, _Stat]) -> None:
+def _write_restore_stamp(stamp: Path, entry: Path, dest: Path, files: str) -> None:
     with contextlib.suppress(OSError):  # only an optimisation: without a stamp the next hit copies
         stamp.parent.mkdir(exist_ok=True)
         tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.{secrets.token_hex(4)}")
         doc = {
             "entry": _entry_id(entry),
             "dest_ino": os.stat(dest).st_ino,
-            "files": files,
-            "entry_files": _tree_stats(entry),
+            "files_stats": files,
+            "entry_files_stats": _tree_stats(entry),
         }
         tmp.write_text(json.dumps(doc))
         os.rename(tmp, stamp)
@@ -415,8 +422,7 @@ def _holds_restore(stamp: Path, entry: Path, dest: Path) -> bool:
         doc = json.loads(stamp.read_text())
         if doc["entry"] != _entry_id(entry) or doc["dest_ino"] != os.stat(dest).st_ino:
             return False
-        recorded = {rel: tuple(st) for rel, st in doc["files"].items()}
-        source = {rel: tuple(st) for rel, st in doc["entry_files"].items()}
+        recorded, source = doc["files_stats"], doc["entry_files_stats"]
         # the entry too: one damaged since (bit rot aside) must still fail the restore and be removed
         return bool(recorded) and _tree_stats(dest) == recorded and _tree_stats(entry) == source
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -1,7 +1,11 @@
 """The one seam between kernel-ci and Docker: every call to the engine goes through this module.
 
-Images and containers are managed through python-on-whales (the design's choice): build (BuildKit), inspect,
-import, pull, tag, remove, the list of containers. Errors come back as DockerError with Docker's own words.
+Images and containers are managed through python-on-whales (the design's choice): build (BuildKit), import,
+pull, tag, remove, the list of containers. Errors come back as DockerError with Docker's own words.
+It is imported on first use: its import (pydantic models) takes ~0.35 s, which every command paid before,
+`--help` and a build-cache hit included. So the one lookup every build makes, an image's id by tag
+(whether it exists, and the toolchain's identity), is one `docker image inspect` through proc, as
+engine_version is: a build-cache hit never imports python-on-whales.
 
 Running a container (`docker run`) is the exception: it goes through kernel_ci.core.proc, not
 python-on-whales, because the builder's life depends on three things only proc gives:
@@ -22,11 +26,10 @@ refuses a missing source instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from python_on_whales import DockerException, docker
+from typing import TYPE_CHECKING, Any
 
 from kernel_ci.core import proc
 from kernel_ci.core.errors import InfrastructureError
@@ -35,8 +38,25 @@ DOCKER = "docker"  # the client binary of every `docker run`
 ENGINE_TIMEOUT = 20.0  # seconds for `docker info` to answer
 
 
+if TYPE_CHECKING:
+    from python_on_whales import DockerClient, DockerException
+
+NO_SUCH_IMAGE = "No such image"  # what `docker image inspect` says of a missing tag (exit 1)
+
+
 class DockerError(InfrastructureError):
     """Docker refused or failed (exit 7, never a bug); the message carries its exit status and output."""
+
+
+@contextmanager
+def _whales(what: str) -> Iterator[DockerClient]:
+    """python-on-whales' client (imported here, on first use), its errors raised as DockerError."""
+    from python_on_whales import DockerException, docker
+
+    try:
+        yield docker
+    except DockerException as exc:
+        raise _failed(what, exc) from exc
 
 
 def _failed(what: str, exc: DockerException) -> DockerError:
@@ -65,45 +85,56 @@ def buildx_available() -> bool:
 
 
 def image_exists(tag: str) -> bool:
-    try:
-        return docker.image.exists(tag)
-    except DockerException as exc:
-        raise _failed(f"looking up image {tag}", exc) from exc
+    return _inspect_image_id(tag) is not None
 
 
 def image_id(tag: str) -> str:
     """The image's id (sha256:...): what toolchain records are keyed by."""
-    try:
-        return docker.image.inspect(tag).id
-    except DockerException as exc:
-        raise _failed(f"inspecting image {tag}", exc) from exc
+    found = _inspect_image_id(tag)
+    if found is None:
+        raise DockerError(f"inspecting image {tag} failed: there is no such image")
+    return found
+
+
+_image_ids: dict[str, str] = {}  # tag -> id seen by this process; forgotten when this process makes images
+
+
+def _inspect_image_id(tag: str) -> str | None:
+    """The id of the image TAG, None when there is none; a failure of the engine is a DockerError. An id
+    once seen is remembered (a build asks whether the builder exists, then its id for the toolchain)."""
+    if tag in _image_ids:
+        return _image_ids[tag]
+    ok, output = proc.probe([DOCKER, "image", "inspect", "--format", "{{.Id}}", tag], timeout=ENGINE_TIMEOUT)
+    if ok and output.startswith("sha256:"):
+        _image_ids[tag] = output.split()[0]
+        return _image_ids[tag]
+    if NO_SUCH_IMAGE.lower() in output.lower():
+        return None
+    raise DockerError(f"inspecting image {tag} failed:\n{output}\nis dockerd running? `docker info`")
 
 
 def pull(source: str, tag: str) -> None:
     """Pull SOURCE from its registry and tag it TAG."""
-    try:
+    _image_ids.clear()
+    with _whales(f"pulling {source}") as docker:
         docker.pull(source)
         docker.tag(source, tag)
-    except DockerException as exc:
-        raise _failed(f"pulling {source}", exc) from exc
 
 
 def import_tarball(tarball: Path, tag: str) -> str:
     """`docker import` of a root filesystem tarball as TAG; returns the new image's id."""
-    try:
+    _image_ids.clear()
+    with _whales(f"importing {tarball} as {tag}") as docker:
         return docker.image.import_(tarball, tag=tag).id
-    except DockerException as exc:
-        raise _failed(f"importing {tarball} as {tag}", exc) from exc
 
 
 def build_image(context: Path, dockerfile: Path, tag: str, build_args: Mapping[str, str]) -> None:
     """A BuildKit build (buildx) of CONTEXT, loaded into the engine as TAG."""
-    try:
+    _image_ids.clear()
+    with _whales(f"building {tag}") as docker:
         docker.buildx.build(
             context, file=dockerfile, build_args=dict(build_args), tags=[tag], load=True, progress="plain"
         )
-    except DockerException as exc:
-        raise _failed(f"building {tag}", exc) from exc
 
 
 # -- containers ------------------------------------------------------------------------------------------
@@ -111,6 +142,8 @@ def build_image(context: Path, dockerfile: Path, tag: str, build_args: Mapping[s
 
 def remove_container(name: str) -> None:
     """Remove the container NAME, running or not; nothing to do when there is none."""
+    from python_on_whales import DockerException, docker
+
     try:
         if docker.container.exists(name):
             docker.container.remove(name, force=True)
@@ -121,12 +154,10 @@ def remove_container(name: str) -> None:
 
 def container_exists(name_or_id: str) -> bool:
     """Whether a container (running or stopped) of that name or id (a prefix of it) exists."""
-    try:
+    with _whales("listing containers") as docker:
         return any(
             c.name == name_or_id or c.id.startswith(name_or_id) for c in docker.container.list(all=True)
         )
-    except DockerException as exc:
-        raise _failed("listing containers", exc) from exc
 
 
 def run_argv(image: str, command: Sequence[str], options: Sequence[str] = ()) -> list[str]:

@@ -161,14 +161,32 @@ def test_a_failing_make_in_a_real_container_command_is_a_compile_error() -> None
 
 
 def test_docker_not_answering_is_a_docker_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """python-on-whales' DockerException never reaches the user raw: a real docker client pointed at a
-    socket that does not exist fails, and the Docker seam (host/docker.py) says so as infrastructure."""
+    """A real docker client pointed at a socket that does not exist: the image lookup every build makes
+    (`docker image inspect` through proc) says so as infrastructure, not as a missing image to build."""
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/kernel-ci-test.sock")
     with pytest.raises(docker.DockerError) as caught:
         images.ensure_builder_image()
+    assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+    assert "docker info" in str(caught.value)
+
+
+def test_python_on_whales_errors_never_reach_the_user_raw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """python-on-whales' DockerException is translated by the Docker seam (host/docker.py): DockerError."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/kernel-ci-test.sock")
+    with pytest.raises(docker.DockerError) as caught:
+        docker.container_exists("kernel-ci-test-none")
     assert isinstance(caught.value.__cause__, DockerException)
     assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
     assert "docker info" in str(caught.value)
+
+
+def test_a_missing_image_is_not_an_error() -> None:
+    """`docker image inspect` of a missing tag: False (the caller builds it), not a DockerError."""
+    if not docker.engine_version(timeout=5)[0]:
+        pytest.skip("no Docker engine answers here")
+    assert docker.image_exists("kernel-ci/none:does-not-exist") is False
+    with pytest.raises(docker.DockerError):
+        docker.image_id("kernel-ci/none:does-not-exist")
 
 
 @pytest.mark.slow

@@ -137,3 +137,28 @@ def test_two_processes_unpacking_the_same_tarball_unpack_it_once(tmp_path: Path)
     assert outputs[0] == outputs[1]  # the same tree (inode), complete, for both
     assert outputs[0].split()[1:] == ["VERSION", "=", "5"]
     assert runs.read_text().count("run") == 1
+
+
+def test_a_cached_tarball_changed_after_its_check_is_checked_again(server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The remembered verdict of a cached tarball (its .verified stamp) does not survive a change of the
+    file, even one that keeps its size and puts its mtime back: the next fetch hashes it again, finds the
+    mismatch and downloads it anew."""
+    base, root = server
+    blob = _tarball_bytes("linux-9.9.0")
+    (root / "debian/pool/main/l/linux").mkdir(parents=True)
+    (root / "debian/pool/main/l/linux/linux_9.9.0.orig.tar.xz").write_bytes(blob)
+    monkeypatch.setenv("KERNEL_CI_DEBIAN_MIRROR", f"{base}/debian")
+    tarball = _lock(blob).tarballs["9.9.0"]
+    cached, url = source.fetch_tarball(tarball)
+    assert not url.startswith("cache:")
+    assert source.fetch_tarball(tarball)[1].startswith("cache:")  # verified, then remembered
+    assert cached.with_name(cached.name + ".verified").is_file()
+
+    st = cached.stat()
+    with cached.open("r+b") as handle:  # same size, other bytes, mtime put back
+        handle.write(b"\0" * 16)
+    os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    again, url = source.fetch_tarball(tarball)
+    assert not url.startswith("cache:")  # the change was seen: downloaded again
+    assert again.read_bytes() == blob
