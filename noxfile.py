@@ -45,6 +45,7 @@ TEST_ONLY = {
     "--no-baseline": False,
     "--base": True,
     "--branch": True,
+    "--guests": True,
     "--suite": True,  # build accepts and ignores it, with a warning: not worth the noise here
 }
 

@@ -139,6 +139,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         keep_overlay=args.keep_overlay,
         gdb_port=args.gdb_port if args.gdb else None,
+        guests=args.guests,
     )
     report = run_tests(test_options)
     from kernel_ci.cache.remote import attach_test_run
@@ -220,6 +221,14 @@ def _add_test_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--timeout", type=float, default=1800.0, help="global limit for one guest run")
     group.add_argument("--keep-overlay", action="store_true", help="keep the qcow2 overlay (kept on failure)")
+    group.add_argument(
+        "--guests",
+        type=options.guests_count,
+        default=None,
+        metavar="N|auto",
+        help="boot N guests at once, each running a share of the suites (TCG keeps one host core busy per "
+        "guest); auto: one per CPU, within the host's free memory, one for short runs (default: auto)",
+    )
 
 
 OUTPUT_HELP = "output dir (default: out/ in the project, else ./out)"

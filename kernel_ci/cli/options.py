@@ -96,6 +96,16 @@ def add_machine_options(group: argparse._ArgumentGroup, *, kernel_dir_help: str)
     group.add_argument("--gdb-port", type=int, default=1234, help="gdbstub port for --gdb")
 
 
+def guests_count(value: str) -> int | None:
+    """--guests N|auto for argparse: its own words on a bad value (argparse hides a ValueError's)."""
+    from kernel_ci.guest import placement
+
+    try:
+        return placement.parse_guests(value)
+    except placement.GuestsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def settings(args: argparse.Namespace) -> Settings:
     """The run's settings, read once from the flags, the environment and the config file."""
     return Settings.load(

@@ -4,14 +4,19 @@ It composes the stages (suites, payload, rootfs, qemu, scanner, report); none of
 run.json (report.model.RunRecord) is written here and only here.
 A run lives in out/runs/<time>/: payload/, results/, console.log, qemu-cmdline.sh, run.json, junit.xml
 (and overlay.qcow2 when kept). out/junit.xml and out/latest point at the newest run.
+With several guests (--guests, kernel_ci.guest.placement) each guest is a complete run of its own suites
+in out/runs/<time>/guest-<n>/ (`kernel-ci repro` reboots one), and the run dir holds what they make
+together: junit.xml (report.verdict.merge_guests), run.json (its `guests`) and their console.logs in one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +29,7 @@ from kernel_ci.build.records import BuildMetadata
 from kernel_ci.core.console import console, step, warn
 from kernel_ci.core.errors import UsageError
 from kernel_ci.core.paths import CONTAINERS, GUEST_INIT, MODULE_PATH, SUITE_PATH, cache_dir
-from kernel_ci.guest import binaries, interactive, payload, qemu, rootfs, scanner, suites
+from kernel_ci.guest import binaries, interactive, payload, placement, qemu, rootfs, scanner, suites
 from kernel_ci.guest.protocol import ConsoleReport
 from kernel_ci.guest.suites import SuiteRoots
 from kernel_ci.host import setup as hostsetup
@@ -58,10 +63,12 @@ class TestOptions:
     attempt: int = 0  # 0: a run; n: its n-th retry in a fresh guest (flow/attribute.py); $KCI_ATTEMPT
     extra_properties: dict[str, str] = field(default_factory=dict)
     gdb_port: int | None = None  # QEMU's gdbstub on 127.0.0.1:PORT (and nokaslr); None: none
+    guests: int | None = None  # guests booted at once, each running a share of the suites; None: auto
 
 
 # The guest machine's options: a rerun of a run (repro, attribution's retries and prefixes) keeps them.
-MACHINE_OPTIONS = ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout")
+MACHINE_OPTIONS = ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout", "guests")
+SUITE_TIMES = "suite-times.json"  # in the cache: each suite's seconds in its last run (placement's hint)
 
 
 def _runnable(chosen: list[suites.Suite], kernel_config: str) -> list[suites.Suite]:
@@ -129,17 +136,28 @@ def c_compiler(image: str) -> Callable[[Path, list[str], Path], None]:
     return compile_c
 
 
+class GuestsStopped(Exception):
+    """Raised in a guest's console feed when another guest of the run failed or the run was interrupted:
+    qemu.run_guest stops that guest's QEMU and lets it through."""
+
+
 class _LiveConsole:
     """Feeds the console scanner and shows the run's phases (markers, faults) as they happen."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "guest", stop: threading.Event | None = None) -> None:
         self.scanner = scanner.ConsoleScanner()
+        self.label = label
+        self.stop = stop
 
     def __call__(self, line: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise GuestsStopped(
+                f"{self.label} stopped: another guest of the run failed, or it was interrupted"
+            )
         for event in self.scanner.feed(line):
             text = _describe(event)
             if text:
-                console.print(f"[dim]guest:[/] {text}", highlight=False)
+                console.print(f"[dim]{self.label}:[/] {text}", highlight=False)
 
 
 def _describe(event: scanner.Event) -> str:
@@ -187,15 +205,20 @@ def run_tests(options: TestOptions) -> RunReport:
         image = images.ensure_builder_image()
     module_names = list(dict.fromkeys(m for s in chosen for m in s.all_modules))
     module_kos = module_files(image, kernel_dir, module_names, run_dir / "modules-build", options.modules_dir)
-    payload_dir = payload.assemble_payload(
-        chosen,
-        run_dir / "payload",
-        metadata.kernel.release,
-        cached_c_compiler(image) if image else _no_compiler,
-        module_kos,
-        kselftest_dir=kernel_dir / "kselftest",
-        attempt=options.attempt,
-    )
+    groups = guest_groups(chosen, options)
+    many = len(groups) > 1
+    payloads = [
+        payload.assemble_payload(
+            group,
+            (run_dir / f"guest-{number}" if many else run_dir) / "payload",
+            metadata.kernel.release,
+            cached_c_compiler(image) if image else _no_compiler,
+            module_kos,
+            kselftest_dir=kernel_dir / "kselftest",
+            attempt=options.attempt,
+        )
+        for number, group in enumerate(groups, 1)
+    ]
     step("rootfs")
     base = rootfs.ensure_rootfs(ROOTFS_RECIPE, GUEST_INIT)
     record = RunRecord(
@@ -209,9 +232,122 @@ def run_tests(options: TestOptions) -> RunReport:
         options={k: _plain(v) for k, v in asdict(options).items()},
     )
     bzimage = kernel_dir / "bzImage"
-    report = boot_and_collect(run_dir, bzimage, base.path, payload_dir, metadata, options, record)
+    if many:
+        report = boot_guests(run_dir, groups, bzimage, base.path, payloads, metadata, options, record)
+    else:
+        report = boot_and_collect(run_dir, bzimage, base.path, payloads[0], metadata, options, record)
+    placement.record_times(cache_dir() / SUITE_TIMES, _suite_seconds(report))
     _publish(options.output, run_dir)
     return report
+
+
+def guest_groups(chosen: Sequence[suites.Suite], options: TestOptions) -> list[list[suites.Suite]]:
+    """The suites of each guest: all in one (one suite, --gdb, --guests 1), else placement's split."""
+    names = [s.name for s in chosen]
+    if len(names) < 2 or options.gdb_port is not None or options.guests == 1:
+        return [list(chosen)]
+    times = placement.load_times(cache_dir() / SUITE_TIMES)
+    count = options.guests or placement.auto_guests(
+        names, times, placement.memory_mib(options.memory), free_mib=placement.available_mib()
+    )
+    by_name = {s.name: s for s in chosen}
+    return [[by_name[name] for name in group] for group in placement.split(names, count, times)]
+
+
+def _suite_seconds(report: RunReport) -> dict[str, float]:
+    """Each suite's own seconds in this run (not the boot pseudo-suite): placement's hint for the next."""
+    return {
+        s.name: s.seconds for s in report.suites if s.name != verdict.BOOT_SUITE and s.seconds is not None
+    }
+
+
+def boot_guests(
+    run_dir: Path,
+    groups: Sequence[Sequence[suites.Suite]],
+    bzimage: Path,
+    base_image: Path,
+    payloads: Sequence[Path],
+    metadata: BuildMetadata,
+    options: TestOptions,
+    record: RunRecord,
+) -> RunReport:
+    """Boot one guest per group at once (a thread each: QEMU does the work), each a complete run in
+    run_dir/guest-<n>; then one report, JUnit, run.json and console.log for the run. A guest whose run
+    raises (kernel-ci's own failure, not the guest's) stops the others, as Ctrl-C does."""
+    names = [f"guest-{number}" for number in range(1, len(groups) + 1)]
+    plan = "; ".join(
+        f"{name}: {', '.join(s.name for s in group)}" for name, group in zip(names, groups, strict=True)
+    )
+    step(f"boot {len(groups)} guests at once ({plan})")
+    stop = threading.Event()
+    outcomes: list[RunReport | BaseException | None] = [None] * len(groups)
+
+    def run_one(index: int) -> None:
+        try:
+            outcomes[index] = boot_and_collect(
+                run_dir / names[index],
+                bzimage,
+                base_image,
+                payloads[index],
+                metadata,
+                options,
+                dataclasses.replace(record, suites=tuple(s.name for s in groups[index])),
+                label=names[index].replace("-", " "),
+                stop=stop,
+                show=False,
+            )
+        except BaseException as exc:  # handed to the main thread, which raises it
+            outcomes[index] = exc
+            stop.set()
+
+    started = datetime.now(UTC)
+    threads = [
+        threading.Thread(target=run_one, args=(i,), name=names[i], daemon=True) for i in range(len(groups))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)  # a timed join: Ctrl-C reaches this thread
+    except BaseException:
+        stop.set()  # each guest stops at its next console line; a daemon thread's QEMU dies with us
+        raise
+    failed = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, GuestsStopped)]
+    if failed or any(isinstance(o, BaseException) for o in outcomes):
+        raise (failed or [o for o in outcomes if isinstance(o, BaseException)])[0]
+    reports = [o for o in outcomes if isinstance(o, RunReport)]
+    report = verdict.merge_guests(reports, record.suites)
+    junit.write_junit(report, run_dir / "junit.xml")
+    _join_consoles(run_dir, names, groups)
+    guest_records = [RunRecord.read(run_dir / name) for name in names]
+    outcome = report.outcome if report.outcome is not None else Outcome.INFRA_FAILURE
+    boots = [r.boot_seconds for r in guest_records if r.boot_seconds is not None]
+    first = [r.first_test_seconds for r in guest_records if r.first_test_seconds is not None]
+    dataclasses.replace(
+        record,
+        accelerator=guest_records[0].accelerator,
+        outcome=outcome.name,
+        exit_code=int(outcome),
+        guest_end=max(guest_records, key=lambda r: Outcome[r.outcome].severity).guest_end,
+        seconds=round((datetime.now(UTC) - started).total_seconds(), 2),
+        boot_seconds=max(boots) if boots else None,
+        first_test_seconds=min(first) if first else None,
+        guests=tuple(names),
+    ).write(run_dir)
+    console.print(render.render_report(report))
+    console.print(f"run: {run_dir}  ({len(groups)} guests; reproduce one: kernel-ci repro {run_dir}/guest-N)")
+    return report
+
+
+def _join_consoles(run_dir: Path, names: Sequence[str], groups: Sequence[Sequence[suites.Suite]]) -> None:
+    """run_dir/console.log: each guest's console.log after a line naming the guest and its suites (what
+    the cache service and CI keep of a run)."""
+    with (run_dir / "console.log").open("wb") as joined:
+        for name, group in zip(names, groups, strict=True):
+            joined.write(f"===== kernel-ci: {name} ({', '.join(s.name for s in group)}) =====\n".encode())
+            with contextlib.suppress(FileNotFoundError), (run_dir / name / "console.log").open("rb") as log:
+                shutil.copyfileobj(log, joined)
 
 
 def _no_compiler(src_dir: Path, c_files: list[str], out_binary: Path) -> None:
@@ -236,9 +372,15 @@ def boot_and_collect(
     metadata: BuildMetadata,
     options: TestOptions,
     record: RunRecord,
+    *,
+    label: str = "guest",
+    stop: threading.Event | None = None,
+    show: bool = True,
 ) -> RunReport:
-    """Boot a fresh overlay with the payload, watch the console, turn what came back into a report."""
-    step("boot")
+    """Boot a fresh overlay with the payload, watch the console, turn what came back into a report.
+    label names the guest on the terminal; stop ends it early (boot_guests); show: print the report."""
+    if show:
+        step("boot")
     kernel_dir = bzimage.parent
     accel = qemu.choose_accelerator(bzimage, options.accel)
     append = tuple(options.append.split())
@@ -266,7 +408,7 @@ def boot_and_collect(
         global_timeout=options.timeout,
         extra_args=extra_args,
     )
-    live = _LiveConsole()
+    live = _LiveConsole(label, stop)
     run = qemu.run_guest(cfg, live)
     live.scanner.finish()
     report_in = decode_traces(live.scanner.report(), kernel_dir, run_dir, payload_dir)
@@ -310,8 +452,9 @@ def boot_and_collect(
         boot_seconds=run.boot_seconds,
         first_test_seconds=run.first_test_seconds,
     ).write(run_dir)
-    console.print(render.render_report(report))
-    console.print(f"run: {run_dir}  (reproduce: kernel-ci repro {run_dir})")
+    if show:
+        console.print(render.render_report(report))
+        console.print(f"run: {run_dir}  (reproduce: kernel-ci repro {run_dir})")
     return report
 
 
@@ -387,6 +530,11 @@ def reproduce(run_dir: Path, *, interactive: bool = False) -> RunReport:
     from kernel_ci.cache.store import LocalStore
 
     info = RunRecord.read(run_dir)
+    if info.guests:
+        raise UsageError(
+            f"{run_dir} ran its suites in {len(info.guests)} guests: reboot one of them with "
+            + " or ".join(f"kernel-ci repro {run_dir / name}" for name in info.guests)
+        )
     entry = LocalStore().get(info.build_key)
     kernel_dir = Path(info.kernel_dir)
     if entry is not None:

@@ -202,6 +202,9 @@ class RunRecord:
     seconds: float | None = None
     boot_seconds: float | None = None
     first_test_seconds: float | None = None
+    # a run in several guests (kernel-ci test --guests): the run dirs of its guests (guest-1, ...), each a
+    # complete run of its share of the suites; this record then has no payload or QEMU command of its own
+    guests: tuple[str, ...] = ()
     schema: int = RUN_RECORD_SCHEMA
 
     def to_json(self) -> str:
@@ -235,6 +238,7 @@ class RunRecord:
                 "rootfs": RootfsRef(str(rootfs["key"]), str(rootfs["path"])),
                 "suites": tuple(_strings(data["suites"])),
                 "qemu_command": tuple(_strings(data.get("qemu_command", []))),
+                "guests": tuple(_strings(data.get("guests", []))),
                 "kernel": dict(data["kernel"]),
                 "options": dict(data["options"]),
             }

@@ -13,6 +13,7 @@ suite, KTAP depth).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -614,3 +615,52 @@ def _describe_rc(rc: int | None) -> str:
         except ValueError:
             return f"{rc} (killed by signal {-rc})"
     return str(rc)
+
+
+# --- several guests, one report ----------------------------------------------------------------------
+
+_STATE_RANK: dict[CaseState, int] = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+
+
+def merge_guests(reports: Sequence[RunReport], order: Sequence[str]) -> RunReport:
+    """One report of a run whose suites ran in several guests (kernel-ci test --guests): every suite from
+    the guest that ran it, in the run's order (order: suite names); one boot suite whose cases are, name
+    by name, the worst any guest had (a problem's message says which guest), so that the run's test names
+    are those of a run in one guest; the worst outcome; the properties of the worst guest (the one that
+    explains the verdict), and `guests`, their number."""
+    if len(reports) == 1:
+        return reports[0]
+    rank = {name: index for index, name in enumerate(order)}
+    suites = [s for r in reports for s in r.suites if s.name != BOOT_SUITE]
+    suites.sort(key=lambda s: rank.get(s.name, len(rank)))
+    boot = _merge_boot([next((s for s in r.suites if s.name == BOOT_SUITE), None) for r in reports])
+    known = [r.outcome for r in reports if r.outcome is not None]
+    outcome = worst(known) if len(known) == len(reports) else None
+    lead = max(reports, key=lambda r: -1 if r.outcome is None else r.outcome.severity)
+    properties = {**lead.properties, "guests": str(len(reports))}
+    if boot is not None:
+        boot.properties = {**boot.properties, "guests": str(len(reports))}
+        suites.insert(0, boot)
+    return RunReport(outcome, suites, properties)
+
+
+def _merge_boot(boots: Sequence[SuiteResult | None]) -> SuiteResult | None:
+    present = [(number, s) for number, s in enumerate(boots, 1) if s is not None]
+    if not present:
+        return None
+    cases: dict[str, Case] = {}
+    for number, suite in present:
+        for case in suite.cases:
+            held = cases.get(case.name)
+            if held is None or (_STATE_RANK[case.state], case.outcome.severity) > (
+                _STATE_RANK[held.state],
+                held.outcome.severity,
+            ):
+                message = f"guest {number}: {case.message}" if case.message else case.message
+                cases[case.name] = dataclasses.replace(case, message=message)
+    worst_guest = max(present, key=lambda item: max((_STATE_RANK[c.state] for c in item[1].cases), default=0))
+    merged = SuiteResult(BOOT_SUITE, list(cases.values()), dict(worst_guest[1].properties))
+    seconds = [s.seconds for _, s in present if s.seconds is not None]
+    merged.seconds = max(seconds) if seconds else None
+    merged.output, merged.errors = worst_guest[1].output, worst_guest[1].errors
+    return merged

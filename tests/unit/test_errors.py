@@ -49,6 +49,7 @@ EXPECTED = {
     "kernel_ci.build.source.UnknownVersionError": ExitCode.USAGE,
     "kernel_ci.build.source.SourceUnavailableError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.build.records.RecordError": ExitCode.USAGE,
+    "kernel_ci.guest.placement.GuestsError": ExitCode.USAGE,  # a bad --guests or --memory
     "kernel_ci.host.setup.HostSetupError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.host.setup.SetupUsageError": ExitCode.USAGE,
     "kernel_ci.guest.rootfs.RootfsError": ExitCode.INFRASTRUCTURE,
