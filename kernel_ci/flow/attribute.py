@@ -212,8 +212,9 @@ def _test(ctx: Context, kernel_dir: Path, suites: Sequence[str] | None, attempt:
     for name in testflow.MACHINE_OPTIONS:
         if name in ran:
             setattr(options, name, ran[name])
-    ctx.cost.boots += 1
-    return testflow.run_tests(options)
+    report = testflow.run_tests(options)
+    ctx.cost.boots += int(report.properties.get("guests", "1"))  # a run may boot several (--guests)
+    return report
 
 
 def retry(ctx: Context, retries: int) -> dict[str, compare.RetryCount]:
