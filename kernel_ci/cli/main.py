@@ -316,13 +316,18 @@ def parser() -> argparse.ArgumentParser:
     repro.set_defaults(func=cmd_repro)
 
     bench = sub.add_parser("bench", help="measure build, cache, boot and test times (JSON + table)")
-    bench.add_argument("--kernel", default=None)
+    bench.add_argument(
+        "--kernel", default=None, help="version or alias to build (default: the lock file's default)"
+    )
     bench.add_argument("--skip-reference", action="store_true", help="skip tuxmake and virtme-ng")
     bench.add_argument(
         "--readme", action="store_true", help="only rewrite README.md's performance table from bench.json"
     )
     bench.add_argument(
-        "--part", action="append", choices=["build", "guest"], help="only these parts (repeatable)"
+        "--part",
+        action="append",
+        choices=["build", "guest"],
+        help="only these parts (repeatable; default: both)",
     )
     bench.set_defaults(func=cmd_bench)
 

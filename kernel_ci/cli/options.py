@@ -82,9 +82,14 @@ def output(args: argparse.Namespace) -> Path:
 def add_machine_options(group: argparse._ArgumentGroup, *, kernel_dir_help: str) -> None:
     """The guest machine's options, one definition for `test`, `run` and `shell`."""
     group.add_argument("--kernel-dir", type=Path, help=kernel_dir_help)
-    group.add_argument("--memory", default="1024M")
-    group.add_argument("--cpus", type=int, default=2)
-    group.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    group.add_argument("--memory", default="1024M", help="the guest's RAM, as QEMU's -m takes it")
+    group.add_argument("--cpus", type=int, default=2, help="the guest's vCPUs")
+    group.add_argument(
+        "--accel",
+        choices=["auto", "kvm", "tcg"],
+        default="auto",
+        help="auto: KVM when a probe boot through it works, else TCG",
+    )
     group.add_argument("--append", default="", help="extra kernel command line arguments")
     group.add_argument("--boot-timeout", type=float, default=120.0, help="seconds to reach the guest's init")
     group.add_argument(
