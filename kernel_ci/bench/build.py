@@ -3,8 +3,9 @@
 Build: cold (empty ccache, empty object tree), ccache-warm clean tree, incremental after touching
 kernel/ptrace.c, build-cache hit; beside them tuxmake building the same tree and config (cold, and with a
 warm ccache). Guest: rootfs cold and cached, boot-to-first-test and a full smoke run under TCG; beside them
-virtme-ng booting the same bzImage to run one command. Results: JSON and a table; aims are shown, never
-asserted (speed is not a test verdict).
+virtme-ng booting the same bzImage to run one command. Cache: `kernel-ci cache bench` (bench/cache.py) as
+figures, beside nginx. Results: JSON and a table; aims are shown, never asserted (speed is not a test
+verdict).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def _report(figures: list[Figure]) -> dict[str, object]:
     return report
 
 
-PARTS = ("build", "guest")
+PARTS = ("build", "guest", "cache")
 
 
 def _save_with(output: Path, figures: list[Figure], part: list[Figure]) -> None:
@@ -235,6 +236,11 @@ def run_bench(
             save()
         if "guest" in parts:
             figures += guest_figures(work, skip_reference=skip_reference)
+            save()
+        if "cache" in parts:
+            from kernel_ci.bench.cache import cache_figures  # the service's extras: only for this part
+
+            figures += cache_figures(output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         report = save()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from kernel_ci.bench.figures import Figure
 from kernel_ci.cache.server.server import wait_healthy
 from kernel_ci.cache.store import FileRecord, LocalStore
 from kernel_ci.core import proc
@@ -290,3 +291,38 @@ def _print(results: dict) -> None:
         "workers (service = nginx) x connections", f"{results['service_workers']} x {results['connections']}"
     )
     console.print(table)
+
+
+GETS = 10_000  # a figure's "seconds": the time for this many GETs at the measured rate
+
+
+def cache_figures(out_dir: Path, duration: float = 10.0) -> list[Figure]:
+    """The cache bench as `kernel-ci bench` figures (bench.json, the README table): the restore of a full
+    build, and the ccache GETs as the seconds GETS take at each server's measured rate, so that the
+    ratio is service / nginx in time (the target, GETs >= 0.5x nginx's rate, is <= 2.0x here)."""
+    results = run_cache_bench(out_dir, duration=duration)
+    restore = results.get("restore", {})
+    service, reference = results["service"], results["nginx_webdav"]
+    figures = []
+    if "restore_seconds" in restore:
+        figures.append(
+            Figure(
+                "cache: restore a full build from the service",
+                restore["restore_seconds"],
+                "<= 1 s",
+                f"{restore['files']} files, {restore['bytes'] / 1e6:.0f} MB; "
+                f"push {restore['push_seconds']} s",
+            )
+        )
+    figures.append(
+        Figure(
+            f"cache: {GETS} ccache GETs of {OBJECT_SIZE // 1024} KiB, service",
+            round(GETS / service["requests_per_second"], 3),
+            "<= 2.0x nginx (>= 0.5x its req/s)",
+            f"{service['requests_per_second']:.0f} req/s, p99 {service.get('p99_ms', '?')} ms; nginx "
+            f"{reference['requests_per_second']:.0f} req/s; {results['service_workers']} workers each",
+            reference=round(GETS / reference["requests_per_second"], 3),
+            reference_name="nginx WebDAV, same objects, same run",
+        )
+    )
+    return figures

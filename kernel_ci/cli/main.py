@@ -200,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kernel_ci.bench.build import PARTS, rewrite_readme, run_bench
 
     if args.readme:  # no measuring: the README's table from the last bench.json
-        bench_json = args.output / "bench" / "bench.json"
+        bench_json = options.output(args) / "bench" / "bench.json"
         if not bench_json.is_file():
             raise UsageError(f"no {bench_json}: run `kernel-ci bench` first")
         changed = rewrite_readme(bench_json, REPO_ROOT / "README.md")
@@ -326,8 +326,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--part",
         action="append",
-        choices=["build", "guest"],
-        help="only these parts (repeatable; default: both)",
+        choices=["build", "guest", "cache"],
+        help="only these parts (repeatable; default: all three; cache is `kernel-ci cache bench`'s)",
     )
     bench.set_defaults(func=cmd_bench)
 
