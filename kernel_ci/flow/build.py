@@ -523,6 +523,7 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
             staging / "kbuild",
             buildable_modules(job.planned.modules, (staging / "config").read_text()),
             staging / "extmod",
+            reuse=cache_dir("reuse", "extmod"),
         )
     with measure_duration() as took:
         selftests = kselftest.build_selftests(env, job.plan.kselftests, staging / "kselftest")
