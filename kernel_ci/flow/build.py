@@ -526,7 +526,9 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
             reuse=cache_dir("reuse", "extmod"),
         )
     with measure_duration() as took:
-        selftests = kselftest.build_selftests(env, job.plan.kselftests, staging / "kselftest")
+        selftests = kselftest.build_selftests(
+            env, job.plan.kselftests, staging / "kselftest", reuse=cache_dir("reuse", "kselftest")
+        )
     if selftests:
         job.durations["kselftests"] = took.rounded
     metadata = _metadata(job, configured, compiled, built_modules, selftests, staging)

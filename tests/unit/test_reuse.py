@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_ci.build import extmodules
+from kernel_ci.build import extmodules, kselftest
 from kernel_ci.build import kbuild as builder
 from kernel_ci.core import proc
 from kernel_ci.core.digest import tree_digest
@@ -50,6 +50,111 @@ def test_the_tree_digest_changes_with_any_content_mode_link_or_entry(tmp_path: P
     assert before != tree_digest(root, ("a/b", "top"))
     (root / "absent").write_text("")
     assert tree_digest(root, parts) != before
+
+
+# --- kselftests ------------------------------------------------------------------------------------------
+
+
+def _tree(tmp_path: Path) -> builder.BuildEnv:
+    src, out = tmp_path / "src", tmp_path / "out"
+    for name, text in {
+        "tools/testing/selftests/ptrace/Makefile": "all:\n",
+        "tools/testing/selftests/ptrace/vmaccess.c": "int main(void) { return 0; }\n",
+        "tools/include/linux/types.h": "/* */\n",
+        "include/uapi/linux/ptrace.h": "#define PTRACE_X 1\n",
+        "arch/x86/entry/syscalls/syscall_64.tbl": "0 common read sys_read\n",
+        "scripts/headers_install.sh": "#!/bin/sh\n",
+        "kernel/ptrace.c": "int x;\n",
+        "Makefile": "VERSION = 5\n",
+    }.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    out.mkdir()
+    (out / ".config").write_text("CONFIG_X=y\n")
+    return builder.BuildEnv("img:1", src, out, tmp_path / "cc", 2, "t")
+
+
+@pytest.fixture
+def selftests_make(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The selftests container, faked: installs the runner and one (non-ELF) test per target."""
+    runs: list[list[str]] = []
+
+    def run_container(env: builder.BuildEnv, command: list[str], **_: object) -> None:
+        runs.append(command)
+        install = env.out / kselftest.INSTALL_DIR
+        targets = next(a for a in command if a.startswith("TARGETS=")).split("=", 1)[1].split()
+        for target in targets:
+            (install / target).mkdir(parents=True)
+            (install / target / "test").write_text(f"#!/bin/sh\n# run {len(runs)}\n")
+        (install / "kselftest").mkdir()
+        (install / "run_kselftest.sh").write_text("#!/bin/sh\n")
+        (install / "kselftest-list.txt").write_text("")
+
+    monkeypatch.setattr(builder, "run_container", run_container)
+    return runs
+
+
+def test_an_unchanged_selftests_build_is_reused_and_checked(tmp_path: Path, selftests_make) -> None:
+    env, reuse = _tree(tmp_path), tmp_path / "reuse"
+    first = kselftest.build_selftests(env, ["ptrace"], tmp_path / "d1", reuse=reuse)
+    (env.src / "kernel/ptrace.c").write_text("int y;\n")  # the kernel's own code: not a selftests input
+    second = kselftest.build_selftests(env, ["ptrace"], tmp_path / "d2", reuse=reuse)
+    assert len(selftests_make) == 1
+    assert [p.relative_to(tmp_path / "d1") for p in first["ptrace"]] == [
+        p.relative_to(tmp_path / "d2") for p in second["ptrace"]
+    ]
+    assert (tmp_path / "d2/ptrace/test").read_text() == "#!/bin/sh\n# run 1\n"
+    assert (tmp_path / "d2/run_kselftest.sh").is_file()
+    kselftest.build_selftests(env, ["ptrace"], tmp_path / "d3")  # without reuse: always made
+    assert len(selftests_make) == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "tools/testing/selftests/ptrace/vmaccess.c",
+        "tools/include/linux/types.h",
+        "include/uapi/linux/ptrace.h",
+        "arch/x86/entry/syscalls/syscall_64.tbl",
+        "scripts/headers_install.sh",
+        "Makefile",
+        "tools/testing/selftests/ptrace/new.h",  # a new file
+        ".config",
+        "image",
+        "targets",
+        "ccache",
+    ],
+)
+def test_a_changed_selftests_input_is_not_reused(tmp_path: Path, selftests_make, change: str) -> None:
+    env, reuse = _tree(tmp_path), tmp_path / "reuse"
+    targets = ["ptrace"]
+    kselftest.build_selftests(env, targets, tmp_path / "d1", reuse=reuse)
+    if change == ".config":
+        (env.out / ".config").write_text("CONFIG_X=n\n")
+    elif change == "image":
+        env = builder.BuildEnv("img:2", env.src, env.out, env.ccache_dir, env.jobs, env.timestamp)
+    elif change == "targets":
+        (env.src / "tools/testing/selftests/timers").mkdir()
+        (env.src / "tools/testing/selftests/timers/Makefile").write_text("all:\n")
+        targets = ["ptrace", "timers"]
+    elif change == "ccache":
+        env = builder.BuildEnv(env.image, env.src, env.out, env.ccache_dir, env.jobs, env.timestamp, False)
+    else:
+        with (env.src / change).open("a") as handle:
+            handle.write("/* one more line */\n")
+    built = kselftest.build_selftests(env, targets, tmp_path / "d2", reuse=reuse)
+    assert len(selftests_make) == 2
+    assert (tmp_path / "d2/ptrace/test").read_text() == "#!/bin/sh\n# run 2\n"
+    assert set(built) == set(targets)
+
+
+def test_a_reused_install_is_checked_like_a_fresh_one(tmp_path: Path, selftests_make) -> None:
+    env, reuse = _tree(tmp_path), tmp_path / "reuse"
+    kselftest.build_selftests(env, ["ptrace"], tmp_path / "d1", reuse=reuse)
+    (kept,) = (p for p in reuse.iterdir() if (p / kselftest.REUSE_DONE).is_file())
+    (kept / "install/run_kselftest.sh").unlink()
+    with pytest.raises(kselftest.KselftestError, match=r"run_kselftest\.sh"):
+        kselftest.build_selftests(env, ["ptrace"], tmp_path / "d2", reuse=reuse)
 
 
 # --- external modules ------------------------------------------------------------------------------------
