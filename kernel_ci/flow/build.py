@@ -489,7 +489,7 @@ def configure(job: _Job, env: builder.BuildEnv) -> _Configured:
     if job.request.fresh and env.out.exists():
         shutil.rmtree(env.out)
     with measure_duration(job.durations, "configure"):
-        final_config = builder.configure(env, job.plan.kconfig)
+        final_config = builder.configure(env, job.plan.kconfig, reuse=cache_dir("reuse", "kconfig"))
     _check_config(job.planned, final_config)
     manifest = job.plan.build_inputs(final_config, job.toolchain.fingerprint)
     return _Configured(env, manifest, buildkey.build_key(manifest))

@@ -260,3 +260,85 @@ def test_the_module_script_stops_at_the_first_failing_module_and_names_it(tmp_pa
         "make -C /kbuild M=/mods/beta W=1 modules",
         f"{extmodules.FAILED_MARK}beta",
     ]
+
+
+# --- configure -------------------------------------------------------------------------------------------
+
+
+def _kernel_tree(tmp_path: Path) -> builder.BuildEnv:
+    src = tmp_path / "src"
+    for name, text in {
+        "Kconfig": 'source "arch/x86/Kconfig"\n',
+        "arch/x86/Kconfig": "config X86\n\tdef_bool y\n",
+        "init/Kconfig.debug": "config DEBUG\n\tbool\n",
+        "scripts/Kconfig.include": "cc-option = $(success,true)\n",
+        "scripts/gcc-version.sh": "echo 120200\n",
+        "Makefile": "VERSION = 5\n",
+        "kernel/ptrace.c": "int x;\n",
+    }.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    return builder.BuildEnv("img:1", src, tmp_path / "out", tmp_path / "cc", 2, "t")
+
+
+@pytest.fixture
+def config_make(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """The configure container, faked: the final .config is the fragment plus a run counter."""
+    runs: list[tuple[str, ...]] = []
+
+    def run_make(env: builder.BuildEnv, *targets: str, **_: object) -> tuple[float, int]:
+        runs.append(targets)
+        fragment = (env.out / "kci-fragment.config").read_text()
+        (env.out / ".config").write_text(f"{fragment}# {env.image}\n")
+        return 0.0, 0
+
+    monkeypatch.setattr(builder, "run_make", run_make)
+    return runs
+
+
+def test_an_unchanged_configure_is_reused(tmp_path: Path, config_make) -> None:
+    env, reuse = _kernel_tree(tmp_path), tmp_path / "reuse"
+    first = builder.configure(env, "CONFIG_X=y\n", reuse=reuse)
+    (env.src / "kernel/ptrace.c").write_text("int y;\n")  # not a kconfig input
+    assert builder.configure(env, "CONFIG_X=y\n", reuse=reuse) == first == "CONFIG_X=y\n# img:1\n"
+    assert len(config_make) == 1
+    builder.configure(env, "CONFIG_X=y\n")  # without reuse: always made
+    assert len(config_make) == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "arch/x86/Kconfig",
+        "init/Kconfig.debug",
+        "drivers/new/Kconfig",
+        "scripts/Kconfig.include",
+        "scripts/gcc-version.sh",
+        "Makefile",
+        "fragment",
+        "image",
+        "ccache",
+        "object tree .config",
+        "no .config",
+    ],
+)
+def test_a_changed_configure_input_is_not_reused(tmp_path: Path, config_make, change: str) -> None:
+    env, reuse, fragment = _kernel_tree(tmp_path), tmp_path / "reuse", "CONFIG_X=y\n"
+    builder.configure(env, fragment, reuse=reuse)
+    if change == "fragment":
+        fragment = "CONFIG_X=n\n"
+    elif change == "image":
+        env = builder.BuildEnv("img:2", env.src, env.out, env.ccache_dir, env.jobs, env.timestamp)
+    elif change == "ccache":
+        env = builder.BuildEnv(env.image, env.src, env.out, env.ccache_dir, env.jobs, env.timestamp, False)
+    elif change == "object tree .config":
+        (env.out / ".config").write_text("CONFIG_X=y\n# edited\n")
+    elif change == "no .config":
+        (env.out / ".config").unlink()
+    else:
+        (env.src / change).parent.mkdir(parents=True, exist_ok=True)
+        with (env.src / change).open("a") as handle:
+            handle.write("# one more line\n")
+    final = builder.configure(env, fragment, reuse=reuse)
+    assert len(config_make) == 2
+    assert final == (env.out / ".config").read_text() == f"{fragment}# {env.image}\n"
