@@ -36,7 +36,7 @@ from kernel_ci.build.records import (
 from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
-from kernel_ci.core.files import write_text_atomic
+from kernel_ci.core.files import sync_tree, write_text_atomic
 from kernel_ci.core.paths import CHECKOUT, REPO_ROOT, SUITE_PATH, Project, cache_dir
 from kernel_ci.core.timing import RECORD_DIGITS, Duration, measure_duration
 from kernel_ci.guest.suites import SuiteRoots
@@ -306,13 +306,12 @@ def _prepare_tree_locked(
 
 def _link_or_copy_tree(entry: Path, dest: Path) -> None:
     """Restore an entry into the output dir: a verified copy (never hard links: editing the output dir
-    must not change the cache); a build's own staging dir (no cache) is simply copied."""
+    must not change the cache); a build's own staging dir (no cache) is copied, writing only the files
+    that differ from the output dir's (core.files.sync_tree: an incremental build rewrote ~100 MB)."""
     if (entry / ENTRY_FILE).is_file():
         copy_entry(entry, dest)
         return
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(entry, dest, symlinks=True)
+    sync_tree(entry, dest)
 
 
 @dataclass
