@@ -12,6 +12,9 @@ The pipeline builds every one of them against the kernel it just built, in the b
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from kernel_ci.build import kbuild as builder
 from kernel_ci.core import proc
+from kernel_ci.core.digest import tree_digest
 from kernel_ci.core.errors import BuildError
 
 BUILD_LEFTOVERS = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".order", ".symvers")
@@ -75,30 +79,127 @@ def build(
     image: str, kbuild: Path, module: ModuleSource, dest: Path, *, extra_make: Sequence[str] = ()
 ) -> list[Path]:
     """Build one module in a scratch copy (the repo stays clean); its .ko files land in dest/<name>/."""
-    with tempfile.TemporaryDirectory(prefix=f"extmod-{module.name}-") as scratch:
-        tree = Path(scratch) / module.name
-        shutil.copytree(module.path, tree, ignore=shutil.ignore_patterns(*(f"*{s}" for s in BUILD_LEFTOVERS)))
-        builder.give_to_build_user(tree)  # the module's Makefile is patch-author code: build unprivileged
+    return build_all(image, kbuild, [module], dest, extra_make=extra_make)[module.name]
+
+
+FAILED_MARK = "kci-extmod failed: "
+
+
+def build_script(extra_make: Sequence[str]) -> str:
+    """Every module's make in one container, stopping at the first that fails and naming it last (the
+    error's output tail then holds that module's compiler errors and this line). Module names are the
+    script's arguments, never spliced into it."""
+    make = f'make -C /kbuild M="/mods/$name" {shlex.join(extra_make)} modules'
+    return f'for name in "$@"; do {make} || {{ echo "{FAILED_MARK}$name"; exit 1; }}; done'
+
+
+REUSE_SCHEMA = "1"
+REUSE_DONE = ".kci-reuse-complete"
+REUSE_KEPT = 8
+
+
+def build_all(
+    image: str,
+    kbuild: Path,
+    modules: Sequence[ModuleSource],
+    dest: Path,
+    *,
+    extra_make: Sequence[str] = (),
+    reuse: Path | None = None,
+) -> dict[str, list[Path]]:
+    """Build the modules against the kbuild export in ONE builder container (a container start costs
+    0.5-2 s here; one per module made this the slowest step of an incremental build), each in a scratch
+    copy (the repo stays clean); their .ko files land in dest/<name>/. A module that does not build is
+    named in the ModuleBuildError (the first one: the rest are not tried).
+
+    reuse: a folder of earlier results keyed by reuse_key (the builder image, every file of the kbuild
+    export, every source file of every module, the make arguments): on a match the .ko files are copied
+    from there and no container runs. The key is content, never a time stamp: the .ko files are a function
+    of exactly these inputs (the kernel's build is reproducible: fixed paths, user, host and timestamp),
+    so the copy is what the build would make. An incremental kernel build that leaves the export unchanged
+    (an edit inside a function: same headers, same Module.symvers) then skips the modules entirely.
+    """
+    if not modules:
+        return {}
+    stored = reuse / reuse_key(image, kbuild, modules, extra_make) if reuse is not None else None
+    if stored is not None and (stored / REUSE_DONE).is_file():
+        try:
+            os.utime(stored)  # recently used, for pruning
+            return _copy_kos(stored, modules, dest)
+        except (OSError, ModuleBuildError):  # pruned by a concurrent build meanwhile: build after all
+            for module in modules:
+                shutil.rmtree(dest / module.name, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="extmod-") as scratch:
+        root = Path(scratch) / "mods"
+        root.mkdir()
+        for module in modules:
+            ignore = shutil.ignore_patterns(*(f"*{s}" for s in BUILD_LEFTOVERS))
+            shutil.copytree(module.path, root / module.name, ignore=ignore)
+        builder.give_to_build_user(root)  # the modules' Makefiles are patch-author code: build unprivileged
+        names = [m.name for m in modules]
         try:
             builder.run_in_toolchain(
                 image,
-                ["make", "-C", "/kbuild", "M=/mod", *extra_make, "modules"],
-                {kbuild.resolve(): "/kbuild:ro", tree: "/mod"},
-                "/mod",
+                ["sh", "-c", build_script(extra_make), "kci-extmod", *names],
+                {kbuild.resolve(): "/kbuild:ro", root: "/mods"},
+                "/mods",
                 quiet=True,
                 as_build_user=True,
             )
         except proc.CommandError as exc:
             if not builder.make_failed(exc):
                 raise  # Docker's own failure: infrastructure
-            raise ModuleBuildError(f"module {module.name} does not build: {exc}") from exc
-        kos = sorted(tree.glob("*.ko"))
+            failed = [
+                line[len(FAILED_MARK) :] for line in exc.output.splitlines() if line.startswith(FAILED_MARK)
+            ]
+            name = failed[-1] if failed and failed[-1] in names else "/".join(names)
+            raise ModuleBuildError(f"module {name} does not build: {exc}") from exc
+        built = _copy_kos(root, modules, dest)
+        if stored is not None:
+            _store(root, modules, stored)
+    return built
+
+
+def _copy_kos(root: Path, modules: Sequence[ModuleSource], dest: Path) -> dict[str, list[Path]]:
+    """root/<name>/*.ko -> dest/<name>/; a module without a .ko is an error."""
+    built: dict[str, list[Path]] = {}
+    for module in modules:
+        kos = sorted((root / module.name).glob("*.ko"))
         if not kos:
             raise ModuleBuildError(f"module {module.name}: the build made no .ko file")
         target = dest / module.name
         target.mkdir(parents=True, exist_ok=True)
-        return [Path(shutil.copy2(ko, target / ko.name)) for ko in kos]
+        built[module.name] = [Path(shutil.copy2(ko, target / ko.name)) for ko in kos]
+    return built
 
 
-def build_all(image: str, kbuild: Path, modules: Sequence[ModuleSource], dest: Path) -> dict[str, list[Path]]:
-    return {m.name: build(image, kbuild, m, dest) for m in modules}
+def reuse_key(image: str, kbuild: Path, modules: Sequence[ModuleSource], extra_make: Sequence[str]) -> str:
+    """What the modules' .ko files are a function of: the image, the whole kbuild export (every file, not
+    a list of those make reads: a file we did not think of still changes the key), each module's name and
+    source files, the make arguments."""
+    document = {
+        "schema": REUSE_SCHEMA,
+        "image": image,
+        "kbuild": tree_digest(kbuild),
+        "modules": [[m.name, digests([m])] for m in modules],
+        "extra_make": list(extra_make),
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def _store(root: Path, modules: Sequence[ModuleSource], stored: Path) -> None:
+    """Keep the .ko files under the reuse key (written whole, then marked complete; the oldest pruned)."""
+    staging = stored.with_name(f"{stored.name}.tmp.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    _copy_kos(root, modules, staging)
+    (staging / REUSE_DONE).write_text("")
+    shutil.rmtree(stored, ignore_errors=True)
+    try:
+        os.replace(staging, stored)
+    except OSError:  # a concurrent build stored the same key first
+        shutil.rmtree(staging, ignore_errors=True)
+    kept = sorted(
+        (p for p in stored.parent.iterdir() if (p / REUSE_DONE).is_file()), key=lambda p: p.stat().st_mtime
+    )
+    for old in kept[:-REUSE_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,9 @@ dies (see WATCHDOG). Docker itself is driven through kernel_ci.host.docker.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
 import re
 import shlex
 import time
@@ -28,6 +30,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kernel_ci.build import ccacherelay
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
+from kernel_ci.core.digest import tree_digest
 from kernel_ci.core.errors import BuildError
 from kernel_ci.core.timing import RECORD_DIGITS, measure_duration
 from kernel_ci.host import docker
@@ -336,18 +339,77 @@ def make_failed(exc: proc.CommandError) -> bool:
     )
 
 
-def configure(env: BuildEnv, merged_fragment: str) -> str:
+def configure(env: BuildEnv, merged_fragment: str, *, reuse: Path | None = None) -> str:
     """allnoconfig + the merged fragment (KCONFIG_ALLCONFIG), then olddefconfig; returns the final .config.
 
     One make for both: kbuild runs several config targets one by one (its "mixed build"), and
-    olddefconfig ignores KCONFIG_ALLCONFIG; one container start instead of two."""
+    olddefconfig ignores KCONFIG_ALLCONFIG; one container start instead of two.
+
+    reuse: a folder of final configs kept by configure_key. allnoconfig starts from nothing (the object
+    tree's old .config is not read), so the final .config is a function of the key's inputs alone; when the
+    kept one for this key is byte for byte the object tree's .config, that is the result and no container
+    runs (an incremental build's configure cost 2.5-3.5 s of container start and make here)."""
     env.out.mkdir(parents=True, exist_ok=True)
+    kept = reuse / configure_key(env, merged_fragment) if reuse is not None else None
+    config = env.out / ".config"
+    if kept is not None and kept.is_file() and config.is_file():
+        final = config.read_bytes()
+        if final == kept.read_bytes():
+            os.utime(kept)  # recently used, for pruning
+            return final.decode()
     fragment = env.out / "kci-fragment.config"
     fragment.write_text(merged_fragment)
-    allconfig = f"KCONFIG_ALLCONFIG={OUT}/kci-fragment.config"
-    run_make(env, "allnoconfig", "olddefconfig", title="kconfig allnoconfig + fragments, olddefconfig",
-             extra=[allconfig])  # fmt: skip
-    return (env.out / ".config").read_text()
+    run_make(env, *CONFIGURE_TARGETS, title="kconfig allnoconfig + fragments, olddefconfig",
+             extra=configure_extra())  # fmt: skip
+    final_text = config.read_text()
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        staging = kept.with_name(f"{kept.name}.tmp.{os.getpid()}")
+        staging.write_text(final_text)
+        os.replace(staging, kept)
+        done = sorted(
+            (p for p in kept.parent.iterdir() if ".tmp." not in p.name), key=lambda p: p.stat().st_mtime
+        )
+        for old in done[:-CONFIGS_KEPT]:
+            old.unlink(missing_ok=True)
+    return final_text
+
+
+CONFIGURE_TARGETS = ("allnoconfig", "olddefconfig")
+CONFIGS_KEPT = 16
+CONFIGURE_SCHEMA = "1"
+# Besides every Kconfig* file of the tree: what kconfig runs or reads to evaluate them. The top Makefile
+# and the arch Makefiles (CC, LD, flags, SRCARCH), all of scripts/ (Kconfig.include, the compiler, as and
+# ld version probes, cc-can-link.sh, the kconfig program's own sources), Kbuild.
+CONFIGURE_INPUTS = ("Makefile", "Kbuild", "scripts", "arch/x86/Makefile", "arch/x86/Makefile_32.cpu")
+
+
+def configure_extra() -> list[str]:
+    return [f"KCONFIG_ALLCONFIG={OUT}/kci-fragment.config"]
+
+
+def configure_key(env: BuildEnv, merged_fragment: str) -> str:
+    """What the final .config is a function of: the builder image (the compiler kconfig probes), the make
+    command line (less -j), the fragment, the host's kernel release (`uname -r` in a Kconfig default), and
+    the content of every Kconfig* file of the source tree and of CONFIGURE_INPUTS (more than kconfig reads:
+    a file we did not think of still changes the key). Content only, never a time stamp."""
+    kconfigs = []
+    for root, dirs, files in os.walk(env.src):
+        dirs[:] = sorted(d for d in dirs if d != ".git")
+        kconfigs += [
+            os.path.relpath(os.path.join(root, f), env.src) for f in files if f.startswith("Kconfig")
+        ]
+    document = {
+        "schema": CONFIGURE_SCHEMA,
+        "image": env.image,
+        "make": [
+            a for a in env.make_argv(*CONFIGURE_TARGETS, extra=configure_extra()) if not a.startswith("-j")
+        ],
+        "fragment": merged_fragment,
+        "host_release": platform.release(),
+        "source": tree_digest(env.src, [*sorted(kconfigs), *CONFIGURE_INPUTS]),
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 MODULES_STAGING = ".kci-modules"  # under the object tree: modules_install's output

@@ -7,10 +7,23 @@ own), every target is compiled and linked statically (`LDFLAGS=-static`: the bin
 the guest has) and installed with kselftest's runner (`run_kselftest.sh`, `kselftest/runner.sh`,
 `kselftest-list.txt`). That install tree becomes `kselftest/` in the build's outputs and cache entry,
 one folder per target: `kselftest/<target>/<binary>`.
+
+Reuse: an incremental kernel build (an edit in kernel/ptrace.c) used to run the selftests make again, 1-9
+s of container start, headers_install and make walking every target, for binaries that could not have
+changed. The install is now kept beside the other reused outputs (build_selftests' reuse folder) under a key
+of everything that can change it (reuse_key): the builder image (compiler, libc linked in statically),
+the targets and the whole make command line, the kernel's .config, and every file of the source that the
+selftests make reads or could read (SOURCE_INPUTS: all of tools/, the uapi and internal headers, arch/x86,
+scripts/, usr/, lib/, the top Makefile and Kbuild, the android staging uapi; more than any target needs,
+so a file we did not think of still changes the key). The key is content, never a time stamp; on a match
+the kept install is copied to the outputs and checked like a fresh one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import struct
 from collections.abc import Sequence
@@ -18,6 +31,7 @@ from pathlib import Path
 
 from kernel_ci.build import kbuild as builder
 from kernel_ci.core import proc
+from kernel_ci.core.digest import tree_digest
 from kernel_ci.core.errors import BuildError
 
 SELFTESTS = f"{builder.SRC}/tools/testing/selftests"
@@ -25,6 +39,25 @@ BUILD_DIR = "kselftest"  # under the object tree: selftests objects and installe
 INSTALL_DIR = "kselftest_install"  # under the object tree, copied to dest afterwards
 RUNNER_FILES = ("run_kselftest.sh", "kselftest-list.txt", "kselftest")
 _PT_INTERP = 3
+# What the selftests make reads from the source tree, generously (see the module docstring): the targets'
+# own sources and tools/include, tools/arch, tools/lib...; the uapi headers headers_install exports and
+# the internal headers some targets include; arch/x86 (its uapi, the syscall tables, the Makefiles);
+# scripts/ (headers_install.sh, unifdef, Kbuild.include); usr/ (the headers' Makefile); lib/ (a test's
+# uapi header lives there); the top Makefile and Kbuild; the android target's uapi in staging.
+SOURCE_INPUTS = (
+    "Makefile",
+    "Kbuild",
+    "tools",
+    "include",
+    "arch/x86",
+    "scripts",
+    "usr",
+    "lib",
+    "drivers/staging/android",
+)
+REUSE_SCHEMA = "1"
+REUSE_DONE = ".kci-reuse-complete"
+REUSE_KEPT = 4
 
 
 class KselftestError(BuildError):
@@ -56,8 +89,12 @@ def make_argv(env: builder.BuildEnv, targets: Sequence[str]) -> list[str]:
     return [*argv, "install"]
 
 
-def build_selftests(env: builder.BuildEnv, targets: Sequence[str], dest: Path) -> dict[str, list[Path]]:
-    """Build and install the targets from env.src into env.out, then copy the install tree to dest.
+def build_selftests(
+    env: builder.BuildEnv, targets: Sequence[str], dest: Path, *, reuse: Path | None = None
+) -> dict[str, list[Path]]:
+    """Build and install the targets from env.src into env.out, then copy the install tree to dest; with
+    reuse, an install kept there under the same reuse_key is copied instead (no container runs), and a
+    fresh one is kept there.
 
     Returns target -> its installed files (under dest/<target>/). Raises KselftestError if a target
     installed nothing or a binary is dynamically linked.
@@ -68,6 +105,14 @@ def build_selftests(env: builder.BuildEnv, targets: Sequence[str], dest: Path) -
     missing = [t for t in targets if not (env.src / "tools/testing/selftests" / t / "Makefile").is_file()]
     if missing:
         raise KselftestError(f"no tools/testing/selftests/{{{','.join(missing)}}}/Makefile in {env.src}")
+    stored = reuse / reuse_key(env, targets) if reuse is not None else None
+    if stored is not None and (stored / REUSE_DONE).is_file():
+        try:
+            os.utime(stored)  # recently used, for pruning
+            _copy_install(stored / "install", dest)
+            return _check_install(targets, dest)
+        except OSError:  # pruned by a concurrent build meanwhile: build after all
+            pass
     install = env.out / INSTALL_DIR
     if install.exists():
         shutil.rmtree(install)  # a target of an earlier build must not ride along
@@ -77,9 +122,21 @@ def build_selftests(env: builder.BuildEnv, targets: Sequence[str], dest: Path) -
         if not builder.make_failed(exc):
             raise  # Docker's own failure: infrastructure
         raise KselftestError(f"selftests {', '.join(targets)} do not build: {exc}") from exc
+    _copy_install(install, dest)
+    built = _check_install(targets, dest)
+    if stored is not None:
+        _store(dest, stored)
+    return built
+
+
+def _copy_install(install: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(install, dest, symlinks=True)
+
+
+def _check_install(targets: Sequence[str], dest: Path) -> dict[str, list[Path]]:
+    """target -> its installed files under dest/<target>/, each non-empty and static; the runner there."""
     built: dict[str, list[Path]] = {}
     for target in targets:
         files = sorted(p for p in (dest / target).rglob("*") if p.is_file())
@@ -93,6 +150,36 @@ def build_selftests(env: builder.BuildEnv, targets: Sequence[str], dest: Path) -
         if not (dest / name).exists():
             raise KselftestError(f"the selftests install has no {name}")
     return built
+
+
+def reuse_key(env: builder.BuildEnv, targets: Sequence[str]) -> str:
+    """Everything the install is a function of (the module docstring says why each): the image, the make
+    command line (less -j), the object tree's .config, every file under SOURCE_INPUTS of env.src."""
+    config = env.out / ".config"
+    document = {
+        "schema": REUSE_SCHEMA,
+        "image": env.image,
+        "make": [arg for arg in make_argv(env, normalize_targets(targets)) if not arg.startswith("-j")],
+        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+        "source": tree_digest(env.src, SOURCE_INPUTS),
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def _store(dest: Path, stored: Path) -> None:
+    """Keep a checked install under its reuse key (written whole, then marked complete; the oldest pruned)."""
+    staging = stored.with_name(f"{stored.name}.tmp.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(dest, staging / "install", symlinks=True)
+    (staging / REUSE_DONE).write_text("")
+    shutil.rmtree(stored, ignore_errors=True)
+    try:
+        os.replace(staging, stored)
+    except OSError:  # a concurrent build stored the same key first
+        shutil.rmtree(staging, ignore_errors=True)
+    done = [p for p in stored.parent.iterdir() if (p / REUSE_DONE).is_file()]
+    for old in sorted(done, key=lambda p: p.stat().st_mtime)[:-REUSE_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def is_elf(path: Path) -> bool:

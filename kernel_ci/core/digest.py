@@ -2,11 +2,15 @@
 key all hash files the same way (streamed in chunks, so a 100 MiB tarball is never read whole).
 
 hashlib.file_digest (3.11) streams too but does not count bytes, which the cache's uploads need.
+
+tree_digest: the same for a whole folder (the reuse keys of kselftests and external modules).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,3 +36,43 @@ def file_digest(path: Path) -> tuple[str, int]:
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file."""
     return file_digest(path)[0]
+
+
+def tree_digest(root: Path, parts: Iterable[str] = ("",)) -> str:
+    """The hex sha256 of everything under root/part for each part (a folder, a file, or absent), for keys
+    that must change whenever any byte there does: every entry's path relative to root, its kind, and a
+    file's content and executable bit, a symlink's target (never followed), an absent part as such.
+    Walked in sorted order, so the digest does not depend on the order the filesystem lists entries in."""
+    digest = hashlib.sha256()
+
+    def add(*fields: str) -> None:
+        digest.update("\0".join(fields).encode("utf-8", "surrogateescape") + b"\n")
+
+    def visit_dir(path: str, name: str) -> None:
+        add("dir", name)
+        with os.scandir(path) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+        for entry in entries:
+            child = f"{name}/{entry.name}" if name else entry.name
+            if entry.is_symlink():
+                add("link", child, os.readlink(entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                visit_dir(entry.path, child)
+            elif entry.is_file(follow_symlinks=False):
+                mode = entry.stat(follow_symlinks=False).st_mode
+                add("file", child, oct(mode & 0o111), sha256_file(Path(entry.path)))
+            else:
+                add("other", child)
+
+    for part in parts:
+        path = root / part if part else root
+        name = path.relative_to(root).as_posix() if part else ""
+        if path.is_symlink():
+            add("link", name, os.readlink(path))
+        elif path.is_dir():
+            visit_dir(os.fspath(path), name)
+        elif path.is_file():
+            add("file", name, oct(path.stat().st_mode & 0o111), sha256_file(path))
+        else:
+            add("other" if path.exists() else "absent", name)
+    return digest.hexdigest()

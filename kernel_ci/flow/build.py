@@ -36,7 +36,7 @@ from kernel_ci.build.records import (
 from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
-from kernel_ci.core.files import write_text_atomic
+from kernel_ci.core.files import sync_tree, write_text_atomic
 from kernel_ci.core.paths import CHECKOUT, REPO_ROOT, SUITE_PATH, Project, cache_dir
 from kernel_ci.core.timing import RECORD_DIGITS, Duration, measure_duration
 from kernel_ci.guest.suites import SuiteRoots
@@ -306,13 +306,12 @@ def _prepare_tree_locked(
 
 def _link_or_copy_tree(entry: Path, dest: Path) -> None:
     """Restore an entry into the output dir: a verified copy (never hard links: editing the output dir
-    must not change the cache); a build's own staging dir (no cache) is simply copied."""
+    must not change the cache); a build's own staging dir (no cache) is copied, writing only the files
+    that differ from the output dir's (core.files.sync_tree: an incremental build rewrote ~100 MB)."""
     if (entry / ENTRY_FILE).is_file():
         copy_entry(entry, dest)
         return
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(entry, dest, symlinks=True)
+    sync_tree(entry, dest)
 
 
 @dataclass
@@ -489,7 +488,7 @@ def configure(job: _Job, env: builder.BuildEnv) -> _Configured:
     if job.request.fresh and env.out.exists():
         shutil.rmtree(env.out)
     with measure_duration(job.durations, "configure"):
-        final_config = builder.configure(env, job.plan.kconfig)
+        final_config = builder.configure(env, job.plan.kconfig, reuse=cache_dir("reuse", "kconfig"))
     _check_config(job.planned, final_config)
     manifest = job.plan.build_inputs(final_config, job.toolchain.fingerprint)
     return _Configured(env, manifest, buildkey.build_key(manifest))
@@ -523,9 +522,12 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
             staging / "kbuild",
             buildable_modules(job.planned.modules, (staging / "config").read_text()),
             staging / "extmod",
+            reuse=cache_dir("reuse", "extmod"),
         )
     with measure_duration() as took:
-        selftests = kselftest.build_selftests(env, job.plan.kselftests, staging / "kselftest")
+        selftests = kselftest.build_selftests(
+            env, job.plan.kselftests, staging / "kselftest", reuse=cache_dir("reuse", "kselftest")
+        )
     if selftests:
         job.durations["kselftests"] = took.rounded
     metadata = _metadata(job, configured, compiled, built_modules, selftests, staging)

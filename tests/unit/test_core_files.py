@@ -1,7 +1,9 @@
-"""core.files.write_text_atomic: a reader sees the old file or the new one, never half of one."""
+"""core.files.write_text_atomic: a reader sees the old file or the new one, never half of one; sync_tree: a
+copy that rewrites only what differs and never shares an inode with its source."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,78 @@ def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path: Path) -> None:
         write_text_atomic(target, "half \udc80 written")  # a lone surrogate cannot be encoded: fails mid-way
     assert target.read_text() == "<testsuites/>"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junit.xml"]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, bytes | str, int]]:
+    """Every entry under root: kind, content (or link target), permission bits."""
+    found: dict[str, tuple[str, bytes | str, int]] = {}
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        mode = path.lstat().st_mode & 0o7777
+        if path.is_symlink():
+            found[name] = ("link", os.readlink(path), 0)
+        elif path.is_dir():
+            found[name] = ("dir", b"", mode)
+        else:
+            found[name] = ("file", path.read_bytes(), mode)
+    return found
+
+
+def test_sync_tree_makes_a_copy_rewriting_only_what_differs(tmp_path: Path) -> None:
+    import shutil
+
+    from kernel_ci.core.files import sync_tree
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "same").write_text("same")
+    (src / "a" / "changed").write_text("new bytes")
+    (src / "resized").write_text("longer than before")
+    (src / "linked").write_text("shared")
+    (src / "was-a-dir").write_text("now a file")
+    (src / "was-a-file").mkdir()
+    (src / "exec").write_text("#!/bin/sh\n")
+    (src / "exec").chmod(0o755)
+    os.symlink("a/b/same", src / "link")
+    os.link(src / "a" / "b" / "same", tmp_path / "outside")  # src's files may be hard links elsewhere
+    # an older copy in dest: some of it right, some of it stale
+    (dest / "a" / "b").mkdir(parents=True)
+    (dest / "a" / "b" / "same").write_text("same")
+    (dest / "a" / "changed").write_text("old bytes")  # same size, other bytes
+    (dest / "resized").write_text("short")
+    (dest / "linked").write_text("shared")
+    os.link(dest / "linked", tmp_path / "someone-elses")  # same bytes, but another name shares the inode
+    (dest / "was-a-dir").mkdir()
+    (dest / "was-a-dir" / "x").write_text("")
+    (dest / "was-a-file").write_text("")
+    (dest / "exec").write_text("#!/bin/sh\n")
+    os.symlink("elsewhere", dest / "link")
+    (dest / "gone").write_text("not in src")
+    kept = (dest / "a" / "b" / "same").stat().st_ino
+
+    sync_tree(src, dest)
+
+    reference = tmp_path / "reference"
+    shutil.copytree(src, reference, symlinks=True)
+    assert _snapshot(dest) == _snapshot(reference)
+    assert (dest / "a" / "b" / "same").stat().st_ino == kept  # unchanged: not rewritten
+    assert (dest / "linked").stat().st_nlink == 1  # the shared inode was replaced by a copy of its own
+    assert (tmp_path / "someone-elses").read_text() == "shared"
+    for path in dest.rglob("*"):  # dest never shares an inode with src
+        if path.is_file() and not path.is_symlink():
+            assert path.stat().st_ino != (src / path.relative_to(dest)).stat().st_ino
+    (dest / "a" / "b" / "same").write_text("edited in the output")
+    assert (src / "a" / "b" / "same").read_text() == "same"
+
+
+def test_sync_tree_into_nothing_or_over_a_file(tmp_path: Path) -> None:
+    from kernel_ci.core.files import sync_tree
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("x")
+    sync_tree(src, tmp_path / "new" / "dest")
+    assert (tmp_path / "new" / "dest" / "d" / "f").read_text() == "x"
+    (tmp_path / "file").write_text("")
+    sync_tree(src, tmp_path / "file")
+    assert (tmp_path / "file" / "d" / "f").read_text() == "x"
