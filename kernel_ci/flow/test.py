@@ -313,9 +313,9 @@ def boot_guests(
     except BaseException:
         stop.set()  # each guest stops at its next console line; a daemon thread's QEMU dies with us
         raise
-    failed = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, GuestsStopped)]
-    if failed or any(isinstance(o, BaseException) for o in outcomes):
-        raise (failed or [o for o in outcomes if isinstance(o, BaseException)])[0]
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:  # the guest's own failure, not the GuestsStopped it caused in the others
+        raise next((e for e in errors if not isinstance(e, GuestsStopped)), errors[0])
     reports = [o for o in outcomes if isinstance(o, RunReport)]
     report = verdict.merge_guests(reports, record.suites)
     junit.write_junit(report, run_dir / "junit.xml")

@@ -11,7 +11,7 @@ import pytest
 from kernel_ci.cli.options import guests_count
 from kernel_ci.guest import placement
 from kernel_ci.report.junit import parse, write_junit
-from kernel_ci.report.model import Case, Outcome, RunReport, SuiteResult
+from kernel_ci.report.model import Case, Outcome, RootfsRef, RunRecord, RunReport, SuiteResult
 from kernel_ci.report.verdict import merge_guests
 
 TIMES = {"tracer": 44.0, "kselftest": 22.0, "snapshot": 16.0, "events": 6.0, "py": 3.0, "basics": 2.0}
@@ -99,3 +99,32 @@ def test_one_report_with_the_runs_test_names_the_worst_outcome_and_which_guest(t
 def test_one_guest_is_its_own_report() -> None:
     only = _guest(Outcome.PASS, "passed", {"py": "passed"})
     assert merge_guests([only], ["py"]) is only
+
+
+def test_a_guest_that_raises_stops_the_others_and_its_error_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """boot_guests' own bookkeeping (the boots are tests/e2e/test_guests.py): guest 2's run raises, guest
+    1's sees the stop (as its console feed would) and ends with GuestsStopped; the run raises guest 2's
+    error, not the stop it caused in guest 1."""
+    import threading
+    from types import SimpleNamespace
+
+    from kernel_ci.flow import test as testflow
+
+    seen_stop = threading.Event()
+
+    def fake_boot(run_dir: Path, *args: object, stop: threading.Event, **kwargs: object) -> RunReport:
+        if run_dir.name == "guest-2":
+            raise RuntimeError("kernel-ci's own failure in guest 2")
+        if not stop.wait(timeout=30):
+            raise AssertionError("guest 1 was never told to stop")
+        seen_stop.set()
+        raise testflow.GuestsStopped("guest 1 stopped")
+
+    monkeypatch.setattr(testflow, "boot_and_collect", fake_boot)
+    groups = [[SimpleNamespace(name="a")], [SimpleNamespace(name="b")]]
+    record = RunRecord("now", "key", "k", {}, "build", RootfsRef("r", "p"), ("a", "b"), {})
+    with pytest.raises(RuntimeError, match="guest 2"):
+        testflow.boot_guests(tmp_path, groups, tmp_path, tmp_path, [tmp_path, tmp_path], None, None, record)  # type: ignore[arg-type]
+    assert seen_stop.is_set()
