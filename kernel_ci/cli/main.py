@@ -264,8 +264,9 @@ def _every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
 
 
 def _conventions(top: argparse.ArgumentParser) -> None:
-    """-o/--output also after the subcommand (`kernel-ci test -o DIR`), and defaults shown in every help.
-    SUPPRESS as the subcommand's default: an -o given before the subcommand is not overwritten by None."""
+    """-o/--output and --project also after the subcommand (`kernel-ci test -o DIR --project P`), and
+    defaults shown in every help. SUPPRESS as the subcommand's default: an -o or --project given before
+    the subcommand is not overwritten by None."""
     for parser in _every_parser(top):
         parser.formatter_class = _HelpFormatter
         for action in parser._actions:
@@ -273,6 +274,8 @@ def _conventions(top: argparse.ArgumentParser) -> None:
                 action.help = "(default: %(default)s)"  # argparse prints no help line for an empty help
         if parser is not top and "--output" not in parser._option_string_actions:
             parser.add_argument("--output", "-o", type=Path, default=argparse.SUPPRESS, help=OUTPUT_HELP)
+        if parser is not top and "--project" not in parser._option_string_actions:
+            parser.add_argument("--project", type=Path, default=argparse.SUPPRESS, help=PROJECT_HELP)
 
 
 def _add_json_option(parser: argparse.ArgumentParser) -> None:

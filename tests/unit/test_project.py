@@ -176,6 +176,15 @@ def test_output_after_the_subcommand(tmp_path: Path) -> None:
     assert options.build_request(after).output == tmp_path / "a" / "build"
 
 
+def test_project_after_the_subcommand(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    after = cli.parser().parse_args(["test", "--project", str(tmp_path / "a")])
+    before = cli.parser().parse_args(["--project", str(tmp_path / "b"), "test"])
+    assert options.project(after).root == (tmp_path / "a").resolve()
+    assert options.project(before).root == (tmp_path / "b").resolve()  # not overwritten by the subcommand's
+
+
 def test_output_defaults_to_the_project_out_else_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(paths.PROJECT_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
