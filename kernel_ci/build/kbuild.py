@@ -347,14 +347,23 @@ def configure(env: BuildEnv, merged_fragment: str, *, reuse: Path | None = None)
 
     reuse: a folder of final configs kept by configure_key. allnoconfig starts from nothing (the object
     tree's old .config is not read), so the final .config is a function of the key's inputs alone; when the
-    kept one for this key is byte for byte the object tree's .config, that is the result and no container
-    runs (an incremental build's configure cost 2.5-3.5 s of container start and make here)."""
+    kept one for this key is byte for byte the object tree's .config, or the object tree has none yet (it
+    is written there), that is the result and no container runs (configure cost 2.5-3.5 s of container
+    start and make here, on an incremental build and on every build into an empty object tree). An
+    object tree whose .config differs (edited, damaged) is configured again."""
     env.out.mkdir(parents=True, exist_ok=True)
     kept = reuse / configure_key(env, merged_fragment) if reuse is not None else None
     config = env.out / ".config"
-    if kept is not None and kept.is_file() and config.is_file():
-        final = config.read_bytes()
-        if final == kept.read_bytes():
+    if kept is not None and kept.is_file():
+        final = kept.read_bytes()
+        if not config.exists() and not config.is_symlink():
+            # an empty object tree (--fresh, a new tree, a bench's cold build): the kept final .config is
+            # what this make would write; kbuild's own syncconfig makes the rest from it in the build, as
+            # after `cp config O/.config`
+            tmp = config.with_name(f".config.kci-{os.getpid()}")
+            tmp.write_bytes(final)
+            os.replace(tmp, config)
+        if config.read_bytes() == final:
             os.utime(kept)  # recently used, for pruning
             return final.decode()
     fragment = env.out / "kci-fragment.config"

@@ -5,6 +5,7 @@ did. The container runs are replaced by fakes that write what the real ones woul
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -306,6 +307,17 @@ def test_an_unchanged_configure_is_reused(tmp_path: Path, config_make) -> None:
     assert len(config_make) == 2
 
 
+def test_an_empty_object_tree_gets_the_kept_config_without_a_make(tmp_path: Path, config_make) -> None:
+    """A fresh object tree (--fresh, a new --tree, a cold build): the kept final .config is written there
+    and kbuild's syncconfig does the rest in the build; no configure container."""
+    env, reuse = _kernel_tree(tmp_path), tmp_path / "reuse"
+    first = builder.configure(env, "CONFIG_X=y\n", reuse=reuse)
+    shutil.rmtree(env.out)
+    assert builder.configure(env, "CONFIG_X=y\n", reuse=reuse) == first
+    assert (env.out / ".config").read_text() == first and len(config_make) == 1
+    assert [p.name for p in env.out.iterdir()] == [".config"]  # no temporary left
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -319,7 +331,6 @@ def test_an_unchanged_configure_is_reused(tmp_path: Path, config_make) -> None:
         "image",
         "ccache",
         "object tree .config",
-        "no .config",
     ],
 )
 def test_a_changed_configure_input_is_not_reused(tmp_path: Path, config_make, change: str) -> None:
@@ -333,8 +344,6 @@ def test_a_changed_configure_input_is_not_reused(tmp_path: Path, config_make, ch
         env = builder.BuildEnv(env.image, env.src, env.out, env.ccache_dir, env.jobs, env.timestamp, False)
     elif change == "object tree .config":
         (env.out / ".config").write_text("CONFIG_X=y\n# edited\n")
-    elif change == "no .config":
-        (env.out / ".config").unlink()
     else:
         (env.src / change).parent.mkdir(parents=True, exist_ok=True)
         with (env.src / change).open("a") as handle:
