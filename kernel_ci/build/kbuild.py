@@ -13,6 +13,7 @@ dies (see WATCHDOG). Docker itself is driven through kernel_ci.host.docker.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import platform
 import re
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,52 @@ def configure_key(env: BuildEnv, merged_fragment: str) -> str:
         "source": tree_digest(env.src, [*sorted(kconfigs), *CONFIGURE_INPUTS]),
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+RUNNING_MARK = ".kci-build-running"  # under the object tree: there while a build writes into it
+
+
+def discard_interrupted(out: Path) -> int:
+    """Remove what a build that never ended wrote into the object tree out; returns how many files.
+
+    A build killed mid-write (SIGKILL, a lost machine) leaves cut files behind: kbuild 5.10's fixdep writes
+    each .o.cmd in place (a cut one stops every later make with "unterminated variable reference"), and
+    gcc its objects (a cut .o newer than its source passes for up to date). RUNNING_MARK, made before the
+    build's first container and removed when it ends (see running), says the last build did not end;
+    every file written since it was made is removed, and make builds those again (ccache has them)."""
+    mark = out / RUNNING_MARK
+    try:
+        since = mark.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for root, _dirs, files in os.walk(out):
+        for name in files:
+            path = os.path.join(root, name)
+            if path == os.fspath(mark):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_mtime_ns >= since:
+                    os.unlink(path)
+                    removed += 1
+    mark.unlink(missing_ok=True)
+    return removed
+
+
+@contextlib.contextmanager
+def running(out: Path) -> Iterator[None]:
+    """RUNNING_MARK in out for the block. It stays when the block is cut short by anything but a build
+    failure (make's own error exit leaves a consistent tree: kbuild deletes a failed target), so that the
+    next build discards what this one wrote (discard_interrupted); SIGKILL runs no code at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    mark = out / RUNNING_MARK
+    mark.touch()
+    try:
+        yield
+    except BuildError:
+        mark.unlink(missing_ok=True)
+        raise
+    mark.unlink(missing_ok=True)
 
 
 MODULES_STAGING = ".kci-modules"  # under the object tree: modules_install's output

@@ -372,25 +372,37 @@ def _build(request: BuildRequest, store: BuildStore | None) -> BuildResult:
     step("configure")
     env = prepare_build_env(job)
     with _ObjectTreeLock(env.out):  # one build at a time per object tree; --fresh empties it under the lock
-        configured = configure(job, env)
-        if request.use_cache:
-            hit = look_up_build(store, job, configured)
-            if hit:
-                return hit
-        with store.lock(configured.key):
-            entry = store.get(configured.key) if request.use_cache else None
-            if entry:  # another process built it while we waited for the lock
-                return job.restored(entry, configured.key, "built concurrently")
-            compiled = compile_kernel(job, configured)
-            staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
-            try:
-                metadata = collect(job, configured, compiled, staging)
-                with measure_duration() as took:
-                    publish(store, job, configured, staging)
-                job.durations["publish"] = took.rounded  # after metadata.json was written: in the result only
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return BuildResult(configured.key, request.output, metadata, False, job.clock.elapsed(), env.out.parent)
+        if request.fresh and env.out.exists():
+            shutil.rmtree(env.out)
+        discarded = builder.discard_interrupted(env.out)
+        if discarded:
+            warn(f"the last build in {env.out} did not end: {discarded} file(s) it wrote are built again")
+        with builder.running(env.out):  # until compile and kselftests have written their last object
+            configured = configure(job, env)
+            if request.use_cache:
+                hit = look_up_build(store, job, configured)
+                if hit:
+                    return hit
+            with store.lock(configured.key):
+                entry = store.get(configured.key) if request.use_cache else None
+                if entry:  # another process built it while we waited for the lock
+                    return job.restored(entry, configured.key, "built concurrently")
+                return _compile_and_publish(job, configured, store)
+
+
+def _compile_and_publish(job: _Job, configured: _Configured, store: BuildStore) -> BuildResult:
+    """Compile, collect, publish (under the object tree's and the key's locks)."""
+    compiled = compile_kernel(job, configured)
+    staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
+    try:
+        metadata = collect(job, configured, compiled, staging)
+        with measure_duration() as took:
+            publish(store, job, configured, staging)
+        job.durations["publish"] = took.rounded  # after metadata.json was written: in the result only
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    out_parent = configured.env.out.parent
+    return BuildResult(configured.key, job.request.output, metadata, False, job.clock.elapsed(), out_parent)
 
 
 def plan_build(request: BuildRequest) -> _Job:
@@ -485,8 +497,6 @@ def prepare_build_env(job: _Job) -> builder.BuildEnv:
 
 def configure(job: _Job, env: builder.BuildEnv) -> _Configured:
     """Configure (under the object tree's lock): the final .config, checked, and the build key it gives."""
-    if job.request.fresh and env.out.exists():
-        shutil.rmtree(env.out)
     with measure_duration(job.durations, "configure"):
         final_config = builder.configure(env, job.plan.kconfig, reuse=cache_dir("reuse", "kconfig"))
     _check_config(job.planned, final_config)

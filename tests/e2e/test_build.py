@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel_ci.build import kbuild
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.flow.build import BuildRequest, build
@@ -102,9 +103,19 @@ def test_sigkill_mid_build_leaves_no_container_and_the_rerun_builds(tmp_path: Pa
     finally:
         child.kill()
         child.wait()
-    # The rerun resumes in the object tree the killed build left (half-written objects included).
+    # The rerun resumes in the object tree the killed build left (half-written objects included). What a
+    # kill can leave at worst is planted too: a .o.cmd cut mid-write (5.10's fixdep writes it in place),
+    # which stopped every later make ("unterminated variable reference") until kernel-ci discarded what an
+    # interrupted build wrote.
+    (tree,) = {p.parent for p in Path(cache_dir("work")).glob(f"*/out-*/{kbuild.RUNNING_MARK}")}
+    since = (tree / kbuild.RUNNING_MARK).stat().st_mtime_ns
+    written = [p for p in tree.rglob(".*.o.cmd") if p.stat().st_mtime_ns >= since]
+    assert written, "the killed build wrote no object"
+    with written[0].open("r+b") as cut:
+        cut.truncate(max(1, written[0].stat().st_size // 2))
     rerun = build(BuildRequest(output=tmp_path / "rerun", use_cache=False))
     assert not rerun.cache_hit and rerun.bzimage.stat().st_size > 1_000_000
+    assert not (tree / kbuild.RUNNING_MARK).exists()
 
 
 CONCURRENT_CHILD = """

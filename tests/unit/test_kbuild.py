@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from kernel_ci.build import kbuild
 
 
@@ -87,3 +89,32 @@ def test_a_linked_kbuild_export_holds_no_symlinks(tmp_path: Path) -> None:
     artifacts.export_kbuild_tree(src, out, tmp_path / "linked", link_sources=True)
     nm = tmp_path / "linked" / "scripts" / "dummy-tools" / "nm"
     assert not nm.is_symlink() and nm.read_text() == "#!/bin/sh\n"
+
+
+def test_what_an_interrupted_build_wrote_is_discarded_and_only_that(tmp_path: Path) -> None:
+    """The object tree of a build that never ended (its RUNNING_MARK is still there): every file written
+    since the mark is removed (a cut .o.cmd or .o among them), older files stay, and the mark goes."""
+    out = tmp_path / "out"
+    (out / "kernel").mkdir(parents=True)
+    old = out / "kernel" / "fork.o"
+    old.write_bytes(b"an object of the last finished build")
+    os.utime(old, ns=(1_000_000_000, 1_000_000_000))
+    assert kbuild.discard_interrupted(out) == 0  # no mark: a finished build, nothing removed
+    with pytest.raises(RuntimeError), kbuild.running(out):  # killed: a non-build exception keeps the mark
+        (out / "kernel" / ".ptrace.o.cmd").write_text("cmd_kernel/ptrace.o := gcc -Wp,$(dep")  # cut
+        (out / "kernel" / "ptrace.o").write_bytes(b"\x7fELF cut")
+        raise RuntimeError("the process died here")
+    assert (out / kbuild.RUNNING_MARK).exists()
+    assert kbuild.discard_interrupted(out) == 2
+    assert sorted(p.name for p in (out / "kernel").iterdir()) == ["fork.o"]
+    assert not (out / kbuild.RUNNING_MARK).exists()
+
+
+def test_a_build_that_ends_or_fails_in_make_leaves_no_mark(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with kbuild.running(out):
+        assert (out / kbuild.RUNNING_MARK).exists()
+    assert not (out / kbuild.RUNNING_MARK).exists()
+    with pytest.raises(kbuild.CompileError), kbuild.running(out):  # make's own error exit: a sound tree
+        raise kbuild.CompileError("make failed")
+    assert not (out / kbuild.RUNNING_MARK).exists()
