@@ -25,6 +25,7 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.core import proc
 from kernel_ci.core.digest import tree_digest
 from kernel_ci.core.errors import BuildError
+from kernel_ci.core.files import is_kept, keep_folder
 
 BUILD_LEFTOVERS = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".order", ".symvers")
 
@@ -94,7 +95,6 @@ def build_script(extra_make: Sequence[str]) -> str:
 
 
 REUSE_SCHEMA = "1"
-REUSE_DONE = ".kci-reuse-complete"
 REUSE_KEPT = 8
 
 
@@ -122,7 +122,7 @@ def build_all(
     if not modules:
         return {}
     stored = reuse / reuse_key(image, kbuild, modules, extra_make) if reuse is not None else None
-    if stored is not None and (stored / REUSE_DONE).is_file():
+    if stored is not None and is_kept(stored):
         try:
             os.utime(stored)  # recently used, for pruning
             return _copy_kos(stored, modules, dest)
@@ -189,17 +189,4 @@ def reuse_key(image: str, kbuild: Path, modules: Sequence[ModuleSource], extra_m
 
 def _store(root: Path, modules: Sequence[ModuleSource], stored: Path) -> None:
     """Keep the .ko files under the reuse key (written whole, then marked complete; the oldest pruned)."""
-    staging = stored.with_name(f"{stored.name}.tmp.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    _copy_kos(root, modules, staging)
-    (staging / REUSE_DONE).write_text("")
-    shutil.rmtree(stored, ignore_errors=True)
-    try:
-        os.replace(staging, stored)
-    except OSError:  # a concurrent build stored the same key first
-        shutil.rmtree(staging, ignore_errors=True)
-    kept = sorted(
-        (p for p in stored.parent.iterdir() if (p / REUSE_DONE).is_file()), key=lambda p: p.stat().st_mtime
-    )
-    for old in kept[:-REUSE_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
+    keep_folder(stored, lambda staging: _copy_kos(root, modules, staging), REUSE_KEPT)

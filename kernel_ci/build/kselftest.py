@@ -33,6 +33,7 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.core import proc
 from kernel_ci.core.digest import tree_digest
 from kernel_ci.core.errors import BuildError
+from kernel_ci.core.files import is_kept, keep_folder
 
 SELFTESTS = f"{builder.SRC}/tools/testing/selftests"
 BUILD_DIR = "kselftest"  # under the object tree: selftests objects and installed headers
@@ -56,7 +57,6 @@ SOURCE_INPUTS = (
     "drivers/staging/android",
 )
 REUSE_SCHEMA = "1"
-REUSE_DONE = ".kci-reuse-complete"
 REUSE_KEPT = 4
 
 
@@ -106,7 +106,7 @@ def build_selftests(
     if missing:
         raise KselftestError(f"no tools/testing/selftests/{{{','.join(missing)}}}/Makefile in {env.src}")
     stored = reuse / reuse_key(env, targets) if reuse is not None else None
-    if stored is not None and (stored / REUSE_DONE).is_file():
+    if stored is not None and is_kept(stored):
         try:
             os.utime(stored)  # recently used, for pruning
             _copy_install(stored / "install", dest)
@@ -168,18 +168,7 @@ def reuse_key(env: builder.BuildEnv, targets: Sequence[str]) -> str:
 
 def _store(dest: Path, stored: Path) -> None:
     """Keep a checked install under its reuse key (written whole, then marked complete; the oldest pruned)."""
-    staging = stored.with_name(f"{stored.name}.tmp.{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(dest, staging / "install", symlinks=True)
-    (staging / REUSE_DONE).write_text("")
-    shutil.rmtree(stored, ignore_errors=True)
-    try:
-        os.replace(staging, stored)
-    except OSError:  # a concurrent build stored the same key first
-        shutil.rmtree(staging, ignore_errors=True)
-    done = [p for p in stored.parent.iterdir() if (p / REUSE_DONE).is_file()]
-    for old in sorted(done, key=lambda p: p.stat().st_mtime)[:-REUSE_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
+    keep_folder(stored, lambda staging: shutil.copytree(dest, staging / "install", symlinks=True), REUSE_KEPT)
 
 
 def is_elf(path: Path) -> bool:

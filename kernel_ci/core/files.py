@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 
@@ -88,3 +90,30 @@ def _same_bytes(src: Path, dest: Path) -> bool:
                 return False
             if not a:
                 return True
+
+
+COMPLETE_MARK = ".kci-reuse-complete"  # in a kept folder: written whole (keep_folder)
+
+
+def is_kept(folder: Path) -> bool:
+    """Whether folder is one keep_folder wrote whole."""
+    return (folder / COMPLETE_MARK).is_file()
+
+
+def keep_folder(stored: Path, fill: Callable[[Path], Any], keep: int) -> None:
+    """Write the folder stored whole: fill writes into a staging folder beside it, which is then marked
+    complete and renamed into place (a concurrent writer of the same name wins: its folder is the same);
+    then only the `keep` most recently written complete folders beside it are kept. The reuse stores of
+    the build's steps (external modules, kselftests) are such folders."""
+    staging = stored.with_name(f"{stored.name}.tmp.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    fill(staging)
+    (staging / COMPLETE_MARK).write_text("")
+    shutil.rmtree(stored, ignore_errors=True)
+    try:
+        os.replace(staging, stored)
+    except OSError:  # a concurrent build stored the same name first
+        shutil.rmtree(staging, ignore_errors=True)
+    done = [p for p in stored.parent.iterdir() if is_kept(p)]
+    for old in sorted(done, key=lambda p: p.stat().st_mtime)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ from kernel_ci.build import extmodules, kselftest
 from kernel_ci.build import kbuild as builder
 from kernel_ci.core import proc
 from kernel_ci.core.digest import tree_digest
+from kernel_ci.core.files import is_kept
 
 # --- tree_digest -----------------------------------------------------------------------------------------
 
@@ -152,7 +153,7 @@ def test_a_changed_selftests_input_is_not_reused(tmp_path: Path, selftests_make,
 def test_a_reused_install_is_checked_like_a_fresh_one(tmp_path: Path, selftests_make) -> None:
     env, reuse = _tree(tmp_path), tmp_path / "reuse"
     kselftest.build_selftests(env, ["ptrace"], tmp_path / "d1", reuse=reuse)
-    (kept,) = (p for p in reuse.iterdir() if (p / kselftest.REUSE_DONE).is_file())
+    (kept,) = (p for p in reuse.iterdir() if is_kept(p))
     (kept / "install/run_kselftest.sh").unlink()
     with pytest.raises(kselftest.KselftestError, match=r"run_kselftest\.sh"):
         kselftest.build_selftests(env, ["ptrace"], tmp_path / "d2", reuse=reuse)
