@@ -156,8 +156,8 @@ def build_figures(
 
     step(f"bench: incremental build after a one-line change in {ONE_LINE_CHANGE}")
     assert warm.work is not None
-    with one_line_change(warm.work / "src"):
-        incremental = _build(work, kernel, "incr", use_cache=False)
+    with one_line_change(warm.work / "src"):  # into the warm build's output dir, as a developer's rerun
+        incremental = _build(work, kernel, "warm", use_cache=False)
         tux_incr = tux.run(ccache=True, fresh=False) if tux else None
     add(Figure(f"build: incremental, one-line change in {ONE_LINE_CHANGE}", incremental.seconds, "< 10 s",
                reference=tux_incr, reference_name="tuxmake, same build dir",

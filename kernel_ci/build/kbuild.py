@@ -469,10 +469,6 @@ def running(out: Path) -> Iterator[None]:
 
 
 MODULES_STAGING = ".kci-modules"  # under the object tree: modules_install's output
-VMLINUX_XZ = ".kci-vmlinux.xz"  # under the object tree: vmlinux (with its line tables), xz-compressed
-# xz's preset for vmlinux. The default config's vmlinux (41.8 MB with reduced debug info), xz -T2 on the
-# 2-core host: -0 11.5 MB in 2.3 s, -1 11.1 MB in 2.9 s, -3 10.9 MB in 9.5 s, -6 10.0 MB in 21.6 s.
-VMLINUX_XZ_PRESET = "-1"
 CCACHE_STATS = (".kci-ccache-before", ".kci-ccache-after")  # under the object tree: --print-stats
 
 
@@ -488,11 +484,9 @@ class KbuildRun:
 
 def build_steps(env: BuildEnv) -> list[ScriptStep]:
     """The kernel image, modules and gdb scripts, then modules_install into out/.kci-modules (emptied
-    first) and vmlinux compressed (out/.kci-vmlinux.xz, for decoding traces and gdb), with ccache's
-    counters read before and after: one container for all of it."""
+    first), with ccache's counters read before and after: one container for all of it. (vmlinux is
+    compressed on the host while the outputs are collected: build.artifacts.compressing_vmlinux.)"""
     staging = f"{OUT}/{MODULES_STAGING}"
-    vmlinux_xz = shlex.quote(f"{OUT}/{VMLINUX_XZ}")
-    xz = shlex.join(["xz", VMLINUX_XZ_PRESET, f"-T{env.jobs}", "--check=crc32", "-c", f"{OUT}/vmlinux"])
     steps = [
         ScriptStep("make", shlex.join(env.make_argv("bzImage", "modules", "scripts_gdb"))),
         ScriptStep(
@@ -500,7 +494,6 @@ def build_steps(env: BuildEnv) -> list[ScriptStep]:
             f"rm -rf {shlex.quote(staging)}; "
             + shlex.join(env.make_argv("modules_install", extra=[f"INSTALL_MOD_PATH={staging}"])),
         ),
-        ScriptStep("vmlinux_xz", f"{xz} > {vmlinux_xz}.tmp && mv {vmlinux_xz}.tmp {vmlinux_xz}"),
     ]
     if not env.use_ccache:
         return steps
@@ -514,7 +507,7 @@ def build_steps(env: BuildEnv) -> list[ScriptStep]:
 
 def build(env: BuildEnv) -> KbuildRun:
     """Build the kernel (build_steps) in one container; its timings, kbuild steps and ccache figures."""
-    for name in (*CCACHE_STATS, VMLINUX_XZ):
+    for name in CCACHE_STATS:
         (env.out / name).unlink(missing_ok=True)  # a stale file must not pass for this build's
     durations, steps, _last = run_steps(env, build_steps(env), title="kbuild")
     ccache: dict[str, float | int] = {}

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kernel_ci.build import artifacts as outputs
 from kernel_ci.build import extmodules, images, kconfig, kselftest, patches, source
 from kernel_ci.build import kbuild as builder
 from kernel_ci.build import keys as buildkey
@@ -81,7 +82,7 @@ def build_flags() -> tuple[tuple[str, str], ...]:
         ("arch", builder.ARCH),
         ("targets", BUILD_TARGETS),
         # what the outputs keep for debugging, and how (build.artifacts: the gdb scripts' constants.py)
-        ("debug", f"vmlinux.xz (xz {builder.VMLINUX_XZ_PRESET}); gdb scripts: int literals, one import each"),
+        ("debug", f"vmlinux.xz (xz -{outputs.VMLINUX_XZ_PRESET}); gdb scripts: int literals, an import each"),
         ("kbuild", f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source"),
     )
 

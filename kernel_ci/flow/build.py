@@ -24,6 +24,7 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.build import keys as buildkey
 from kernel_ci.build import plan as buildplan
 from kernel_ci.build import tree as usertree
+from kernel_ci.build.layout import VMLINUX_XZ
 from kernel_ci.build.plan import BASE_FRAGMENT, BUILD_TARGETS  # noqa: F401  (their home used to be here)
 from kernel_ci.build.records import (
     METADATA_SCHEMA,
@@ -395,7 +396,11 @@ def _compile_and_publish(job: _Job, configured: _Configured, store: BuildStore) 
     compiled = compile_kernel(job, configured)
     staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
     try:
-        metadata = collect(job, configured, compiled, staging)
+        vmlinux = configured.env.out / "vmlinux"
+        with outputs.compressing_vmlinux(vmlinux, staging / VMLINUX_XZ) as compression:
+            gathered = gather(job, configured, staging)
+        job.durations |= {"vmlinux_xz": compression.seconds, "vmlinux_xz.wait": compression.waited}
+        metadata = describe(job, configured, compiled, gathered, staging)
         with measure_duration() as took:
             publish(store, job, configured, staging)
         job.durations["publish"] = took.rounded  # after metadata.json was written: in the result only
@@ -516,9 +521,16 @@ def compile_kernel(job: _Job, configured: _Configured) -> _Compiled:
     return _Compiled(run.steps, run.ccache, builder.kernel_release(env))
 
 
-def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Path) -> BuildMetadata:
-    """Collect into staging: kernel outputs, the series as patches, external modules, kselftests, and the
-    metadata that describes them (written last)."""
+@dataclass
+class _Gathered:
+    """What gather built beside the kernel's own outputs."""
+
+    modules: dict[str, list[Path]]  # external module name -> its .ko files in staging
+    selftests: dict[str, list[Path]]  # kselftest target -> its files in staging
+
+
+def gather(job: _Job, configured: _Configured, staging: Path) -> _Gathered:
+    """Collect into staging: kernel outputs, the series as patches, external modules, kselftests."""
     env = configured.env
     with measure_duration(job.durations, "collect"):
         # kernel-ci's own patched tree is never written in place: its files can be hard-linked
@@ -540,7 +552,14 @@ def collect(job: _Job, configured: _Configured, compiled: _Compiled, staging: Pa
         )
     if selftests:
         job.durations["kselftests"] = took.rounded
-    metadata = _metadata(job, configured, compiled, built_modules, selftests, staging)
+    return _Gathered(built_modules, selftests)
+
+
+def describe(
+    job: _Job, configured: _Configured, compiled: _Compiled, gathered: _Gathered, staging: Path
+) -> BuildMetadata:
+    """The metadata of what staging holds, written into it (last: it carries every step's duration)."""
+    metadata = _metadata(job, configured, compiled, gathered.modules, gathered.selftests, staging)
     metadata.write(staging)
     return metadata
 

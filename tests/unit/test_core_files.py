@@ -62,15 +62,19 @@ def test_sync_tree_makes_a_copy_rewriting_only_what_differs(tmp_path: Path) -> N
     os.link(src / "a" / "b" / "same", tmp_path / "outside")  # src's files may be hard links elsewhere
     # an older copy in dest: some of it right, some of it stale
     (dest / "a" / "b").mkdir(parents=True)
-    (dest / "a" / "b" / "same").write_text("same")
-    (dest / "a" / "changed").write_text("old bytes")  # same size, other bytes
+    shutil.copy2(src / "a" / "b" / "same", dest / "a" / "b" / "same")  # as the last sync left it
+    (dest / "a" / "changed").write_text("old bytes")  # same size, other bytes, written at another time
+    (dest / "stale").write_text("same size")  # edited in dest since the last sync (its mtime is now)
+    (src / "stale").write_text("same size")
+    os.utime(src / "stale", ns=(0, 10**18))
     (dest / "resized").write_text("short")
-    (dest / "linked").write_text("shared")
+    shutil.copy2(src / "linked", dest / "linked")
     os.link(dest / "linked", tmp_path / "someone-elses")  # same bytes, but another name shares the inode
     (dest / "was-a-dir").mkdir()
     (dest / "was-a-dir" / "x").write_text("")
     (dest / "was-a-file").write_text("")
-    (dest / "exec").write_text("#!/bin/sh\n")
+    shutil.copy2(src / "exec", dest / "exec")
+    (dest / "exec").chmod(0o644)  # same bytes and time, another mode
     os.symlink("elsewhere", dest / "link")
     (dest / "gone").write_text("not in src")
     kept = (dest / "a" / "b" / "same").stat().st_ino
@@ -81,6 +85,7 @@ def test_sync_tree_makes_a_copy_rewriting_only_what_differs(tmp_path: Path) -> N
     shutil.copytree(src, reference, symlinks=True)
     assert _snapshot(dest) == _snapshot(reference)
     assert (dest / "a" / "b" / "same").stat().st_ino == kept  # unchanged: not rewritten
+    assert (dest / "stale").stat().st_mtime_ns == 10**18  # another mtime: rewritten, though of the same size
     assert (dest / "linked").stat().st_nlink == 1  # the shared inode was replaced by a copy of its own
     assert (tmp_path / "someone-elses").read_text() == "shared"
     for path in dest.rglob("*"):  # dest never shares an inode with src
