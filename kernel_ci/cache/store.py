@@ -305,6 +305,8 @@ def copy_entry(entry: Path, dest: Path) -> None:
     stamp = _restore_stamp_path(entry, dest)
     if _holds_restore(stamp, entry, dest):
         return  # dest is the untouched result of restoring this very entry: nothing to copy
+    if _update_restore(stamp, entry, info, dest):
+        return  # dest was the untouched restore of another entry: only what differs was written
     with contextlib.suppress(FileNotFoundError):
         stamp.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -316,19 +318,8 @@ def copy_entry(entry: Path, dest: Path) -> None:
                 writer.directory(check_rel_path(rel))
             with TreeWriter(entry, create=False) as reader:
                 for rel, raw in info["files"].items():
-                    record = check_record(rel, raw)
                     parts = check_rel_path(rel)
-                    source = reader.open_fd(parts)
-                    try:
-                        out = writer.create_fd(parts, record["mode"])
-                        try:
-                            _copy_fd_verified(source, out, record, rel)
-                            st = os.fstat(source)
-                            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))  # kbuild compares mtimes
-                        finally:
-                            os.close(out)
-                    finally:
-                        os.close(source)
+                    _copy_one(reader, writer, parts, parts, check_record(rel, raw), rel)
         make_honest_links(tmp)
         for name in (ENTRY_FILE, MANIFEST_FILE):
             if (entry / name).is_file():
@@ -409,6 +400,7 @@ def _write_restore_stamp(stamp: Path, entry: Path, dest: Path, files: str) -> No
         tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.{secrets.token_hex(4)}")
         doc = {
             "entry": _entry_id(entry),
+            "entry_dir": os.fspath(entry.absolute()),
             "dest_ino": os.stat(dest).st_ino,
             "files_stats": files,
             "entry_files_stats": _tree_stats(entry),
@@ -427,6 +419,120 @@ def _holds_restore(stamp: Path, entry: Path, dest: Path) -> bool:
         return bool(recorded) and _tree_stats(dest) == recorded and _tree_stats(entry) == source
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def _update_restore(stamp: Path, entry: Path, info: dict, dest: Path) -> bool:
+    """Turn dest, the untouched restore of an older entry (its stamp says which), into a restore of entry by
+    writing only the files whose records differ and removing the ones entry lacks; False (nothing done)
+    when that cannot be known: no stamp, dest touched since, the older entry gone or of other links.
+
+    An incremental build's entry differs from the last one in a handful of files (bzImage, System.map,
+    vmlinux.xz, metadata.json) of ~11,600: the full copy wrote 73 MB in 1-2 s. The files kept were
+    verified when written, and equal stats mean they were not touched since (see the stamp); the changed
+    ones are verified copies like copy_entry's. Each is written to a temporary name, then all are renamed
+    into place at once: interrupted before that, dest is still the older restore (its stray temporary
+    files fail the next stamp check); during the renames, dest mixes the two, and holds no stamp: the next
+    restore copies it whole.
+    """
+    try:
+        doc = json.loads(stamp.read_text())
+        older, here = Path(doc["entry_dir"]), entry.absolute()
+        if older == here or older.parent.parent.parent != here.parent.parent.parent:  # this store's only
+            return False
+        if doc["dest_ino"] != os.stat(dest).st_ino:
+            return False
+        old_info = read_entry_info(older)
+        if old_info is None or _entry_id(older) != doc["entry"]:
+            return False
+        if old_info.get("links") != info.get("links") or _tree_stats(dest) != doc["files_stats"]:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    old_files: dict = old_info["files"]
+    new_files: dict = info["files"]
+    old_dirs, new_dirs = set(old_info.get("dirs", [])), set(info.get("dirs", []))
+    if old_dirs & set(new_files) or new_dirs & set(old_files):
+        return False  # a file became a folder or the other way round: the full copy handles it
+    changed = [rel for rel, record in new_files.items() if old_files.get(rel) != record]
+    staged: list[tuple[tuple[str, ...], str]] = []
+    added = sorted(new_dirs - old_dirs)
+    try:
+        with TreeWriter(dest) as writer, TreeWriter(entry, create=False) as reader:
+            for rel in added:
+                writer.directory(check_rel_path(rel))
+            for rel in changed:
+                parts = check_rel_path(rel)
+                temporary = (*parts[:-1], f".{parts[-1]}.kci-restore.{secrets.token_hex(4)}")
+                staged.append((parts, temporary[-1]))
+                _copy_one(reader, writer, parts, temporary, check_record(rel, new_files[rel]), rel)
+            stamp.unlink()  # from here until the new stamp, dest is not known to be any entry's restore
+            _swap_in(writer, staged, [check_rel_path(rel) for rel in old_files if rel not in new_files])
+        for rel in sorted(old_dirs - new_dirs, reverse=True):
+            os.rmdir(dest / rel)  # deepest first; empty now, as in the older entry without its files
+        for name in (ENTRY_FILE, MANIFEST_FILE):
+            if (entry / name).is_file():
+                _replace_file(entry / name, dest / name)
+    except UnsafeEntryError as exc:
+        _remove_staged(dest, staged, added)
+        _discard_entry(entry)
+        raise CacheStoreError(
+            f"build cache entry {entry} is damaged ({exc}); "
+            "it was removed from the cache: rerun to rebuild it"
+        ) from exc
+    except OSError:
+        _remove_staged(dest, staged, added)
+        return False  # without a stamp for dest: the full copy replaces it
+    _write_restore_stamp(stamp, entry, dest, _tree_stats(dest))
+    return True
+
+
+def _swap_in(
+    writer: TreeWriter, staged: list[tuple[tuple[str, ...], str]], gone: list[tuple[str, ...]]
+) -> None:
+    """The staged files renamed over their names, then the files the new entry lacks removed."""
+    for parts, temporary in staged:
+        folder = writer.directory(parts[:-1])
+        os.rename(temporary, parts[-1], src_dir_fd=folder, dst_dir_fd=folder)
+    for parts in gone:
+        os.unlink(parts[-1], dir_fd=writer.directory(parts[:-1]))
+
+
+def _copy_one(
+    reader: TreeWriter,
+    writer: TreeWriter,
+    parts: tuple[str, ...],
+    to: tuple[str, ...],
+    record: FileRecord,
+    rel: str,
+) -> None:
+    """The entry's file parts verified into the tree being written, at to, with the entry file's mtime."""
+    source = reader.open_fd(parts)
+    try:
+        out = writer.create_fd(to, record["mode"])
+        try:
+            _copy_fd_verified(source, out, record, rel)
+            st = os.fstat(source)
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))  # kbuild compares mtimes
+        finally:
+            os.close(out)
+    finally:
+        os.close(source)
+
+
+def _remove_staged(dest: Path, staged: list[tuple[tuple[str, ...], str]], added: list[str]) -> None:
+    """Undo an update that failed before its renames: its temporary files, then the folders it made."""
+    for parts, temporary in staged:
+        with contextlib.suppress(OSError):
+            (dest.joinpath(*parts[:-1]) / temporary).unlink()
+    for rel in reversed(added):
+        with contextlib.suppress(OSError):
+            os.rmdir(dest / rel)
+
+
+def _replace_file(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def _put_back_links(tmp: Path, dropped: Mapping[str, str]) -> None:

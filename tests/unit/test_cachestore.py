@@ -466,3 +466,93 @@ def test_copy_entry_restores_an_output_changed_since_the_last_restore(tmp_path: 
     assert victim.stat().st_mode & 0o777 == 0o644
     assert not (dest / "modules" / "extra.ko").exists()
     assert (dest / "file1.bin").read_bytes() == (entry / "file1.bin").read_bytes()
+
+
+def _tree(root: Path) -> dict[str, tuple[str, bytes, int]]:
+    """Every name under root: kind, content (or link target) and mode."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel, st = path.relative_to(root).as_posix(), path.lstat()
+        if path.is_symlink():
+            found[rel] = ("link", os.readlink(path).encode(), 0)
+        elif path.is_dir():
+            found[rel] = ("dir", b"", st.st_mode & 0o7777)
+        else:
+            found[rel] = ("file", path.read_bytes(), st.st_mode & 0o7777)
+    return found
+
+
+def _two_entries(tmp_path: Path) -> tuple[LocalStore, Path, Path]:
+    """Entries A and B of one store, as two builds of an edit apart: B has a file changed, one gone and a
+    new folder."""
+    store = LocalStore(tmp_path / "store")
+    a = make_outputs(tmp_path, "one")
+    b = tmp_path / "outputs-b"
+    shutil.copytree(a, b, symlinks=True)
+    (b / "file1.bin").write_bytes(b"rebuilt\n" * 500)
+    (b / "file3.bin").unlink()
+    (b / "extmod" / "kci").mkdir(parents=True)
+    (b / "extmod" / "kci" / "kci.ko").write_text("new module\n")
+    return store, store.put(KEY_A, a, MANIFEST), store.put(KEY_B, b, MANIFEST)
+
+
+def _inodes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_ino for p in root.rglob("*") if p.is_file()}
+
+
+def test_copy_entry_over_the_restore_of_another_entry_writes_only_what_differs(tmp_path: Path) -> None:
+    """An incremental build's entry after the last one's: the files both have are not written again, and
+    the output is exactly what a full copy of the new entry makes."""
+    _store, a, b = _two_entries(tmp_path)
+    dest, reference = tmp_path / "out" / "build", tmp_path / "reference"
+    cachestore.copy_entry(a, dest)
+    before = _inodes(dest)
+    cachestore.copy_entry(b, dest)
+    cachestore.copy_entry(b, reference)
+    assert _tree(dest) == _tree(reference)
+    after = _inodes(dest)
+    assert after["file2.bin"] == before["file2.bin"] and after["modules/kci.ko"] == before["modules/kci.ko"]
+    assert after["file1.bin"] != before["file1.bin"] and "file3.bin" not in after
+    assert sorted(p.name for p in dest.parent.iterdir() if not p.name.startswith(".")) == ["build"]
+    assert not [p for p in dest.rglob("*") if "kci-restore" in p.name], "no temporary file left"
+    cachestore.copy_entry(b, dest)  # the stamp now says B: nothing to do
+    assert _inodes(dest) == after
+    cachestore.copy_entry(a, dest)  # and back
+    assert _tree(dest) == _tree(tmp_path / "outputs-one") | {
+        rel: kind for rel, kind in _tree(dest).items() if rel in ("entry.json", "manifest.json")
+    } | {rel: kind for rel, kind in _tree(dest).items() if rel.startswith("modules/lib/modules/")}
+    assert (dest / "file3.bin").is_file() and not (dest / "extmod").exists()
+
+
+@pytest.mark.parametrize("change", ["same-size-bytes-and-mtime", "added", "older-entry-gone"])
+def test_copy_entry_over_a_restore_changed_since_copies_whole(tmp_path: Path, change: str) -> None:
+    """Only an untouched restore of an entry still in the store is updated in place; otherwise the output is
+    copied whole, and ends exactly as the new entry."""
+    _store, a, b = _two_entries(tmp_path)
+    dest, reference = tmp_path / "out" / "build", tmp_path / "reference"
+    cachestore.copy_entry(a, dest)
+    if change == "same-size-bytes-and-mtime":
+        _edit_keeping_times(dest / "file2.bin", (dest / "file2.bin").read_bytes().replace(b"one", b"six"))
+    elif change == "added":
+        (dest / "modules" / "planted.ko").write_text("planted\n")
+    else:
+        shutil.rmtree(a)
+    before = _inodes(dest)
+    cachestore.copy_entry(b, dest)
+    cachestore.copy_entry(b, reference)
+    assert _tree(dest) == _tree(reference)
+    assert _inodes(dest).get("modules/kci.ko") != before["modules/kci.ko"], "copied whole"
+
+
+def test_copy_entry_over_another_restore_from_a_damaged_entry_keeps_the_output(tmp_path: Path) -> None:
+    store, a, b = _two_entries(tmp_path)
+    dest = tmp_path / "out" / "build"
+    cachestore.copy_entry(a, dest)
+    restored = _tree(dest)
+    victim = b / "file1.bin"
+    victim.write_bytes(victim.read_bytes().replace(b"rebuilt", b"planted"))  # same size, other bytes
+    with pytest.raises(CacheStoreError, match=r"damaged .*file1\.bin.*rerun to rebuild it"):
+        cachestore.copy_entry(b, dest)
+    assert _tree(dest) == restored, "the previous output is intact, without temporary files"
+    assert store.get(KEY_B) is None and not b.exists(), "the damaged entry is gone: the next run rebuilds"
+    cachestore.copy_entry(a, dest)  # still known to be A's restore
