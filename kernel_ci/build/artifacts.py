@@ -51,11 +51,10 @@ def _copy_file(src: Path, dest: Path) -> None:
     shutil.copy2(src, dest, follow_symlinks=True)
 
 
-def _link_file(src: Path, dest: Path) -> None:
+def _link_file(src: str, dest: str) -> None:
     """A hard link to src (no bytes copied), or a copy where a link cannot be made (another filesystem,
-    the link limit)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_symlink():  # link(2) would link the symlink itself (scripts/dummy-tools/nm -> ld): copy it
+    the link limit). dest's folder exists."""
+    if os.path.islink(src):  # link(2) would link the symlink itself (scripts/dummy-tools/nm -> ld): copy it
         shutil.copy2(src, dest, follow_symlinks=True)
         return
     try:
@@ -64,15 +63,74 @@ def _link_file(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest, follow_symlinks=True)
 
 
-def _is_kbuild_file(rel: Path) -> bool:
-    """Makefiles and Kconfigs everywhere (kbuild includes them), other build files only in the x86 tree."""
-    if rel.name.startswith(KBUILD_SRC_NAMES):
+def _is_kbuild_file(rel_dir: str, name: str) -> bool:
+    """Makefiles and Kconfigs everywhere (kbuild includes them), other build files only in the x86 tree
+    (rel_dir: the file's folder relative to the source tree, "" at its top)."""
+    if name.startswith(KBUILD_SRC_NAMES):
         return True
     return (
-        rel.parts[:2] == ("arch", "x86")
-        and rel.name.endswith(KBUILD_SRC_SUFFIXES)
-        and rel.parts[2:3] != ("boot",)
+        (rel_dir == "arch/x86" or rel_dir.startswith("arch/x86/"))
+        and name.endswith(KBUILD_SRC_SUFFIXES)
+        and not (rel_dir == "arch/x86/boot" or rel_dir.startswith("arch/x86/boot/"))
     )
+
+
+def _in_full_dir(rel_dir: str) -> bool:
+    return any(rel_dir == d or rel_dir.startswith(d + "/") for d in KBUILD_SRC_DIRS)
+
+
+def _place_sources(src: Path, dest: Path, *, link: bool) -> None:
+    """The source pass of export_kbuild_tree: a walk of the whole tree (~70,000 files, ~4,700 folders) for
+    its kbuild files, in strings and os calls (pathlib's objects and a mkdir per file were most of the
+    export's time), each folder of dest made once."""
+    place = _link_file if link else lambda a, b: shutil.copy2(a, b, follow_symlinks=True)
+    made: set[str] = set()
+    top = os.fspath(src)
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        full = _in_full_dir(rel_dir)
+        with os.scandir(os.path.join(top, rel_dir) if rel_dir else top) as listing:
+            for item in listing:
+                rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+                if item.is_dir(follow_symlinks=False):
+                    pending.append(rel)
+                elif item.is_dir():
+                    continue  # a link to a folder: neither entered nor placed
+                elif full or _is_kbuild_file(rel_dir, item.name):
+                    if rel_dir not in made:
+                        os.makedirs(os.path.join(dest, rel_dir), exist_ok=True)
+                        made.add(rel_dir)
+                    place(item.path, os.path.join(dest, rel))
+
+
+def _place_outputs(out: Path, dest: Path) -> None:
+    """The object tree pass of export_kbuild_tree: KBUILD_OUT_FILES copied over the sources (objects and
+    .cmd files only from include/), each folder of dest made once."""
+    made: set[str] = set()
+    for item in KBUILD_OUT_FILES:
+        path = out / item
+        if not path.is_dir():
+            if path.exists():
+                _copy_file(path, dest / item)
+            continue
+        for directory, _dirs, files in os.walk(path):
+            target = os.path.join(dest, os.path.relpath(directory, out))
+            for name in files:
+                if name.endswith((".o", ".cmd")) and not item.startswith("include"):
+                    continue
+                file = os.path.join(directory, name)
+                if os.path.islink(file) and not os.path.exists(file):
+                    # a link into the container's source tree (scripts/gdb/linux/*.py ->
+                    # /build/src/...): the source pass placed that file already
+                    continue
+                if target not in made:
+                    os.makedirs(target, exist_ok=True)
+                    made.add(target)
+                placed = os.path.join(target, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(placed)  # a source file linked there: replaced, never written through the link
+                shutil.copy2(file, placed, follow_symlinks=True)
 
 
 def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool = False) -> None:
@@ -84,29 +142,9 @@ def export_kbuild_tree(src: Path, out: Path, dest: Path, *, link_sources: bool =
     for a source tree nothing ever writes in place (kernel-ci's own patched tree, itself hard links to
     the pristine tarball's tree, mounted read-only into every container). The object tree's files are
     always copied: kbuild rewrites some of them in place, which would change the exported ones too."""
-    place_source = _link_file if link_sources else _copy_file
-    for directory, _dirs, files in os.walk(src):
-        rel_dir = Path(directory).relative_to(src)
-        in_full_dir = any(str(rel_dir) == d or str(rel_dir).startswith(d + "/") for d in KBUILD_SRC_DIRS)
-        for name in files:
-            rel = rel_dir / name
-            if in_full_dir or _is_kbuild_file(rel):
-                place_source(src / rel, dest / rel)
-    for item in KBUILD_OUT_FILES:
-        path = out / item
-        if path.is_dir():
-            for directory, _dirs, files in os.walk(path):
-                for name in files:
-                    if name.endswith((".o", ".cmd")) and not item.startswith("include"):
-                        continue
-                    file = Path(directory) / name
-                    if file.is_symlink() and not file.exists():
-                        # a link into the container's source tree (scripts/gdb/linux/*.py ->
-                        # /build/src/...): the source pass above placed that file already
-                        continue
-                    _copy_file(file, dest / file.relative_to(out))
-        elif path.exists():
-            _copy_file(path, dest / item)
+    dest.mkdir(parents=True, exist_ok=True)
+    _place_sources(src, dest, link=link_sources)
+    _place_outputs(out, dest)
     # scripts_gdb's loader (a link to the container's source tree): beside scripts/gdb/, which it imports
     if os.path.lexists(out / "vmlinux-gdb.py"):
         loader = (src / "scripts/gdb/vmlinux-gdb.py").read_text()
