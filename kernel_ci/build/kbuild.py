@@ -31,7 +31,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kernel_ci.build import ccacherelay
 from kernel_ci.core import proc
 from kernel_ci.core.console import console
-from kernel_ci.core.digest import tree_digest
+from kernel_ci.core.digest import SourceDigests
 from kernel_ci.core.errors import BuildError
 from kernel_ci.core.timing import RECORD_DIGITS, measure_duration
 from kernel_ci.host import docker
@@ -76,6 +76,12 @@ class BuildEnv:
     extra_mounts: Mapping[Path, str] = field(default_factory=dict)
     # CCACHE_REMOTE_STORAGE (Settings.ccache_remote); it may hold a token: never logged, never in a repr
     ccache_remote: str | None = field(default=None, repr=False)
+    # where digests of src's files are remembered: only for a tree that never changes under its name
+    source_memo: Path | None = None
+
+    @property
+    def source_digests(self) -> SourceDigests:
+        return SourceDigests(self.src, self.source_memo)
 
     def kbuild_vars(self) -> dict[str, str]:
         return {
@@ -403,12 +409,16 @@ def configure_key(env: BuildEnv, merged_fragment: str) -> str:
     command line (less -j), the fragment, the host's kernel release (`uname -r` in a Kconfig default), and
     the content of every Kconfig* file of the source tree and of CONFIGURE_INPUTS (more than kconfig reads:
     a file we did not think of still changes the key). Content only, never a time stamp."""
-    kconfigs = []
-    for root, dirs, files in os.walk(env.src):
-        dirs[:] = sorted(d for d in dirs if d != ".git")
-        kconfigs += [
-            os.path.relpath(os.path.join(root, f), env.src) for f in files if f.startswith("Kconfig")
-        ]
+
+    def parts() -> list[str]:
+        kconfigs = []
+        for root, dirs, files in os.walk(env.src):
+            dirs[:] = sorted(d for d in dirs if d != ".git")
+            kconfigs += [
+                os.path.relpath(os.path.join(root, f), env.src) for f in files if f.startswith("Kconfig")
+            ]
+        return [*sorted(kconfigs), *CONFIGURE_INPUTS]
+
     document = {
         "schema": CONFIGURE_SCHEMA,
         "image": env.image,
@@ -417,7 +427,7 @@ def configure_key(env: BuildEnv, merged_fragment: str) -> str:
         ],
         "fragment": merged_fragment,
         "host_release": platform.release(),
-        "source": tree_digest(env.src, [*sorted(kconfigs), *CONFIGURE_INPUTS]),
+        "source": env.source_digests.digest(f"configure {CONFIGURE_SCHEMA}", parts),
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from kernel_ci.build import kbuild as builder
 from kernel_ci.core import proc
-from kernel_ci.core.digest import tree_digest
 from kernel_ci.core.errors import BuildError
 from kernel_ci.core.files import is_kept, keep_folder
 
@@ -161,7 +160,7 @@ def reuse_key(env: builder.BuildEnv, targets: Sequence[str]) -> str:
         "image": env.image,
         "make": [arg for arg in make_argv(env, normalize_targets(targets)) if not arg.startswith("-j")],
         "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
-        "source": tree_digest(env.src, SOURCE_INPUTS),
+        "source": env.source_digests.digest(f"kselftest {REUSE_SCHEMA}", lambda: SOURCE_INPUTS),
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 

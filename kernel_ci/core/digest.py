@@ -4,13 +4,16 @@ key all hash files the same way (streamed in chunks, so a 100 MiB tarball is nev
 hashlib.file_digest (3.11) streams too but does not count bytes, which the cache's uploads need.
 
 tree_digest: the same for a whole folder (the reuse keys of kselftests and external modules).
+SourceDigests: tree_digest remembered for a folder whose name says its content (kernel-ci's own trees).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,3 +79,47 @@ def tree_digest(root: Path, parts: Iterable[str] = ("",)) -> str:
         else:
             add("other" if path.exists() else "absent", name)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SourceDigests:
+    """Digests of parts of a source tree; remembered in memo (a JSON file) when there is one.
+
+    Only for a tree that never changes under its name: kernel-ci's own patched trees, named by a digest
+    of their source tarball and patches, which every key already trusts them to hold (the build key is
+    computed from those, never from the tree's files). Their configure and kselftest digests (~20,000
+    files read on every build) are then computed once per tree. A user's tree (--tree) has no memo: its
+    files are read every time."""
+
+    root: Path
+    memo: Path | None = None
+
+    def digest(self, name: str, parts: Callable[[], Iterable[str]]) -> str:
+        """tree_digest(root, parts()) under name (the same name must always mean the same parts)."""
+        known = self._read()
+        if name in known:
+            return known[name]
+        value = tree_digest(self.root, list(parts()))
+        if self.memo is not None:
+            self._write(known | {name: value})
+        return value
+
+    def _read(self) -> dict[str, str]:
+        if self.memo is None:
+            return {}
+        try:
+            data = json.loads(self.memo.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def _write(self, known: dict[str, str]) -> None:
+        assert self.memo is not None
+        tmp = self.memo.with_name(f".{self.memo.name}.{os.getpid()}.tmp")
+        try:  # only a saving: a failed write computes the digest again next time
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(tmp, self.memo)
+        except OSError:
+            tmp.unlink(missing_ok=True)

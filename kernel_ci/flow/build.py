@@ -472,6 +472,7 @@ def look_up_build(store: BuildStore, job: _Job, configured: _Configured) -> Buil
 
 def prepare_build_env(job: _Job) -> builder.BuildEnv:
     """The patched source tree and the object tree of this config, as the builder container mounts them."""
+    source_memo = None  # the user's tree can change under its name: its digests are never remembered
     if job.tree is not None and not job.planned.series:
         # the user's tree itself, mounted read-only; one object tree per (tree path, config, toolchain) that
         # outlives edits and commits, so an edit (or a bisect step) rebuilds incrementally
@@ -485,6 +486,7 @@ def prepare_build_env(job: _Job) -> builder.BuildEnv:
         tree_id = _digest_text(source_id + json.dumps(job.patch_digests, sort_keys=True))[:16]
         # a user's tree with --series is copied and patched there: its own files are never written
         src_tree = _prepare_tree(job.src, job.planned.series, tree_id, private_copy=job.tree is not None)
+        source_memo = src_tree.with_name("src.digests.json")  # named by tree_id: its content never changes
         # One object tree per (patched source, requested config): builds of different configs never undo
         # each other's objects, and a rebuild of the same config stays incremental.
         out_tree = cache_dir("work", tree_id) / f"out-{_digest_text(job.plan.kconfig)[:12]}"
@@ -497,6 +499,7 @@ def prepare_build_env(job: _Job) -> builder.BuildEnv:
         timestamp=kbuild_timestamp(job.src.tree),
         use_ccache=job.request.use_ccache,
         ccache_remote=job.request.ccache_remote,
+        source_memo=source_memo,
     )
 
 
