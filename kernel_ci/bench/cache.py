@@ -176,10 +176,11 @@ class TimedPutStore(LocalStore):
         *,
         move: bool = False,
         expected: Mapping[str, FileRecord] | None = None,
+        verified: bool = False,
     ) -> Path:
         started = time.monotonic()
         try:
-            return super().put(key, outputs, manifest, move=move, expected=expected)
+            return super().put(key, outputs, manifest, move=move, expected=expected, verified=verified)
         finally:
             self.put_seconds = time.monotonic() - started
 
