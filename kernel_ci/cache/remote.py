@@ -385,9 +385,12 @@ def extract_members(
                     )
                 source = tar.extractfile(member)
                 assert source is not None  # a regular member always has a file object
-                with writer.create(parts, record["mode"]) as out:
+                out = writer.create_fd(parts, record["mode"])
+                try:
                     copy_verified(cast(BinaryIO, source), out, record, name)  # tarfile says IO[bytes]
-                    os.utime(out.fileno(), (member.mtime, member.mtime))
+                    os.utime(out, (member.mtime, member.mtime))
+                finally:
+                    os.close(out)
             else:
                 raise UnsafeEntryError(
                     f"tar member {name!r} is a {_TYPE_NAMES.get(member.type, repr(member.type))}: "

@@ -223,8 +223,9 @@ def _copy_fd_verified(source: int, out: int, record: FileRecord, rel: str) -> No
         )
 
 
-def copy_verified(source: BinaryIO, out: BinaryIO, record: FileRecord, rel: str) -> None:
-    """Copy source to out hashing what is written; raises if it is not exactly the recorded bytes."""
+def copy_verified(source: BinaryIO, out: int, record: FileRecord, rel: str) -> None:
+    """Copy source to the descriptor out hashing what is written; raises if it is not exactly the recorded
+    bytes. A raw descriptor, not a file object: a restore writes ~11,000 files, most of them small."""
     digest = hashlib.sha256()
     count = 0
     while chunk := source.read(min(CHUNK, record["size"] - count + 1)):
@@ -232,7 +233,9 @@ def copy_verified(source: BinaryIO, out: BinaryIO, record: FileRecord, rel: str)
         if count > record["size"]:
             break
         digest.update(chunk)
-        out.write(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
     if count != record["size"] or digest.hexdigest() != record["sha256"]:
         raise UnsafeEntryError(
             f"{rel}: its bytes do not match the recorded digest ({record['size']} bytes, "
@@ -538,8 +541,11 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _write_json_synced(path: Path, document: object) -> None:
+    # one line, not indent=2: json's C encoder runs only without indent, and entry.json lists every file
+    # (~11,000 records: 0.2 s of each restore in the pure-Python encoder)
+    text = json.dumps(document, sort_keys=True)
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2, sort_keys=True)
+        handle.write(text)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
