@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from kernel_ci.cache.server.protocol import GatheringHttpToolsProtocol
 from kernel_ci.cache.server.server import ServerConfig, make_app, wait_healthy
 from kernel_ci.cache.server.service import CacheService
 
@@ -59,7 +60,10 @@ def server_in_thread(config: ServerConfig) -> Iterator[Running]:
     app, service = make_app(config)
     sock = free_socket()
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    config_ = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", http=GatheringHttpToolsProtocol
+    )
+    server = uvicorn.Server(config_)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

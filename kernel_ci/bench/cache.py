@@ -7,8 +7,10 @@
    duration and connection count) against the service, and against nginx serving the same objects from
    a directory as a WebDAV ccache backend (the setup ccache's documentation describes), and the ratio.
 
-The service runs in its own process (multiprocessing, one uvicorn worker), as an operator would run it;
-nginx with its default worker count for this machine (auto = one per core). JSON in out/bench/.
+The service runs in its own process (multiprocessing; ``--workers`` uvicorn worker processes, 2 by default),
+as an operator would run it, and nginx with the same number of worker processes (not ``auto``, one per
+core, which on a bigger machine would give it more processes than the service): the same worker count and
+the same connections, as the comparison asks. JSON in out/bench/.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ end
 
 NGINX_CONF = """
 {user}
-worker_processes auto;
+worker_processes {workers};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 1024; }}
@@ -115,7 +117,7 @@ def service(data: Path, workers: int = 1) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def nginx(root: Path, prefix: Path) -> Iterator[str]:
+def nginx(root: Path, prefix: Path, workers: int) -> Iterator[str]:
     if shutil.which("nginx") is None:
         raise InfrastructureError("nginx is not installed: apt-get install nginx-light")
     port = _free_port()
@@ -123,7 +125,7 @@ def nginx(root: Path, prefix: Path) -> Iterator[str]:
     conf = prefix / "nginx.conf"
     # as root, nginx's workers would run as "nobody", who cannot write into our private temporary dirs
     user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(NGINX_CONF.format(user=user, prefix=prefix, port=port, root=root))
+    conf.write_text(NGINX_CONF.format(user=user, prefix=prefix, port=port, root=root, workers=workers))
     proc.run(["nginx", "-c", conf, "-p", prefix], quiet=True)  # daemonizes once it listens
     try:
         yield f"http://127.0.0.1:{port}"
@@ -176,10 +178,11 @@ class TimedPutStore(LocalStore):
         *,
         move: bool = False,
         expected: Mapping[str, FileRecord] | None = None,
+        verified: bool = False,
     ) -> Path:
         started = time.monotonic()
         try:
-            return super().put(key, outputs, manifest, move=move, expected=expected)
+            return super().put(key, outputs, manifest, move=move, expected=expected, verified=verified)
         finally:
             self.put_seconds = time.monotonic() - started
 
@@ -227,6 +230,7 @@ def run_cache_bench(out_dir: Path, duration: float = 10.0, connections: int = 16
         "duration_s": duration,
         "connections": connections,
         "service_workers": workers,
+        "nginx_workers": workers,  # the same count (worker_processes), not nginx's auto
     }
     with tempfile.TemporaryDirectory(prefix="kci-cachebench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -242,7 +246,7 @@ def run_cache_bench(out_dir: Path, duration: float = 10.0, connections: int = 16
             script.write_text(WRK_SCRIPT)
             paths = tmp / "paths.txt"
             paths.write_text("".join(f"/ccache/{k[:2]}/{k[2:]}\n" for k in keys))
-            with nginx(tmp / "webdav", tmp / "nginx") as nginx_url:
+            with nginx(tmp / "webdav", tmp / "nginx", workers) as nginx_url:
                 populate(nginx_url, keys, {})
                 # one short warm-up each (connections, page cache), then the measured runs
                 wrk(url, paths, script, 2, connections)
@@ -320,7 +324,8 @@ def cache_figures(out_dir: Path, duration: float = 10.0) -> list[Figure]:
             round(GETS / service["requests_per_second"], 3),
             "<= 2.0x nginx (>= 0.5x its req/s)",
             f"{service['requests_per_second']:.0f} req/s, p99 {service.get('p99_ms', '?')} ms; nginx "
-            f"{reference['requests_per_second']:.0f} req/s; {results['service_workers']} workers each",
+            f"{reference['requests_per_second']:.0f} req/s; {results['service_workers']} worker processes "
+            f"each, {results['connections']} connections",
             reference=round(GETS / reference["requests_per_second"], 3),
             reference_name="nginx WebDAV, same objects, same run",
         )

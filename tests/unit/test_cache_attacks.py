@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tarfile
 from collections.abc import Iterable
@@ -354,3 +355,37 @@ def test_put_with_expected_records_publishes_only_an_exact_match(tmp_path: Path)
             store.put(KEY, outputs, INPUTS, expected=expected)  # type: ignore[arg-type]
         assert store.get(KEY) is None and list(store.tmp_dir.iterdir()) == []
     assert store.put(KEY, outputs, INPUTS, expected={"bzImage": record}) == store.get(KEY)
+
+
+def test_put_of_verified_files_still_checks_names_sizes_and_modes(tmp_path: Path) -> None:
+    """verified=True (a restore that hashed every file as it wrote it) skips the second hash only: a file
+    missing, unlisted, of another size or mode, or a symlink, is still refused; a file of the listed size
+    whose bytes differ is hashed again when the caller did not say it verified them."""
+    store = LocalStore(tmp_path / "store")
+    record = FileRecord(sha256=sha(b"kernel"), size=6, mode=0o644)
+
+    def outputs(files: dict[str, bytes], mode: int = 0o644) -> Path:
+        path = tmp_path / "outputs"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        for name, data in files.items():
+            (path / name).write_bytes(data)
+            (path / name).chmod(mode)
+        return path
+
+    refused = [
+        ({"bzImage": b"kernel!"}, 0o644),  # another size
+        ({"bzImage": b"kernel", "config": b"x"}, 0o644),  # unlisted
+        ({}, 0o644),  # missing
+        ({"bzImage": b"kernel"}, 0o755),  # another mode
+    ]
+    for files, mode in refused:
+        with pytest.raises(CacheStoreError, match="does not match its per-file digests"):
+            store.put(KEY, outputs(files, mode), INPUTS, expected={"bzImage": record}, verified=True)
+        assert store.get(KEY) is None
+    with pytest.raises(CacheStoreError, match="does not match its per-file digests"):
+        store.put(KEY, outputs({"bzImage": b"KERNEL"}), INPUTS, expected={"bzImage": record})
+    entry = store.put(
+        KEY, outputs({"bzImage": b"kernel"}), INPUTS, expected={"bzImage": record}, verified=True
+    )
+    assert entry == store.get(KEY) and (entry / "bzImage").read_bytes() == b"kernel"

@@ -155,6 +155,7 @@ PATH_ATTACKS = [
     "/ccache/..\\..\\etc\\passwd",
     "/ccache/%5c..%5c..%5cetc%5cpasswd",
     "/ccache/ab%00cdefghijklmnopqrstuv0123456",
+    "/ccache/01%2f23abcdefghijklmnopqrstuv0123456",  # decodes to a valid key: the fast path must not serve it
     "/ccache/" + "a" * 5000,
     "/api/v1/blobs/../../index.sqlite3",
     "/api/v1/blobs/..%2f..%2findex.sqlite3",

@@ -9,6 +9,8 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -316,3 +318,27 @@ def test_postgresql_out_of_disk_is_a_507(tmp_path: Path, pg_schema: tuple[str, s
             response = client.put(f"/api/v1/blobs/{sha(data)}", content=data)
             assert response.status_code == 507, response.text
             assert client.get("/api/v1/builds").status_code == 200  # reads still work
+
+
+def test_sqlite_ccache_lookup_errors_keep_their_status(tmp_path: Path) -> None:
+    """The ccache look-up (a plain try on the hot path, not the _sqlite_errors context manager) still maps
+    an index it cannot open to a 503, and lets any other SQLite error through unchanged."""
+    index = SqliteIndex(tmp_path / "index" / "index.sqlite3")
+    index.ccache_put("k" * 33, "0" * 64, 1)
+    assert index.ccache_get("k" * 33) == ("0" * 64, 1)
+    index._conn().execute("DROP TABLE ccache")
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        index.ccache_get("k" * 33)
+    shutil.rmtree(tmp_path / "index")  # a new thread's connection cannot open the file any more
+    raised: list[BaseException] = []
+
+    def look_up() -> None:
+        try:
+            index.ccache_get("k" * 33)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=look_up)
+    thread.start()
+    thread.join()
+    assert isinstance(raised[0], IndexError_) and raised[0].status == 503, raised

@@ -15,13 +15,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from kernel_ci.cache.server.auth import Access, AuthConfig, Denied, authorize, has_valid_token
 from kernel_ci.cache.server.blobs import BlobError
 from kernel_ci.cache.server.explain import MissExplainer
 from kernel_ci.cache.server.history import History
 from kernel_ci.cache.server.index import IndexError_
-from kernel_ci.cache.server.middleware import INLINE_HASH_MAX, CcacheReads, PathGuard, Timing, path_problem
+from kernel_ci.cache.server.middleware import (
+    INLINE_HASH_MAX,
+    CcacheFastPath,
+    PathGuard,
+    Timing,
+    path_problem,
+)
 from kernel_ci.cache.server.routes import Aliases, Blobs, Builds, Ccache, Handler, Health, Pages, RouteSpec
 from kernel_ci.cache.server.service import CacheService, ServiceError
 from kernel_ci.cache.server.transfer import error
@@ -93,6 +100,24 @@ def _inline_reads(service: CacheService) -> bool:
     return service.index.describe().startswith("SQLite") and service.blobs.describe().startswith("local")
 
 
+class CacheApp(Starlette):
+    """The Starlette app, with ccache reads answered before its middleware stack when ``fast`` is set
+    (middleware.CcacheFastPath: it hands back whatever it cannot answer as the routes would)."""
+
+    fast: CcacheFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.fast is not None
+            and scope["type"] == "http"
+            and scope["method"] in ("GET", "HEAD")
+            and scope["path"].startswith("/ccache/")
+            and await self.fast.serve(scope, send)
+        ):
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
     inline_reads = _inline_reads(service)
     table = route_table(service, Access(auth), inline_reads)
@@ -103,9 +128,9 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
         yield
         await run_in_threadpool(service.access.flush)
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = CacheApp(routes=routes, lifespan=lifespan)
     if inline_reads:
-        app.add_middleware(CcacheReads, service=service, auth=auth)
+        app.fast = CcacheFastPath(service, auth)
     app.add_middleware(PathGuard)  # before anything looks at the path
     app.add_middleware(Timing, service=service)  # outermost: times everything
     return app

@@ -1,8 +1,8 @@
 """Who may read and who may write: the tokens of ``Authorization`` headers, checked in constant time.
 
 Hand-written rather than a Starlette AuthenticationMiddleware: ccache sends its token as Basic
-``user:token`` or Bearer, and the hot ccache path checks a token before routing (middleware.CcacheReads),
-which needs a plain function, not a request-scoped user object."""
+``user:token`` or Bearer, and the hot ccache path checks a token before routing (middleware.CcacheFastPath),
+which needs a plain function of the header, not a request-scoped user object."""
 
 from __future__ import annotations
 
@@ -28,9 +28,13 @@ class Denied(Exception):
 
 
 def presented_token(request: Request) -> str | None:
+    """The token of the request's ``Authorization`` header (see token_of_header)."""
+    return token_of_header(request.headers.get("authorization"))
+
+
+def token_of_header(header: str | None) -> str | None:
     """The token of an ``Authorization`` header: ``Bearer <token>`` (ccache's ``bearer-token=``) or
     ``Basic base64(user:token)`` (ccache's ``http://user:token@host/``: the password is the token)."""
-    header = request.headers.get("authorization")
     if not header:
         return None
     scheme, _, value = header.partition(" ")
@@ -66,7 +70,12 @@ def has_valid_token(request: Request, auth: AuthConfig) -> bool:
 
 
 def authorize(request: Request, auth: AuthConfig, write: bool) -> None:
-    token = presented_token(request)
+    authorize_header(request.headers.get("authorization"), auth, write)
+
+
+def authorize_header(header: str | None, auth: AuthConfig, write: bool) -> None:
+    """Raises Denied unless the ``Authorization`` header (None: absent) may read (or write)."""
+    token = token_of_header(header)
     if token is None:
         if write:
             raise Denied(401, "writing to the cache needs a token (Authorization: Bearer <token>)")

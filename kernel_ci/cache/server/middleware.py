@@ -1,15 +1,14 @@
-"""The pure ASGI middleware of the HTTP face, outermost first: Timing (latency and status metrics),
-PathGuard (one path rule for every route), CcacheReads (the hot ccache read path, before routing)."""
+"""The pure ASGI middleware of the HTTP face, outermost first: CcacheFastPath (the hot ccache read path,
+before Starlette), Timing (latency and status metrics), PathGuard (one path rule for every route)."""
 
 from __future__ import annotations
 
 import re
 import time
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kernel_ci.cache.server.auth import AuthConfig, Denied, authorize
+from kernel_ci.cache.server.auth import AuthConfig, Denied, authorize_header
 from kernel_ci.cache.server.blobs import BlobError
 from kernel_ci.cache.server.index import IndexError_
 from kernel_ci.cache.server.service import CacheService, ServiceError, ccache_key_from_path
@@ -105,55 +104,69 @@ class Timing:
             )
 
 
-class CcacheReads:
-    """ccache GET/HEAD straight from ASGI, before routing: the one hot path (thousands of requests per
-    build). Anything unusual (a bad path, a refused token, a write) goes through the full app, which
-    answers with the reason."""
+def _authorization(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The first ``Authorization`` header of an ASGI scope (lowercased names), as Starlette reads it."""
+    for name, value in headers:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
 
-    def __init__(self, app: ASGIApp, service: CacheService, auth: AuthConfig) -> None:
-        self.app = app
+
+class CcacheFastPath:
+    """ccache GET/HEAD answered before Starlette: the one hot path (thousands of requests per build), where
+    routing, the middleware stack and a Request object per request were most of the app's time.
+
+    It answers only what it can answer exactly as the full app would, and hands anything else to it
+    (``serve`` returns False), which then answers with the reason:
+
+    - the path guard: only a path without percent-encoding (raw path == decoded path) that is a ccache key
+      (``ccache_key_from_path``: ``[0-9a-v]`` or hex segments, nothing else) is served here; such a path
+      has none of what PathGuard refuses (dot segments, backslashes, control characters, '//', length);
+    - the token: ``auth.authorize_header``, the function the full app's Access calls;
+    - the metrics: the latency and response counts Timing records, the hit/miss count of the service;
+    - small objects only on the event loop (INLINE_HASH_MAX), as the routed handler does.
+    """
+
+    def __init__(self, service: CacheService, auth: AuthConfig) -> None:
         self.service = service
         self.auth = auth
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope.get("method")
-        if (
-            scope["type"] != "http"
-            or method not in ("GET", "HEAD")
-            or not scope["path"].startswith("/ccache/")
-        ):
-            await self.app(scope, receive, send)
-            return
+    async def serve(self, scope: Scope, send: Send) -> bool:
+        start = time.perf_counter()
+        method = scope["method"]
+        path = scope["path"]
+        raw = scope.get("raw_path")
+        if raw is not None and raw != path.encode():
+            return False  # percent-encoded: the path guard decides
         try:
-            key = ccache_key_from_path(scope["path"][len("/ccache/") :])
-            authorize(Request(scope), self.auth, write=False)
+            key = ccache_key_from_path(path[len("/ccache/") :])
+            authorize_header(_authorization(scope["headers"]), self.auth, write=False)
             found = self.service.ccache_lookup(key)
         except (ServiceError, Denied, IndexError_):
-            await self.app(scope, receive, send)
-            return
-        if found is not None and found[1] > INLINE_HASH_MAX and method == "GET":
-            await self.app(scope, receive, send)  # a big object: read and verified off the event loop
-            return
+            return False
         body = b""
         size = None if found is None else found[1]
         if method == "GET":
-            blob = None
             if found is None:
                 self.service.ccache_count(None)
+            elif found[1] > INLINE_HASH_MAX:
+                return False  # a big object: read (and verified if need be) off the event loop
             else:
                 try:
                     blob = self.service.ccache_read(key, found[0])
-                except (BlobError, IndexError_):
-                    await self.app(scope, receive, send)
-                    return
-            size = None if blob is None else blob.size
-            if blob is not None:
-                body = blob.data if blob.data is not None else b"".join(blob.chunks())
+                except (BlobError, IndexError_, OSError):
+                    return False
+                size = None if blob is None else blob.size
+                if blob is not None:
+                    body = blob.data if blob.data is not None else b"".join(blob.chunks())
+        status = 404 if size is None else 200
         headers = [
-            (b"content-length", str(size or 0).encode()),
+            (b"content-length", b"%d" % (size or 0)),
             (b"content-type", b"application/octet-stream"),
         ]
-        await send(
-            {"type": "http.response.start", "status": 404 if size is None else 200, "headers": headers}
-        )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        metrics = self.service.metrics
+        metrics.observe(time.perf_counter() - start, route="ccache", method=method)
+        metrics.inc("kernel_ci_cache_http_responses_total", route="ccache", method=method, code=str(status))
+        return True
