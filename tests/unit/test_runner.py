@@ -382,3 +382,11 @@ def test_runner_makes_the_dev_links_udev_would(tmp_path: Path) -> None:
     assert os.readlink(tmp_path / "stdout") == "/proc/self/fd/1"
     assert os.readlink(tmp_path / "stderr") == "/proc/self/fd/2"
     assert (tmp_path / "stdin").read_text() == "already here\n"
+
+
+def test_suites_run_without_pytest_plugin_autoload(tmp_path: Path) -> None:
+    """The rootfs has no pytest plugin: the runner spares each Python suite pytest's entry-point search."""
+    script = 'echo "autoload=$PYTEST_DISABLE_PLUGIN_AUTOLOAD"'
+    result = run_runner(tmp_path, [suite("env", ["sh", "-c", script])])
+    assert result.returncode == 0, result.output
+    assert "autoload=1" in (tmp_path / "results" / "env" / "output.txt").read_text()
