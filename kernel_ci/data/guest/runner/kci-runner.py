@@ -415,17 +415,14 @@ class Args:
         self.kill_grace = KILL_GRACE
 
 
-class UsageError(Exception):
-    """A command line parse_args does not accept."""
-
-
 _VALUED = {"--payload": "payload", "--results": "results", "--insmod": "insmod", "--rmmod": "rmmod",
            "--kill-grace": "kill_grace"}  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> Args:
     """The command line, by hand: argparse alone took ~0.1 s to import under TCG. Options take their
-    value as the next word or after "="; the one positional is the plan. Raises UsageError."""
+    value as the next word or after "="; the one positional is the plan. A command line it does
+    not accept raises ValueError (standard library only: the guest has no kernel_ci to derive from)."""
     args = Args(
         no_reboot=os.environ.get("KCI_RUNNER_NO_REBOOT") == "1",
         insmod=os.environ.get("KCI_RUNNER_INSMOD", "insmod"),
@@ -441,21 +438,21 @@ def parse_args(argv: list[str]) -> Args:
             if not eq:
                 value = next(words, None)  # type: ignore[assignment]
                 if value is None:
-                    raise UsageError(f"{name} needs a value")
+                    raise ValueError(f"{name} needs a value")
             field = _VALUED[name]
             if field == "kill_grace":
                 try:
                     args.kill_grace = float(value)
                 except ValueError:
-                    raise UsageError(f"--kill-grace: not a number: {value!r}") from None
+                    raise ValueError(f"--kill-grace: not a number: {value!r}") from None
             else:
                 setattr(args, field, value)
         elif word.startswith("-") and word != "-":
-            raise UsageError(f"unknown option {word}")
+            raise ValueError(f"unknown option {word}")
         else:
             plans.append(word)
     if len(plans) != 1:
-        raise UsageError("one plan.json expected" if not plans else f"unexpected arguments: {plans[1:]}")
+        raise ValueError("one plan.json expected" if not plans else f"unexpected arguments: {plans[1:]}")
     args.plan = plans[0]
     return args
 
@@ -467,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args = parse_args(words)
-    except UsageError as exc:
+    except ValueError as exc:
         print(f"{USAGE}\nkci-runner.py: error: {exc}", file=sys.stderr)
         return 2
     status = 0
