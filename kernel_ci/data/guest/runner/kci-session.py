@@ -4,6 +4,7 @@
 # image are unchanged). Reads /kci/session.json, makes the build's modules visible under /lib/modules,
 # runs the one command (its output and status to the results share) or a login shell on the serial
 # console, then syncs and reboots: QEMU runs with -no-reboot, so that ends the guest.
+import contextlib
 import ctypes
 import json
 import os
@@ -19,6 +20,15 @@ def reboot() -> None:
     ctypes.CDLL(None).reboot(RB_AUTOBOOT)
     while True:  # PID 1 must not exit
         time.sleep(3600)
+
+
+def dev_links() -> None:
+    """What udev would create (the guest has none; kci-init leaves it to PID 1's Python, where it costs
+    no process): /dev/fd and the standard streams."""
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        with contextlib.suppress(FileExistsError):
+            os.symlink(target, f"/dev/{name}")
 
 
 def modules() -> None:
@@ -62,6 +72,7 @@ def shell() -> None:
 
 def main() -> None:
     try:
+        dev_links()
         with open("/kci/session.json") as f:
             session = json.load(f)
         modules()
