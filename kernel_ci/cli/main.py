@@ -395,7 +395,7 @@ def _add_cache_bench(cache: argparse._SubParsersAction) -> None:
     bench.add_argument("--duration", type=float, default=10.0, help="seconds of load per target (wrk)")
     bench.add_argument("--connections", type=int, default=16)
     bench.add_argument(
-        "--workers", type=int, default=2, help="service worker processes (nginx: one per core)"
+        "--workers", type=int, default=2, help="worker processes of the service and of nginx (the same)"
     )
     bench.set_defaults(func=cmd_cache_bench)
 
