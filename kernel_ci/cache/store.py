@@ -346,11 +346,7 @@ def copy_entry(entry: Path, dest: Path) -> None:
         _write_restore_stamp(stamp, entry, dest, files)
     except UnsafeEntryError as exc:
         _remove(tmp)
-        _discard_entry(entry)
-        raise CacheStoreError(
-            f"build cache entry {entry} is damaged ({exc}); "
-            "it was removed from the cache: rerun to rebuild it"
-        ) from exc
+        raise _damaged(entry, exc) from exc
     except OSError as exc:
         _remove(tmp)
         raise CacheStoreError(f"could not copy build cache entry {entry} to {dest}: {exc}") from exc
@@ -485,11 +481,7 @@ def _update_restore(stamp: Path, entry: Path, info: dict, dest: Path) -> bool:
                 _replace_file(entry / name, dest / name)
     except UnsafeEntryError as exc:
         _remove_staged(dest, staged, added)
-        _discard_entry(entry)
-        raise CacheStoreError(
-            f"build cache entry {entry} is damaged ({exc}); "
-            "it was removed from the cache: rerun to rebuild it"
-        ) from exc
+        raise _damaged(entry, exc) from exc
     except OSError:
         _remove_staged(dest, staged, added)
         return False  # without a stamp for dest: the full copy replaces it
@@ -554,6 +546,15 @@ def _put_back_links(tmp: Path, dropped: Mapping[str, str]) -> None:
     for rel, target in dropped.items():
         with contextlib.suppress(OSError):
             os.symlink(target, tmp / rel)
+
+
+def _damaged(entry: Path, exc: UnsafeEntryError) -> CacheStoreError:
+    """A restore found entry damaged: it is removed from the store (the next run rebuilds it), and the
+    error that says so, for the caller to raise."""
+    _discard_entry(entry)
+    return CacheStoreError(
+        f"build cache entry {entry} is damaged ({exc}); it was removed from the cache: rerun to rebuild it"
+    )
 
 
 def _discard_entry(entry: Path) -> None:
