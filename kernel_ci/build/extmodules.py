@@ -17,7 +17,7 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +106,7 @@ def build_all(
     *,
     extra_make: Sequence[str] = (),
     reuse: Path | None = None,
+    kbuild_digest: Callable[[], str] | None = None,
 ) -> dict[str, list[Path]]:
     """Build the modules against the kbuild export in ONE builder container (a container start costs
     0.5-2 s here; one per module made this the slowest step of an incremental build), each in a scratch
@@ -118,10 +119,16 @@ def build_all(
     of exactly these inputs (the kernel's build is reproducible: fixed paths, user, host and timestamp),
     so the copy is what the build would make. An incremental kernel build that leaves the export unchanged
     (an edit inside a function: same headers, same Module.symvers) then skips the modules entirely.
+    kbuild_digest: gives the export's digest where the caller knows a cheaper one that changes with every file
+    (artifacts.kbuild_export_digest); by default every file of kbuild is read.
     """
     if not modules:
         return {}
-    stored = reuse / reuse_key(image, kbuild, modules, extra_make) if reuse is not None else None
+    if reuse is None:
+        stored = None
+    else:
+        digest = kbuild_digest() if kbuild_digest is not None else tree_digest(kbuild)
+        stored = reuse / reuse_key(image, digest, modules, extra_make)
     if stored is not None and is_kept(stored):
         try:
             os.utime(stored)  # recently used, for pruning
@@ -173,14 +180,16 @@ def _copy_kos(root: Path, modules: Sequence[ModuleSource], dest: Path) -> dict[s
     return built
 
 
-def reuse_key(image: str, kbuild: Path, modules: Sequence[ModuleSource], extra_make: Sequence[str]) -> str:
-    """What the modules' .ko files are a function of: the image, the whole kbuild export (every file, not
-    a list of those make reads: a file we did not think of still changes the key), each module's name and
-    source files, the make arguments."""
+def reuse_key(
+    image: str, kbuild_digest: str, modules: Sequence[ModuleSource], extra_make: Sequence[str]
+) -> str:
+    """What the modules' .ko files are a function of: the image, the whole kbuild export (a digest of
+    every file, not of those make reads: a file we did not think of still changes the key), each module's
+    name and source files, the make arguments."""
     document = {
         "schema": REUSE_SCHEMA,
         "image": image,
-        "kbuild": tree_digest(kbuild),
+        "kbuild": kbuild_digest,
         "modules": [[m.name, digests([m])] for m in modules],
         "extra_make": list(extra_make),
     }

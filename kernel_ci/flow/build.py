@@ -541,13 +541,15 @@ def gather(job: _Job, configured: _Configured, staging: Path) -> _Gathered:
         outputs.collect(env.src, env.out, staging, link_sources=own_tree)
         for s in job.planned.series:
             patches.export_series(s, staging / "patches")
+    kbuild = staging / "kbuild"
     with measure_duration(job.durations, "external_modules"):
         built_modules = extmodules.build_all(
             job.image,
-            staging / "kbuild",
+            kbuild,
             buildable_modules(job.planned.modules, (staging / "config").read_text()),
             staging / "extmod",
             reuse=cache_dir("reuse", "extmod"),
+            kbuild_digest=lambda: outputs.kbuild_export_digest(kbuild, env.out, env.source_digests),
         )
     with measure_duration() as took:
         selftests = kselftest.build_selftests(

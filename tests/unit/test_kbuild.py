@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,49 @@ def test_a_build_that_ends_or_fails_in_make_leaves_no_mark(tmp_path: Path) -> No
     with pytest.raises(kbuild.CompileError), kbuild.running(out):  # make's own error exit: a sound tree
         raise kbuild.CompileError("make failed")
     assert not (out / kbuild.RUNNING_MARK).exists()
+
+
+def _export_digest(tmp_path: Path, src: Path, out: Path, name: str, memo: Path | None) -> str:
+    from kernel_ci.build import artifacts
+    from kernel_ci.core.digest import SourceDigests
+
+    export = tmp_path / name
+    artifacts.export_kbuild_tree(src, out, export, link_sources=memo is not None)
+    return artifacts.kbuild_export_digest(export, out, SourceDigests(src, memo))
+
+
+def test_the_kbuild_export_digest_changes_with_every_object_tree_file_it_holds(tmp_path: Path) -> None:
+    """The external modules' reuse key: with the source tree's digest remembered, what the object tree
+    gave is still read every time (it changes with every build)."""
+    src, out = _kbuild_trees(tmp_path)
+    memo = tmp_path / "src.digests.json"
+    first = _export_digest(tmp_path, src, out, "e1", memo)
+    assert memo.is_file()
+    assert _export_digest(tmp_path, src, out, "e2", memo) == first  # the same inputs: the same key
+    (out / "include/generated/autoconf.h").write_text("#define CONFIG_X 2\n")
+    second = _export_digest(tmp_path, src, out, "e3", memo)
+    assert second != first
+    (out / "Module.symvers").write_text("0x1\tsym\tvmlinux\tEXPORT_SYMBOL\t\n")  # a file that was absent
+    assert _export_digest(tmp_path, src, out, "e4", memo) not in (first, second)
+
+
+def test_the_kbuild_export_digest_of_a_tree_without_a_memo_reads_the_whole_export(tmp_path: Path) -> None:
+    """A user's tree may change while it is exported: every file of the export itself is read."""
+    from kernel_ci.core.digest import tree_digest
+
+    src, out = _kbuild_trees(tmp_path)
+    first = _export_digest(tmp_path, src, out, "e1", None)
+    assert first == tree_digest(tmp_path / "e1")
+    (src / "include/linux/a.h").write_text("#define A 2\n")
+    assert _export_digest(tmp_path, src, out, "e2", None) != first
+
+
+def test_the_kbuild_export_digest_differs_between_source_trees(tmp_path: Path) -> None:
+    """Two of kernel-ci's own trees (two memos): a header that differs gives another key."""
+    src, out = _kbuild_trees(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    (other / "include/linux/a.h").write_text("#define A 2\n")
+    mine = _export_digest(tmp_path, src, out, "e1", tmp_path / "src.json")
+    theirs = _export_digest(tmp_path, other, out, "e2", tmp_path / "other.json")
+    assert mine != theirs
