@@ -64,6 +64,7 @@ class TestOptions:
     extra_properties: dict[str, str] = field(default_factory=dict)
     gdb_port: int | None = None  # QEMU's gdbstub on 127.0.0.1:PORT (and nokaslr); None: none
     guests: int | None = None  # guests booted at once, each running a share of the suites; None: auto
+    warm_start: bool = True  # restore the kernel's saved booted guest instead of booting (guest.warmstart)
 
 
 # The guest machine's options: a rerun of a run (repro, attribution's retries and prefixes) keeps them.
@@ -408,6 +409,8 @@ def boot_and_collect(
         global_timeout=options.timeout,
         extra_args=extra_args,
     )
+    if options.warm_start and options.gdb_port is None:  # a gdb session wants to see the boot
+        cfg = dataclasses.replace(cfg, warm=qemu.warm_folder(cfg, base_image, payload.RUNNER))
     live = _LiveConsole(label, stop)
     run = qemu.run_guest(cfg, live)
     live.scanner.finish()

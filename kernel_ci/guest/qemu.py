@@ -26,17 +26,18 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Literal
 
 from kernel_ci.core import proc
-from kernel_ci.core.console import console
+from kernel_ci.core.console import console, warn
+from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.files import write_text_atomic
 from kernel_ci.core.paths import cache_dir
-from kernel_ci.guest import protocol
+from kernel_ci.guest import protocol, warmstart
 from kernel_ci.guest.protocol import EndKind
 
 QEMU = "qemu-system-x86_64"
@@ -251,6 +252,7 @@ class QemuConfig:
     machine: str = MACHINE
     tuning: tuple[str, ...] = field(default=TUNING_APPEND)
     extra_args: tuple[str, ...] = ()  # appended to the argv as is (e.g. -gdb tcp::1234 for --gdb)
+    warm: Path | None = None  # the warm-start store folder of this machine (warm_folder); None: boot cold
 
     @property
     def console_log(self) -> Path:
@@ -267,7 +269,26 @@ class QemuConfig:
 
 
 def kernel_append(cfg: QemuConfig) -> str:
-    return " ".join((*PROTOCOL_APPEND, *cfg.tuning, *cfg.extra_append))
+    warm = (warmstart.WARM_ARG,) if cfg.warm is not None else ()
+    return " ".join((*PROTOCOL_APPEND, *cfg.tuning, *cfg.extra_append, *warm))
+
+
+def warm_folder(cfg: QemuConfig, base_image: Path, runner: Path) -> Path:
+    """The warm-start store folder for cfg's machine: its QEMU command with this run's paths left out,
+    the kernel's and the runner's digests, the rootfs image (named by its own key) and QEMU's version.
+    A snapshot restores only into exactly the machine and software it was taken from."""
+    placeholder = Path("/kci-run")
+    generic = replace(
+        cfg, overlay=placeholder / "overlay.qcow2", payload_dir=placeholder / "payload",
+        results_dir=placeholder / "results", run_dir=placeholder, warm=placeholder,
+    )  # fmt: skip
+    argv = build_command(generic)
+    image = base_image.resolve()
+    stat = image.stat()
+    return warmstart.folder(
+        [*argv, sha256_file(cfg.kernel), sha256_file(runner), f"{image}:{stat.st_size}:{stat.st_mtime_ns}",
+         qemu_version()]
+    )  # fmt: skip
 
 
 def accel_option(accel: Accel) -> str:
@@ -379,10 +400,20 @@ class GuestRun:
 
 
 def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
-    """Boot cfg, stream the console to console.log and on_line, and end the run on poweroff, timeout or
-    hang. Failures of QEMU itself come back as end="qemu_failed"; only on_line's own exceptions escape
-    (QEMU is killed first)."""
-    argv = build_command(cfg)
+    """Boot cfg (or restore its warm-start snapshot), stream the console to console.log and on_line, and
+    end the run on poweroff, timeout or hang. Failures of QEMU itself come back as end="qemu_failed"; only
+    on_line's own exceptions escape (QEMU is killed first)."""
+    if cfg.warm is not None and warmstart.ready(cfg.warm):
+        restored = _restore(cfg, cfg.warm, on_line)
+        if restored is not None:
+            return restored
+    return _boot(cfg, build_command(cfg), on_line)
+
+
+def _boot(
+    cfg: QemuConfig, argv: list[str], on_line: LineSink | None, replay: list[str] | None = None
+) -> GuestRun:
+    """Run argv: a cold boot, or (replay: the snapshot's boot lines) a QEMU already told to restore."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     script = cfg.run_dir / "qemu-cmdline.sh"
     script.write_text(cmdline_script(argv))
@@ -396,14 +427,63 @@ def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
         return GuestRun(
             EndKind.QEMU_FAILED, None, 0.0, None, None, cfg.console_log, argv, f"cannot start: {exc}", ""
         )
-    out = _Console(qemu.stdout, cfg.console_log, cfg.console_limit)  # type: ignore[arg-type]  # spawned
-    # with stdout=PIPE, so never None
+    out = _Console(qemu.stdout, cfg.console_log, cfg.console_limit, replay or [])  # type: ignore[arg-type]
+    # spawned with stdout=PIPE, so never None
     try:
-        return _watch(cfg, argv, qemu, started, on_line, out)
+        if replay is not None and not _restored_running(cfg, qemu):
+            return _restore_failed(cfg, qemu, out)
+        return _watch(cfg, argv, qemu, started, on_line, out, restored=replay is not None)
     finally:
         out.abandon()
         _stop(qemu)
         cfg.monitor_socket.unlink(missing_ok=True)
+
+
+class _RestoreFailed(InfrastructureError):
+    """A snapshot QEMU would not load: the run boots cold instead."""
+
+
+def _restore(cfg: QemuConfig, stored: Path, on_line: LineSink | None) -> GuestRun | None:
+    """The guest restored from stored and started with GO; None (the snapshot discarded) when QEMU could
+    not load it: the caller boots cold, which saves a new one."""
+    try:
+        replay = warmstart.boot_lines(stored)
+        create_overlay(stored / warmstart.DISK, cfg.overlay.parent)
+    except (OSError, proc.CommandError) as exc:
+        warn(f"warm start: cannot use the snapshot in {stored} ({exc}); booting")
+        warmstart.discard(stored)
+        return None
+    argv = [*build_command(cfg), "-incoming", f"exec:cat {shlex.quote(str(stored / warmstart.STATE))}"]
+    try:
+        return _boot(cfg, argv, on_line, replay)
+    except _RestoreFailed as exc:
+        warn(f"warm start: QEMU could not restore the snapshot in {stored} ({exc}); booting")
+        base = _backing_image(stored / warmstart.DISK)  # the rootfs image, for a fresh overlay
+        warmstart.discard(stored)
+        create_overlay(base, cfg.overlay.parent)
+        return None
+
+
+def _restored_running(cfg: QemuConfig, qemu: proc.Spawned) -> bool:
+    """Wait for the restored guest to run, then send GO (the runner waits for it on the console)."""
+    if not warmstart.wait_running(
+        lambda c: monitor_command(cfg.monitor_socket, c), lambda: qemu.poll() is None
+    ):
+        return False
+    warmstart.send_go(qemu.stdin)
+    return True
+
+
+def _restore_failed(cfg: QemuConfig, qemu: proc.Spawned, out: _Console) -> GuestRun:
+    _stop(qemu)
+    assert qemu.stderr is not None
+    raise _RestoreFailed(qemu.stderr.read().decode(errors="replace").strip()[-500:] or "it did not start")
+
+
+def _backing_image(overlay: Path) -> Path:
+    """The backing file a qcow2 overlay names (the rootfs image under a saved disk)."""
+    info = json.loads(proc.capture(["qemu-img", "info", "--output=json", str(overlay)]))
+    return Path(info["full-backing-filename"])
 
 
 def _die_with_parent() -> None:
@@ -417,7 +497,9 @@ class _Console:
     queue; any byte counts as activity for the idle timeout (a hung guest may stop mid-line). A full
     queue makes the thread wait, and QEMU's serial line with it, rather than grow without end."""
 
-    def __init__(self, stream: IO[bytes], log_path: Path, limit: int = CONSOLE_LOG_LIMIT):
+    def __init__(
+        self, stream: IO[bytes], log_path: Path, limit: int = CONSOLE_LOG_LIMIT, replay: Sequence[str] = ()
+    ):
         self.lines: queue.Queue[str | None] = queue.Queue(maxsize=CONSOLE_QUEUE_LINES)
         self.last_output = time.monotonic()
         self.dropped_bytes = 0
@@ -426,6 +508,8 @@ class _Console:
         self._written = 0
         self._abandoned = False
         self._log = log_path.open("wb")
+        for line in replay[: CONSOLE_QUEUE_LINES // 2]:  # a restored guest's boot, before what it prints
+            self._emit(line.encode())
         self._thread = threading.Thread(target=self._pump, name="qemu-console", daemon=True)
         self._thread.start()
 
@@ -511,6 +595,7 @@ class _Marks:
     boot_seconds: float | None = None
     first_test_seconds: float | None = None
     frozen: bool = False  # set with the verdict: what the guest prints while it is dumped does not count
+    went: bool = False  # a warm start's GO was sent
 
 
 def _watch(
@@ -520,13 +605,21 @@ def _watch(
     started: float,
     on_line: LineSink | None,
     out: _Console,
+    *,
+    restored: bool = False,
 ) -> GuestRun:
     assert qemu.stderr is not None
     err = _Stderr(qemu.stderr)
     marks = _Marks()
+    boot: list[str] = []  # a warm start's boot lines, kept with its snapshot
 
     def take(line: str) -> None:
         now = time.monotonic() - started
+        if cfg.warm is not None and not restored and not marks.went and not marks.frozen:
+            boot.append(line)
+            if line.strip() == warmstart.WARM_READY:
+                marks.went = True
+                _save_and_go(cfg, qemu, boot[: CONSOLE_QUEUE_LINES // 2])
         if not marks.frozen and marks.boot_seconds is None and READY_MARK in line:
             marks.boot_seconds = now
         if not marks.frozen and marks.first_test_seconds is None and SUITE_START_MARK in line:
@@ -588,6 +681,17 @@ def _watch(
         sysrq_dump=sysrq_dump,
         console_dropped_bytes=out.dropped_bytes,
     )
+
+
+def _save_and_go(cfg: QemuConfig, qemu: proc.Spawned, boot: Sequence[str]) -> None:
+    """At a cold warm-start boot's ready mark: save the guest unless its snapshot exists, then start it."""
+    assert cfg.warm is not None
+    try:
+        if warmstart.save(cfg.warm, lambda c: monitor_command(cfg.monitor_socket, c), cfg.overlay, boot):
+            console.log(f"warm start: saved the booted guest for later runs of this kernel ({cfg.warm})")
+    except (warmstart.SaveError, OSError) as exc:
+        warn(f"warm start: the booted guest could not be saved ({exc}); the next run boots again")
+    warmstart.send_go(qemu.stdin)
 
 
 def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[EndKind, str] | None:

@@ -56,6 +56,7 @@ EXPECTED = {
     "kernel_ci.guest.qemu.AccelError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.guest.interactive.GuestSessionError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.guest.payload.PayloadError": ExitCode.INFRASTRUCTURE,
+    "kernel_ci.guest.warmstart.SaveError": ExitCode.INFRASTRUCTURE,  # caught: the run boots on, cold
     "kernel_ci.guest.suites.ManifestError": ExitCode.USAGE,
     "kernel_ci.cache.store.CacheStoreError": ExitCode.INFRASTRUCTURE,
     "kernel_ci.cache.remote.RemoteCacheError": ExitCode.INFRASTRUCTURE,

@@ -28,6 +28,16 @@ KILL_GRACE = 5.0  # seconds between SIGINT (pytest still writes its junit.xml) a
 DRAIN_SECONDS = 2.0  # after the suite's process exited, how long to wait for its pipe to close
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+# Warm start (PROTOCOL.md, Warm start): with this word on the kernel command line the runner unmounts the
+# 9p shares (QEMU refuses to snapshot a guest with one mounted), imports pytest, says WARM_READY and
+# waits for the host's GO line on the console; the host may snapshot the guest there and restore that
+# snapshot for later runs of the same kernel instead of booting it.
+WARM_ARG = "kci.warm=1"
+WARM_READY = "KCI-WARM: ready"
+GO_PREFIX = b"KCI-GO "
+SHARES = ("/kci", "/kci-results")
+FSTAB = "/run/kci-fstab"  # kci-init's table of the mounts, the two 9p shares among them
+PYTEST_MODULE = ["python3", "-m", "pytest"]
 
 
 def say(text: str) -> None:
@@ -161,16 +171,19 @@ def run_suite_process(
     with open(output, "wb") as out:
         tee = Tee(out, name)
         try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=default_signals,
-            )
+            if argv[:3] == PYTEST_MODULE and "pytest" in sys.modules:
+                proc = ForkedPytest(argv[3:], cwd, env)
+            else:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=default_signals,
+                )
         except OSError as exc:
             tee.write(f"kci-runner: cannot start {argv[0]}: {exc}\n".encode())
             tee.close()
@@ -223,6 +236,131 @@ def run_suite_process(
         tee.close()
         killpg(proc.pid, signal.SIGKILL)
         return proc.wait(), timed_out
+
+
+class ForkedPytest:
+    """`python3 -m pytest ARGS` as a fork of the runner, which imported pytest while the guest waited to be
+    snapshotted (warm start): that import is ~3 s under TCG, paid once per kernel instead of once per
+    suite. Offers the part of subprocess.Popen that run_suite_process uses (pid, stdout, poll, wait)."""
+
+    def __init__(self, args: list[str], cwd: str, env: dict[str, str]) -> None:
+        read_end, write_end = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(read_end)
+            pytest_child(args, cwd, env, write_end)
+        os.close(write_end)
+        self.stdout = os.fdopen(read_end, "rb", buffering=0)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def pytest_child(args: list[str], cwd: str, env: dict[str, str], out_fd: int) -> None:
+    """The forked suite process: what `python3 -m pytest ARGS` in cwd with env would be (its own session,
+    stdin from /dev/null, stdout and stderr into out_fd, cwd first on sys.path, no .pyc written), then
+    pytest's own console entry point. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a timeout's SIGINT: junit.xml is written
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.close(null)
+        os.close(out_fd)
+        sys.stdout.reconfigure(write_through=True)  # type: ignore[union-attr]  # PYTHONUNBUFFERED's effect
+        sys.stderr.reconfigure(write_through=True)  # type: ignore[union-attr]
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path[:0] = [cwd, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+        sys.dont_write_bytecode = True
+        sys.argv = ["pytest", *args]
+        import pytest
+
+        code = pytest.console_main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def warm_requested(cmdline: str = "/proc/cmdline") -> bool:
+    """Whether the host booted this guest for a warm start (only as PID 1: host tests run the runner too)."""
+    if os.getpid() != 1:
+        return False
+    try:
+        with open(cmdline) as handle:
+            return WARM_ARG in handle.read().split()
+    except OSError:
+        return False
+
+
+def preload_pytest() -> None:
+    """Import pytest as `python3 -m pytest` would find it: the runner starts with -I -S, so the system's
+    site-packages are added first. A guest without pytest just runs its Python suites the plain way."""
+    import site
+
+    site.main()
+    with contextlib.suppress(ImportError):
+        import pytest  # noqa: F401
+
+
+def wait_for_go(console: int = 0) -> int:
+    """WARM_READY on the console, then the host's `KCI-GO <ns since the epoch>` line read from it (echo
+    off, so the host's line is not printed back). Returns the host's time in nanoseconds."""
+    import termios
+
+    attrs = termios.tcgetattr(console)
+    quiet = list(attrs)
+    quiet[3] &= ~(termios.ECHO | termios.ECHONL)
+    termios.tcsetattr(console, termios.TCSANOW, quiet)
+    try:
+        say(WARM_READY)
+        while True:
+            line = os.read(console, 4096).strip()
+            if line.startswith(GO_PREFIX) and line[len(GO_PREFIX) :].isdigit():
+                return int(line[len(GO_PREFIX) :])
+    finally:
+        termios.tcsetattr(console, termios.TCSANOW, attrs)
+
+
+def warm_start() -> None:
+    """Unmount the shares, import pytest, wait for GO (the host may snapshot the guest meanwhile, and
+    restore it many times), take the host's clock (a restored guest's is the snapshot's), mount the shares
+    again: from here the run is a cold boot's."""
+    subprocess.run(["umount", *SHARES], check=False)
+    preload_pytest()
+    host_ns = wait_for_go()
+    with contextlib.suppress(OSError):
+        time.clock_settime_ns(time.CLOCK_REALTIME, host_ns)
+    subprocess.run(["mount", "-a", "-t", "9p", "-T", FSTAB], check=False)
+    missing = [share for share in SHARES if not os.path.ismount(share)]
+    if missing:
+        raise RuntimeError(f"warm start: cannot mount {' '.join(missing)} again")
 
 
 def module_name(path: str) -> str:
@@ -471,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.getpid() == 1:
             dev_links()
+        if warm_requested():
+            warm_start()
         Runner(args).run()
     except Exception as exc:
         import traceback  # here: only a crash needs it
