@@ -59,7 +59,16 @@ def _smoke_figures(work: Path, kernel: BuildResult) -> list[Figure]:
     for index in range(BOOT_RUNS):
         out = work / f"smoke-{index}"
         with measure_duration() as took:
-            run_tests(TestOptions(kernel_dir=kernel.output, output=out, accel="tcg", suites=SMOKE, guests=1))
+            run_tests(
+                TestOptions(
+                    kernel_dir=kernel.output,
+                    output=out,
+                    accel="tcg",
+                    suites=SMOKE,
+                    guests=1,
+                    warm_start=False,
+                )
+            )
         full.append(took.seconds)
         seconds = RunRecord.read(out / "latest").first_test_seconds
         if seconds is not None:
@@ -172,15 +181,23 @@ def _virtme_figures(work: Path) -> list[Figure]:
     step(f"bench: boot to first test, kernel-ci and virtme-ng, TCG ({COMPARE_RUNS}x each)")
     init, init_note = _vng_init(kernel.output / "bzImage")
     ours: list[float] = []
+    restored: list[float] = []
     theirs: list[float] = []
     for index in range(COMPARE_RUNS):
-        out = work / f"vng-ours-{index}"
-        run_tests(
-            TestOptions(kernel_dir=kernel.output, output=out, accel="tcg", suites=["smoke-c"], guests=1)
-        )
-        seconds = RunRecord.read(out / "latest").first_test_seconds
-        if seconds is not None:
-            ours.append(seconds)
+        for warm, times in ((False, ours), (True, restored)):  # a boot; a warm start (the 1st one saves)
+            out = work / f"vng-ours-{index}-{'warm' if warm else 'cold'}"
+            options = TestOptions(
+                kernel_dir=kernel.output,
+                output=out,
+                accel="tcg",
+                suites=["smoke-c"],
+                guests=1,
+                warm_start=warm,
+            )
+            run_tests(options)
+            seconds = RunRecord.read(out / "latest").first_test_seconds
+            if seconds is not None and not (warm and index == 0):
+                times.append(seconds)
         took = _vng_first_command(kernel.output / "bzImage", init)
         if isinstance(took, str):
             return [Figure(name, None, note=f"{init_note}; {took}")]
@@ -196,7 +213,14 @@ def _virtme_figures(work: Path) -> list[Figure]:
             note=f"median of {COMPARE_RUNS}; {init_note}; {load}",
             reference=theirs_median,
             reference_name=f"virtme-ng ({vng}) to its first command",
-        )
+        ),
+        Figure(
+            "guest: warm start to first test, TCG, vng's bzImage",
+            statistics.median(restored) if restored else None,
+            note=f"median of {len(restored)} restores of the guest saved by the first run; {load}",
+            reference=theirs_median,
+            reference_name=f"virtme-ng ({vng}) to its first command (it boots)",
+        ),
     ]
 
 

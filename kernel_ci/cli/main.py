@@ -140,6 +140,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         keep_overlay=args.keep_overlay,
         gdb_port=args.gdb_port if args.gdb else None,
         guests=args.guests,
+        warm_start=not args.cold_boot,
     )
     report = run_tests(test_options)
     from kernel_ci.cache.remote import attach_test_run
@@ -228,6 +229,12 @@ def _add_test_options(parser: argparse.ArgumentParser) -> None:
         metavar="N|auto",
         help="boot N guests at once, each running a share of the suites (TCG keeps one host core busy per "
         "guest); auto: one per CPU, within the host's free memory, one for short runs (default: auto)",
+    )
+    group.add_argument(
+        "--cold-boot",
+        action="store_true",
+        help="boot the kernel every run; by default a kernel's first run saves its booted guest (in the "
+        "cache, ~80 MB) and later runs restore it, which skips the boot and pytest's import",
     )
 
 

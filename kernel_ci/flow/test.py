@@ -68,7 +68,17 @@ class TestOptions:
 
 
 # The guest machine's options: a rerun of a run (repro, attribution's retries and prefixes) keeps them.
-MACHINE_OPTIONS = ("memory", "cpus", "accel", "append", "boot_timeout", "idle_timeout", "timeout", "guests")
+MACHINE_OPTIONS = (
+    "memory",
+    "cpus",
+    "accel",
+    "append",
+    "boot_timeout",
+    "idle_timeout",
+    "timeout",
+    "guests",
+    "warm_start",
+)
 SUITE_TIMES = "suite-times.json"  # in the cache: each suite's seconds in its last run (placement's hint)
 
 

@@ -243,11 +243,14 @@ def test_forever():
 """
 
 
-def test_pytest_timeout_keeps_the_finished_results(tmp_path, monkeypatch):
-    """SIGINT first: pytest still writes junit.xml with the tests that finished; the report shows both."""
+@pytest.mark.parametrize("preload", ["0", "1"], ids=["exec", "forked"])
+def test_pytest_timeout_keeps_the_finished_results(tmp_path, monkeypatch, preload):
+    """SIGINT first: pytest still writes junit.xml with the tests that finished; the report shows both.
+    The same whether pytest runs as its own process or forked from a runner that imported it (warm start)."""
     # As in the guest (no plugins there): the host venv's plugins (hypothesis, schemathesis) would make
     # pytest's start-up slow enough under load to reach the timeout before the tests run.
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("KCI_RUNNER_PRELOAD", preload)
     payload = tmp_path / "payload" / "suites" / "py"
     payload.mkdir(parents=True)
     (payload / "test_slow.py").write_text(PYTEST_SLOW)
@@ -390,3 +393,46 @@ def test_suites_run_without_pytest_plugin_autoload(tmp_path: Path) -> None:
     result = run_runner(tmp_path, [suite("env", ["sh", "-c", script])])
     assert result.returncode == 0, result.output
     assert "autoload=1" in (tmp_path / "results" / "env" / "output.txt").read_text()
+
+
+FORKED_SUITE = """\
+import os
+import sys
+
+import helper
+
+
+def test_runs_forked_in_its_own_world(tmp_path):
+    with open(os.environ["KCI_ARTIFACTS"] + "/seen.txt", "w") as out:
+        out.write(f"{' '.join(sys.orig_argv)}\\n{os.getcwd()}\\n{os.environ['KCI_SUITE']}\\n")
+        out.write(f"{os.getsid(0) == os.getpid()}\\n{helper.VALUE}\\n{sys.dont_write_bytecode}\\n")
+    print("hello from the forked suite")
+
+
+def test_fails():
+    assert helper.VALUE == 2
+"""
+
+
+def test_preloaded_runner_forks_python_suites_that_behave_as_their_own_process(tmp_path, monkeypatch):
+    """With pytest imported (warm start), a Python suite is a fork of the runner, not `python3 -m pytest`:
+    the runner's command line is the suite's, yet it runs in the suite's folder, session and environment,
+    imports modules beside it, writes no .pyc, and its output, junit.xml and exit status come back."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("KCI_RUNNER_PRELOAD", "1")
+    folder = tmp_path / "payload" / "suites" / "py"
+    folder.mkdir(parents=True)
+    (folder / "test_forked.py").write_text(FORKED_SUITE)
+    (folder / "helper.py").write_text("VALUE = 1\n")
+    result = run_runner(tmp_path, [suite("py", [*PYTEST_ARGV, "test_forked.py"], junit=True)])
+    assert result.returncode == 0, result.output
+    assert status(tmp_path, "py")["rc"] == 1  # one test failed
+    argv, cwd, name, own_session, value, no_pyc = (
+        (tmp_path / "results" / "py" / "artifacts" / "seen.txt").read_text().splitlines()
+    )
+    assert "kci-runner.py" in argv  # forked from the runner
+    assert (cwd, name, own_session, value, no_pyc) == (str(folder), "py", "True", "1", "True")
+    assert not (folder / "__pycache__").exists()
+    junit = (tmp_path / "results" / "py" / "junit.xml").read_text()
+    assert 'failures="1"' in junit and "test_runs_forked_in_its_own_world" in junit
+    assert "1 failed, 1 passed" in (tmp_path / "results" / "py" / "output.txt").read_text()

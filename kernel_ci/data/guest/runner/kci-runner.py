@@ -4,7 +4,8 @@
 Standard library only (the guest has python3 and python3-pytest, nothing from pip). In the guest it is
 PID 1 (kci-init execs it) and ends the VM by rebooting (QEMU runs with -no-reboot). For host tests,
 --no-reboot (or KCI_RUNNER_NO_REBOOT=1) makes it just exit, and --insmod/--rmmod (or KCI_RUNNER_INSMOD /
-KCI_RUNNER_RMMOD) replace the module commands.
+KCI_RUNNER_RMMOD) replace the module commands, and KCI_RUNNER_PRELOAD=1 imports pytest first, as a warm
+start does, so that the Python suites are forked from the runner.
 """
 
 from __future__ import annotations
@@ -611,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             dev_links()
         if warm_requested():
             warm_start()
+        elif os.environ.get("KCI_RUNNER_PRELOAD") == "1":
+            preload_pytest()  # host tests: the warm start's forked Python suites, without the wait
         Runner(args).run()
     except Exception as exc:
         import traceback  # here: only a crash needs it
