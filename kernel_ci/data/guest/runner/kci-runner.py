@@ -171,6 +171,7 @@ def run_suite_process(
     """
     with open(output, "wb") as out:
         tee = Tee(out, name)
+        proc: ForkedPytest | subprocess.Popen[bytes]
         try:
             if argv[:3] == PYTEST_MODULE and "pytest" in sys.modules:
                 proc = ForkedPytest(argv[3:], cwd, env)
