@@ -442,6 +442,7 @@ def boot_and_collect(
         "rootfs": record.rootfs.key,
         "guest.end": run.end,
         "boot_seconds": "" if run.boot_seconds is None else f"{run.boot_seconds:.2f}",
+        "warm_start": run.warm_start,  # restored: no boot, the saved one's console replayed
         **_cut_properties(run, report_in),
         **options.extra_properties,
     }

@@ -397,6 +397,7 @@ class GuestRun:
     detail: str
     sysrq_dump: str
     console_dropped_bytes: int = 0  # console bytes past console_limit, read and scanned but not in the log
+    warm_start: str = "off"  # off, restored (from a snapshot), saved (booted, then saved), booted (not saved)
 
 
 def run_guest(cfg: QemuConfig, on_line: LineSink | None = None) -> GuestRun:
@@ -596,6 +597,7 @@ class _Marks:
     first_test_seconds: float | None = None
     frozen: bool = False  # set with the verdict: what the guest prints while it is dumped does not count
     went: bool = False  # a warm start's GO was sent
+    saved: bool = False  # and the guest was saved first
 
 
 def _watch(
@@ -619,7 +621,7 @@ def _watch(
             boot.append(line)
             if line.strip() == warmstart.WARM_READY:
                 marks.went = True
-                _save_and_go(cfg, qemu, boot[: CONSOLE_QUEUE_LINES // 2])
+                marks.saved = _save_and_go(cfg, qemu, boot[: CONSOLE_QUEUE_LINES // 2])
         if not marks.frozen and marks.boot_seconds is None and READY_MARK in line:
             marks.boot_seconds = now
         if not marks.frozen and marks.first_test_seconds is None and SUITE_START_MARK in line:
@@ -680,18 +682,29 @@ def _watch(
         detail=detail,
         sysrq_dump=sysrq_dump,
         console_dropped_bytes=out.dropped_bytes,
+        warm_start=_warm_start_word(cfg, restored, marks.saved),
     )
 
 
-def _save_and_go(cfg: QemuConfig, qemu: proc.Spawned, boot: Sequence[str]) -> None:
-    """At a cold warm-start boot's ready mark: save the guest unless its snapshot exists, then start it."""
+def _warm_start_word(cfg: QemuConfig, restored: bool, saved: bool) -> str:
+    if cfg.warm is None:
+        return "off"
+    return "restored" if restored else "saved" if saved else "booted"
+
+
+def _save_and_go(cfg: QemuConfig, qemu: proc.Spawned, boot: Sequence[str]) -> bool:
+    """At a cold warm-start boot's ready mark: save the guest unless its snapshot exists, then start it.
+    Whether this run saved it."""
     assert cfg.warm is not None
+    saved = False
     try:
-        if warmstart.save(cfg.warm, lambda c: monitor_command(cfg.monitor_socket, c), cfg.overlay, boot):
+        saved = warmstart.save(cfg.warm, lambda c: monitor_command(cfg.monitor_socket, c), cfg.overlay, boot)
+        if saved:
             console.log(f"warm start: saved the booted guest for later runs of this kernel ({cfg.warm})")
     except (warmstart.SaveError, OSError) as exc:
         warn(f"warm start: the booted guest could not be saved ({exc}); the next run boots again")
     warmstart.send_go(qemu.stdin)
+    return saved
 
 
 def _overdue(cfg: QemuConfig, started: float, last_output: float, ready: bool) -> tuple[EndKind, str] | None:
