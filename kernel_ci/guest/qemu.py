@@ -432,7 +432,8 @@ def _boot(
     # spawned with stdout=PIPE, so never None
     try:
         if replay is not None and not _restored_running(cfg, qemu):
-            return _restore_failed(cfg, qemu, out)
+            _stop(qemu)
+            raise _RestoreFailed(_stderr_tail(qemu) or "the guest did not start running")
         return _watch(cfg, argv, qemu, started, on_line, out, restored=replay is not None)
     finally:
         out.abandon()
@@ -475,10 +476,10 @@ def _restored_running(cfg: QemuConfig, qemu: proc.Spawned) -> bool:
     return True
 
 
-def _restore_failed(cfg: QemuConfig, qemu: proc.Spawned, out: _Console) -> GuestRun:
-    _stop(qemu)
+def _stderr_tail(qemu: proc.Spawned) -> str:
+    """What a stopped QEMU said on stderr (its last 500 characters): why a restore failed."""
     assert qemu.stderr is not None
-    raise _RestoreFailed(qemu.stderr.read().decode(errors="replace").strip()[-500:] or "it did not start")
+    return qemu.stderr.read().decode(errors="replace").strip()[-500:]
 
 
 def _backing_image(overlay: Path) -> Path:
