@@ -46,6 +46,7 @@ TEST_ONLY = {
     "--base": True,
     "--branch": True,
     "--guests": True,
+    "--cold-boot": False,
     "--suite": True,  # build accepts and ignores it, with a warning: not worth the noise here
 }
 
