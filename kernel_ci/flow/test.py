@@ -453,6 +453,8 @@ def boot_and_collect(
     keep = options.keep_overlay or outcome != Outcome.PASS
     if not keep:
         overlay.unlink(missing_ok=True)
+    elif run.warm_start == "restored":  # its backing file is the snapshot's disk, which can be evicted
+        qemu.rebase_overlay(overlay, base_image)
     dataclasses.replace(
         record,
         accelerator=accel,

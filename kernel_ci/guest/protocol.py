@@ -30,6 +30,11 @@ SUITE_START = "KCI-SUITE-START:"
 SUITE_END = "KCI-SUITE-END:"
 RUNNER_DONE = "KCI-RUNNER: done"
 RUNNER_CRASHED = "KCI-RUNNER: crashed:"
+# Warm start (PROTOCOL.md): the kernel command line word that makes the runner wait, its mark, and the
+# line the host types on the console to start it (then the host's time in ns since the epoch).
+WARM_ARG = "kci.warm=1"
+WARM_READY = "KCI-WARM: ready"
+GO_PREFIX = "KCI-GO"
 
 
 class EndKind(enum.StrEnum):

@@ -231,6 +231,15 @@ def create_overlay(base: Path, dest_dir: Path) -> Path:
     return overlay
 
 
+def rebase_overlay(overlay: Path, base: Path) -> None:
+    """Make overlay stand on base alone (what the layers between held is copied into it): a kept overlay
+    of a restored run no longer needs the warm-start snapshot's disk, which a later save may delete."""
+    proc.run(
+        ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", "qcow2", str(overlay)],
+        quiet=True,
+    )
+
+
 # --- command line -----------------------------------------------------------------------------------
 
 

@@ -36,10 +36,11 @@ from typing import IO
 from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.files import is_kept, keep_folder
 from kernel_ci.core.paths import cache_dir
+from kernel_ci.guest import protocol
 
-WARM_ARG = "kci.warm=1"  # on the kernel command line: the runner waits for GO (kci-runner.py warm_start)
-WARM_READY = "KCI-WARM: ready"
-GO_PREFIX = "KCI-GO"
+WARM_ARG = protocol.WARM_ARG  # on the kernel command line: the runner waits for GO (kci-runner.py)
+WARM_READY = protocol.WARM_READY
+GO_PREFIX = protocol.GO_PREFIX
 KEEP = 3  # snapshots kept (~80 MB each): the kernels a developer switches between
 STATE = "state"  # the migration stream
 DISK = "disk.qcow2"  # the overlay as it was when the stream ended (its backing file is the rootfs image)

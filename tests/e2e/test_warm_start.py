@@ -74,6 +74,18 @@ def test_the_next_run_restores_the_saved_guest_and_sees_nothing_of_the_first(
     clock = int(console.split("[second] guest-clock=")[1].split()[0])
     assert before - 5 <= clock <= time.time() + 5
 
+    # a kept overlay of a restored run is rebased onto the rootfs image: it outlives the snapshot
+    qemu.rebase_overlay(cfg.overlay, base_image.path)
+    assert cfg.warm is not None
+    warmstart.discard(cfg.warm)
+    payload = make_payload(tmp_path / "third" / "payload", [shell_suite("third", LEAVE_SOMETHING)])
+    third = replace(
+        guest_config(tmp_path / "third", bzimage, base_image, accel, payload), overlay=cfg.overlay
+    )
+    kept = qemu.run_guest(third)
+    assert kept.end == "poweroff", kept.detail
+    assert "[third] FOUND-EARLIER-RUN" in kept.console_log.read_text()  # the second run's file, kept
+
 
 def test_a_snapshot_qemu_cannot_load_is_dropped_and_the_run_boots(
     tmp_path: Path, bzimage: Path, base_image: rootfs.RootfsImage, accel: qemu.Accel, private_cache: Path

@@ -146,6 +146,8 @@ def test_the_console_markers_are_the_ones_the_guest_prints() -> None:
     sources = GUEST_INIT.read_text() + GUEST_RUNNER.read_text()
     for marker in (protocol.INIT_READY, protocol.SUITE_START, protocol.SUITE_END, protocol.RUNNER_DONE):
         assert marker in sources
+    for word in (protocol.WARM_ARG, protocol.WARM_READY, protocol.GO_PREFIX):  # warm start's, the runner's
+        assert f'"{word}"' in GUEST_RUNNER.read_text() or f'b"{word} "' in GUEST_RUNNER.read_text()
     found = scan(f"{protocol.INIT_READY}\n{protocol.SUITE_START} a\n{protocol.RUNNER_DONE}\n")
     assert found.init_ready_line == 1 and found.suites[0].name == "a" and found.runner_done_line == 3
 
