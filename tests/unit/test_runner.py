@@ -402,7 +402,7 @@ import sys
 import helper
 
 
-def test_runs_forked_in_its_own_world(tmp_path):
+def test_runs_forked_in_its_own_world():
     with open(os.environ["KCI_ARTIFACTS"] + "/seen.txt", "w") as out:
         out.write(f"{' '.join(sys.orig_argv)}\\n{os.getcwd()}\\n{os.environ['KCI_SUITE']}\\n")
         out.write(f"{os.getsid(0) == os.getpid()}\\n{helper.VALUE}\\n{sys.dont_write_bytecode}\\n")

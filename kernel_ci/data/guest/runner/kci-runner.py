@@ -275,7 +275,7 @@ class ForkedPytest:
 def pytest_child(args: list[str], cwd: str, env: dict[str, str], out_fd: int) -> None:
     """The forked suite process: what `python3 -m pytest ARGS` in cwd with env would be (its own session,
     stdin from /dev/null, stdout and stderr into out_fd, cwd first on sys.path, no .pyc written), then
-    pytest's own console entry point. Never returns."""
+    pytest's main. Never returns."""
     code = 1
     try:
         os.setsid()
@@ -295,7 +295,8 @@ def pytest_child(args: list[str], cwd: str, env: dict[str, str], out_fd: int) ->
         sys.path[:0] = [cwd, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
         sys.dont_write_bytecode = True
         sys.argv = ["pytest", *args]
-        code = importlib.import_module("pytest").console_main()  # by name: the host's lint has no pytest
+        # pytest.main, not console_main (deprecated since pytest 9); by name: the host's lint has no pytest
+        code = int(importlib.import_module("pytest").main(args))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
