@@ -247,7 +247,10 @@ def run_tests(options: TestOptions) -> RunReport:
         report = boot_guests(run_dir, groups, bzimage, base.path, payloads, metadata, options, record)
     else:
         report = boot_and_collect(run_dir, bzimage, base.path, payloads[0], metadata, options, record)
-    placement.record_times(cache_dir() / SUITE_TIMES, _suite_seconds(report))
+    hint = _hint_suffix(options)
+    placement.record_times(
+        cache_dir() / SUITE_TIMES, {n + hint: t for n, t in _suite_seconds(report).items()}
+    )
     _publish(options.output, run_dir)
     return report
 
@@ -257,12 +260,20 @@ def guest_groups(chosen: Sequence[suites.Suite], options: TestOptions) -> list[l
     names = [s.name for s in chosen]
     if len(names) < 2 or options.gdb_port is not None or options.guests == 1:
         return [list(chosen)]
-    times = placement.load_times(cache_dir() / SUITE_TIMES)
+    kept, hint = placement.load_times(cache_dir() / SUITE_TIMES), _hint_suffix(options)
+    times = {name: kept[name + hint] for name in names if name + hint in kept}
     count = options.guests or placement.auto_guests(
         names, times, placement.memory_mib(options.memory), free_mib=placement.available_mib()
     )
     by_name = {s.name: s for s in chosen}
     return [[by_name[name] for name in group] for group in placement.split(names, count, times)]
+
+
+def _hint_suffix(options: TestOptions) -> str:
+    """Suite times are kept apart per kernel command line addition: a suite run with --append is another
+    workload (the bench's kci.bench=1 makes the tracer suite measure for minutes, and the next plain run
+    then gave it a guest of its own)."""
+    return f" [{' '.join(options.append.split())}]" if options.append.strip() else ""
 
 
 def _suite_seconds(report: RunReport) -> dict[str, float]:

@@ -128,3 +128,22 @@ def test_a_guest_that_raises_stops_the_others_and_its_error_is_raised(
     with pytest.raises(RuntimeError, match="guest 2"):
         testflow.boot_guests(tmp_path, groups, tmp_path, tmp_path, [tmp_path, tmp_path], None, None, record)  # type: ignore[arg-type]
     assert seen_stop.is_set()
+
+
+def test_suite_times_of_runs_with_an_append_are_kept_apart(tmp_path: Path, monkeypatch) -> None:
+    """A bench run (--append kci.bench=1) made the tracer suite take minutes; the next plain run must still
+    split by the plain runs' times, and the bench's next run by its own."""
+    from kernel_ci.core.paths import cache_dir
+    from kernel_ci.flow.test import SUITE_TIMES, TestOptions, _hint_suffix, guest_groups
+    from kernel_ci.guest.suites import Suite
+
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path / "cache"))
+    chosen = [Suite(name, "python", 60, (), (), (), (), "", tmp_path / name) for name in ORDER]
+    plain = TestOptions(kernel_dir=tmp_path, output=tmp_path / "out", guests=2)
+    bench = TestOptions(kernel_dir=tmp_path, output=tmp_path / "out", guests=2, append="kci.bench=1")
+    placement.record_times(cache_dir() / SUITE_TIMES, TIMES)
+    placement.record_times(cache_dir() / SUITE_TIMES, {"tracer" + _hint_suffix(bench): 300.0})
+    names = [[s.name for s in group] for group in guest_groups(chosen, plain)]
+    assert names == placement.split(ORDER, 2, TIMES)  # the plain times: tracer shares its guest
+    alone = [[s.name for s in group] for group in guest_groups(chosen, bench)]
+    assert ["tracer"] not in names and alone == placement.split(ORDER, 2, {"tracer": 300.0})
