@@ -67,6 +67,7 @@ SYSRQ_MAX_SECONDS = 15.0
 MAX_LINE_BYTES = 64 * 1024
 CONSOLE_LOG_LIMIT = 64 * 2**20  # console.log on disk; past it the console is read and scanned, not kept
 CONSOLE_QUEUE_LINES = 10_000  # lines between the reader thread and the watcher (the reader waits)
+BOOT_LINES_KEPT = CONSOLE_QUEUE_LINES // 2  # a warm start's boot lines, saved and replayed (within the queue)
 SYSRQ_DUMP_LINES = 20_000  # lines of the sysrq dump kept
 QEMU_STDERR_LINES = 1000
 # The 9p results share. mapped-xattr: what the guest creates is a plain file (0600) or directory (0700)
@@ -519,7 +520,7 @@ class _Console:
         self._written = 0
         self._abandoned = False
         self._log = log_path.open("wb")
-        for line in replay[: CONSOLE_QUEUE_LINES // 2]:  # a restored guest's boot, before what it prints
+        for line in replay[:BOOT_LINES_KEPT]:  # a restored guest's boot, before what it prints
             self._emit(line.encode())
         self._thread = threading.Thread(target=self._pump, name="qemu-console", daemon=True)
         self._thread.start()
@@ -628,10 +629,11 @@ def _watch(
     def take(line: str) -> None:
         now = time.monotonic() - started
         if cfg.warm is not None and not restored and not marks.went and not marks.frozen:
-            boot.append(line)
+            if len(boot) < BOOT_LINES_KEPT:  # a guest flooding its console before ready costs no memory
+                boot.append(line)
             if line.strip() == warmstart.WARM_READY:
                 marks.went = True
-                marks.saved = _save_and_go(cfg, qemu, boot[: CONSOLE_QUEUE_LINES // 2])
+                marks.saved = _save_and_go(cfg, qemu, boot)
         if not marks.frozen and marks.boot_seconds is None and READY_MARK in line:
             marks.boot_seconds = now
         if not marks.frozen and marks.first_test_seconds is None and SUITE_START_MARK in line:
