@@ -127,7 +127,7 @@ def _migrate(staging: Path, monitor: Monitor, overlay: Path, boot: Sequence[str]
         status = _migration_status(monitor("info migrate"))
         if status == "completed":
             break
-        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+        if status.startswith(("failed", "cancelled")) or time.monotonic() > deadline:  # "failed (why)" too
             raise SaveError(f"migration {status or 'did not complete'}")
         time.sleep(0.05)
     # QEMU flushed and released the disk when the stream ended: this copy is the disk the stream expects.
