@@ -21,6 +21,7 @@ from kernel_ci.core.console import console
 from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import CONTAINERS, cache_dir
 from kernel_ci.host import aptmirror, docker
+from kernel_ci.host import setup as hostsetup
 
 BASE_RECIPE = CONTAINERS / "base" / "recipe.toml"
 BUILDER_DIR = CONTAINERS / "builder"
@@ -110,6 +111,7 @@ def ensure_builder_image() -> str:
     tag = builder_image_tag(base_image_tag())
     if docker.image_exists(tag):
         return tag  # its tag digests the base's recipe too: the base image itself is not needed
+    hostsetup.ensure_buildx()  # BuildKit, which python-on-whales drives
     base = ensure_base_image()
     console.print(f"building the builder image {tag} with BuildKit")
     try:

@@ -40,11 +40,13 @@ import shutil
 import stat
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypedDict, runtime_checkable
 
 from kernel_ci.build.layout import honest_links, make_honest_links
+from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.errors import InfrastructureError
@@ -307,15 +309,15 @@ def copy_entry(entry: Path, dest: Path) -> None:
     written; a file that does not match its digest aborts the copy (dest keeps its previous content) and
     the damaged entry is removed from the store, so the next run rebuilds it.
     """
+    dest = Path(dest)
+    stamp = _restore_stamp_path(entry, dest)
+    if _holds_restore(stamp, entry, dest):
+        return  # dest is the untouched result of restoring this very entry (whose entry.json was valid)
     info = read_entry_info(entry)
     if info is None:
         raise CacheStoreError(
             f"{entry} is not a build cache entry of the current format (no valid {ENTRY_FILE})"
         )
-    dest = Path(dest)
-    stamp = _restore_stamp_path(entry, dest)
-    if _holds_restore(stamp, entry, dest):
-        return  # dest is the untouched result of restoring this very entry: nothing to copy
     if _update_restore(stamp, entry, info, dest):
         return  # dest was the untouched restore of another entry: only what differs was written
     with contextlib.suppress(FileNotFoundError):
@@ -373,27 +375,38 @@ def _restore_stamp_path(entry: Path, dest: Path) -> Path:
     return root / "restored" / f"{where}.json"
 
 
+# find(1)'s -printf of the names _tree_stats compares: relative name, inode, size, type and mode, mtime and
+# ctime to the nanosecond; each field list ends in NUL (a name may hold a newline, never a NUL).
+FIND_STATS = r"%P\0%i %s %y%m %T@ %C@\0"
+
+
 def _tree_stats(root: Path) -> str:
-    """The sha256 of the lstat (inode, size, mode, mtime, ctime) of every file and symlink under root (not
-    directories), by relative name, sorted; "" for a tree without any. os.scandir and names built by
-    concatenation, not os.walk and relpath: this runs twice over ~15,000 names on every build-cache hit,
-    and the walk was most of a hit's time (1.1 s of 1.5 s)."""
-    found: list[str] = []
-    pending = [("", os.fspath(root))]
-    while pending:
-        prefix, directory = pending.pop()
-        with os.scandir(directory) as names:
-            for item in names:
-                rel = prefix + item.name
-                if item.is_dir(follow_symlinks=False):
-                    pending.append((rel + "/", item.path))
-                    continue
-                st = item.stat(follow_symlinks=False)
-                stats = f"{st.st_ino} {st.st_size} {st.st_mode} {st.st_mtime_ns} {st.st_ctime_ns}"
-                found.append(f"{rel}\0{stats}")
+    return _trees_stats(root)[0]
+
+
+def _trees_stats(*roots: Path) -> list[str]:
+    """For each root, the sha256 of the lstat (inode, size, mode, mtime, ctime) of every file and symlink
+    under it (not directories), by relative name, sorted; "" for a tree without any.
+
+    One `find` per root, all at once: a build-cache hit compares two trees of ~11,600 names, and the lstat
+    calls are most of its time (~8 us each in a VM, 0.2 s for both trees walked in Python); a process per
+    tree puts them on two cores (threads in Python did not: the walk holds the GIL between calls). An
+    error (a name vanishing mid-walk, no permission) is an OSError: the caller treats the tree as changed."""
+    if len(roots) == 1:
+        return [_find_stats(roots[0])]
+    with ThreadPoolExecutor(len(roots)) as pool:
+        return list(pool.map(_find_stats, roots))
+
+
+def _find_stats(root: Path) -> str:
+    argv = ["find", os.fspath(root), "-mindepth", "1", "!", "-type", "d", "-printf", FIND_STATS]
+    try:
+        fields = proc.capture(argv).split("\0")
+    except proc.CommandError as exc:
+        raise OSError(f"could not list {root}: {exc}") from exc
+    found = sorted(f"{name}\0{stats}" for name, stats in zip(fields[0::2], fields[1::2], strict=False))
     if not found:
         return ""
-    found.sort()
     return hashlib.sha256("\n".join(found).encode(errors="surrogateescape")).hexdigest()
 
 
@@ -423,7 +436,7 @@ def _holds_restore(stamp: Path, entry: Path, dest: Path) -> bool:
             return False
         recorded, source = doc["files_stats"], doc["entry_files_stats"]
         # the entry too: one damaged since (bit rot aside) must still fail the restore and be removed
-        return bool(recorded) and _tree_stats(dest) == recorded and _tree_stats(entry) == source
+        return bool(recorded) and _trees_stats(dest, entry) == [recorded, source]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 

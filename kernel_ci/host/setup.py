@@ -197,9 +197,10 @@ def ensure_buildx() -> None:
 
 
 def prepare_build_host() -> str:
-    """Everything the build half needs; returns the engine version."""
+    """What the build half needs to run containers (the engine, debootstrap for the base image); returns the
+    engine version. The buildx plugin is ensured by whoever builds an image (build.images), not here: a
+    build-cache hit would pay `docker buildx version` (~60 ms) for a plugin it never runs."""
     version = ensure_docker_engine()
-    ensure_buildx()
     ensure_commands(BUILD_PACKAGES)
     return version
 
@@ -296,6 +297,7 @@ def setup_host(user: str | None) -> None:
     if not is_root():
         raise SetupUsageError(f"setting up the host needs root, once: run `{SETUP_HOST}`")
     version = prepare_build_host()
+    ensure_buildx()
     prepare_test_host()
     console.print(f"host ready: Docker engine {version}, buildx, QEMU, mmdebstrap")
     if user is None:

@@ -430,6 +430,32 @@ def test_copy_entry_into_an_output_that_already_holds_it_rewrites_nothing(tmp_pa
     assert sorted(p.name for p in dest.parent.iterdir() if not p.name.startswith(".")) == ["build"]
 
 
+def test_copy_entry_into_its_untouched_restore_still_finds_the_entry_damaged_since(tmp_path: Path) -> None:
+    """The skip compares the entry's files too: an entry file changed in the store since the last restore
+    (same size, mtime put back) fails the hit and the entry is removed, though out/ itself is untouched."""
+    store = LocalStore(tmp_path / "store")
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    dest = tmp_path / "out" / "build"
+    cachestore.copy_entry(entry, dest)
+    _edit_keeping_times(entry / "modules" / "kci.ko", b"module of two\n")
+    with pytest.raises(CacheStoreError):
+        cachestore.copy_entry(entry, dest)
+    assert store.get(KEY_A) is None, "the damaged entry is gone: the next run rebuilds"
+    assert (dest / "modules" / "kci.ko").read_text() == "module of one\n", "out/ keeps its verified copy"
+
+
+def test_copy_entry_sees_a_name_with_a_newline_added_to_the_restore(tmp_path: Path) -> None:
+    """The stat listing separates names by NUL: a planted name holding a newline is still a change."""
+    store = LocalStore(tmp_path / "store")
+    entry = store.put(KEY_A, make_outputs(tmp_path), MANIFEST)
+    dest = tmp_path / "out" / "build"
+    cachestore.copy_entry(entry, dest)
+    planted = dest / "modules" / "kci.ko\n0 0 f644 0 0"
+    planted.write_text("planted\n")
+    cachestore.copy_entry(entry, dest)
+    assert not planted.exists()
+
+
 def _edit_keeping_times(path: Path, data: bytes) -> None:
     st = path.stat()
     path.write_bytes(data)

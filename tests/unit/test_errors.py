@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,56 @@ def test_a_missing_image_is_not_an_error() -> None:
     assert docker.image_exists("kernel-ci/none:does-not-exist") is False
     with pytest.raises(docker.DockerError):
         docker.image_id("kernel-ci/none:does-not-exist")
+
+
+def test_the_engine_api_on_the_socket_answers_as_the_docker_client_does() -> None:
+    """The socket path (image ids, the engine's version) and `docker` itself agree, on a real engine."""
+    if not docker.engine_version(timeout=5)[0]:
+        pytest.skip("no Docker engine answers here")
+    ok, client_version = proc.probe(["docker", "info", "--format", "{{.ServerVersion}}"])
+    assert ok and docker.engine_version() == (True, client_version)
+    tags = proc.capture(["docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}"]).split()
+    tags = [tag for tag in tags if not tag.endswith(":<none>")][:3]
+    for tag in tags:
+        docker._image_ids.pop(tag, None)
+        expected = proc.capture(["docker", "image", "inspect", "--format", "{{.Id}}", tag]).strip()
+        assert docker.image_id(tag) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "config", "expected"),
+    [
+        ({}, None, docker.DEFAULT_SOCKET),
+        ({"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}, None, Path("/run/user/1000/docker.sock")),
+        ({"DOCKER_HOST": "tcp://10.0.0.1:2375"}, None, None),
+        ({"DOCKER_HOST": "ssh://builder"}, None, None),
+        ({"DOCKER_CONTEXT": "remote"}, None, None),
+        ({"DOCKER_CONTEXT": "default"}, None, docker.DEFAULT_SOCKET),
+        ({}, {"currentContext": "rootless"}, None),
+        ({}, {"currentContext": "default"}, docker.DEFAULT_SOCKET),
+        ({}, "not json", docker.DEFAULT_SOCKET),
+    ],
+)
+def test_the_engine_socket_is_asked_only_where_the_client_would_go(
+    tmp_path: Path, environ: dict[str, str], config: object, expected: Path | None
+) -> None:
+    """A client pointed elsewhere (tcp, ssh, a context) is asked through `docker`; only it knows the way."""
+    if config is not None:
+        (tmp_path / ".docker").mkdir()
+        text = config if isinstance(config, str) else json.dumps(config)
+        (tmp_path / ".docker" / "config.json").write_text(text)
+    assert docker.engine_socket(environ, home=tmp_path) == expected
+
+
+def test_an_engine_socket_that_does_not_answer_falls_back_to_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No socket there: the client's own words come back (what the host set-up reads), no exception."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/kernel-ci-test.sock")
+    ok, detail = docker.engine_version(timeout=5)
+    assert not ok and detail
+    with pytest.raises(docker.DockerError, match="inspecting image"):
+        docker.image_exists("kernel-ci/none:does-not-exist")
 
 
 @pytest.mark.slow
