@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernel_ci.build.layout import make_honest_links
@@ -273,44 +273,93 @@ _XZ_CHUNK = 1 << 20
 
 @dataclass
 class Compression:
-    """The background compression of vmlinux: its own seconds, and how long the build waited for it."""
+    """The background compression of vmlinux: its own seconds, and how long the build waited for it.
+
+    Started by start() (from kbuild's line saying vmlinux is linked, see VMLINUX_LINKED) or, at the latest,
+    by the end of make; the block's end waits for it. vmlinux is final once link-vmlinux.sh prints SYSMAP
+    (sorttable has rewritten it; only nm reads it after that), while make goes on with bzImage's compression
+    and the modules for seconds, mostly on one core: the other compresses. Whether vmlinux really was not
+    written after the start is checked at the end (inode, size, mtime and ctime, which any write changes):
+    if it was, it is compressed again, so an early start can cost time but never a stale vmlinux.xz."""
 
     seconds: float = 0.0
     waited: float = 0.0
     error: BaseException | None = None
+    recompressed: bool = False
+    vmlinux: Path = field(default=Path("vmlinux"), repr=False)
+    target: Path = field(default=Path("vmlinux.xz"), repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+    _identity: tuple[int, ...] | None = field(default=None, repr=False)
+
+    def start(self) -> threading.Thread:
+        """Compress vmlinux as it is now, in a thread (once; later calls return the same thread)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="vmlinux.xz", daemon=True)
+            self._thread.start()
+        return self._thread
+
+    def on_line(self, line: str) -> None:
+        """A kbuild line: the start when it says vmlinux is final."""
+        if self._thread is None and VMLINUX_LINKED.match(line):
+            self.start()
+
+    def _work(self) -> None:
+        started = time.monotonic()
+        try:
+            self._identity = _identity(self.vmlinux)
+            _compress(self.vmlinux, self.target, self._stop)
+        except BaseException as exc:  # re-raised in the caller's thread
+            self.error = exc
+        self.seconds = round(self.seconds + time.monotonic() - started, 2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def finish(self) -> None:
+        """Wait for it; compress again when vmlinux changed since it began; raise what it raised."""
+        thread = self.start()
+        waiting = time.monotonic()
+        thread.join()
+        if self.error is None and self._identity != _identity(self.vmlinux):
+            self.recompressed = True
+            self._thread = None
+            self.start().join()
+        self.waited = round(time.monotonic() - waiting, 2)
+        if self.error is not None:
+            raise self.error
+
+
+# link-vmlinux.sh's line once vmlinux is written for good (after SORTTAB, before it reads it for the map)
+VMLINUX_LINKED = re.compile(r"^\s+SYSMAP\s+System\.map\s*$")
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @contextlib.contextmanager
-def compressing_vmlinux(vmlinux: Path, target: Path) -> Iterator[Compression]:
+def compressing_vmlinux(vmlinux: Path, target: Path, *, early: bool = False) -> Iterator[Compression]:
     """vmlinux compressed to target (.xz, CRC32 check) in a thread while the block runs; the block's
     end waits for it, and raises what it raised. The kernel's image is done with when make has ended: the
     compression needs no container, and one thread of liblzma (which releases the GIL) runs beside the
-    host's collecting, which uses the other core. Leaving the block by an exception stops it at the next
-    chunk. The file appears whole (renamed from a temporary name) or not at all."""
-    done = Compression()
-    stop = threading.Event()
-
-    def work() -> None:
-        started = time.monotonic()
-        try:
-            _compress(vmlinux, target, stop)
-        except BaseException as exc:  # re-raised in the caller's thread
-            done.error = exc
-        done.seconds = round(time.monotonic() - started, 2)
-
-    thread = threading.Thread(target=work, name="vmlinux.xz", daemon=True)
-    thread.start()
+    host's collecting, which uses the other core. With early, it starts when the block calls start() or
+    passes it kbuild's lines (on_line), at the latest when the block ends. Leaving the block by an
+    exception stops it at the next chunk. The file appears whole (renamed from a temporary name) or not
+    at all."""
+    done = Compression(vmlinux=vmlinux, target=target)
+    if not early:
+        done.start()
     try:
         yield done
     except BaseException:
-        stop.set()
-        thread.join()
+        done.stop()
+        target.unlink(missing_ok=True)  # an early start may have finished: nothing of a failed build stays
         raise
-    waiting = time.monotonic()
-    thread.join()
-    done.waited = round(time.monotonic() - waiting, 2)
-    if done.error is not None:
-        raise done.error
+    done.finish()
 
 
 def _compress(vmlinux: Path, target: Path, stop: threading.Event) -> None:

@@ -313,11 +313,18 @@ class _StepClock:
         return {name: round(seconds, RECORD_DIGITS) for name, seconds in self.durations.items()}
 
 
-def run_steps(env: BuildEnv, steps: Sequence[ScriptStep], *, title: str) -> tuple[dict[str, float], int, str]:
+def run_steps(
+    env: BuildEnv,
+    steps: Sequence[ScriptStep],
+    *,
+    title: str,
+    on_line: Callable[[str], None] | None = None,
+) -> tuple[dict[str, float], int, str]:
     """STEPS in one builder container; returns (seconds per step, kbuild steps, the step that was running
-    last). A failing step raises CompileError naming it; Docker's own failure stays a CommandError."""
+    last). A failing step raises CompileError naming it; Docker's own failure stays a CommandError.
+    on_line sees every line of the output too (the flow starts vmlinux.xz from one)."""
     with _KbuildProgress(title) as progress:
-        clock = _StepClock(progress)
+        clock = _StepClock(progress if on_line is None else _both(progress, on_line))
         try:
             run_container(env, step_script(steps), on_line=clock, keep_output=False)
         except proc.CommandError as exc:
@@ -325,6 +332,14 @@ def run_steps(env: BuildEnv, steps: Sequence[ScriptStep], *, title: str) -> tupl
                 raise  # Docker itself failed (daemon down, image missing, OOM kill): infrastructure
             raise CompileError(f"{title} failed in its step {clock.current}: {exc}") from exc
     return clock.rounded(), progress.steps, clock.current
+
+
+def _both(first: Callable[[str], None], second: Callable[[str], None]) -> Callable[[str], None]:
+    def each(line: str) -> None:
+        first(line)
+        second(line)
+
+    return each
 
 
 class CompileError(BuildError):
@@ -495,7 +510,7 @@ class KbuildRun:
 def build_steps(env: BuildEnv) -> list[ScriptStep]:
     """The kernel image, modules and gdb scripts, then modules_install into out/.kci-modules (emptied
     first), with ccache's counters read before and after: one container for all of it. (vmlinux is
-    compressed on the host while the outputs are collected: build.artifacts.compressing_vmlinux.)"""
+    compressed on the host from its link on: build.artifacts.compressing_vmlinux.)"""
     staging = f"{OUT}/{MODULES_STAGING}"
     steps = [
         ScriptStep("make", shlex.join(env.make_argv("bzImage", "modules", "scripts_gdb"))),
@@ -515,11 +530,12 @@ def build_steps(env: BuildEnv) -> list[ScriptStep]:
     ]
 
 
-def build(env: BuildEnv) -> KbuildRun:
-    """Build the kernel (build_steps) in one container; its timings, kbuild steps and ccache figures."""
+def build(env: BuildEnv, on_line: Callable[[str], None] | None = None) -> KbuildRun:
+    """Build the kernel (build_steps) in one container; its timings, kbuild steps and ccache figures.
+    on_line: every line of its output as it comes."""
     for name in CCACHE_STATS:
         (env.out / name).unlink(missing_ok=True)  # a stale file must not pass for this build's
-    durations, steps, _last = run_steps(env, build_steps(env), title="kbuild")
+    durations, steps, _last = run_steps(env, build_steps(env), title="kbuild", on_line=on_line)
     ccache: dict[str, float | int] = {}
     if env.use_ccache:
         before, after = (parse_ccache_stats((env.out / name).read_text()) for name in CCACHE_STATS)

@@ -13,7 +13,7 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -392,14 +392,19 @@ def _build(request: BuildRequest, store: BuildStore | None) -> BuildResult:
 
 
 def _compile_and_publish(job: _Job, configured: _Configured, store: BuildStore) -> BuildResult:
-    """Compile, collect, publish (under the object tree's and the key's locks)."""
-    compiled = compile_kernel(job, configured)
+    """Compile, collect, publish (under the object tree's and the key's locks). vmlinux.xz is compressed
+    from the moment kbuild has linked vmlinux (build.artifacts.Compression), beside the rest of make and
+    the collecting."""
     staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
     try:
         vmlinux = configured.env.out / "vmlinux"
-        with outputs.compressing_vmlinux(vmlinux, staging / VMLINUX_XZ) as compression:
+        with outputs.compressing_vmlinux(vmlinux, staging / VMLINUX_XZ, early=True) as compression:
+            compiled = compile_kernel(job, configured, on_line=compression.on_line)
+            compression.start()  # make linked nothing (it had nothing to do): vmlinux is the last one
             gathered = gather(job, configured, staging)
         job.durations |= {"vmlinux_xz": compression.seconds, "vmlinux_xz.wait": compression.waited}
+        if compression.recompressed:
+            console.print("[dim]vmlinux changed after kbuild said it was linked: vmlinux.xz made again[/]")
         metadata = describe(job, configured, compiled, gathered, staging)
         with measure_duration() as took:
             publish(store, job, configured, staging)
@@ -512,12 +517,15 @@ def configure(job: _Job, env: builder.BuildEnv) -> _Configured:
     return _Configured(env, manifest, buildkey.build_key(manifest))
 
 
-def compile_kernel(job: _Job, configured: _Configured) -> _Compiled:
-    """Compile: the kernel and its modules, with ccache's figures for this build."""
+def compile_kernel(
+    job: _Job, configured: _Configured, on_line: Callable[[str], None] | None = None
+) -> _Compiled:
+    """Compile: the kernel and its modules, with ccache's figures for this build (on_line: kbuild's
+    output, line by line)."""
     env = configured.env
     step(f"build {job.src.version} ({len(job.patch_digests)} patches) key {configured.key[:16]}")
     with measure_duration(job.durations, "build"):
-        run = builder.build(env)
+        run = builder.build(env, on_line)
     # where the build's time went inside its container (container start, make, modules_install, ccache
     # statistics), beside the flow's own steps: the breakdown `kernel-ci build` and the bench print
     job.durations.update({f"build.{name}": seconds for name, seconds in run.durations.items()})

@@ -41,3 +41,53 @@ def test_a_missing_vmlinux_fails_at_the_end_of_the_block(tmp_path: Path) -> None
     with pytest.raises(FileNotFoundError), compressing_vmlinux(tmp_path / "vmlinux", target):
         pass
     assert not target.exists()
+
+
+def test_an_early_start_begins_at_kbuilds_sysmap_line_and_not_before(tmp_path: Path) -> None:
+    """With early, compression starts from kbuild's line saying vmlinux is linked (the rest of make goes on
+    beside it), not from any other line; the end of the block has the file."""
+    vmlinux, target = _vmlinux(tmp_path), tmp_path / "vmlinux.xz"
+    with compressing_vmlinux(vmlinux, target, early=True) as compression:
+        for line in ["  LD      vmlinux", "  SORTTAB vmlinux", "  CC      kernel/sysmap.o"]:
+            compression.on_line(line)
+        assert compression._thread is None, "started before vmlinux was final"
+        compression.on_line("  SYSMAP  System.map")
+        assert compression._thread is not None
+    assert lzma.decompress(target.read_bytes()) == vmlinux.read_bytes()
+    assert not compression.recompressed
+
+
+def test_a_vmlinux_written_after_the_early_start_is_compressed_again(tmp_path: Path) -> None:
+    """Whatever kbuild does after its SYSMAP line, vmlinux.xz is the vmlinux make left: a write after the
+    start (same size, even) is seen and the file made again."""
+    vmlinux, target = _vmlinux(tmp_path), tmp_path / "vmlinux.xz"
+    with compressing_vmlinux(vmlinux, target, early=True) as compression:
+        compression.on_line("  SYSMAP  System.map")
+        compression.start().join()
+        data = bytearray(vmlinux.read_bytes())
+        data[100:104] = b"EDIT"
+        with vmlinux.open("r+b") as handle:  # in place, as ld or objcopy would
+            handle.write(bytes(data))
+    assert compression.recompressed
+    assert lzma.decompress(target.read_bytes()) == bytes(data)
+
+
+def test_an_early_start_without_the_line_starts_at_the_end(tmp_path: Path) -> None:
+    """make had nothing to link (an unchanged tree): the block's end compresses the vmlinux there is."""
+    vmlinux, target = _vmlinux(tmp_path), tmp_path / "vmlinux.xz"
+    with compressing_vmlinux(vmlinux, target, early=True) as compression:
+        compression.on_line("make[1]: Nothing to be done for 'bzImage'.")
+    assert lzma.decompress(target.read_bytes()) == vmlinux.read_bytes()
+
+
+def test_a_failing_build_after_an_early_start_leaves_no_vmlinux_xz(tmp_path: Path) -> None:
+    vmlinux, target = _vmlinux(tmp_path), tmp_path / "out" / "vmlinux.xz"
+    target.parent.mkdir()
+    with (
+        pytest.raises(RuntimeError, match="modules failed"),
+        compressing_vmlinux(vmlinux, target, early=True) as c,
+    ):
+        c.on_line("  SYSMAP  System.map")
+        c.start().join()
+        raise RuntimeError("modules failed")
+    assert list(target.parent.iterdir()) == []
