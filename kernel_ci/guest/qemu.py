@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -296,9 +297,21 @@ def warm_folder(cfg: QemuConfig, base_image: Path, runner: Path) -> Path:
     image = base_image.resolve()
     stat = image.stat()
     return warmstart.folder(
-        [*argv, sha256_file(cfg.kernel), sha256_file(runner), f"{image}:{stat.st_size}:{stat.st_mtime_ns}",
+        [*argv, _digest_of(cfg.kernel), _digest_of(runner), f"{image}:{stat.st_size}:{stat.st_mtime_ns}",
          qemu_version()]
     )  # fmt: skip
+
+
+def _digest_of(path: Path) -> str:
+    """sha256 of a file, read once per process for as long as it is the same file: the guests of one run
+    share the kernel (~10 MB) and the runner."""
+    st = path.stat()
+    return _digest_once(path.resolve(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_once(path: Path, *identity: int) -> str:
+    return sha256_file(path)
 
 
 def accel_option(accel: Accel) -> str:

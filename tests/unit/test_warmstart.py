@@ -49,6 +49,11 @@ def test_a_snapshot_belongs_to_the_machine_not_to_the_run(
     assert qemu.warm_folder(replace(cfg, extra_append=("nokaslr",)), base, runner) != folder
     cfg.kernel.write_bytes(b"kernel 2")
     assert qemu.warm_folder(cfg, base, runner) != folder
+    st = cfg.kernel.stat()
+    cfg.kernel.write_bytes(b"kernel 3")  # same size, mtime put back: the digest kept per process is not used
+    os.utime(cfg.kernel, ns=(st.st_atime_ns, st.st_mtime_ns))
+    kernel_3 = qemu.warm_folder(cfg, base, runner)
+    assert kernel_3 != folder and kernel_3 == qemu.warm_folder(cfg, base, runner)
     cfg.kernel.write_bytes(b"kernel 1")
     runner.write_text("# runner 2\n")
     assert qemu.warm_folder(cfg, base, runner) != folder
