@@ -216,6 +216,7 @@ def run_bench(
 ) -> dict:
     """Measure the parts asked for; bench.json is rewritten after each part, so an interrupted run keeps
     what it measured."""
+    output = output.absolute()  # its work dir holds the builds' ccache and outputs: bind mounts' sources
     output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     figures: list[Figure] = []

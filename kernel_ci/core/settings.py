@@ -35,12 +35,13 @@ CCACHE_REMOTE_ENV = "CCACHE_REMOTE_STORAGE"
 
 
 def default_cache_root(environ: Mapping[str, str]) -> Path:
-    """$KERNEL_CI_CACHE, else $XDG_CACHE_HOME/kernel-ci, else ~/.cache/kernel-ci."""
+    """$KERNEL_CI_CACHE, else $XDG_CACHE_HOME/kernel-ci, else ~/.cache/kernel-ci; absolute (a relative one
+    is the current directory's: the builder's bind mounts and QEMU's paths take absolute paths only)."""
     explicit = environ.get(CACHE_ENV)
     if explicit:
-        return Path(explicit)
+        return Path(explicit).absolute()
     xdg = environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "kernel-ci"
+    return ((Path(xdg) if xdg else Path.home() / ".cache") / "kernel-ci").absolute()
 
 
 @dataclass(frozen=True)

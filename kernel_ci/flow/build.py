@@ -499,7 +499,7 @@ def prepare_build_env(job: _Job) -> builder.BuildEnv:
         image=job.image,
         src=src_tree,
         out=out_tree,
-        ccache_dir=job.request.ccache_dir or cache_dir("ccache"),
+        ccache_dir=(job.request.ccache_dir or cache_dir("ccache")).absolute(),  # a bind mount's source
         jobs=job.request.jobs,
         timestamp=kbuild_timestamp(job.src.tree),
         use_ccache=job.request.use_ccache,

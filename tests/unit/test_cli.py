@@ -176,3 +176,16 @@ def test_interrupted_exits_130(
 
     monkeypatch.setattr(junit, "read_report", interrupted)
     assert cli.main(["-o", str(tmp_path), "summary", str(tmp_path / "j.xml")]) == 130
+
+
+def test_a_relative_cache_root_is_taken_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KERNEL_CI_CACHE=.cache (or a relative XDG_CACHE_HOME) gave relative paths to the builder's bind
+    mounts, which Docker refuses ("expected /HOST:/GUEST"): the root is made absolute where it is read."""
+    from kernel_ci.core.settings import default_cache_root
+
+    monkeypatch.chdir(tmp_path)
+    assert default_cache_root({"KERNEL_CI_CACHE": "rel"}) == tmp_path / "rel"
+    assert default_cache_root({"XDG_CACHE_HOME": "xdg"}) == tmp_path / "xdg" / "kernel-ci"
+    assert default_cache_root({"KERNEL_CI_CACHE": "/abs/cache"}) == Path("/abs/cache")
