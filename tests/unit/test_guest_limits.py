@@ -13,13 +13,19 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from junit_check import read_back, suite_properties, suite_text
 
+from kernel_ci.core import proc
 from kernel_ci.flow import test as testpipeline
+from kernel_ci.guest import qemu
 from kernel_ci.guest.payload import PYTEST_ARGV, Plan, PlanSuite
+from kernel_ci.guest.protocol import EndKind
 from kernel_ci.guest.scanner import MAX_FAULTS, MAX_SUITE_SPANS, ConsoleScanner, scan
 from kernel_ci.report import guestfiles, ktap
 from kernel_ci.report import verdict as results
@@ -327,6 +333,42 @@ def test_a_flood_of_suite_markers_is_bounded():
     report = scanner.report()
     assert len(report.suites) <= MAX_SUITE_SPANS
     assert report.dropped_suites == 5_000
+
+
+FLOOD_LINES = 200_000  # ~30 MB of console, ~40 MB as Python strings: what an unbounded list would keep
+
+
+@pytest.mark.parametrize("kept", ["bounded", "unbounded"])
+def test_a_console_flood_before_the_warm_ready_mark_costs_no_host_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: str
+) -> None:
+    """The kernel is patch code: on a warm start's first boot it may print without end before the runner's
+    ready mark. The boot lines kept for the snapshot stop at BOOT_LINES_KEPT and the rest is read and
+    dropped, so the host's memory does not follow the flood. A real process floods a real pipe into the
+    console reader and the watcher; "unbounded" (the cap lifted) shows the test sees the difference."""
+    if kept == "unbounded":
+        monkeypatch.setattr(qemu, "BOOT_LINES_KEPT", 10 * FLOOD_LINES)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = qemu.QemuConfig(
+        tmp_path / "bzImage", run / "o.qcow2", run / "p", run / "r", run, warm=tmp_path / "warm",
+        console_limit=1 << 20,
+    )  # fmt: skip
+    flood = f"import sys\nfor _ in range({FLOOD_LINES}): sys.stdout.buffer.write(b'k' * 150 + b'\\n')"
+    guest = proc.spawn([sys.executable, "-c", flood], stdout=proc.PIPE, stderr=proc.PIPE)
+    assert guest.stdout is not None
+    tracemalloc.start()
+    try:
+        out = qemu._Console(guest.stdout, cfg.console_log, cfg.console_limit)
+        ended = qemu._watch(cfg, ["flood"], guest, time.monotonic(), None, out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ended.end == EndKind.POWEROFF and out.dropped_bytes > 0
+    if kept == "bounded":
+        assert peak < 12 * 2**20, f"the watcher held {peak / 2**20:.0f} MiB of a {FLOOD_LINES}-line flood"
+    else:
+        assert peak > 32 * 2**20, "the unbounded variant must show the growth the bound prevents"
 
 
 def test_the_console_tail_is_read_from_the_end_only(tmp_path):
