@@ -649,26 +649,9 @@ def publish(store: BuildStore, job: _Job, configured: _Configured, staging: Path
     if job.request.use_cache:
         entry = store.put(configured.key, staging, configured.manifest, move=True)
         store.put_alias(job.request_key, configured.key)
-    elif _moved_into_place(staging, Path(job.request.output)):
-        return
     else:
         entry = staging
     _link_or_copy_tree(entry, job.request.output)
-
-
-def _moved_into_place(staging: Path, dest: Path) -> bool:
-    """Without the cache, the build's own staging dir becomes the output dir by a rename when there is no
-    output dir yet (or an empty one) on the same filesystem: the copy wrote ~95 MB and 11,600 files (2.2 s
-    of a ccache-warm build into a new dir). False when it cannot: the caller copies (an existing output is
-    synced, keeping what did not change, see core.files.sync_tree)."""
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
-            return False
-        os.rename(staging, dest)  # replaces an empty directory; fails across filesystems (EXDEV)
-    except OSError:
-        return False
-    return True
 
 
 def _restore(entry: Path, key: str, request: BuildRequest, clock: Duration, why: str) -> BuildResult:
