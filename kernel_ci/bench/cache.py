@@ -179,10 +179,13 @@ class TimedPutStore(LocalStore):
         move: bool = False,
         expected: Mapping[str, FileRecord] | None = None,
         verified: bool = False,
+        durable: bool = True,
     ) -> Path:
         started = time.monotonic()
         try:
-            return super().put(key, outputs, manifest, move=move, expected=expected, verified=verified)
+            return super().put(
+                key, outputs, manifest, move=move, expected=expected, verified=verified, durable=durable
+            )
         finally:
             self.put_seconds = time.monotonic() - started
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel_ci.cache import remote
 from kernel_ci.cache.remote import DIGESTS_OUTPUT, CacheClient, RemoteConfig, RemoteStore, extract_members
 from kernel_ci.cache.server.server import ServerConfig
 from kernel_ci.cache.store import CacheStoreError, FileRecord, LocalStore, TreeWriter, UnsafeEntryError
@@ -55,6 +56,8 @@ class Attack:
     tars: dict[str, list[Member]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)  # plain-file outputs, in manifest order after tars
     modes: dict[str, int] = field(default_factory=dict)
+    raw: dict[str, bytes] = field(default_factory=dict)  # tar bytes crafted by hand, in place of make_tar's
+    dirs: list[str] = field(default_factory=list)  # more directories for the digests to list
 
 
 def make_tar(members: Iterable[Member]) -> bytes:
@@ -89,13 +92,17 @@ def digests_document(attack: Attack) -> bytes:
                 files[member.name] = {"sha256": sha(claimed), "size": len(claimed), "mode": mode}
     for name, data in attack.files.items():
         files[name] = {"sha256": sha(data), "size": len(data), "mode": attack.modes.get(name, 0o644)}
-    return json.dumps({"schema": 2, "key": KEY, "files": files, "dirs": sorted(dirs)}).encode()
+    return json.dumps(
+        {"schema": 2, "key": KEY, "files": files, "dirs": sorted([*dirs, *attack.dirs])}
+    ).encode()
 
 
 def publish(client: CacheClient, tmp: Path, attack: Attack) -> None:
     """Upload the attack's blobs and its manifest, as a write-token holder can."""
     outputs = []
-    blobs: list[tuple[str, bytes]] = [(name, make_tar(m)) for name, m in attack.tars.items()]
+    blobs: list[tuple[str, bytes]] = [
+        (name, attack.raw.get(name) or make_tar(m)) for name, m in attack.tars.items()
+    ]
     blobs += list(attack.files.items())
     blobs.append((DIGESTS_OUTPUT, digests_document(attack)))
     for index, (name, data) in enumerate(blobs):
@@ -389,3 +396,191 @@ def test_put_of_verified_files_still_checks_names_sizes_and_modes(tmp_path: Path
         KEY, outputs({"bzImage": b"kernel"}), INPUTS, expected={"bzImage": record}, verified=True
     )
     assert entry == store.get(KEY) and (entry / "bzImage").read_bytes() == b"kernel"
+
+
+# -- the tar reader (kernel_ci.cache.remote._members): headers forged by hand ---------------------------
+
+
+def with_header(tar: bytes, index: int, offset: int, value: bytes, *, checksum: bool = True) -> bytes:
+    """tar with bytes at offset of its index-th 512-byte block replaced (and that header's checksum fixed)."""
+    data = bytearray(tar)
+    start = index * 512
+    data[start + offset : start + offset + len(value)] = value
+    if checksum:
+        data[start + 148 : start + 156] = b" " * 8
+        data[start + 148 : start + 156] = b"%06o\0 " % sum(data[start : start + 512])
+    return bytes(data)
+
+
+def gnu_tar(members: Iterable[Member]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for member in members:
+            info = tarfile.TarInfo(member.name)
+            info.size = len(member.data)
+            tar.addfile(info, io.BytesIO(member.data))
+    return buffer.getvalue()
+
+
+def pax_tar(member: Member, records: dict[str, str], global_records: dict[str, str] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers=global_records) as tar:
+        for honest in honest_members():
+            info = tarfile.TarInfo(honest.name)
+            info.type, info.mode, info.size = honest.type, honest.mode, len(honest.data)
+            tar.addfile(info, io.BytesIO(honest.data))
+        info = tarfile.TarInfo(member.name)
+        info.size, info.mode, info.pax_headers = len(member.data), member.mode, records
+        tar.addfile(info, io.BytesIO(member.data))
+    return buffer.getvalue()
+
+
+LONG = "kbuild/" + "/".join(["d" * 60] * 3) + "/header.h"  # over ustar's 100 characters: a PAX path record
+
+
+@pytest.mark.parametrize(
+    ("records", "global_records"),
+    [
+        ({"linkpath": "/etc/passwd"}, None),
+        ({"GNU.sparse.map": "0,10"}, None),
+        ({"hdrcharset": "BINARY"}, None),
+        ({"SCHILY.xattr.security.capability": "x"}, None),
+        ({"path": "kbuild/../../home/.ssh/authorized_keys"}, None),
+        ({"path": "/home/.ssh/authorized_keys"}, None),
+        ({"size": "-5"}, None),
+        ({}, {"path": "kbuild/evil"}),
+    ],
+    ids=["linkpath", "sparse", "hdrcharset", "xattr", "path-dotdot", "path-absolute", "size", "global"],
+)
+def test_pax_records_an_entry_never_has_are_refused(
+    tmp_path: Path,
+    victim,  # type: ignore[no-untyped-def]
+    records: dict[str, str],
+    global_records: dict[str, str] | None,
+) -> None:
+    attacker, store, outside = victim
+    member = Member("kbuild/x.h", data=b"int x;\n")
+    attack = Attack(
+        tars={"kbuild": [*honest_members(), member]},
+        raw={"kbuild": pax_tar(member, records, global_records)},
+    )
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+def test_a_gnu_long_name_member_is_refused(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    member = Member(LONG, data=b"int x;\n")
+    attack = Attack(tars={"kbuild": [member]}, raw={"kbuild": gnu_tar([member])})
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+def forged(index: int, offset: int, value: bytes, *, checksum: bool = True) -> bytes:
+    return with_header(make_tar(honest_members()), index, offset, value, checksum=checksum)
+
+
+@pytest.mark.parametrize(
+    "tar",
+    [
+        forged(1, 0, b"kbuild/Makefilf", checksum=False),  # a bit flipped in a name: the checksum says so
+        forged(1, 124, b"\x80" + bytes(10) + b"\x05"),  # the size in base-256
+        forged(1, 124, b"-0000000005\0"),  # a negative size
+        forged(1, 124, b"77777777777\0"),  # 8 GiB, more than the blob and than listed: refused before reading
+        forged(1, 257, b"GNUtar"),  # not a ustar header
+        forged(1, 345, b"../.."),  # a ustar name prefix that climbs out
+        make_tar(honest_members())[:1027],  # truncated inside the Makefile's data
+        make_tar(honest_members())[:700],  # truncated inside a header
+        make_tar([*honest_members(), Member(LONG, data=b"int x;\n")])[: 512 * 5]
+        + bytes(1024),  # a PAX path record whose member never comes (the archive ends first)
+    ],
+    ids=[
+        "checksum",
+        "base-256",
+        "negative",
+        "oversize",
+        "magic",
+        "prefix",
+        "cut-data",
+        "cut-header",
+        "lone-pax",
+    ],
+)
+def test_forged_or_truncated_tar_headers_are_refused(tmp_path: Path, victim, tar: bytes) -> None:  # type: ignore[no-untyped-def]
+    attacker, store, outside = victim
+    attack = Attack(
+        tars={"kbuild": [*honest_members(), Member("kbuild/x.h", data=b"int x;\n")]}, raw={"kbuild": tar}
+    )
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
+def test_a_file_member_over_a_listed_directory_fails_in_the_writer_thread(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    """The name exists already (a directory of the digest list, made before any member): the writer
+    thread's O_EXCL refuses it, and the restore waits for every writer before discarding staging."""
+    attacker, store, outside = victim
+    members = [*honest_members(), *(Member(f"kbuild/f{i}", data=b"x" * i) for i in range(200))]
+    members.append(Member("kbuild/sub", data=b"file over a directory\n"))
+    publish(attacker, tmp_path, Attack(tars={"kbuild": members}, dirs=["kbuild/sub"]))
+    assert_refused(store, outside)
+
+
+def test_a_big_member_streamed_to_disk_is_still_checked(
+    tmp_path: Path,
+    victim,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Members above BIG_MEMBER are written as they arrive (not held in memory): a wrong digest is still a
+    miss, with the partial file discarded with staging; the right bytes are restored."""
+    attacker, store, outside = victim
+    monkeypatch.setattr(remote, "BIG_MEMBER", 1024)
+    evil = Member("kbuild/vmlinux", data=b"e" * 5000, listed_data=b"h" * 5000)
+    publish(attacker, tmp_path, Attack(tars={"kbuild": [*honest_members(), evil]}))
+    assert_refused(store, outside)
+
+
+def test_long_and_prefixed_names_of_an_honest_tar_are_restored(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    """The control for the reader: a PAX path record (write_tar's long names), a ustar name prefix
+    (another writer's), and a big member streamed in pieces all come back exactly."""
+    attacker, store, _outside = victim
+    prefixed = "kbuild/" + "p" * 120 + "/short.h"
+    members = [*honest_members(), Member(LONG, data=b"long\n"), Member(prefixed, data=b"prefixed\n")]
+    ustar = io.BytesIO()
+    with tarfile.open(fileobj=ustar, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for member in members:
+            info = tarfile.TarInfo(member.name)
+            info.type, info.mode, info.size = member.type, member.mode, len(member.data)
+            tar.addfile(info, io.BytesIO(member.data))
+    big = Member("modules/big.ko", data=os.urandom(3 * 1024 * 1024 + 7))
+    attack = Attack(
+        tars={"kbuild": members, "modules": [Member("modules", tarfile.DIRTYPE, mode=0o755), big]},
+        raw={"kbuild": ustar.getvalue()},
+    )
+    publish(attacker, tmp_path, attack)
+    remote_big = remote.BIG_MEMBER
+    try:
+        remote.BIG_MEMBER = 1024 * 1024  # the big member goes through the streamed path
+        entry = store.get(KEY)
+    finally:
+        remote.BIG_MEMBER = remote_big
+    assert entry is not None
+    assert (entry / LONG).read_bytes() == b"long\n"
+    assert (entry / prefixed).read_bytes() == b"prefixed\n"
+    assert (entry / "modules" / "big.ko").read_bytes() == big.data
+
+
+def test_a_blob_longer_than_its_declared_size_is_cut_off(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    """A service cannot stream more than the manifest said (an endless tar of directories would never
+    end): the client stops at the declared size."""
+    attacker, store, _outside = victim
+    tar = make_tar(
+        [*honest_members(), *(Member(f"kbuild/d{i}", tarfile.DIRTYPE, mode=0o755) for i in range(50))]
+    )
+    path = tmp_path / "blob"
+    path.write_bytes(tar)
+    attacker.put_blob(sha(tar), len(tar), path)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    records = {"kbuild/Makefile": FileRecord(sha256=sha(b"all:\n"), size=5, mode=0o644)}
+    with pytest.raises(UnsafeEntryError, match="more than the 2048 bytes"):
+        store.client.extract(sha(tar), 2048, staging, "kbuild", records)
