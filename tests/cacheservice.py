@@ -52,12 +52,15 @@ def free_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def server_in_thread(config: ServerConfig) -> Iterator[Running]:
-    """The service in a thread of this process (its CacheService is reachable for white-box checks)."""
+def server_in_thread(config: ServerConfig, fast_path: bool = True) -> Iterator[Running]:
+    """The service in a thread of this process (its CacheService is reachable for white-box checks);
+    ``fast_path=False``: without its ccache read fast paths, every request through the routes."""
     if not config.tokens:
         config.tokens = [TOKEN]
         config.read_tokens = config.read_tokens or [READ_TOKEN]
     app, service = make_app(config)
+    if not fast_path:
+        app.fast = None  # type: ignore[attr-defined]  # app.CacheApp: answers through its routes only
     sock = free_socket()
     port = sock.getsockname()[1]
     config_ = uvicorn.Config(

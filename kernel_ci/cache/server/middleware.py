@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -112,24 +113,78 @@ def _authorization(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class FastAnswer:
+    """A ccache read answered by the fast path: the status, the Content-Length, and the body (empty for a
+    HEAD or a miss)."""
+
+    status: int
+    length: int
+    body: bytes = b""
+    typed: bool = False  # with a Content-Type: a GET's object (the routes' blob_response), not a HEAD or 404
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The routed handler's headers for the same answer, in its order."""
+        length = (b"content-length", b"%d" % self.length)
+        return [length, (b"content-type", b"application/octet-stream")] if self.typed else [length]
+
+
 class CcacheFastPath:
     """ccache GET/HEAD answered before Starlette: the one hot path (thousands of requests per build), where
     routing, the middleware stack and a Request object per request were most of the app's time.
 
     It answers only what it can answer exactly as the full app would, and hands anything else to it
-    (``serve`` returns False), which then answers with the reason:
+    (``answer`` returns None, ``serve`` False), which then answers with the reason:
 
     - the path guard: only a path without percent-encoding (raw path == decoded path) that is a ccache key
       (``ccache_key_from_path``: ``[0-9a-v]`` or hex segments, nothing else) is served here; such a path
       has none of what PathGuard refuses (dot segments, backslashes, control characters, '//', length);
     - the token: ``auth.authorize_header``, the function the full app's Access calls;
-    - the metrics: the latency and response counts Timing records, the hit/miss count of the service;
+    - the metrics: the latency and response counts Timing records (``record``), the hit/miss count of the
+      service;
     - small objects only on the event loop (INLINE_HASH_MAX), as the routed handler does.
+
+    Two callers: ``serve`` (an ASGI request, from app.CacheApp) and protocol.GatheringHttpToolsProtocol,
+    which answers a request with ``answer`` as soon as its headers are parsed, without an ASGI task.
     """
 
     def __init__(self, service: CacheService, auth: AuthConfig) -> None:
         self.service = service
         self.auth = auth
+
+    def answer(self, method: str, raw_path: str, authorization: str | None) -> FastAnswer | None:
+        """The answer to a ccache ``GET``/``HEAD`` of ``raw_path`` (the path as sent, not percent-decoded,
+        without its query), or None: the full app answers it (whatever it is, and why it is refused)."""
+        if method not in ("GET", "HEAD") or not raw_path.startswith("/ccache/") or "%" in raw_path:
+            return None  # percent-encoded: the path guard decides
+        try:
+            key = ccache_key_from_path(raw_path[len("/ccache/") :])
+            authorize_header(authorization, self.auth, write=False)
+            found = self.service.ccache_lookup(key)
+        except (ServiceError, Denied, IndexError_):
+            return None
+        if found is None:
+            if method == "GET":
+                self.service.ccache_count(None)
+            return FastAnswer(404, 0)
+        if method == "HEAD":
+            return FastAnswer(200, found[1])
+        if found[1] > INLINE_HASH_MAX:
+            return None  # a big object: read (and verified if need be) off the event loop
+        try:
+            blob = self.service.ccache_read(key, found[0])
+        except (BlobError, IndexError_, OSError):
+            return None
+        if blob is None:
+            return FastAnswer(404, 0)
+        body = blob.data if blob.data is not None else b"".join(blob.chunks())
+        return FastAnswer(200, blob.size, body, typed=True)
+
+    def record(self, method: str, status: int, start: float) -> None:
+        """The metrics Timing records for a routed request (latency, responses by code)."""
+        metrics = self.service.metrics
+        metrics.observe(time.perf_counter() - start, route="ccache", method=method)
+        metrics.inc("kernel_ci_cache_http_responses_total", route="ccache", method=method, code=str(status))
 
     async def serve(self, scope: Scope, send: Send) -> bool:
         start = time.perf_counter()
@@ -138,35 +193,10 @@ class CcacheFastPath:
         raw = scope.get("raw_path")
         if raw is not None and raw != path.encode():
             return False  # percent-encoded: the path guard decides
-        try:
-            key = ccache_key_from_path(path[len("/ccache/") :])
-            authorize_header(_authorization(scope["headers"]), self.auth, write=False)
-            found = self.service.ccache_lookup(key)
-        except (ServiceError, Denied, IndexError_):
+        found = self.answer(method, path, _authorization(scope["headers"]))
+        if found is None:
             return False
-        body = b""
-        size = None if found is None else found[1]
-        if method == "GET":
-            if found is None:
-                self.service.ccache_count(None)
-            elif found[1] > INLINE_HASH_MAX:
-                return False  # a big object: read (and verified if need be) off the event loop
-            else:
-                try:
-                    blob = self.service.ccache_read(key, found[0])
-                except (BlobError, IndexError_, OSError):
-                    return False
-                size = None if blob is None else blob.size
-                if blob is not None:
-                    body = blob.data if blob.data is not None else b"".join(blob.chunks())
-        status = 404 if size is None else 200
-        headers = [
-            (b"content-length", b"%d" % (size or 0)),
-            (b"content-type", b"application/octet-stream"),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        metrics = self.service.metrics
-        metrics.observe(time.perf_counter() - start, route="ccache", method=method)
-        metrics.inc("kernel_ci_cache_http_responses_total", route="ccache", method=method, code=str(status))
+        await send({"type": "http.response.start", "status": found.status, "headers": found.headers()})
+        await send({"type": "http.response.body", "body": found.body})
+        self.record(method, found.status, start)
         return True

@@ -1,0 +1,285 @@
+"""The ccache read fast paths against the routes, attacked: every request, hostile or not, gets the same bytes
+from a service with them (protocol.GatheringHttpToolsProtocol answering in the parser's callback,
+middleware.CcacheFastPath before Starlette) as from one without them, over one store, and counts the same
+in the metrics. Two real services on 127.0.0.1, requests as raw bytes (no client library fixing them up)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from kernel_ci.cache.server.middleware import INLINE_HASH_MAX
+from kernel_ci.cache.server.protocol import GatheringHttpToolsProtocol
+from kernel_ci.cache.server.server import ServerConfig, make_app
+from tests.cacheservice import READ_TOKEN, TOKEN, Running, metric, server_in_thread
+
+KEY = "0123" + "abcdefghijklmnopqrstuv0123456"  # 33 chars of [0-9a-v] (ccache <= 4.12)
+HEX_KEY = "ab" * 20  # 40 hex (ccache >= 4.13)
+EMPTY_KEY = "0" * 33
+BIG_KEY = "1" * 33  # larger than what the event loop reads itself: the fast path hands it on
+MISSING_KEY = "2" * 33
+BAZEL = "cd" * 32
+OBJECTS = {
+    f"/ccache/{KEY[:2]}/{KEY[2:]}": os.urandom(10 << 10),
+    f"/ccache/{HEX_KEY}": os.urandom(3000),
+    f"/ccache/{EMPTY_KEY[:2]}/{EMPTY_KEY[2:]}": b"",
+    f"/ccache/{BIG_KEY[:2]}/{BIG_KEY[2:]}": os.urandom(INLINE_HASH_MAX + 1),
+    f"/ccache/ac/{BAZEL}": os.urandom(100),
+}
+HIT = f"/ccache/{KEY[:2]}/{KEY[2:]}"
+
+TARGETS = [
+    *OBJECTS,
+    f"/ccache/{KEY}",  # the same object, flat layout
+    f"/ccache/{MISSING_KEY[:2]}/{MISSING_KEY[2:]}",
+    HIT + "?x=1&y",
+    HIT + "#fragment",
+    # path attacks: the path guard's 400, or the routes' answer, never the fast path's
+    "/ccache/../../etc/passwd",
+    "/ccache/%2e%2e/%2e%2e/etc/passwd",
+    "/ccache/..%2f..%2fcanary",
+    f"/ccache/{KEY[:2]}%2f{KEY[2:]}",  # decodes to a valid key
+    f"/ccache/{KEY[:2]}/{KEY[2:-1]}%{ord(KEY[-1]):02x}",  # an encoded letter: decodes to the hit
+    f"/ccache/{KEY[:2]}/{KEY[2:]}%00",
+    f"/ccache/{KEY[:2]}\\{KEY[2:]}",
+    f"/ccache//{KEY}",
+    f"/ccache/./{KEY}",
+    f"/ccache/{KEY[:2]}/./{KEY[2:]}",
+    f"/ccache/{KEY}/",
+    f"/ccache/{KEY.upper()}",
+    f"/ccache/{KEY}0",  # one character too many
+    f"/ccache/{KEY[:-1]}",
+    "/ccache/" + "a" * 1000,  # under the path guard's limit, not a key
+    "/ccache/" + "a" * 5000,
+    "/ccache/",
+    "/ccache",
+    f"/CCACHE/{KEY}",
+    f"//ccache/{KEY}",
+    f"http://127.0.0.1/ccache/{KEY}",  # absolute-form request target
+    f"/ccache/{KEY[:2]}/{KEY[2:]}\x7f",
+    f"/ccache/{KEY[:2]}/{KEY[2:]}\xe9",  # a non-ASCII byte (sent as Latin-1)
+]
+
+AUTHORIZATIONS: list[list[str]] = [
+    [],
+    [f"Bearer {READ_TOKEN}"],
+    [f"Bearer {TOKEN}"],
+    ["Bearer wrong-token"],
+    ["Basic " + base64.b64encode(f"ccache:{READ_TOKEN}".encode()).decode()],
+    ["Basic " + base64.b64encode(b"ccache:wrong").decode()],
+    ["Basic !!!not-base64"],
+    ["Digest username=x"],
+    ["Bearer "],
+    ["Bearer wrong-token", f"Bearer {READ_TOKEN}"],  # two headers: the first one counts, on every path
+    [f"Bearer {READ_TOKEN}", "Bearer wrong-token"],
+]
+
+_DATE = re.compile(rb"^date: [^\r]*\r\n", re.IGNORECASE | re.MULTILINE)
+
+
+def request(method: str, target: str, auth: Sequence[str] = (), extra: str = "", body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: x", *(f"Authorization: {a}" for a in auth)]
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode("latin-1") + body
+
+
+def exchange(server: Running, data: bytes) -> bytes:
+    """Send raw bytes, then read until the server closes (the last request says Connection: close); the
+    answer without its Date header (the one thing that may differ between two servers)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(1 << 20):
+            chunks.append(chunk)
+    return _DATE.sub(b"", b"".join(chunks))
+
+
+@pytest.fixture(params=[True, False], ids=["anonymous-read", "no-anonymous-read"])
+def pair(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Running, Running]]:
+    """(with the fast paths, without them): two services over one store, the objects stored."""
+    data = tmp_path / "data"
+    with (
+        server_in_thread(ServerConfig(data=data, anonymous_read=request.param)) as fast,
+        server_in_thread(ServerConfig(data=data, anonymous_read=request.param), fast_path=False) as routed,
+    ):
+        with fast.client() as client:
+            for path, content in OBJECTS.items():
+                assert client.put(path, content=content).status_code == 201
+        yield fast, routed
+
+
+CLOSE = "Connection: close\r\n"
+FULL_AUTH_TARGETS = {
+    HIT,
+    f"/ccache/{MISSING_KEY[:2]}/{MISSING_KEY[2:]}",
+    f"/ccache/{BIG_KEY[:2]}/{BIG_KEY[2:]}",
+}
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response else 0
+
+
+def test_every_read_and_path_attack_gets_the_routes_answer(pair: tuple[Running, Running]) -> None:
+    """GET and HEAD of objects, misses and hostile paths, with every kind of credential: byte for byte the
+    answer of the routes (status, headers, JSON error), and the same metrics."""
+    fast, routed = pair
+    statuses = set()
+    for method in ("GET", "HEAD"):
+        for target in TARGETS:
+            for auth in AUTHORIZATIONS if target in FULL_AUTH_TARGETS else AUTHORIZATIONS[:2]:
+                raw = request(method, target, auth, CLOSE)
+                got, want = exchange(fast, raw), exchange(routed, raw)
+                assert got == want, (method, target[:60], auth, got[:300], want[:300])
+                statuses.add(_status(got))
+    assert {200, 400, 401, 404} <= statuses, statuses
+    _compare_metrics(fast, routed)
+
+
+METHOD_CONFUSION = [
+    request("PUT", HIT, [f"Bearer {READ_TOKEN}"], "Content-Length: 5\r\n" + CLOSE, b"owned"),
+    request("PUT", HIT, [], "Content-Length: 5\r\n" + CLOSE, b"owned"),
+    request("PUT", HIT, ["Bearer wrong-token"], "Content-Length: 5\r\n" + CLOSE, b"owned"),
+    request("DELETE", HIT, [f"Bearer {READ_TOKEN}"], CLOSE),
+    request("DELETE", HIT, [], CLOSE),
+    request("POST", HIT, [f"Bearer {TOKEN}"], "Content-Length: 2\r\n" + CLOSE, b"{}"),
+    request("OPTIONS", HIT, [f"Bearer {READ_TOKEN}"], CLOSE),
+    request("PATCH", HIT, [f"Bearer {TOKEN}"], CLOSE),
+    request("get", HIT, [f"Bearer {READ_TOKEN}"], CLOSE),  # not a method: the parser's 400
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Content-Length: 3\r\n" + CLOSE, b"abc"),
+    request("HEAD", HIT, [f"Bearer {READ_TOKEN}"], "Content-Length: 3\r\n" + CLOSE, b"abc"),
+    request(
+        "GET",
+        HIT,
+        [f"Bearer {READ_TOKEN}"],
+        "Transfer-Encoding: chunked\r\n" + CLOSE,
+        b"3\r\nabc\r\n0\r\n\r\n",
+    ),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Expect: 100-continue\r\n" + CLOSE),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Upgrade: websocket\r\nConnection: upgrade\r\n")
+    + request("GET", HIT, [f"Bearer {READ_TOKEN}"], CLOSE),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"]).replace(b"HTTP/1.1", b"HTTP/1.0"),  # 1.0: closed after
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Connection: keep-alive\r\n").replace(
+        b"HTTP/1.1", b"HTTP/1.0"
+    )
+    + request("HEAD", HIT, [f"Bearer {READ_TOKEN}"], CLOSE),
+    b"GET "
+    + HIT.encode()
+    + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+    + READ_TOKEN.encode()
+    + b"\n\r\n",
+    b"GET " + HIT.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization\r\n" + CLOSE.encode() + b"\r\n",
+    b"GET " + HIT.encode() + b"\r\n\r\n",  # no HTTP version
+]
+
+
+@pytest.mark.parametrize("raw", METHOD_CONFUSION, ids=range(len(METHOD_CONFUSION)))
+def test_writes_bodies_and_odd_requests_get_the_routes_answer(
+    pair: tuple[Running, Running], raw: bytes
+) -> None:
+    """A write with a read token or none, a read with a body, an upgrade, HTTP/1.0, malformed request lines:
+    what the routes (or uvicorn) answer, and nothing stored changes."""
+    fast, routed = pair
+    got, want = exchange(fast, raw), exchange(routed, raw)
+    assert got == want, (raw[:120], got[:300], want[:300])
+    with fast.client() as client:
+        assert client.get(HIT).content == OBJECTS[HIT]
+
+
+def _read_response(sock: socket.socket, head_only: bool) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"content-length: (\d+)", head)
+    length = 0 if head_only or match is None else int(match.group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    assert len(body) == length, (head, len(body))
+    return _DATE.sub(b"", head + b"\r\n\r\n") + body
+
+
+KEEP_ALIVE = [
+    ("GET", HIT, [f"Bearer {READ_TOKEN}"]),
+    ("HEAD", HIT, []),
+    ("GET", f"/ccache/{MISSING_KEY}", []),
+    ("GET", "/ccache/%2e%2e/x", []),
+    ("GET", f"/ccache/{BIG_KEY}", [f"Bearer {READ_TOKEN}"]),
+    ("GET", HIT, ["Bearer wrong-token"]),
+    ("GET", "/healthz", []),
+    ("GET", f"/ccache/{HEX_KEY}", [f"Bearer {TOKEN}"]),
+    ("GET", f"/ccache/{EMPTY_KEY}", [f"Bearer {READ_TOKEN}"]),
+]
+
+
+def test_keep_alive_and_pipelined_reads_get_the_routes_answers(pair: tuple[Running, Running]) -> None:
+    """One connection: requests one at a time, then all at once (pipelined, fast and routed ones mixed):
+    the same answers in the same order."""
+    fast, routed = pair
+    answers = []
+    for server in (fast, routed):
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            one_by_one = []
+            for method, target, auth in KEEP_ALIVE:
+                sock.sendall(request(method, target, auth))
+                one_by_one.append(_read_response(sock, method == "HEAD"))
+        pipelined = b"".join(request(m, t, a) for m, t, a in KEEP_ALIVE) + request("GET", HIT, [], CLOSE)
+        answers.append((one_by_one, exchange(server, pipelined)))
+    assert answers[0] == answers[1]
+    assert _status(answers[0][0][0]) == 200 and _status(answers[0][0][3]) == 400
+
+
+def _compare_metrics(fast: Running, routed: Running) -> None:
+    """The same counts on both: hits and misses, responses by method and code, latency observations."""
+    with fast.client() as a, routed.client() as b:
+        texts = a.get("/metrics").text, b.get("/metrics").text
+    for labels in ({"result": "hit"}, {"result": "miss"}):
+        got, want = (metric(t, "kernel_ci_cache_requests_total", kind="ccache", **labels) for t in texts)
+        assert got == want, (labels, got, want)
+    for method in ("GET", "HEAD"):
+        for code in ("200", "400", "401", "404"):
+            labels = {"route": "ccache", "method": method, "code": code}
+            got, want = (metric(t, "kernel_ci_cache_http_responses_total", **labels) for t in texts)
+            assert got == want, (labels, got, want)
+        got, want = (
+            metric(t, "kernel_ci_cache_request_duration_seconds_count", route="ccache", method=method)
+            for t in texts
+        )
+        assert got == want, (method, got, want)
+
+
+def test_a_plain_ccache_read_is_answered_in_the_parser_callback(tmp_path: Path) -> None:
+    """The protocol's own fast path is taken (not only the ASGI one): the answer is on the socket when
+    data_received returns, before the event loop ran anything (an ASGI request would be a task still)."""
+    app, service = make_app(ServerConfig(data=tmp_path / "data", tokens=[TOKEN]))
+    content = os.urandom(10 << 10)
+    service.ccache_put(KEY, content)
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        config = uvicorn.Config(app, log_level="warning", access_log=False, http=GatheringHttpToolsProtocol)
+        config.load()
+        protocol = GatheringHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        ours, peer = socket.socketpair()
+        with ours, peer:
+            await loop.connect_accepted_socket(lambda: protocol, ours)
+            protocol.data_received(request("GET", HIT))
+            peer.setblocking(False)
+            answer = peer.recv(1 << 20)
+            protocol.transport.close()
+            return answer
+
+    answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(content)
