@@ -161,6 +161,8 @@ class TreeWriter:
         fd = self._fds.get(parts)
         if fd is not None:
             return fd
+        if not parts:
+            raise CacheStoreError(f"TreeWriter of {self.root} used after close")
         parent = self.directory(parts[:-1])
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         try:
