@@ -6,16 +6,19 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_ci.cache.server.auth import AuthConfig, Denied, authorize_header
 from kernel_ci.cache.server.blobs import BlobError
 from kernel_ci.cache.server.index import IndexError_
+from kernel_ci.cache.server.metrics import LATENCY
 from kernel_ci.cache.server.service import CacheService, ServiceError, ccache_key_from_path
 from kernel_ci.cache.server.transfer import error
 
 INLINE_HASH_MAX = 64 << 10  # the most bytes hashed on the event loop for one request (ccache fast path)
+RESPONSES = "kernel_ci_cache_http_responses_total"
 MAX_PATH = 1024  # the longest route (a build's file) is under 400 characters
 
 
@@ -100,9 +103,7 @@ class Timing:
             group = route_group(scope["path"])
             method = scope["method"]
             self.service.metrics.observe(time.perf_counter() - start, route=group, method=method)
-            self.service.metrics.inc(
-                "kernel_ci_cache_http_responses_total", route=group, method=method, code=str(status[0])
-            )
+            self.service.metrics.inc(RESPONSES, route=group, method=method, code=str(status[0]))
 
 
 def _authorization(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -151,6 +152,7 @@ class CcacheFastPath:
     def __init__(self, service: CacheService, auth: AuthConfig) -> None:
         self.service = service
         self.auth = auth
+        self._recorders: dict[tuple[str, int], tuple[Any, Any]] = {}  # (method, status) -> metrics children
 
     def answer(self, method: str, raw_path: str, authorization: str | None) -> FastAnswer | None:
         """The answer to a ccache ``GET``/``HEAD`` of ``raw_path`` (the path as sent, not percent-decoded,
@@ -182,9 +184,16 @@ class CcacheFastPath:
 
     def record(self, method: str, status: int, start: float) -> None:
         """The metrics Timing records for a routed request (latency, responses by code)."""
-        metrics = self.service.metrics
-        metrics.observe(time.perf_counter() - start, route="ccache", method=method)
-        metrics.inc("kernel_ci_cache_http_responses_total", route="ccache", method=method, code=str(status))
+        recorder = self._recorders.get((method, status))
+        if recorder is None:
+            metrics = self.service.metrics
+            recorder = self._recorders[(method, status)] = (
+                metrics.child(LATENCY, route="ccache", method=method),
+                metrics.child(RESPONSES, route="ccache", method=method, code=str(status)),
+            )
+        latency, responses = recorder
+        latency.observe(time.perf_counter() - start)
+        responses.inc()
 
     async def serve(self, scope: Scope, send: Send) -> bool:
         start = time.perf_counter()

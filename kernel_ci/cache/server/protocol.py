@@ -84,6 +84,9 @@ class GatheringTransport:
         self.flush()
         self._transport.close()
 
+    def is_closing(self) -> bool:  # asked after every response: not through __getattr__
+        return self._transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:
         # everything else (is_closing, get_extra_info, pause_reading, set_protocol...) is the real transport's
         return getattr(self._transport, name)
