@@ -791,14 +791,17 @@ class RemoteStore:
             # directory made and opened once), the others meanwhile in another thread (the downloads and
             # their hashing and writing mostly release the GIL), each with its own TreeWriter
             largest = max(outputs, key=lambda name: int(outputs[name]["size"]), default=None)
-            with TreeWriter(staging) as writer, ThreadPoolExecutor(1, "kci-restore-rest") as rest:
+            with TreeWriter(staging) as writer:
+                with ThreadPoolExecutor(1, "kci-restore-rest") as rest:
+                    others = rest.submit(self._restore_outputs, outputs, largest, staging, records)
+                    total = 0
+                    if largest is not None:
+                        total += self._restore_output(outputs[largest], largest, staging, records, writer)
+                    total += others.result()
+                # the listed directories a tar did not bring (a tar holds every directory of its output,
+                # made as its member arrives, while the writer threads write the files before it)
                 for rel in dirs:
-                    writer.directory(check_rel_path(rel))
-                others = rest.submit(self._restore_outputs, outputs, largest, staging, records)
-                total = 0
-                if largest is not None:
-                    total += self._restore_output(outputs[largest], largest, staging, records, writer)
-                total += others.result()
+                    writer.directory(tuple(rel.split("/")))  # each was checked by parse_digests
             # every file was checked against records before it was written: put checks names, sizes and
             # modes; not durable: it can be downloaded again and every use re-verifies it (cachestore)
             entry = self.local.put(
