@@ -2,7 +2,8 @@
 
 1. Restore of a full kernel build output (``out/build`` or the newest local cache entry) from the service
    into an empty local store, as ``kernel-ci build`` does on a remote hit: download + verify + unpack,
-   then the local store's atomic publish (timed apart: it fsyncs each of the ~11,000 files).
+   then the local store's atomic publish (timed apart: it checks the names, sizes and modes of the
+   ~15,000 names and renames the entry into place; a restored entry is not fsynced, see cache/store.py).
 2. ccache objects of 10 KiB: requests/s and latency percentiles of GETs under a bounded load (wrk: fixed
    duration and connection count) against the service, and against nginx serving the same objects from
    a directory as a WebDAV ccache backend (the setup ccache's documentation describes), and the ratio.
@@ -165,8 +166,8 @@ def wrk(url: str, paths_file: Path, script: Path, duration: float, connections: 
 
 
 class TimedPutStore(LocalStore):
-    """A local store that measures its last publish (put: copy + fsync per file + rename), which a remote
-    restore ends with, so that the bench can tell it apart from the download."""
+    """A local store that measures its last publish (put: move, check names/sizes/modes, rename), which a
+    remote restore ends with, so that the bench can tell it apart from the download."""
 
     put_seconds = 0.0
 
@@ -280,7 +281,7 @@ def _print(results: dict) -> None:
             "  of which download + verify + unpack", f"{restore['download_verify_unpack_seconds']} s"
         )
         table.add_row(
-            "  of which local store publish (fsync per file)", f"{restore['local_publish_seconds']} s"
+            "  of which local store publish (check + rename)", f"{restore['local_publish_seconds']} s"
         )
         table.add_row("push the same build (first time)", f"{restore['push_seconds']} s")
     for name in ("service", "nginx_webdav"):
