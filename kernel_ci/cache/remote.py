@@ -26,6 +26,14 @@ source links are made by the client. tarfile's own extraction (even with ``filte
 it accepts symlinks and hard links inside the destination and cannot check a member against a digest
 before it is on disk. An entry without the digests (an older client pushed it) is a miss.
 
+Why a hand-written tar reader (``_members``) and not tarfile for reading: tarfile spends ~40 us of Python
+per member, 0.5 s of each restore of kbuild/'s 11,600 members (a third of it, after the rest was cut).
+The reader takes only the subset ``write_tar`` writes (ustar headers checked against their checksums, PAX
+``path``/``size``/``mtime`` records) and refuses everything else, which the restore refused anyway once
+tarfile had parsed it. Each member is hashed and compared before it is written; verified members are
+written by two threads (``_FileWriters``), because creating ~11,600 inodes is most of what is left and
+the kernel does it with the GIL released. Pushing still uses tarfile (``write_tar``).
+
 Configuration (first found wins, read once by kernel_ci.core.settings): ``--cache-url``,
 ``$KERNEL_CI_CACHE_URL`` (+ ``$KERNEL_CI_CACHE_TOKEN``, ``$KERNEL_CI_CACHE_READ_TOKEN``), the ``[cache]``
 table of ``$KERNEL_CI_CONFIG`` or ``~/.config/kernel-ci/config.toml``::
