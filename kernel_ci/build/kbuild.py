@@ -97,6 +97,12 @@ class BuildEnv:
             # (-Wp,-MMD,...) instead of running the preprocessor a second time: a miss then costs about
             # what the compile alone costs. The objects are the compiler's either way.
             "CCACHE_DEPEND": "1",
+            # ccache 4.7 (Debian 12) leaves its inode cache off: every compile then reads and hashes each of
+            # its few hundred headers again to check its manifest (a hit) or its dependency file (a miss).
+            # With it, a header's hash is kept by device, inode, size, mtime and ctime in the ccache dir's
+            # tmp/ and read once per build: a ccache-warm build's make went from 56.6 to 47.5 s and 81.8
+            # to 45.3 s in turn with it (same object tree, alternated, load 4-6).
+            "CCACHE_INODECACHE": "1",
             "CCACHE_MAXSIZE": os.environ.get("KERNEL_CI_CCACHE_SIZE", "5G"),
         }
 

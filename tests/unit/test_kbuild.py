@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kernel_ci.build import kbuild
+from kernel_ci.core import proc
 
 
 def test_handing_a_tree_to_the_build_user_survives_files_vanishing_meanwhile(tmp_path: Path) -> None:
@@ -51,6 +52,28 @@ def test_builds_use_ccache_depend_mode_without_the_directory_in_the_hash(tmp_pat
     env = kbuild.BuildEnv("img", tmp_path, tmp_path, tmp_path, 2, "t")
     variables = env.kbuild_vars()
     assert variables["CCACHE_DEPEND"] == "1" and variables["CCACHE_NOHASHDIR"] == "1"
+    assert variables["CCACHE_INODECACHE"] == "1"
+
+
+@pytest.mark.slow
+def test_the_builders_ccache_takes_the_settings_it_is_given(tmp_path: Path) -> None:
+    """The builder image's own ccache (4.7: inode cache off by default) reads them from the environment."""
+    from kernel_ci.build import images
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "ccache").mkdir()
+    env = kbuild.BuildEnv(
+        images.ensure_builder_image(), tmp_path / "src", tmp_path, tmp_path / "ccache", 2, "t"
+    )
+    kbuild.give_to_build_user(env.ccache_dir)
+    shown = proc.capture(kbuild.docker_run_argv(env, ["ccache", "--show-config"]))
+    for setting in (
+        "depend_mode = true",
+        "inode_cache = true",
+        "hash_dir = false",
+        "compiler_check = content",
+    ):
+        assert f"(environment) {setting}" in shown, shown
 
 
 def _kbuild_trees(tmp_path: Path) -> tuple[Path, Path]:
