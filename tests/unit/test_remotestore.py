@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -111,6 +112,46 @@ def test_tar_is_reproducible(tmp_path: Path) -> None:
     os.utime(out / "kbuild")  # a directory's atime/mtime change of the root itself is not recorded
     write_tar(out / "kbuild", "kbuild", second)
     assert first.getvalue() == second.getvalue()
+
+
+def tarfile_reference(directory: Path, arcname: str) -> bytes:
+    """The tar tarfile's PAX format makes of the same members, in the same order (the writer before
+    write_tar was hand-written): an entry pushed by an older client must not be uploaded again."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for current, dirs, files in os.walk(directory):
+            dirs.sort()
+            for name in [*dirs, *sorted(files)]:
+                path = Path(current, name)
+                st = path.lstat()
+                info = tarfile.TarInfo((Path(arcname) / path.relative_to(directory)).as_posix())
+                info.mode, info.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if path.is_dir():
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.size = st.st_size
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
+    return buffer.getvalue()
+
+
+def test_write_tar_writes_what_tarfile_wrote(tmp_path: Path) -> None:
+    out = synthetic_outputs(tmp_path)
+    kbuild = out / "kbuild"
+    deep = kbuild / ("d" * 60) / ("e" * 60)  # names over ustar's 100 characters: PAX path records
+    deep.mkdir(parents=True)
+    (deep / "long-header-name.h").write_bytes(b"x" * 1000)
+    (deep / "empty").write_bytes(b"")
+    (kbuild / "n\u00e4me.h").write_text("not ASCII\n")
+    (kbuild / "block").write_bytes(os.urandom(512 * 3))
+    os.utime(kbuild / "block", (0, 8**11 + 5))  # past the octal mtime field: a PAX mtime record
+    ours = io.BytesIO()
+    digest, size = write_tar(kbuild, "kbuild", ours)
+    assert ours.getvalue() == tarfile_reference(kbuild, "kbuild")
+    assert (digest, size) == (hashlib.sha256(ours.getvalue()).hexdigest(), len(ours.getvalue()))
 
 
 def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
