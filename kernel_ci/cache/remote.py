@@ -405,8 +405,10 @@ def _header(block: memoryview, pax: Mapping[str, str]) -> _Member:
     )
     if "size" in pax:
         member.size = _pax_int(pax["size"], "size")
-    if "mtime" in pax:
-        member.mtime = _pax_int(pax["mtime"].split(".", 1)[0], "mtime")
+    if "mtime" in pax:  # tarfile writes one for a time before 1970 too ("-5"), or with a fraction
+        seconds = pax["mtime"].split(".", 1)[0]
+        negative = seconds.startswith("-")
+        member.mtime = _pax_int(seconds.removeprefix("-"), "mtime") * (-1 if negative else 1)
     if member.type == tarfile.DIRTYPE and member.name.endswith("/"):
         member.name = member.name[:-1]  # tarfile names directories "name/"
     return member

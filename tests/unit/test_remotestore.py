@@ -148,10 +148,35 @@ def test_write_tar_writes_what_tarfile_wrote(tmp_path: Path) -> None:
     (kbuild / "n\u00e4me.h").write_text("not ASCII\n")
     (kbuild / "block").write_bytes(os.urandom(512 * 3))
     os.utime(kbuild / "block", (0, 8**11 + 5))  # past the octal mtime field: a PAX mtime record
+    os.utime(deep / "empty", (0, -5))  # before 1970: a PAX mtime record too
     ours = io.BytesIO()
     digest, size = write_tar(kbuild, "kbuild", ours)
     assert ours.getvalue() == tarfile_reference(kbuild, "kbuild")
     assert (digest, size) == (hashlib.sha256(ours.getvalue()).hexdigest(), len(ours.getvalue()))
+
+
+def test_an_entry_with_long_names_and_odd_mtimes_round_trips(tmp_path: Path) -> None:
+    """write_tar's PAX records (long names, mtimes before 1970 and past the octal field) are read back by
+    the restore's own tar reader, mtimes included."""
+    out = synthetic_outputs(tmp_path)
+    deep = out / "kbuild" / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (deep / "old.h").write_text("old\n")
+    (deep / "late.h").write_text("late\n")
+    os.utime(deep / "old.h", (0, -5))
+    os.utime(deep / "late.h", (0, 8**11 + 5))
+    with server_in_thread(ServerConfig(data=tmp_path / "server")) as server:
+        pusher = RemoteStore(LocalStore(tmp_path / "a"), CacheClient(RemoteConfig(server.url, TOKEN)))
+        pusher.put(KEY, out, INPUTS, move=True)
+        reader = RemoteStore(LocalStore(tmp_path / "b"), CacheClient(RemoteConfig(server.url)))
+        entry = reader.get(KEY)
+        assert entry is not None
+        restored = entry / "kbuild" / ("d" * 60) / ("e" * 60)
+        assert (restored / "old.h").read_text() == "old\n"
+        assert int((restored / "old.h").stat().st_mtime) == -5
+        assert int((restored / "late.h").stat().st_mtime) == 8**11 + 5
+        pusher.client.close()
+        reader.client.close()
 
 
 def test_configuration_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
