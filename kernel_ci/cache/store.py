@@ -280,7 +280,7 @@ def scan_tree(
     while pending:
         rel_dir, folder = pending.pop()
         with os.scandir(folder) as listing:
-            found = sorted(listing, key=lambda entry: entry.name)
+            found = list(listing)  # unsorted: the records and directories are sorted once, at the end
         for entry in found:
             rel = rel_dir + entry.name
             st = entry.stat(follow_symlinks=False)
