@@ -10,6 +10,7 @@ import base64
 import os
 import re
 import socket
+import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -283,3 +284,15 @@ def test_a_plain_ccache_read_is_answered_in_the_parser_callback(tmp_path: Path) 
 
     answer = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(content)
+
+
+def test_an_unexpected_error_in_a_read_gets_the_routes_500(pair: tuple[Running, Running]) -> None:
+    """A look-up that fails in a way nobody planned for (here a row whose size is not a number) is the
+    routes' logged 500 on both services, not the HTTP parser's 400 for a malformed request."""
+    fast, routed = pair
+    bad = "3" * 33
+    with sqlite3.connect(fast.data / "index.sqlite3") as db:
+        db.execute("INSERT INTO ccache VALUES (?, ?, 'not a size', 0)", (bad, "ab" * 32))
+    raw = request("GET", f"/ccache/{bad}", [f"Bearer {READ_TOKEN}"], CLOSE)
+    got, want = exchange(fast, raw), exchange(routed, raw)
+    assert _status(want) == 500 and got == want, (got[:300], want[:300])

@@ -202,7 +202,10 @@ class CcacheFastPath:
         raw = scope.get("raw_path")
         if raw is not None and raw != path.encode():
             return False  # percent-encoded: the path guard decides
-        found = self.answer(method, path, _authorization(scope["headers"]))
+        try:
+            found = self.answer(method, path, _authorization(scope["headers"]))
+        except Exception:  # unplanned (bad data in the index...): the routes answer it, with Starlette's
+            return False  # 500 and its log record, as they would without this path
         if found is None:
             return False
         await send({"type": "http.response.start", "status": found.status, "headers": found.headers()})

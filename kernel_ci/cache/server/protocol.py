@@ -129,7 +129,10 @@ class GatheringHttpToolsProtocol(HttpToolsProtocol):
         raw_path = httptools.parse_url(self.url).path
         if not raw_path.startswith(b"/ccache/"):
             return False
-        found = fast.answer(method.decode(), raw_path.decode("latin-1"), self._authorization())
+        try:
+            found = fast.answer(method.decode(), raw_path.decode("latin-1"), self._authorization())
+        except Exception:  # unplanned (bad data in the index...): raised here, it would be the parser's
+            return False  # 400 for a malformed request; uvicorn's path answers it as the app's logged 500
         if found is None:
             return False
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
