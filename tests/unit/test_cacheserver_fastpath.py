@@ -1,11 +1,10 @@
-"""The ccache read fast paths against the routes, attacked: every request, hostile or not, gets the same bytes
-from a service with them (protocol.GatheringHttpToolsProtocol answering in the parser's callback,
-middleware.CcacheFastPath before Starlette) as from one without them, over one store, and counts the same
-in the metrics. Two real services on 127.0.0.1, requests as raw bytes (no client library fixing them up)."""
+"""The ccache read fast path against the routes, attacked: every request, hostile or not, gets the same bytes
+from a service with it (middleware.CcacheFastPath, before Starlette) as from one without it, over one store,
+and counts the same in the metrics. Two real services on 127.0.0.1, requests as raw bytes (no client library
+fixing them up)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import re
@@ -15,12 +14,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-import uvicorn
-from uvicorn.server import ServerState
 
 from kernel_ci.cache.server.middleware import INLINE_HASH_MAX
-from kernel_ci.cache.server.protocol import GatheringHttpToolsProtocol
-from kernel_ci.cache.server.server import ServerConfig, make_app
+from kernel_ci.cache.server.server import ServerConfig
 from tests.cacheservice import READ_TOKEN, TOKEN, Running, metric, server_in_thread
 
 KEY = "0123" + "abcdefghijklmnopqrstuv0123456"  # 33 chars of [0-9a-v] (ccache <= 4.12)
@@ -259,31 +255,6 @@ def _compare_metrics(fast: Running, routed: Running) -> None:
             for t in texts
         )
         assert got == want, (method, got, want)
-
-
-def test_a_plain_ccache_read_is_answered_in_the_parser_callback(tmp_path: Path) -> None:
-    """The protocol's own fast path is taken (not only the ASGI one): the answer is on the socket when
-    data_received returns, before the event loop ran anything (an ASGI request would be a task still)."""
-    app, service = make_app(ServerConfig(data=tmp_path / "data", tokens=[TOKEN]))
-    content = os.urandom(10 << 10)
-    service.ccache_put(KEY, content)
-
-    async def scenario() -> bytes:
-        loop = asyncio.get_running_loop()
-        config = uvicorn.Config(app, log_level="warning", access_log=False, http=GatheringHttpToolsProtocol)
-        config.load()
-        protocol = GatheringHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
-        ours, peer = socket.socketpair()
-        with ours, peer:
-            await loop.connect_accepted_socket(lambda: protocol, ours)
-            protocol.data_received(request("GET", HIT))
-            peer.setblocking(False)
-            answer = peer.recv(1 << 20)
-            protocol.transport.close()
-            return answer
-
-    answer = asyncio.run(scenario())
-    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(content)
 
 
 def test_an_unexpected_error_in_a_read_gets_the_routes_500(pair: tuple[Running, Running]) -> None:

@@ -144,9 +144,6 @@ class CcacheFastPath:
     - the metrics: the latency and response counts Timing records (``record``), the hit/miss count of the
       service;
     - small objects only on the event loop (INLINE_HASH_MAX), as the routed handler does.
-
-    Two callers: ``serve`` (an ASGI request, from app.CacheApp) and protocol.GatheringHttpToolsProtocol,
-    which answers a request with ``answer`` as soon as its headers are parsed, without an ASGI task.
     """
 
     def __init__(self, service: CacheService, auth: AuthConfig) -> None:

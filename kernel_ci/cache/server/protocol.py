@@ -12,28 +12,19 @@ is never held in memory twice). Nothing is reordered or dropped: ``close`` write
 flow control still acts on the real transport, whose buffer takes every byte before the next turn.
 
 A subclass, not a server of our own: uvicorn keeps the HTTP parsing (httptools), keep-alive, pipelining,
-``--limit-concurrency`` and the worker processes; this only changes when bytes reach the socket, and who
-answers a ccache read.
+``--limit-concurrency`` and the worker processes; this only changes when bytes reach the socket.
 
-A ccache GET/HEAD is answered in the parser's headers-complete callback, by the app's
-middleware.CcacheFastPath (the same function its ASGI path calls), with the bytes uvicorn would have written
-for that answer: no ASGI scope handed on, no task, no send() coroutines. Under wrk those were about half of a
-worker's time per 10 KiB GET (py-spy). Only the plain case is answered so; everything else goes to uvicorn
-as before: a request with a body, an upgrade, a pipelined request behind one still in progress, a client
-that is not reading (write buffer full), past --limit-concurrency, with the access log or a root path.
+(Answering a ccache read in the parser's headers-complete callback, with the bytes uvicorn would write and
+no ASGI task, was tried: ~5% less CPU per GET, no change of the bench's ratio to nginx in 3 runs each way,
+and a hundred lines bound to uvicorn's internals. Not kept; docs/cache-service.md says where the time is.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
-import httptools
-from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
-
-from kernel_ci.cache.server.middleware import CcacheFastPath, FastAnswer
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 FLUSH_AT = 64 << 10  # gathered bytes past which they are written at once (a streamed blob's 1 MiB chunks)
 
@@ -63,14 +54,6 @@ class GatheringTransport:
         self._scheduled = False
         self.flush()
 
-    def write_now(self, data: bytes) -> None:
-        """Write data (after anything gathered) to the real transport now: a whole response."""
-        if self._pending:
-            self._pending.append(data)
-            self.flush()
-        else:
-            self._transport.write(data)
-
     def flush(self) -> None:
         """Hand everything gathered to the real transport (which writes it or buffers it)."""
         if not self._pending:
@@ -92,105 +75,9 @@ class GatheringTransport:
         return getattr(self._transport, name)
 
 
-def fast_path_of(app: Any) -> CcacheFastPath | None:
-    """The ccache fast path of the app uvicorn loaded (app.CacheApp.fast), or None. Only through
-    ProxyHeadersMiddleware, which changes nothing the fast path reads (client address and scheme): any other
-    wrapper (uvicorn's trace-level message logger) is left to do its work on every request."""
-    if isinstance(app, ProxyHeadersMiddleware):
-        app = app.app
-    fast = getattr(app, "fast", None)
-    return fast if isinstance(fast, CcacheFastPath) else None
-
-
 class GatheringHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, writing through a GatheringTransport and answering plain ccache reads
-    itself (see the module docstring)."""
+    """uvicorn's httptools protocol, writing through a GatheringTransport (see the module docstring)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.gathering = GatheringTransport(transport, self.loop)
-        self.transport = self.gathering  # type: ignore[assignment]  # a Transport by delegation
-        # not when the operator asked for uvicorn's access log (its records are written by the ASGI cycle);
-        # the setting, not self.access_log (whether that logger has handlers: pytest gives every logger
-        # that does not propagate one, which would keep the tests off this path)
-        self.fast = None if self.config.access_log or self.root_path else fast_path_of(self.app)
-        self._answered: RequestResponseCycle | None = None
-
-    def on_headers_complete(self) -> None:
-        if self.fast is None or not self._answer_inline(self.fast):
-            super().on_headers_complete()
-
-    def _answer_inline(self, fast: CcacheFastPath) -> bool:
-        """Answer the request whose headers were just parsed, if it is a plain ccache read (True)."""
-        start = time.perf_counter()
-        method = self.parser.get_method()
-        if method not in (b"GET", b"HEAD") or not self._plain_request():
-            return False
-        raw_path = httptools.parse_url(self.url).path
-        if not raw_path.startswith(b"/ccache/"):
-            return False
-        try:
-            found = fast.answer(method.decode(), raw_path.decode("latin-1"), self._authorization())
-        except Exception:  # unplanned (bad data in the index...): raised here, it would be the parser's
-            return False  # 400 for a malformed request; uvicorn's path answers it as the app's logged 500
-        if found is None:
-            return False
-        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        self.gathering.write_now(self._response(found, keep_alive, method == b"HEAD"))
-        self.cycle = self._answered_cycle()
-        fast.record(method.decode(), found.status, start)
-        if not keep_alive:
-            self.transport.close()
-        self.on_response_complete()  # what uvicorn does after a response: keep-alive timer, request count
-        return True
-
-    def _plain_request(self) -> bool:
-        """No body, no upgrade, nothing in progress or queued on this connection, the client reading its
-        answers, and the server under --limit-concurrency: uvicorn's own handling of any of these stays."""
-        if self.parser.should_upgrade() or self.pipeline or self.flow.write_paused:
-            return False
-        if self.cycle is not None and not self.cycle.response_complete:
-            return False
-        limit = self.limit_concurrency
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            return False
-        return not any(name in (b"content-length", b"transfer-encoding") for name, _ in self.headers)
-
-    def _authorization(self) -> str | None:
-        for name, value in self.headers:  # names lowercased by uvicorn; the first one, as Starlette reads it
-            if name == b"authorization":
-                return value.decode("latin-1")
-        return None
-
-    def _response(self, found: FastAnswer, keep_alive: bool, head: bool) -> bytes:
-        """The bytes uvicorn writes for this answer: status line, its default headers (date, server), the
-        answer's, ``connection: close`` when the connection ends, the body unless HEAD."""
-        parts = [STATUS_LINE[found.status]]
-        for name, value in [*self.server_state.default_headers, *found.headers()]:
-            parts += [name, b": ", value, b"\r\n"]
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if not head:
-            parts.append(found.body)
-        return b"".join(parts)
-
-    def _answered_cycle(self) -> RequestResponseCycle:
-        """A finished request cycle standing for the requests answered here: uvicorn's parser callbacks for
-        the rest of the request (its end) and connection_lost/shutdown look at the current cycle."""
-        if self._answered is None:
-            self._answered = RequestResponseCycle(
-                scope=self.scope,
-                transport=self.transport,
-                flow=self.flow,
-                logger=self.logger,
-                access_logger=self.access_logger,
-                access_log=self.access_log,
-                default_headers=self.server_state.default_headers,
-                message_event=asyncio.Event(),
-                expect_100_continue=False,
-                keep_alive=True,
-                on_response=lambda: None,
-            )
-            self._answered.response_started = self._answered.response_complete = True
-        return self._answered
+        self.transport = GatheringTransport(transport, self.loop)  # type: ignore[assignment]
