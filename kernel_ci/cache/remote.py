@@ -85,6 +85,7 @@ from kernel_ci.cache.store import (
     check_rel_path,
     create_file_at,
     read_entry_info,
+    write_all,
 )
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import file_digest
@@ -475,9 +476,7 @@ def _write_files(batch: list[tuple[int, str, int, Bytes, int, str]]) -> None:
     for parent, name, mode, data, mtime, rel in batch:
         fd = create_file_at(parent, name, mode, rel)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)
@@ -623,9 +622,7 @@ def _write_streamed(
     try:
         for piece in blob.pieces(member.size):
             hasher.update(piece)
-            view = piece
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, piece)
         if hasher.hexdigest() != record["sha256"]:
             raise _mismatch(member.name, record)
         os.utime(fd, (member.mtime, member.mtime))

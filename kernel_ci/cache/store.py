@@ -222,7 +222,8 @@ def create_file_at(parent: int, name: str, mode: int, rel: str) -> int:
 
 
 def _copy_fd_verified(source: int, out: int, record: FileRecord, rel: str) -> None:
-    """copy_verified on raw descriptors (copy_entry's loop over ~11,000 files: no file objects)."""
+    """Copy the descriptor source to the descriptor out hashing what is written; raises if it is not exactly
+    the recorded bytes (copy_entry's loop over ~11,000 files: raw descriptors, no file objects)."""
     size = record["size"]
     digest = hashlib.sha256()
     count = 0
@@ -231,9 +232,7 @@ def _copy_fd_verified(source: int, out: int, record: FileRecord, rel: str) -> No
         if count > size:
             break
         digest.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(out, view) :]
+        write_all(out, chunk)
     if count != size or digest.hexdigest() != record["sha256"]:
         raise UnsafeEntryError(
             f"{rel}: its bytes do not match the recorded digest "
@@ -241,24 +240,11 @@ def _copy_fd_verified(source: int, out: int, record: FileRecord, rel: str) -> No
         )
 
 
-def copy_verified(source: BinaryIO, out: int, record: FileRecord, rel: str) -> None:
-    """Copy source to the descriptor out hashing what is written; raises if it is not exactly the recorded
-    bytes. A raw descriptor, not a file object: a restore writes ~11,000 files, most of them small."""
-    digest = hashlib.sha256()
-    count = 0
-    while chunk := source.read(min(CHUNK, record["size"] - count + 1)):
-        count += len(chunk)
-        if count > record["size"]:
-            break
-        digest.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(out, view) :]
-    if count != record["size"] or digest.hexdigest() != record["sha256"]:
-        raise UnsafeEntryError(
-            f"{rel}: its bytes do not match the recorded digest ({record['size']} bytes, "
-            f"sha256 {record['sha256'][:12]})"
-        )
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of data to the descriptor fd (os.write may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def scan_tree(
@@ -268,7 +254,7 @@ def scan_tree(
     the honest links (which are dropped here, into dropped: the store recreates them).
 
     hashed: records of files the caller wrote itself from bytes it had checked against them (a restore
-    from the service, copy_verified): such a file, if it still has its recorded size, keeps its record's
+    from the service): such a file, if it still has its recorded size, keeps its record's
     digest instead of being read and hashed a second time."""
     honest = honest_links(root)
     dropped = {} if dropped is None else dropped
