@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kernel_ci.build.layout import make_honest_links
 from kernel_ci.core.digest import SourceDigests, sha256_file, tree_digest
+from kernel_ci.core.files import file_identity
 
 KBUILD_SRC_NAMES = ("Makefile", "Kbuild", "Kconfig")
 KBUILD_SRC_SUFFIXES = (".h", ".lds", ".S", ".sh", ".pl", ".awk", ".tbl", ".py", ".lds.S")
@@ -307,7 +308,7 @@ class Compression:
     def _work(self) -> None:
         started = time.monotonic()
         try:
-            self._identity = _identity(self.vmlinux)
+            self._identity = file_identity(self.vmlinux)
             _compress(self.vmlinux, self.target, self._stop)
         except BaseException as exc:  # re-raised in the caller's thread
             self.error = exc
@@ -323,7 +324,7 @@ class Compression:
         thread = self.start()
         waiting = time.monotonic()
         thread.join()
-        if self.error is None and self._identity != _identity(self.vmlinux):
+        if self.error is None and self._identity != file_identity(self.vmlinux):
             self.recompressed = True
             self._thread = None
             self.start().join()
@@ -334,11 +335,6 @@ class Compression:
 
 # link-vmlinux.sh's line once vmlinux is written for good (after SORTTAB, before it reads it for the map)
 VMLINUX_LINKED = re.compile(r"^\s+SYSMAP\s+System\.map\s*$")
-
-
-def _identity(path: Path) -> tuple[int, ...]:
-    st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.errors import InfrastructureError, KernelCIError, UsageError
+from kernel_ci.core.files import file_identity
 from kernel_ci.core.paths import SOURCES_LOCK, cache_dir
 from kernel_ci.host import aptmirror
 
@@ -167,8 +168,7 @@ def _matches_pin(path: Path, sha256: str) -> bool:
     keyed on the file's inode, size, mtime and ctime (an edit, a replacement or a utime changes one of
     them; ctime cannot be set back): every build re-hashed the tarball (~120 MB, 80 ms of a 0.4 s hit)."""
     stamp = path.with_name(path.name + ".verified")
-    st = path.stat()
-    seen = f"{sha256} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+    seen = " ".join([sha256, *map(str, file_identity(path))])
     with contextlib.suppress(OSError):
         if stamp.read_text() == seen:
             return True

@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 
+def file_identity(path: Path) -> tuple[int, int, int, int, int]:
+    """What changes whenever the file at path does: device, inode, size, mtime and ctime (an edit, a
+    replacement or a utime changes one of them; ctime cannot be set back). For remembering work done on a
+    file (a digest, a compression) as long as it is the same file."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write text to a temporary name beside path (one per process: concurrent writers do not share it),
     then rename it over path."""

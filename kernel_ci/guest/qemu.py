@@ -36,7 +36,7 @@ from kernel_ci.core import proc
 from kernel_ci.core.console import console, warn
 from kernel_ci.core.digest import sha256_file
 from kernel_ci.core.errors import InfrastructureError
-from kernel_ci.core.files import write_text_atomic
+from kernel_ci.core.files import file_identity, write_text_atomic
 from kernel_ci.core.paths import cache_dir
 from kernel_ci.guest import protocol, warmstart
 from kernel_ci.guest.protocol import EndKind
@@ -305,8 +305,7 @@ def warm_folder(cfg: QemuConfig, base_image: Path, runner: Path) -> Path:
 def _digest_of(path: Path) -> str:
     """sha256 of a file, read once per process for as long as it is the same file: the guests of one run
     share the kernel (~10 MB) and the runner."""
-    st = path.stat()
-    return _digest_once(path.resolve(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _digest_once(path.resolve(), *file_identity(path))
 
 
 @functools.lru_cache(maxsize=16)
