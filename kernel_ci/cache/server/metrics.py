@@ -81,11 +81,6 @@ class Metrics:
             child = self._children[key] = parent.labels(**labels) if labels else parent
         return child
 
-    def child(self, name: str, **labels: str) -> Any:
-        """The labelled counter (or, for LATENCY, histogram) ``name``: a hot path keeps it, and calls its
-        ``inc``/``observe``, instead of finding it by its labels on every request."""
-        return self._child(name, labels)
-
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         self._child(name, labels).inc(amount)
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_ci.cache.server.auth import AuthConfig, Denied, authorize_header
 from kernel_ci.cache.server.blobs import BlobError
 from kernel_ci.cache.server.index import IndexError_
-from kernel_ci.cache.server.metrics import LATENCY
 from kernel_ci.cache.server.service import CacheService, ServiceError, ccache_key_from_path
 from kernel_ci.cache.server.transfer import error
 
@@ -149,7 +147,6 @@ class CcacheFastPath:
     def __init__(self, service: CacheService, auth: AuthConfig) -> None:
         self.service = service
         self.auth = auth
-        self._recorders: dict[tuple[str, int], tuple[Any, Any]] = {}  # (method, status) -> metrics children
 
     def answer(self, method: str, raw_path: str, authorization: str | None) -> FastAnswer | None:
         """The answer to a ccache ``GET``/``HEAD`` of ``raw_path`` (the path as sent, not percent-decoded,
@@ -181,16 +178,9 @@ class CcacheFastPath:
 
     def record(self, method: str, status: int, start: float) -> None:
         """The metrics Timing records for a routed request (latency, responses by code)."""
-        recorder = self._recorders.get((method, status))
-        if recorder is None:
-            metrics = self.service.metrics
-            recorder = self._recorders[(method, status)] = (
-                metrics.child(LATENCY, route="ccache", method=method),
-                metrics.child(RESPONSES, route="ccache", method=method, code=str(status)),
-            )
-        latency, responses = recorder
-        latency.observe(time.perf_counter() - start)
-        responses.inc()
+        metrics = self.service.metrics  # its labelled children are kept by Metrics itself
+        metrics.observe(time.perf_counter() - start, route="ccache", method=method)
+        metrics.inc(RESPONSES, route="ccache", method=method, code=str(status))
 
     async def serve(self, scope: Scope, send: Send) -> bool:
         start = time.perf_counter()
