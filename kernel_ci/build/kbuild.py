@@ -517,14 +517,9 @@ def build_steps(env: BuildEnv) -> list[ScriptStep]:
     """The kernel image, modules and gdb scripts, then modules_install into out/.kci-modules (emptied
     first), with ccache's counters read before and after: one container for all of it. (vmlinux is
     compressed on the host from its link on: build.artifacts.compressing_vmlinux.)"""
-    staging = f"{OUT}/{MODULES_STAGING}"
     steps = [
         ScriptStep("make", shlex.join(env.make_argv("bzImage", "modules", "scripts_gdb"))),
-        ScriptStep(
-            "modules_install",
-            f"rm -rf {shlex.quote(staging)}; "
-            + shlex.join(env.make_argv("modules_install", extra=[f"INSTALL_MOD_PATH={staging}"])),
-        ),
+        modules_install_step(env),
     ]
     if not env.use_ccache:
         return steps
@@ -534,6 +529,55 @@ def build_steps(env: BuildEnv) -> list[ScriptStep]:
         *steps,
         ScriptStep("ccache_stats", f"ccache --print-stats > {after}"),
     ]
+
+
+# What `make modules_install` reads (besides the .ko files modules.order names): the config (signing,
+# compression, stripping), the module lists, the built-in modules' info, the release, the signing key,
+# and the builder image's package list (depmod's version). Relative to the object tree.
+MODULES_INSTALL_INPUTS = (
+    ".config",
+    "modules.order",
+    "modules.builtin",
+    "modules.builtin.modinfo",
+    "include/config/kernel.release",
+    "certs/signing_key.pem",
+    "certs/signing_key.x509",
+    "/etc/kernel-ci/installed.txt",
+)
+MODULES_INSTALL_STAMP = ".kci-modules.stamp"  # under the object tree: the inputs of the last install
+MODULES_INSTALL_SKIPPED = "kci: modules_install: its inputs are those of the last install, kept"
+
+
+def modules_install_step(env: BuildEnv) -> ScriptStep:
+    """`make modules_install` into out/.kci-modules (emptied first), unless its inputs are those of the
+    install that made the tree there.
+
+    kbuild's modules_install is a phony target: it copies every module and runs depmod each time, and
+    the make that does it parses the whole top Makefile again (its compiler probes too): ~0.6 s of every
+    incremental build, where the modules are almost never relinked. The stamp is the digest of the
+    inputs' bytes (MODULES_INSTALL_INPUTS, a missing one as missing), of each module's name, size, inode,
+    mtime and ctime (a relinked module has new ones), and of the make command line. It is removed before
+    an install and written after one succeeds, so an interrupted install is never taken for a finished
+    one; a build interrupted before discards what it wrote since (discard_interrupted), the stamp too."""
+    staging = shlex.quote(f"{OUT}/{MODULES_STAGING}")
+    stamp_file = shlex.quote(f"{OUT}/{MODULES_INSTALL_STAMP}")
+    target = f"INSTALL_MOD_PATH={OUT}/{MODULES_STAGING}"
+    install = shlex.join(env.make_argv("modules_install", extra=[target]))
+    inputs = shlex.join(MODULES_INSTALL_INPUTS)
+    stamp = (
+        # `|| true`: a missing input is part of the stamp, not an error (the step script runs under set -e,
+        # which dash applies inside the group too)
+        f"stamp=$(cd {shlex.quote(OUT)} && {{ echo {shlex.quote(install)}; sha256sum {inputs} 2>&1 || true;"
+        " sed 's/[.]o$/.ko/' modules.order | xargs -r -d '\\n' stat -c '%n %s %i %y %z' 2>&1 || true; }"
+        " | sha256sum)"
+    )
+    return ScriptStep(
+        "modules_install",
+        f"{stamp}\n"
+        f'if [ -d {staging} ] && [ "$(cat {stamp_file} 2>/dev/null)" = "$stamp" ]; then'
+        f" echo {shlex.quote(MODULES_INSTALL_SKIPPED)};"
+        f' else rm -f {stamp_file}; rm -rf {staging}; {install}; echo "$stamp" > {stamp_file}; fi',
+    )
 
 
 def build(env: BuildEnv, on_line: Callable[[str], None] | None = None) -> KbuildRun:
