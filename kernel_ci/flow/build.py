@@ -24,6 +24,7 @@ from kernel_ci.build import kbuild as builder
 from kernel_ci.build import keys as buildkey
 from kernel_ci.build import plan as buildplan
 from kernel_ci.build import tree as usertree
+from kernel_ci.build.artifacts import KBUILD_EXPORT
 from kernel_ci.build.layout import VMLINUX_XZ
 from kernel_ci.build.plan import BASE_FRAGMENT, BUILD_TARGETS  # noqa: F401  (their home used to be here)
 from kernel_ci.build.records import (
@@ -397,11 +398,15 @@ def _compile_and_publish(job: _Job, configured: _Configured, store: BuildStore) 
     the collecting."""
     staging = Path(tempfile.mkdtemp(prefix="outputs-", dir=cache_dir("tmp")))
     try:
-        vmlinux = configured.env.out / "vmlinux"
-        with outputs.compressing_vmlinux(vmlinux, staging / VMLINUX_XZ, early=True) as compression:
+        env = configured.env
+        vmlinux = env.out / "vmlinux"
+        with (
+            outputs.exporting_sources(env.src, staging / KBUILD_EXPORT, link=_own_tree(env.src)) as sources,
+            outputs.compressing_vmlinux(vmlinux, staging / VMLINUX_XZ, early=True) as compression,
+        ):
             compiled = compile_kernel(job, configured, on_line=compression.on_line)
             compression.start()  # make linked nothing (it had nothing to do): vmlinux is the last one
-            gathered = gather(job, configured, staging)
+            gathered = gather(job, configured, staging, sources)
         job.durations |= {"vmlinux_xz": compression.seconds, "vmlinux_xz.wait": compression.waited}
         if compression.recompressed:
             console.print("[dim]vmlinux changed after kbuild said it was linked: vmlinux.xz made again[/]")
@@ -540,16 +545,24 @@ class _Gathered:
     selftests: dict[str, list[Path]]  # kselftest target -> its files in staging
 
 
-def gather(job: _Job, configured: _Configured, staging: Path) -> _Gathered:
-    """Collect into staging: kernel outputs, the series as patches, external modules, kselftests."""
+def _own_tree(src: Path) -> bool:
+    """Whether src is kernel-ci's own patched tree, which is never written in place: the kbuild export can
+    hard-link its files."""
+    return src.resolve().is_relative_to(cache_dir("work").resolve())
+
+
+def gather(job: _Job, configured: _Configured, staging: Path, sources: outputs.SourceExport) -> _Gathered:
+    """Collect into staging: kernel outputs (over the kbuild export's source pass, made beside make), the
+    series as patches, external modules, kselftests."""
     env = configured.env
     with measure_duration(job.durations, "collect"):
-        # kernel-ci's own patched tree is never written in place: its files can be hard-linked
-        own_tree = env.src.resolve().is_relative_to(cache_dir("work").resolve())
-        outputs.collect(env.src, env.out, staging, link_sources=own_tree)
+        with measure_duration(job.durations, "collect.sources_wait"):
+            sources.wait()
+        job.durations["collect.sources"] = sources.seconds  # in its thread, from make's start
+        outputs.collect(env.src, env.out, staging, link_sources=_own_tree(env.src), sources_placed=True)
         for s in job.planned.series:
             patches.export_series(s, staging / "patches")
-    kbuild = staging / "kbuild"
+    kbuild = staging / KBUILD_EXPORT
     with measure_duration(job.durations, "external_modules"):
         built_modules = extmodules.build_all(
             job.image,
