@@ -100,6 +100,33 @@ def test_the_kbuild_export_links_source_files_and_copies_object_files(tmp_path: 
     assert (tmp_path / "copied/include/linux/a.h").stat().st_ino != (src / "include/linux/a.h").stat().st_ino
 
 
+def test_the_source_pass_beside_make_gives_the_export_of_one_pass(tmp_path: Path) -> None:
+    """The flow runs the source pass in a thread while make runs, the outputs pass after it: the export is
+    the one export_kbuild_tree makes in one go, an object file over a source file of the same name
+    included (the outputs pass replaces it)."""
+    from kernel_ci.build import artifacts
+    from kernel_ci.core.digest import tree_digest
+
+    src, out = _kbuild_trees(tmp_path)
+    (src / "include/generated").mkdir()
+    (src / "include/generated/autoconf.h").write_text("stale\n")
+    artifacts.export_kbuild_tree(src, out, tmp_path / "one/kbuild", link_sources=True)
+    two = tmp_path / "two/kbuild"
+    with artifacts.exporting_sources(src, two, link=True) as sources:
+        sources.wait()
+        artifacts.export_kbuild_tree(src, out, two, link_sources=True, sources_placed=True)
+    assert tree_digest(tmp_path / "two/kbuild") == tree_digest(tmp_path / "one/kbuild")
+    assert (tmp_path / "two/kbuild/include/generated/autoconf.h").read_text() == "#define CONFIG_X 1\n"
+
+
+def test_a_failed_source_pass_is_raised_where_it_is_waited_for(tmp_path: Path) -> None:
+    from kernel_ci.build import artifacts
+
+    absent = tmp_path / "absent"
+    with artifacts.exporting_sources(absent, tmp_path / "k", link=True) as sources, pytest.raises(OSError):
+        sources.wait()
+
+
 def test_a_linked_kbuild_export_holds_no_symlinks(tmp_path: Path) -> None:
     """The kernel's scripts/dummy-tools/nm is a symlink to ld: link(2) does not follow symlinks, so a hard
     link made a symlink in the export, and the cache refused the whole build (UnsafeEntryError)."""
