@@ -52,6 +52,7 @@ write token, unless the user says the series is trusted (``--trusted-ccache-writ
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -798,6 +799,21 @@ def parse_digests(data: bytes, key: str) -> tuple[dict[str, FileRecord], list[st
     return records, [str(d) for d in dirs]
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a restore: its ~100,000 short-lived objects (headers, names,
+    tuples; no cycles) triggered a collection every 700 allocations, each also walking the ~12,000 records
+    of the digest list (~0.1 s of a restore). Whatever cycles it does leave are collected afterwards."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 class RemoteStore:
     """BuildStore: local first, then the service; pushes what is built."""
 
@@ -859,6 +875,10 @@ class RemoteStore:
 
     def restore(self, key: str) -> Path | None:
         """Download a remote entry into the local store (verified, published atomically); None on a miss."""
+        with _gc_paused():
+            return self._restore(key)
+
+    def _restore(self, key: str) -> Path | None:
         doc = self.client.get_manifest(key)
         if doc is None:
             return None
