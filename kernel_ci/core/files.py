@@ -1,14 +1,17 @@
 """Writing a small file so that no reader ever sees half of it: run.json, junit.xml, metadata.json, the
 accelerator probe's cache. An interrupted write leaves the previous file (or none), never a torn one.
 
-sync_tree: a folder made a copy of another, writing only the files that differ (a build's output dir).
+sync_tree: a folder made a copy of another, writing only the files that differ (a build's output dir);
+sync_and_remove_tree: the same from a folder that is not kept.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def sync_tree(src: Path, dest: Path) -> None:
+def sync_tree(src: Path, dest: Path, *, synced: Callable[[str], object] | None = None) -> None:
     """Make dest what shutil.copytree(src, dest, symlinks=True) would make it, rewriting only what differs.
 
     A file of dest is kept only when it is a regular file with one link (no other name shares it: never
@@ -65,7 +68,7 @@ def sync_tree(src: Path, dest: Path) -> None:
         elif entry.is_dir(follow_symlinks=False):
             if target.is_symlink() or (target.exists() and not target.is_dir()):
                 _remove(target)
-            sync_tree(Path(entry.path), target)
+            sync_tree(Path(entry.path), target, synced=synced)
         elif _unchanged(entry.stat(follow_symlinks=False), target):
             continue
         else:
@@ -74,6 +77,38 @@ def sync_tree(src: Path, dest: Path) -> None:
     theirs, ours = os.lstat(src), os.lstat(dest)
     if (theirs.st_mode, theirs.st_mtime_ns) != (ours.st_mode, ours.st_mtime_ns):  # ~3,700 folders
         shutil.copystat(src, dest, follow_symlinks=False)
+    if synced is not None:
+        synced(os.fspath(src))  # after its subfolders': the sync is done with everything under src
+
+
+def sync_and_remove_tree(src: Path, dest: Path) -> None:
+    """sync_tree(src, dest), then src removed (a build's staging dir when no cache keeps it), the removal
+    beside the sync: a thread empties and removes each folder of src as soon as the sync reports it done
+    (subfolders before their parent). Removing a staging dir (~15,000 names, ~3,700 folders) took 0.6 s
+    after the sync's 0.9 s, both mostly system calls, which run on the second core this way. Whatever the
+    thread could not remove (the rest of a sync that failed) is removed at the end."""
+    done: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    remover = threading.Thread(target=_remove_synced, args=(done,), name="staging removal", daemon=True)
+    remover.start()
+    try:
+        sync_tree(src, dest, synced=done.put)
+    finally:
+        done.put(None)
+        remover.join()
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def _remove_synced(done: queue.SimpleQueue[str | None]) -> None:
+    """Empty and remove each folder put on done until None; an error leaves the folder to the caller."""
+    while (folder := done.get()) is not None:
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    if not entry.is_dir(follow_symlinks=False):
+                        os.unlink(entry.path)
+            os.rmdir(folder)
+        except OSError:
+            continue
 
 
 def _remove(path: Path) -> None:

@@ -38,7 +38,7 @@ from kernel_ci.build.records import (
 from kernel_ci.cache.store import ENTRY_FILE, BuildStore, LocalStore, copy_entry
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step, warn
-from kernel_ci.core.files import sync_tree, write_text_atomic
+from kernel_ci.core.files import sync_and_remove_tree, sync_tree, write_text_atomic
 from kernel_ci.core.paths import CHECKOUT, REPO_ROOT, SUITE_PATH, Project, cache_dir
 from kernel_ci.core.timing import RECORD_DIGITS, Duration, measure_duration
 from kernel_ci.guest.suites import SuiteRoots
@@ -662,9 +662,9 @@ def publish(store: BuildStore, job: _Job, configured: _Configured, staging: Path
     if job.request.use_cache:
         entry = store.put(configured.key, staging, configured.manifest, move=True)
         store.put_alias(job.request_key, configured.key)
-    else:
-        entry = staging
-    _link_or_copy_tree(entry, job.request.output)
+        _link_or_copy_tree(entry, job.request.output)
+    else:  # nothing keeps staging: it is removed as it is synced
+        sync_and_remove_tree(staging, job.request.output)
 
 
 def _restore(entry: Path, key: str, request: BuildRequest, clock: Duration, why: str) -> BuildResult:

@@ -106,3 +106,33 @@ def test_sync_tree_into_nothing_or_over_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     sync_tree(src, tmp_path / "file")
     assert (tmp_path / "file" / "d" / "f").read_text() == "x"
+
+
+def test_sync_and_remove_tree_leaves_the_copy_and_no_source(tmp_path: Path) -> None:
+    """The removal runs beside the sync, a folder at a time: every file still reaches dest (deep trees,
+    folders with many files, links to files elsewhere whose other names stay), and src is gone."""
+    import shutil
+
+    from kernel_ci.core.files import sync_and_remove_tree
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for top in range(8):
+        deep = src / f"t{top}" / "a" / "b" / "c"
+        deep.mkdir(parents=True)
+        for n in range(40):
+            (deep.parent / f"f{n}").write_text(f"{top} {n}")
+        (deep / "leaf").write_text("leaf")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("linked")
+    os.link(elsewhere, src / "linked")
+    os.symlink("t0/a/b/f0", src / "link")
+    (dest / "t0").mkdir(parents=True)
+    (dest / "stale").write_text("not in src")
+    reference = tmp_path / "reference"
+    shutil.copytree(src, reference, symlinks=True)
+
+    sync_and_remove_tree(src, dest)
+
+    assert _snapshot(dest) == _snapshot(reference)
+    assert not src.exists()
+    assert elsewhere.read_text() == "linked" and elsewhere.stat().st_nlink == 1
