@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,20 @@ def test_the_engine_api_on_the_socket_answers_as_the_docker_client_does() -> Non
         docker._image_ids.pop(tag, None)
         expected = proc.capture(["docker", "image", "inspect", "--format", "{{.Id}}", tag]).strip()
         assert docker.image_id(tag) == expected
+
+
+def test_a_stale_container_is_removed_and_none_is_nothing_to_do() -> None:
+    """remove_container asks the socket whether there is one (404: done) and the client to remove one."""
+    if not docker.engine_version(timeout=5)[0]:
+        pytest.skip("no Docker engine answers here")
+    from kernel_ci.build import images
+
+    name = f"kernel-ci-test-stale-{os.getpid()}"
+    docker.remove_container(name)  # none: nothing to do, no error
+    proc.capture(["docker", "create", "--name", name, images.ensure_builder_image(), "true"])
+    assert docker.container_exists(name)
+    docker.remove_container(name)
+    assert not docker.container_exists(name)
 
 
 @pytest.mark.parametrize(
