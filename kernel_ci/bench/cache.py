@@ -35,7 +35,7 @@ import httpx
 
 from kernel_ci.bench.figures import Figure
 from kernel_ci.cache.server.server import wait_healthy
-from kernel_ci.cache.store import FileRecord, LocalStore
+from kernel_ci.cache.store import FileRecord, LocalStore, WrittenTree
 from kernel_ci.core import proc
 from kernel_ci.core.console import console, step
 from kernel_ci.core.errors import InfrastructureError
@@ -181,11 +181,19 @@ class TimedPutStore(LocalStore):
         expected: Mapping[str, FileRecord] | None = None,
         verified: bool = False,
         durable: bool = True,
+        written: WrittenTree | None = None,
     ) -> Path:
         started = time.monotonic()
         try:
             return super().put(
-                key, outputs, manifest, move=move, expected=expected, verified=verified, durable=durable
+                key,
+                outputs,
+                manifest,
+                move=move,
+                expected=expected,
+                verified=verified,
+                durable=durable,
+                written=written,
             )
         finally:
             self.put_seconds = time.monotonic() - started

@@ -83,6 +83,7 @@ from kernel_ci.cache.store import (
     LocalStore,
     TreeWriter,
     UnsafeEntryError,
+    WrittenTree,
     check_record,
     check_rel_path,
     create_file_at,
@@ -476,9 +477,10 @@ def _members(blob: _Blob) -> Iterator[_Member]:
         yield member
 
 
-def _write_files(batch: list[tuple[int, str, int, Bytes, int, str]]) -> None:
+def _write_files(batch: list[tuple[int, str, int, Bytes, int, str]], written: WrittenTree | None) -> None:
     """Create and write verified files (a writer thread; the syscalls release the GIL): one openat with
-    O_CREAT|O_EXCL|O_NOFOLLOW and the mode, the bytes, the mtime by descriptor, close."""
+    O_CREAT|O_EXCL|O_NOFOLLOW and the mode, the bytes, the mtime by descriptor, close; each recorded in
+    written once it is complete."""
     for parent, name, mode, data, mtime, rel in batch:
         fd = create_file_at(parent, name, mode, rel)
         try:
@@ -486,6 +488,8 @@ def _write_files(batch: list[tuple[int, str, int, Bytes, int, str]]) -> None:
             os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)
+        if written is not None:
+            written.file(rel)
 
 
 class _FileWriters:
@@ -497,7 +501,8 @@ class _FileWriters:
     MAX_PENDING_BATCHES waiting (bounded memory); close() waits for every started batch, so that no
     thread still uses a directory descriptor after the TreeWriter that owns it closes it."""
 
-    def __init__(self, threads: int = WRITER_THREADS) -> None:
+    def __init__(self, threads: int = WRITER_THREADS, written: WrittenTree | None = None) -> None:
+        self._written = written
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kci-restore") if threads else None
         self._batch: list[tuple[int, str, int, Bytes, int, str]] = []
         self._bytes = 0
@@ -514,9 +519,9 @@ class _FileWriters:
         if not batch:
             return
         if self._pool is None:
-            _write_files(batch)
+            _write_files(batch, self._written)
             return
-        self._pending.append(self._pool.submit(_write_files, batch))
+        self._pending.append(self._pool.submit(_write_files, batch, self._written))
         while self._pending and (len(self._pending) > MAX_PENDING_BATCHES or self._pending[0].done()):
             self._pending.popleft().result()  # raises the first failure of a writer thread
 
@@ -559,7 +564,7 @@ def _extract(
     seen: set[str] = set()
     with (
         contextlib.nullcontext(writer) if writer else TreeWriter(destination) as writer,
-        _FileWriters() as files,
+        _FileWriters(written=writer.written) as files,
     ):
         for member in _members(blob):
             name = member.name
@@ -584,6 +589,8 @@ def _extract(
                 parent = writer.directory(parts[:-1])
                 if member.size > BIG_MEMBER:
                     _write_streamed(blob, parent, parts, member, record)
+                    if writer.written is not None:
+                        writer.written.file(name)
                 else:
                     data = blob.exact(member.size)
                     if hashlib.sha256(data).hexdigest() != record["sha256"]:
@@ -900,9 +907,10 @@ class RemoteStore:
             # directory made and opened once), the others meanwhile in another thread (the downloads and
             # their hashing and writing mostly release the GIL), each with its own TreeWriter
             largest = max(outputs, key=lambda name: int(outputs[name]["size"]), default=None)
-            with TreeWriter(staging) as writer:
+            written = WrittenTree()  # what was written and verified, for the publish (no second scan)
+            with TreeWriter(staging, written=written) as writer:
                 with ThreadPoolExecutor(1, "kci-restore-rest") as rest:
-                    others = rest.submit(self._restore_outputs, outputs, largest, staging, records)
+                    others = rest.submit(self._restore_outputs, outputs, largest, staging, records, written)
                     total = 0
                     if largest is not None:
                         total += self._restore_output(outputs[largest], largest, staging, records, writer)
@@ -911,8 +919,9 @@ class RemoteStore:
                 # made as its member arrives, while the writer threads write the files before it)
                 for rel in dirs:
                     writer.directory(tuple(rel.split("/")))  # each was checked by parse_digests
-            # every file was checked against records before it was written: put checks names, sizes and
-            # modes; not durable: it can be downloaded again and every use re-verifies it (cachestore)
+            # every file was checked against records before it was written, and written recorded each one:
+            # put publishes from that record; not durable: it can be downloaded again and every use
+            # re-verifies it (cachestore)
             entry = self.local.put(
                 key,
                 staging,
@@ -921,6 +930,7 @@ class RemoteStore:
                 expected=records,
                 verified=True,
                 durable=False,
+                written=written,
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -937,13 +947,16 @@ class RemoteStore:
         skip: str | None,
         staging: Path,
         records: Mapping[str, FileRecord],
+        written: WrittenTree,
     ) -> int:
-        """Every output but skip into staging, one after the other; their total size."""
-        return sum(
-            self._restore_output(output, name, staging, records, None)
-            for name, output in outputs.items()
-            if name != skip
-        )
+        """Every output but skip into staging, one after the other (one TreeWriter of this thread); their
+        total size."""
+        with TreeWriter(staging, written=written) as writer:
+            return sum(
+                self._restore_output(output, name, staging, records, writer)
+                for name, output in outputs.items()
+                if name != skip
+            )
 
     def _restore_output(
         self,
@@ -951,7 +964,7 @@ class RemoteStore:
         name: str,
         staging: Path,
         records: Mapping[str, FileRecord],
-        writer: TreeWriter | None,
+        writer: TreeWriter,
     ) -> int:
         """One output of the manifest into staging, checked (see restore); its size."""
         parts = check_rel_path(name, "output name")
@@ -964,7 +977,7 @@ class RemoteStore:
             # checked at the end: any failure discards the whole staging directory
             self.client.extract(output["sha256"], output["size"], staging, name, records, writer)
         else:
-            self._download_file(output, name, parts, staging, records)
+            self._download_file(output, name, parts, records, writer)
         return int(output["size"])
 
     def _download_file(
@@ -972,8 +985,8 @@ class RemoteStore:
         output: Mapping[str, Any],
         name: str,
         parts: tuple[str, ...],
-        staging: Path,
         records: Mapping[str, FileRecord],
+        writer: TreeWriter,
     ) -> None:
         """A plain-file output into staging: it must be listed, with the blob's digest and size."""
         record = records.get(name)
@@ -981,8 +994,10 @@ class RemoteStore:
             raise UnsafeEntryError(f"output {name!r} does not match the entry's per-file digests")
         # TreeWriter refuses a symlink on the way (there is none: staging never gets one) or a second copy;
         # a failure leaves a partial file in staging, which is discarded as a whole
-        with TreeWriter(staging) as writer, writer.create(parts, record["mode"]) as out:
+        with writer.create(parts, record["mode"]) as out:
             self.client.download(output["sha256"], output["size"], out)
+        if writer.written is not None:
+            writer.written.file(name)
 
     def pack(self, entry: Path, workdir: Path) -> list[tuple[dict[str, Any], Path]]:
         """The outputs of an entry as (output record, file to upload) pairs; tars and the per-file digests

@@ -135,13 +135,30 @@ def read_entry_info(entry: Path) -> dict | None:
     return info
 
 
+class WrittenTree:
+    """What a restore wrote into its own private staging directory, as it wrote it: every directory a
+    TreeWriter made or opened there, and every file it created (O_CREAT|O_EXCL, with its record's mode)
+    and wrote in full from bytes that matched its record before any of them was written.
+    ``LocalStore.put(written=...)`` publishes from it instead of scanning the directory again."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()
+
+    def file(self, rel: str) -> None:
+        """rel was written and verified (set.add: safe from the writer threads)."""
+        self.files.add(rel)
+
+
 class TreeWriter:
     """Creates directories and files below root without ever following a symlink or replacing a file
-    (with create=False: opens existing ones for reading, the same way)."""
+    (with create=False: opens existing ones for reading, the same way). written: where the directories
+    it makes or opens are recorded (a restore's WrittenTree)."""
 
-    def __init__(self, root: Path, *, create: bool = True) -> None:
+    def __init__(self, root: Path, *, create: bool = True, written: WrittenTree | None = None) -> None:
         self.root = root
         self.create_dirs = create
+        self.written = written
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         self._fds: dict[tuple[str, ...], int] = {(): os.open(root, flags)}
 
@@ -165,6 +182,7 @@ class TreeWriter:
             raise CacheStoreError(f"TreeWriter of {self.root} used after close")
         parent = self.directory(parts[:-1])
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        made = False
         try:
             if self.create_dirs:
                 # mkdir first: a writer mostly makes new trees (a restore: 3,700 directories), where trying
@@ -172,10 +190,15 @@ class TreeWriter:
                 # open below refuses one
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(parts[-1], 0o755, dir_fd=parent)
+                    made = True
             fd = os.open(parts[-1], flags, dir_fd=parent)
         except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file; ENOENT: missing (reading)
             raise UnsafeEntryError(f"{'/'.join(parts)} is not a plain directory ({exc.strerror})") from exc
         self._fds[parts] = fd
+        if made and _UMASK & 0o755:
+            os.fchmod(fd, 0o755)  # the umask took bits away (scan_tree would have put them back)
+        if self.written is not None:
+            self.written.dirs.add("/".join(parts))
         return fd
 
     def create_fd(self, parts: tuple[str, ...], mode: int) -> int:
@@ -297,6 +320,19 @@ def scan_tree(
                     f"{rel} is not a regular file or directory ({stat.filemode(st.st_mode)})"
                 )
     return dict(sorted(files.items())), sorted(dirs)
+
+
+def _written_records(
+    written: WrittenTree, expected: Mapping[str, FileRecord]
+) -> tuple[dict[str, FileRecord], list[str]]:
+    """The file records and directories of a tree its writer recorded (see LocalStore.put): each file
+    written is listed (the writer refused any other), and each listed one must have been written, else
+    the entry would promise a file it lacks (a digest list naming a file no output brings)."""
+    if written.files != expected.keys():
+        found = {rel: expected.get(rel, FileRecord(sha256="", size=-1, mode=0)) for rel in written.files}
+        compare_records(found, expected, "the restored tree")
+    files = {rel: FileRecord(**expected[rel]) for rel in sorted(expected)}
+    return files, sorted(written.dirs)
 
 
 def compare_records(found: Mapping[str, FileRecord], expected: Mapping[str, FileRecord], where: str) -> None:
@@ -764,6 +800,7 @@ class LocalStore:
         expected: Mapping[str, FileRecord] | None = None,
         verified: bool = False,
         durable: bool = True,
+        written: WrittenTree | None = None,
     ) -> Path:
         """Publish outputs (a directory) as the entry for key; returns the entry directory.
 
@@ -780,6 +817,14 @@ class LocalStore:
         the bytes are not hashed a second time (whoever could change them in between owns the store too).
 
         ``durable=False`` (a restore from the service): no syncfs or fsync (the module docstring says why).
+
+        ``written`` (with ``verified`` and ``expected``, outputs moved within the filesystem): the restore's
+        own record of every directory it made and every file it created (O_EXCL, listed mode) and wrote
+        from checked bytes, in its private staging directory; the records and directories are taken from
+        it instead of a scan of ~15,000 names (0.2 s). The scan's checks hold by construction (a writer
+        makes nothing but listed files and directories, a file's size is that of its checked bytes, its
+        mode the listed one, directories 0755) except one: that every listed file was written, which is
+        checked here (written must name exactly the listed files).
         """
         final = self.entry_dir(key)
         outputs = Path(outputs)
@@ -812,7 +857,10 @@ class LocalStore:
                     moved.append(child.name)
             else:
                 shutil.copytree(outputs, tmp, symlinks=True, dirs_exist_ok=True, copy_function=_copy_file)
-            files, dirs = scan_tree(tmp, dropped, expected if verified else None)
+            if written is not None and verified and expected is not None and moved:
+                files, dirs = _written_records(written, expected)
+            else:
+                files, dirs = scan_tree(tmp, dropped, expected if verified else None)
             if expected is not None:
                 compare_records(files, expected, f"build {key[:12]}")
             links = make_honest_links(tmp)

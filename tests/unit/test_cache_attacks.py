@@ -25,7 +25,14 @@ import pytest
 from kernel_ci.cache import remote
 from kernel_ci.cache.remote import DIGESTS_OUTPUT, CacheClient, RemoteConfig, RemoteStore, extract_members
 from kernel_ci.cache.server.server import ServerConfig
-from kernel_ci.cache.store import CacheStoreError, FileRecord, LocalStore, TreeWriter, UnsafeEntryError
+from kernel_ci.cache.store import (
+    CacheStoreError,
+    FileRecord,
+    LocalStore,
+    TreeWriter,
+    UnsafeEntryError,
+    WrittenTree,
+)
 from kernel_ci.flow import build as buildpipeline
 from tests.cacheservice import TOKEN, server_in_thread
 
@@ -58,6 +65,7 @@ class Attack:
     modes: dict[str, int] = field(default_factory=dict)
     raw: dict[str, bytes] = field(default_factory=dict)  # tar bytes crafted by hand, in place of make_tar's
     dirs: list[str] = field(default_factory=list)  # more directories for the digests to list
+    ghosts: dict[str, bytes] = field(default_factory=dict)  # files the digests list and no output brings
 
 
 def make_tar(members: Iterable[Member]) -> bytes:
@@ -90,7 +98,7 @@ def digests_document(attack: Attack) -> bytes:
                 claimed = member.data if member.listed_data is None else member.listed_data
                 mode = member.mode & 0o777 if member.listed_mode is None else member.listed_mode
                 files[member.name] = {"sha256": sha(claimed), "size": len(claimed), "mode": mode}
-    for name, data in attack.files.items():
+    for name, data in [*attack.files.items(), *attack.ghosts.items()]:
         files[name] = {"sha256": sha(data), "size": len(data), "mode": attack.modes.get(name, 0o644)}
     return json.dumps(
         {"schema": 2, "key": KEY, "files": files, "dirs": sorted([*dirs, *attack.dirs])}
@@ -257,6 +265,20 @@ def test_a_file_the_digests_do_not_list(tmp_path: Path, victim) -> None:  # type
     assert_refused(store, outside)
 
 
+def test_a_listed_file_that_no_output_brings(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
+    """The digests list a file that neither a tar nor a file output carries: every member that did arrive
+    matches, but the entry would be published without a file its entry.json promises (the restore's
+    publish trusts what it wrote, not a scan of staging: it must still find the file missing)."""
+    attacker, store, outside = victim
+    attack = Attack(
+        tars={"kbuild": honest_members()},
+        files={"bzImage": b"kernel"},
+        ghosts={"kbuild/include/generated/autoconf.h": b"#define X 1\n"},
+    )
+    publish(attacker, tmp_path, attack)
+    assert_refused(store, outside)
+
+
 def test_a_duplicate_member_cannot_overwrite_a_verified_file(tmp_path: Path, victim) -> None:  # type: ignore[no-untyped-def]
     attacker, store, outside = victim
     second = Member("kbuild/Makefile", data=b"ALL:\n", listed=False)  # same size as the listed one
@@ -396,6 +418,38 @@ def test_put_of_verified_files_still_checks_names_sizes_and_modes(tmp_path: Path
         KEY, outputs({"bzImage": b"kernel"}), INPUTS, expected={"bzImage": record}, verified=True
     )
     assert entry == store.get(KEY) and (entry / "bzImage").read_bytes() == b"kernel"
+
+
+def test_put_from_a_written_record_refuses_a_file_missing_or_unlisted(tmp_path: Path) -> None:
+    """put(written=...) publishes from the restore's record of what it wrote instead of a scan: that
+    record must name exactly the listed files (a listed file nothing wrote, or a written one the list
+    lacks, publishes nothing)."""
+    store = LocalStore(tmp_path / "store")
+    record = FileRecord(sha256=sha(b"kernel"), size=6, mode=0o644)
+    expected = {"bzImage": record, "kbuild/Makefile": FileRecord(sha256=sha(b"all:\n"), size=5, mode=0o644)}
+
+    def staging(names: list[str]) -> tuple[Path, WrittenTree]:
+        path = tmp_path / "staging"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        written = WrittenTree()
+        with TreeWriter(path, written=written) as writer:
+            for name in names:
+                data = b"kernel" if name == "bzImage" else b"all:\n"
+                with writer.create(tuple(name.split("/")), 0o644) as out:
+                    out.write(data)
+                written.file(name)
+        return path, written
+
+    for names in (["bzImage"], ["bzImage", "kbuild/Makefile", "kbuild/extra"]):
+        path, written = staging(names)
+        with pytest.raises(CacheStoreError, match="does not match its per-file digests"):
+            store.put(KEY, path, INPUTS, move=True, expected=expected, verified=True, written=written)
+        assert store.get(KEY) is None and list(store.tmp_dir.iterdir()) == []
+    path, written = staging(["bzImage", "kbuild/Makefile"])
+    entry = store.put(KEY, path, INPUTS, move=True, expected=expected, verified=True, written=written)
+    info = json.loads((entry / "entry.json").read_text())
+    assert (info["files"], info["dirs"]) == (expected, ["kbuild"])
 
 
 # -- the tar reader (kernel_ci.cache.remote._members): headers forged by hand ---------------------------

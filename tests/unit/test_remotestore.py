@@ -91,6 +91,10 @@ def test_push_then_restore_into_an_empty_local_store(tmp_path: Path) -> None:
         restored = second.get(key)
         assert restored is not None and restored.parent.parent == second.local.entries_dir
         assert tree_digest(restored) == tree_digest(entry)
+        # the restore publishes from what it wrote, not from a scan: its entry.json still says what the
+        # scan of the pushed entry said (every file and directory, the links)
+        built, got = (json.loads((e / "entry.json").read_text()) for e in (entry, restored))
+        assert (got["files"], got["dirs"], got["links"]) == (built["files"], built["dirs"], built["links"])
         assert json.loads((restored / "manifest.json").read_text()) == INPUTS
         assert second.get("00" * 32) is None  # a remote miss is a miss
 
