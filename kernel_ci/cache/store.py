@@ -104,20 +104,29 @@ def safe_mode(mode: int) -> int:
     return 0o755 if mode & 0o111 else 0o644
 
 
+_HEX_DIGITS = "0123456789abcdef"
+
+
 def check_record(rel: str, record: object) -> FileRecord:
-    """A FileRecord read from a document someone else wrote (entry.json, a downloaded digest list)."""
+    """A FileRecord read from a document someone else wrote (entry.json, a downloaded digest list).
+
+    Exact type checks and str.strip instead of isinstance and a regex per field: a restore checks ~11,600
+    records (json gives exactly dict, str and int; a bool is not a size)."""
     check_rel_path(rel)
+    if type(record) is not dict:
+        raise UnsafeEntryError(f"bad file record for {rel!r}: {record!r} (sha256, size, mode 0644/0755)")
+    digest, size, mode = record.get("sha256"), record.get("size"), record.get("mode")
     if (
-        not isinstance(record, dict)
-        or not isinstance(record.get("sha256"), str)
-        or not re.fullmatch(r"[0-9a-f]{64}", record["sha256"])
-        or not isinstance(record.get("size"), int)
-        or isinstance(record.get("size"), bool)
-        or record["size"] < 0
-        or record.get("mode") not in SAFE_MODES
+        type(digest) is not str
+        or len(digest) != 64
+        or digest.strip(_HEX_DIGITS)
+        or type(size) is not int
+        or size < 0
+        or mode not in SAFE_MODES
+        or type(mode) is not int
     ):
         raise UnsafeEntryError(f"bad file record for {rel!r}: {record!r} (sha256, size, mode 0644/0755)")
-    return FileRecord(sha256=record["sha256"], size=record["size"], mode=record["mode"])
+    return {"sha256": digest, "size": size, "mode": mode}
 
 
 def read_entry_info(entry: Path) -> dict | None:
@@ -858,11 +867,11 @@ class LocalStore:
             else:
                 shutil.copytree(outputs, tmp, symlinks=True, dirs_exist_ok=True, copy_function=_copy_file)
             if written is not None and verified and expected is not None and moved:
-                files, dirs = _written_records(written, expected)
+                files, dirs = _written_records(written, expected)  # exactly expected's records, or raises
             else:
                 files, dirs = scan_tree(tmp, dropped, expected if verified else None)
-            if expected is not None:
-                compare_records(files, expected, f"build {key[:12]}")
+                if expected is not None:
+                    compare_records(files, expected, f"build {key[:12]}")
             links = make_honest_links(tmp)
             if durable:
                 _fsync_tree(tmp)
