@@ -62,12 +62,12 @@ def _sync_folder(src: str, dest: str, synced: Callable[[str], object] | None) ->
         entries = {entry.name: entry for entry in listing}
     with os.scandir(dest) as listing:
         present = {entry.name: entry for entry in listing}
-    for name, here in present.items():
+    for name, stale in present.items():
         if name not in entries:
-            _remove_entry(here)
+            _remove_entry(stale)
     for name, entry in entries.items():
         target = os.path.join(dest, name)
-        here = present.get(name)
+        here: os.DirEntry[str] | None = present.get(name)
         if entry.is_symlink():
             link = os.readlink(entry.path)
             if here is not None and here.is_symlink() and os.readlink(target) == link:
