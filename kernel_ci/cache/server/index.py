@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from kernel_ci.cache.server.generation import Generation
+
 log = logging.getLogger("kernel_ci.cacheserver")
 NOW = "{now}"  # replaced by each engine's expression for "seconds since the epoch, database clock"
 
@@ -173,7 +175,8 @@ class SqlIndex:
 
     def blob_forget(self, digest: str) -> None:
         with self._tx(write=True) as tx:
-            tx.x("DELETE FROM blobs WHERE digest = ?", (digest,))
+            if tx.x("DELETE FROM blobs WHERE digest = ?", (digest,)):
+                self._invalidate(tx)  # keys using it now answer 404 (ccache_read): memory answers go
 
     # -- builds -------------------------------------------------------------------------------
 
@@ -218,6 +221,11 @@ class SqlIndex:
 
     def _lock_refs(self, tx: _Tx, exclusive: bool) -> None:
         """Serialise reference changes against garbage collection (SQLite: BEGIN IMMEDIATE does it)."""
+
+    def _invalidate(self, tx: _Tx) -> None:
+        """This write transaction changes what an existing ccache key answers: called before its COMMIT.
+        SQLite: the change generation (generation.py) that the workers' memory answers depend on. The
+        PostgreSQL index has none (its replicas are on other hosts: they keep no answers in memory)."""
 
     def build_get(self, key: str) -> BuildRow | None:
         with self._tx() as tx:
@@ -305,6 +313,11 @@ class SqlIndex:
 
     def ccache_put(self, key: str, digest: str, size: int) -> None:
         with self._tx(write=True) as tx:
+            # a new key needs no invalidation (a miss is never kept in memory), nor the same digest again
+            # (the same verified bytes); a key re-pointed to other bytes does
+            old = tx.q("SELECT digest FROM ccache WHERE key = ?", (key,))
+            if old and old[0][0] != digest:
+                self._invalidate(tx)
             tx.x(
                 self._now(
                     f"INSERT INTO ccache (key, digest, size, last_access) VALUES (?, ?, ?, {NOW}) "
@@ -316,7 +329,10 @@ class SqlIndex:
 
     def ccache_delete(self, key: str) -> bool:
         with self._tx(write=True) as tx:
-            return tx.x("DELETE FROM ccache WHERE key = ?", (key,)) > 0
+            deleted = tx.x("DELETE FROM ccache WHERE key = ?", (key,)) > 0
+            if deleted:
+                self._invalidate(tx)
+            return deleted
 
     # -- LRU, totals, eviction ----------------------------------------------------------------
 
@@ -357,6 +373,8 @@ class SqlIndex:
                 ") AS lru ORDER BY last_access, key LIMIT ?",
                 (count,),
             )
+            if any(kind == "ccache" for kind, _ in victims):
+                self._invalidate(tx)
             for kind, key in victims:
                 if kind == "build":
                     tx.x("DELETE FROM builds WHERE key = ?", (key,))
@@ -375,6 +393,8 @@ class SqlIndex:
         could not be deleted keeps its row (tried again next time). Returns the digests deleted.
         """
         deleted: list[str] = []
+        # no _invalidate: only blobs that no ccache key references go, and whatever stopped a key from
+        # referencing one (a delete, an eviction, a re-pointing put) invalidated memory answers already
         with self._tx(write=True) as tx:
             self._lock_refs(tx, exclusive=True)
             rows = tx.q(
@@ -402,6 +422,7 @@ _RUNS_SQL = "SELECT doc FROM runs"
 class _SqliteTx:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self.invalidating = False  # Generation.begin() called: end() is due after COMMIT or ROLLBACK
 
     def q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql, tuple(params)).fetchall()
@@ -423,9 +444,16 @@ class SqliteIndex(SqlIndex):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._create()
+        self.generation = Generation(self.path.with_name(self.path.name + "-generation"))
 
     def describe(self) -> str:
         return f"SQLite {self.path}"
+
+    def _invalidate(self, tx: _Tx) -> None:
+        assert isinstance(tx, _SqliteTx)
+        if not tx.invalidating:
+            self.generation.begin()
+            tx.invalidating = True
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -454,8 +482,9 @@ class SqliteIndex(SqlIndex):
             if conn.in_transaction:  # never expected: a transaction some bug left open; do not join it
                 conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            tx = _SqliteTx(conn)
             try:
-                yield _SqliteTx(conn)
+                yield tx
                 conn.execute("COMMIT")
             finally:
                 # the body raised, or COMMIT itself failed (disk full, I/O error): SQLite then keeps the
@@ -463,6 +492,8 @@ class SqliteIndex(SqlIndex):
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
+                if tx.invalidating:  # after COMMIT/ROLLBACK: readers may keep answers again
+                    self.generation.end()
 
 
 @contextlib.contextmanager
