@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import pytest
 
 from kernel_ci.cache.server.middleware import INLINE_HASH_MAX
 from kernel_ci.cache.server.server import ServerConfig
-from tests.cacheservice import READ_TOKEN, TOKEN, Running, metric, server_in_thread
+from kernel_ci.cache.server.service import Limits
+from tests.cacheservice import READ_TOKEN, REPO, TOKEN, Running, metric, server_in_thread, server_process, sha
 
 KEY = "0123" + "abcdefghijklmnopqrstuv0123456"  # 33 chars of [0-9a-v] (ccache <= 4.12)
 HEX_KEY = "ab" * 20  # 40 hex (ccache >= 4.13)
@@ -267,3 +270,162 @@ def test_an_unexpected_error_in_a_read_gets_the_routes_500(pair: tuple[Running, 
     raw = request("GET", f"/ccache/{bad}", [f"Bearer {READ_TOKEN}"], CLOSE)
     got, want = exchange(fast, raw), exchange(routed, raw)
     assert _status(want) == 500 and got == want, (got[:300], want[:300])
+
+
+# -- answers kept in memory (memory.py) and their invalidation by the index's change generation ----------
+
+
+def _memory(server: Running):  # type: ignore[no-untyped-def]
+    """The fast path's memory of answers (white box: to show that a test did go through it)."""
+    memory = server.app.fast.memory
+    assert memory is not None
+    return memory
+
+
+def _same(fast: Running, routed: Running, *targets: str) -> list[bytes]:
+    """GET and HEAD of each target, with and without a token: byte for byte the routes' answers."""
+    answers = []
+    for target in targets:
+        for method in ("GET", "HEAD", "GET"):
+            for auth in ([f"Bearer {READ_TOKEN}"], []):  # first: the answer the callers check
+                raw = request(method, target, auth, CLOSE)
+                got, want = exchange(fast, raw), exchange(routed, raw)
+                assert got == want, (method, target, auth, got[:300], want[:300])
+                answers.append(got)
+    return answers
+
+
+HIT_KEY = KEY
+
+
+def test_repeated_reads_are_answered_from_memory_as_the_routes_answer(pair: tuple[Running, Running]) -> None:
+    """The second and later GETs of an object come from the worker's memory: the same bytes, headers and
+    metrics (hits, responses, latencies) as reads through the routes; HEAD too; big objects and misses
+    are never kept."""
+    fast, routed = pair
+    memory = _memory(fast)
+    assert len(memory) == 0
+    _same(fast, routed, HIT, f"/ccache/{HEX_KEY}", f"/ccache/{EMPTY_KEY}", f"/ccache/ac/{BAZEL}")
+    kept = {memory.get(k) is not None for k in (HIT_KEY, HEX_KEY, EMPTY_KEY, "ac-" + BAZEL)}
+    assert kept == {True}, kept
+    _same(fast, routed, f"/ccache/{BIG_KEY}", f"/ccache/{MISSING_KEY}")
+    assert memory.get(BIG_KEY) is None and memory.get(MISSING_KEY) is None
+    assert len(memory) == 4
+    _compare_metrics(fast, routed)
+
+
+def _put(server: Running, target: str, content: bytes) -> None:
+    with server.client() as client:
+        assert client.put(target, content=content).status_code == 201
+
+
+def _fill(fast: Running, routed: Running, content: bytes = OBJECTS[HIT]) -> None:
+    """Two GETs of HIT from each (the same metrics on both): the fast one keeps the answer in memory."""
+    for server in (fast, routed):
+        with server.client(token=READ_TOKEN) as client:
+            for _ in range(2):
+                assert client.get(HIT).content == content
+    assert _memory(fast).get(HIT_KEY) is not None  # the attack starts from a kept answer
+
+
+def test_a_replacement_by_another_process_is_never_answered_from_memory(
+    pair: tuple[Running, Running], tmp_path: Path
+) -> None:
+    """The attack: a key's answer is kept in one worker's memory; another PROCESS (a `cache serve` of
+    the same store) replaces the key with other bytes, then deletes it. A read from the first worker must
+    then give the new bytes, then a 404, exactly as the routes do, never the kept old bytes."""
+    fast, routed = pair
+    _fill(fast, routed)
+    other_bytes = os.urandom(len(OBJECTS[HIT]))
+    with server_process(fast.data) as other:
+        _put(other, HIT, other_bytes)
+        answers = _same(fast, routed, HIT)
+        assert answers[0].endswith(other_bytes), answers[0][:200]
+        _fill(fast, routed, other_bytes)
+        with other.client() as client:
+            assert client.delete(HIT).status_code == 200
+        answers = _same(fast, routed, HIT)
+        assert _status(answers[0]) == 404
+    _compare_metrics(fast, routed)
+
+
+def test_the_same_bytes_put_again_keep_the_memory_answer(pair: tuple[Running, Running]) -> None:
+    """A put of the same bytes under a key (ccache re-uploading an object) changes nothing a reader can
+    see: the kept answer stays (no needless invalidation), and is still the routes' answer."""
+    fast, routed = pair
+    _fill(fast, routed)
+    before = _memory(fast).generation.current()
+    _put(routed, HIT, OBJECTS[HIT])
+    _put(routed, f"/ccache/{MISSING_KEY}", b"a new key")  # nobody can have kept a new key's answer
+    assert _memory(fast).generation.current() == before
+    assert _memory(fast).get(HIT_KEY) is not None
+    _same(fast, routed, HIT, f"/ccache/{MISSING_KEY}")
+
+
+def test_an_eviction_by_another_worker_is_never_answered_from_memory(tmp_path: Path) -> None:
+    """The attack: another worker of the same store evicts the key (an upload that needs the space); its
+    blob stays (a pinned build uses the same bytes), so only the index says the key is gone: the first
+    worker must answer the routes' 404, not the kept bytes."""
+    data = tmp_path / "data"
+    tight = Limits(max_bytes=60 << 10, gc_grace_seconds=0)
+    with (
+        server_in_thread(ServerConfig(data=data)) as fast,
+        server_in_thread(ServerConfig(data=data), fast_path=False) as routed,
+        server_in_thread(ServerConfig(data=data, limits=tight), fast_path=False) as evicting,
+    ):
+        _put(fast, HIT, OBJECTS[HIT])  # 10 KiB
+        _put(fast, f"/ccache/{HEX_KEY}", os.urandom(20 << 10))
+        outputs = [{"name": "object", "sha256": sha(OBJECTS[HIT]), "size": len(OBJECTS[HIT])}]
+        with fast.client() as client:
+            assert client.put(f"/api/v1/builds/{BAZEL}", json={"outputs": outputs}).status_code == 201
+            assert client.put(f"/api/v1/builds/{BAZEL}/pin").status_code == 200
+        _fill(fast, routed)
+        _put(evicting, f"/ccache/{MISSING_KEY}", os.urandom(40 << 10))  # 70 KiB > 60: evicts the keys
+        with sqlite3.connect(data / "index.sqlite3") as db:
+            assert not db.execute("SELECT 1 FROM ccache WHERE key = ?", (HIT_KEY,)).fetchall()
+        assert (data / "blobs" / sha(OBJECTS[HIT])[:2] / sha(OBJECTS[HIT])).is_file()
+        answers = _same(fast, routed, HIT)
+        assert _status(answers[0]) == 404
+        _compare_metrics(fast, routed)
+
+
+def _corrupt(data: Path, content: bytes) -> None:
+    """Replace the blob file of content with other bytes of the same size (the file's stamp changes)."""
+    digest = sha(content)
+    path = data / "blobs" / digest[:2] / digest
+    path.chmod(0o644)
+    path.write_bytes(bytes(b ^ 0xFF for b in content))
+
+
+def test_a_corrupt_blob_found_by_scrub_is_never_answered_from_memory(pair: tuple[Running, Running]) -> None:
+    """The attack: a blob is damaged at rest and `kernel-ci cache scrub` (another process) forgets it:
+    the key no longer has an object, and the worker that kept its bytes must say so (404), as the routes
+    do."""
+    fast, routed = pair
+    _fill(fast, routed)
+    _corrupt(fast.data, OBJECTS[HIT])
+    scrub = subprocess.run(
+        [sys.executable, "-m", "kernel_ci.cli.main", "cache", "scrub", "--data", str(fast.data)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert scrub.returncode == 1 and "corrupt" in scrub.stdout, scrub.stdout + scrub.stderr
+    answers = _same(fast, routed, HIT)
+    assert _status(answers[0]) == 404
+    _compare_metrics(fast, routed)
+
+
+def test_a_corrupt_blob_found_by_another_worker_is_never_answered_from_memory(
+    pair: tuple[Running, Running],
+) -> None:
+    """The attack: a blob is damaged at rest and another worker's read finds it (sets it aside, forgets
+    the key): the worker that kept its bytes then answers 404 too."""
+    fast, routed = pair
+    _fill(fast, routed)
+    _corrupt(fast.data, OBJECTS[HIT])
+    raw = request("GET", HIT, [f"Bearer {READ_TOKEN}"], CLOSE)
+    assert _status(exchange(routed, raw)) == 404  # the other worker's read: corrupt, forgotten
+    assert _status(exchange(fast, raw)) == 404
+    _same(fast, routed, HIT)

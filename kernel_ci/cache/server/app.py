@@ -18,13 +18,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from kernel_ci.cache.server.auth import Access, AuthConfig, Denied, authorize, has_valid_token
-from kernel_ci.cache.server.blobs import BlobError
+from kernel_ci.cache.server.blobs import BlobError, LocalBlobStore
 from kernel_ci.cache.server.explain import MissExplainer
 from kernel_ci.cache.server.history import History
-from kernel_ci.cache.server.index import IndexError_
+from kernel_ci.cache.server.index import IndexError_, SqliteIndex
+from kernel_ci.cache.server.memory import AnswerCache
 from kernel_ci.cache.server.middleware import (
     INLINE_HASH_MAX,
     CcacheFastPath,
+    KeptAnswer,
     PathGuard,
     Timing,
     path_problem,
@@ -100,6 +102,17 @@ def _inline_reads(service: CacheService) -> bool:
     return service.index.describe().startswith("SQLite") and service.blobs.describe().startswith("local")
 
 
+def _memory(service: CacheService) -> tuple[AnswerCache[KeptAnswer], LocalBlobStore] | None:
+    """The worker's memory of ccache answers (memory.py) and the blob files they were read from: only
+    over a SQLite index, whose change generation every process on this host shares (PostgreSQL replicas
+    on other hosts have no such thing), and local blobs."""
+    index, files = service.index, service.blobs
+    size = service.limits.memory_answer_bytes
+    if not isinstance(index, SqliteIndex) or not isinstance(files, LocalBlobStore) or size <= 0:
+        return None
+    return AnswerCache(index.generation, size, max_object=INLINE_HASH_MAX), files
+
+
 class CacheApp(Starlette):
     """The Starlette app, with ccache reads answered before its middleware stack when ``fast`` is set
     (middleware.CcacheFastPath: it hands back whatever it cannot answer as the routes would)."""
@@ -130,7 +143,7 @@ def create_app(service: CacheService, auth: AuthConfig) -> Starlette:
 
     app = CacheApp(routes=routes, lifespan=lifespan)
     if inline_reads:
-        app.fast = CcacheFastPath(service, auth)
+        app.fast = CcacheFastPath(service, auth, _memory(service))
     app.add_middleware(PathGuard)  # before anything looks at the path
     app.add_middleware(Timing, service=service)  # outermost: times everything
     return app

@@ -104,6 +104,13 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+FileStamp = tuple[int, int, int, int]  # inode, size, mtime, ctime (ns): changes with any write or rename
+
+
+def file_stamp(stat: os.stat_result) -> FileStamp:
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 @dataclass
 class Blob:
     """A verified blob: either its bytes (small blobs) or an open file positioned at 0 (the caller closes)."""
@@ -111,6 +118,8 @@ class Blob:
     size: int
     data: bytes | None = None
     file: BinaryIO | None = None
+    # of a local file: its FileStamp as it was when opened for this read (see LocalBlobStore.stamp)
+    stamp: FileStamp | None = None
 
     def chunks(self) -> Iterator[bytes]:
         if self.data is not None:
@@ -267,13 +276,22 @@ class LocalBlobStore:
         """A small blob's bytes, re-hashed unless its file carries its digest's stamp (module docstring)."""
         data = _read_all(fd, stat.st_size)
         if stat.st_mtime_ns == verified_stamp(digest) and len(data) == stat.st_size:
-            return Blob(stat.st_size, data=data)  # this inode was verified on write
+            return Blob(stat.st_size, data=data, stamp=file_stamp(stat))  # verified on write
         if hashlib.sha256(data).hexdigest() != digest:
             self._set_aside(digest, self.path(digest))
             return None
         with contextlib.suppress(OSError):  # the inode just read is the one stamped
             os.utime(fd, ns=(stat.st_atime_ns, verified_stamp(digest)))
-        return Blob(len(data), data=data)
+        return Blob(len(data), data=data, stamp=file_stamp(stat))  # the stamp before utime: one more read
+
+    def stamp(self, digest: str) -> FileStamp | None:
+        """The FileStamp of a blob's file now (None: gone): one stat, for an answer kept in memory to be
+        served only while the file it was read from is untouched (a file replaced or edited at rest is
+        then read, and judged, as _small does)."""
+        try:
+            return file_stamp(os.stat(f"{digest[:2]}/{digest}", dir_fd=self._root_fd))
+        except FileNotFoundError:
+            return None
 
     def _set_aside(self, digest: str, path: Path | str) -> None:
         aside = self.corrupt / f"{digest}.{int(time.time())}.{secrets.token_hex(3)}"

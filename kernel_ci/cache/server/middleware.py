@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernel_ci.cache.server.auth import AuthConfig, Denied, authorize_header
-from kernel_ci.cache.server.blobs import BlobError
+from kernel_ci.cache.server.blobs import BlobError, FileStamp, LocalBlobStore
 from kernel_ci.cache.server.index import IndexError_
+from kernel_ci.cache.server.memory import AnswerCache
 from kernel_ci.cache.server.service import CacheService, ServiceError, ccache_key_from_path
 from kernel_ci.cache.server.transfer import error
 
@@ -128,6 +129,15 @@ class FastAnswer:
         return [length, (b"content-type", b"application/octet-stream")] if self.typed else [length]
 
 
+@dataclass(frozen=True)
+class KeptAnswer:
+    """A GET's answer kept in memory, with the blob it was read from and that file's stamp then."""
+
+    answer: FastAnswer
+    digest: str
+    stamp: FileStamp
+
+
 class CcacheFastPath:
     """ccache GET/HEAD answered before Starlette: the one hot path (thousands of requests per build), where
     routing, the middleware stack and a Request object per request were most of the app's time.
@@ -141,21 +151,45 @@ class CcacheFastPath:
     - the token: ``auth.authorize_header``, the function the full app's Access calls;
     - the metrics: the latency and response counts Timing records (``record``), the hit/miss count of the
       service;
-    - small objects only on the event loop (INLINE_HASH_MAX), as the routed handler does.
+    - small objects only on the event loop (INLINE_HASH_MAX), as the routed handler does;
+    - answers kept in memory (``memory``, memory.py) are those of earlier reads, served only while the
+      index has not changed any existing key's answer since (the change generation) and the blob's file
+      is the one read then (one stat: a file replaced or edited at rest is read again and judged as on
+      disk); they record what a read from disk records.
     """
 
-    def __init__(self, service: CacheService, auth: AuthConfig) -> None:
+    def __init__(
+        self,
+        service: CacheService,
+        auth: AuthConfig,
+        memory: tuple[AnswerCache[KeptAnswer], LocalBlobStore] | None = None,
+    ) -> None:
         self.service = service
         self.auth = auth
+        self.memory: AnswerCache[KeptAnswer] | None = None
+        self.files: LocalBlobStore | None = None
+        if memory is not None:
+            self.memory, self.files = memory
 
     def answer(self, method: str, raw_path: str, authorization: str | None) -> FastAnswer | None:
         """The answer to a ccache ``GET``/``HEAD`` of ``raw_path`` (the path as sent, not percent-decoded,
         without its query), or None: the full app answers it (whatever it is, and why it is refused)."""
         if method not in ("GET", "HEAD") or not raw_path.startswith("/ccache/") or "%" in raw_path:
             return None  # percent-encoded: the path guard decides
+        memory, files = self.memory, self.files
+        generation = None
         try:
             key = ccache_key_from_path(raw_path[len("/ccache/") :])
             authorize_header(authorization, self.auth, write=False)
+            if memory is not None and files is not None:
+                kept = memory.get(key)
+                if kept is not None:
+                    if method == "HEAD":  # the routes' HEAD reads the index row only: not the file
+                        return FastAnswer(200, kept.answer.length)
+                    if files.stamp(kept.digest) == kept.stamp:
+                        self.service.ccache_hit(key)
+                        return kept.answer
+                generation = memory.snapshot()  # BEFORE the look-up (generation.py says why)
             found = self.service.ccache_lookup(key)
         except (ServiceError, Denied, IndexError_):
             return None
@@ -174,7 +208,10 @@ class CcacheFastPath:
         if blob is None:
             return FastAnswer(404, 0)
         body = blob.data if blob.data is not None else b"".join(blob.chunks())
-        return FastAnswer(200, blob.size, body, typed=True)
+        answer = FastAnswer(200, blob.size, body, typed=True)
+        if memory is not None and generation is not None and blob.stamp is not None:
+            memory.put(key, generation, KeptAnswer(answer, found[0], blob.stamp), blob.size)
+        return answer
 
     def record(self, method: str, status: int, start: float) -> None:
         """The metrics Timing records for a routed request (latency, responses by code)."""

@@ -145,6 +145,8 @@ class Limits:
     max_manifest_bytes: int = 16 << 20
     gc_grace_seconds: float = 600.0  # unreferenced blobs younger than this are kept (pending manifests)
     max_concurrent_explains: int = 2  # per process: "why did this miss" diffs read every build's inputs
+    # per worker: verified ccache answers kept in memory (memory.py; local SQLite index only); 0 = none
+    memory_answer_bytes: int = 64 << 20
 
 
 class CacheService:
@@ -385,6 +387,12 @@ class CacheService:
             self.access.touch("ccache", key)
         self.ccache_count(blob)
         return blob
+
+    def ccache_hit(self, key: str) -> None:
+        """What a hit answered from memory records, as ccache_read does for one read from disk: the
+        access time (in memory, written to the index in batches: _AccessTimes) and the hit count."""
+        self.access.touch("ccache", key)
+        self.metrics.inc("kernel_ci_cache_requests_total", kind="ccache", result="hit")
 
     def ccache_count(self, blob: Blob | None) -> None:
         self.metrics.inc("kernel_ci_cache_requests_total", kind="ccache", result="hit" if blob else "miss")
