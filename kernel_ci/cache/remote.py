@@ -400,16 +400,21 @@ def _header(block: bytes, pax: Mapping[str, str]) -> _Member:
      _minor, prefix) = _USTAR.unpack(block)  # fmt: skip
     if magic != b"ustar":
         raise UnsafeEntryError("tar header: not a POSIX ustar header")
+    # the four numbers checked at once (each: octal digits, then spaces and NULs): their digits joined
+    # are octal digits only; _octal names the field that is not
+    numbers = [field.rstrip(b"\0 ") for field in (mode, size, mtime, checksum)]
+    if b"".join(numbers).strip(_OCTAL_DIGITS):
+        for field, what in ((mode, "mode"), (size, "size"), (mtime, "mtime"), (checksum, "checksum")):
+            _octal(field, what)
+    mode_value, size_value, mtime_value, checksum_value = [int(n or b"0", 8) for n in numbers]
     # the checksum is the sum of the header's bytes with its own field counted as spaces; a header is
     # mostly NULs, and summing only the others (translate drops them, in C) is a fifth of the work
-    if _octal(checksum, "checksum") != sum(block.translate(None, b"\0")) - sum(checksum) + 8 * 32:
+    if checksum_value != sum(block.translate(None, b"\0")) - sum(checksum) + 8 * 32:
         raise UnsafeEntryError("tar header: bad checksum (a damaged or forged header)")
     name = _text(raw_name)
     if prefix[0]:
         name = f"{_text(prefix)}/{name}"
-    member = _Member(
-        pax.get("path", name), kind, _octal(mode, "mode"), _octal(size, "size"), _octal(mtime, "mtime")
-    )
+    member = _Member(pax.get("path", name), kind, mode_value, size_value, mtime_value)
     if pax:
         if "size" in pax:
             member.size = _pax_int(pax["size"], "size")
