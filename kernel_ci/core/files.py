@@ -7,11 +7,13 @@ sync_and_remove_tree: the same from a folder that is not kept.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,18 +158,36 @@ def is_kept(folder: Path) -> bool:
 
 def keep_folder(stored: Path, fill: Callable[[Path], Any], keep: int) -> None:
     """Write the folder stored whole: fill writes into a staging folder beside it, which is then marked
-    complete and renamed into place (a concurrent writer of the same name wins: its folder is the same);
-    then only the `keep` most recently written complete folders beside it are kept. The reuse stores of
-    the build's steps (external modules, kselftests) are such folders."""
+    complete and renamed into place; then only the `keep` most recently written complete folders beside
+    it are kept. The reuse stores of the build's steps (external modules, kselftests) and the saved
+    guests (guest.warmstart) are such folders.
+
+    A complete folder of the same name is never replaced: the first writer to finish wins, the others'
+    folders are dropped. For the reuse stores both are the same; saved guests of the same machine are
+    not (each boot has its own state), and another process may be restoring the first one already. The
+    check and the rename hold a lock on the parent folder, so two writers cannot both find no folder and
+    the second remove the first's."""
     staging = stored.with_name(f"{stored.name}.tmp.{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     fill(staging)
     (staging / COMPLETE_MARK).write_text("")
-    shutil.rmtree(stored, ignore_errors=True)
+    with _folder_lock(stored.parent):
+        if is_kept(stored):
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            shutil.rmtree(stored, ignore_errors=True)  # an incomplete leftover, never read
+            os.replace(staging, stored)
+        done = [p for p in stored.parent.iterdir() if is_kept(p)]
+        for old in sorted(done, key=lambda p: p.stat().st_mtime)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file to leave behind), released on close."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.replace(staging, stored)
-    except OSError:  # a concurrent build stored the same name first
-        shutil.rmtree(staging, ignore_errors=True)
-    done = [p for p in stored.parent.iterdir() if is_kept(p)]
-    for old in sorted(done, key=lambda p: p.stat().st_mtime)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -4,6 +4,7 @@ copy that rewrites only what differs and never shares an inode with its source."
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,43 @@ def test_sync_and_remove_tree_leaves_the_copy_and_no_source(tmp_path: Path) -> N
     assert _snapshot(dest) == _snapshot(reference)
     assert not src.exists()
     assert elsewhere.read_text() == "linked" and elsewhere.stat().st_nlink == 1
+
+
+def test_a_kept_folder_is_never_replaced_by_a_later_writer(tmp_path: Path) -> None:
+    """Two runs save the same machine (guest.warmstart): the first to finish stays, since another process
+    may already restore from it; the second's folder is dropped. Before, the second replaced the first."""
+    from kernel_ci.core.files import is_kept, keep_folder
+
+    stored = tmp_path / "warm" / "machine"
+    stored.parent.mkdir()
+
+    def writer(text: str) -> Callable[[Path], None]:
+        def fill(staging: Path) -> None:
+            staging.mkdir()
+            (staging / "state").write_text(text)
+
+        return fill
+
+    keep_folder(stored, writer("first"), keep=3)
+    inode = stored.stat().st_ino
+    keep_folder(stored, writer("second"), keep=3)
+    assert is_kept(stored) and (stored / "state").read_text() == "first"
+    assert stored.stat().st_ino == inode
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["machine"]  # no staging folder left
+
+
+def test_an_incomplete_leftover_is_replaced_and_old_folders_are_evicted(tmp_path: Path) -> None:
+    import time
+
+    from kernel_ci.core.files import keep_folder
+
+    root = tmp_path / "reuse"
+    (root / "a").mkdir(parents=True)  # a leftover without the complete mark: never read, replaced
+    (root / "a" / "half").write_text("")
+    for name in ("a", "b", "c"):
+        keep_folder(
+            root / name, lambda staging, n=name: (staging.mkdir(), (staging / "n").write_text(n)), keep=2
+        )
+        time.sleep(0.01)
+    assert sorted(p.name for p in root.iterdir()) == ["b", "c"]
+    assert not (root / "b" / "half").exists()
