@@ -171,9 +171,7 @@ def test_an_incomplete_leftover_is_replaced_and_old_folders_are_evicted(tmp_path
     (root / "a").mkdir(parents=True)  # a leftover without the complete mark: never read, replaced
     (root / "a" / "half").write_text("")
     for name in ("a", "b", "c"):
-        keep_folder(
-            root / name, lambda staging, n=name: (staging.mkdir(), (staging / "n").write_text(n)), keep=2
-        )
+        keep_folder(root / name, Path.mkdir, keep=2)
         time.sleep(0.01)
     assert sorted(p.name for p in root.iterdir()) == ["b", "c"]
     assert not (root / "b" / "half").exists()
