@@ -170,8 +170,9 @@ def test_an_incomplete_leftover_is_replaced_and_old_folders_are_evicted(tmp_path
     root = tmp_path / "reuse"
     (root / "a").mkdir(parents=True)  # a leftover without the complete mark: never read, replaced
     (root / "a" / "half").write_text("")
-    for name in ("a", "b", "c"):
-        keep_folder(root / name, Path.mkdir, keep=2)
+    keep_folder(root / "a", Path.mkdir, keep=2)
+    assert sorted(p.name for p in (root / "a").iterdir()) == [".kci-reuse-complete"]
+    for name in ("b", "c"):
         time.sleep(0.01)
+        keep_folder(root / name, Path.mkdir, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["b", "c"]
-    assert not (root / "b" / "half").exists()
