@@ -7,16 +7,48 @@ it is one table, and the rest of README.md must stay byte-for-byte what its auth
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
 
 from kernel_ci.core.errors import UsageError
+from kernel_ci.core.paths import cache_dir
 
 README_BEGIN = "<!-- bench:begin (generated from bench.json by `kernel-ci bench --readme`) -->"
 README_END = "<!-- bench:end -->"
+
+
+class BenchRunning(UsageError):
+    """Another bench runs on this machine: two side by side measure each other."""
+
+
+@contextlib.contextmanager
+def one_bench_at_a_time() -> Iterator[None]:
+    """Hold the machine's bench lock (an flock, gone with the process) for the block, or say who holds it.
+    Figures taken while another bench builds, boots or serves are the other bench's load as much as
+    their own; such runs are refused, not measured."""
+    path = cache_dir() / "bench.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise BenchRunning(
+                f"another kernel-ci bench is running on this machine ({holder}): figures taken side by "
+                "side measure each other. Wait for it to end, or stop it."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_average() -> tuple[float, float, float]:

@@ -199,6 +199,7 @@ def _outcome_of(report: RunReport) -> Outcome:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kernel_ci.bench.build import PARTS, rewrite_readme, run_bench
+    from kernel_ci.bench.figures import one_bench_at_a_time
 
     if args.readme:  # no measuring: the README's table from the last bench.json
         bench_json = options.output(args) / "bench" / "bench.json"
@@ -208,9 +209,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         console.print(f"README.md {'rewritten' if changed else 'already up to date'} from {bench_json}")
         return 0
     parts = args.part or PARTS
-    run_bench(
-        options.output(args) / "bench", skip_reference=args.skip_reference, kernel=args.kernel, parts=parts
-    )
+    output = options.output(args) / "bench"
+    with one_bench_at_a_time():
+        run_bench(output, skip_reference=args.skip_reference, kernel=args.kernel, parts=parts)
     return 0
 
 
@@ -386,13 +387,15 @@ def _needs_server(func: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 def cmd_cache_bench(args: argparse.Namespace) -> int:
     from kernel_ci.bench.cache import run_cache_bench
+    from kernel_ci.bench.figures import one_bench_at_a_time
 
-    run_cache_bench(
-        options.output(args) / "bench",
-        duration=args.duration,
-        connections=args.connections,
-        workers=args.workers,
-    )
+    with one_bench_at_a_time():
+        run_cache_bench(
+            options.output(args) / "bench",
+            duration=args.duration,
+            connections=args.connections,
+            workers=args.workers,
+        )
     return 0
 
 

@@ -109,3 +109,31 @@ def test_the_build_summary_breakdown_nests_the_container_steps_under_build() -> 
         "collect 2.0 s",
         "publish 1.5 s",
     ]
+
+
+def test_a_second_bench_on_the_machine_is_refused_naming_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real second process holds the lock as a running bench does; this one is refused, with its pid.
+    Once it has ended, the lock is free again."""
+    import os
+    import subprocess
+    import sys
+
+    from kernel_ci.bench.figures import BenchRunning, one_bench_at_a_time
+
+    monkeypatch.setenv("KERNEL_CI_CACHE", str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\nfrom kernel_ci.bench.figures import one_bench_at_a_time\n"
+         "with one_bench_at_a_time():\n    print('held', flush=True)\n    sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(BenchRunning, match=f"pid {holder.pid}"), one_bench_at_a_time():
+            pass
+    finally:
+        holder.communicate("")
+    with one_bench_at_a_time():
+        pass
