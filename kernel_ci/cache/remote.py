@@ -62,6 +62,7 @@ import stat
 import struct
 import tarfile
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -482,40 +483,71 @@ def _members(blob: _Blob) -> Iterator[_Member]:
         yield member
 
 
-def _write_files(batch: list[tuple[int, str, int, Bytes, int, str]], written: WrittenTree | None) -> None:
-    """Create and write verified files (a writer thread; the syscalls release the GIL): one openat with
-    O_CREAT|O_EXCL|O_NOFOLLOW and the mode, the bytes, the mtime by descriptor, close; each recorded in
-    written once it is complete."""
-    for parent, name, mode, data, mtime, rel in batch:
-        fd = create_file_at(parent, name, mode, rel)
-        try:
-            write_all(fd, data)
-            os.utime(fd, (mtime, mtime))
-        finally:
-            os.close(fd)
-        if written is not None:
-            written.file(rel)
+# one writer operation: (path components, mode, bytes, mtime, name); bytes None: make the directory
+_Op = tuple[tuple[str, ...], int, Bytes | None, int, str]
 
 
 class _FileWriters:
-    """Writes verified small files through a few threads while the caller parses and hashes the next ones.
+    """Writes verified members through a few threads while the caller parses and hashes the next ones.
 
     Creating a file is most of a restore (11,600 of them; on ext4 an inode allocation each), and it runs
-    in the kernel with the GIL released. Files go in batches of consecutive members (a batch per
-    directory made 3,500 batches of ~3 files: the hand-off cost more than the writes), at most
-    MAX_PENDING_BATCHES waiting (bounded memory); close() waits for every started batch, so that no
-    thread still uses a directory descriptor after the TreeWriter that owns it closes it."""
+    in the kernel with the GIL released. Each thread makes the directories it needs too (3,700 mkdirat
+    and openat, then each directory's mtime at the end: not on the parsing thread, which is the restore's
+    critical path), through its own TreeWriter of root (every component opened with O_NOFOLLOW, files
+    created O_EXCL; two threads making one directory: one mkdirat finds it made, both open it). Members
+    go in batches of consecutive ones (a batch per directory made 3,500 batches of ~3 files: the hand-off
+    cost more than the writes), at most MAX_PENDING_BATCHES waiting (bounded memory)."""
 
-    def __init__(self, threads: int = WRITER_THREADS, written: WrittenTree | None = None) -> None:
+    def __init__(self, root: Path, threads: int = WRITER_THREADS, written: WrittenTree | None = None) -> None:
+        self._root = root
         self._written = written
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kci-restore") if threads else None
-        self._batch: list[tuple[int, str, int, Bytes, int, str]] = []
+        self._batch: list[_Op] = []
         self._bytes = 0
         self._pending: deque[Future[None]] = deque()
+        self._local = threading.local()
+        self._trees: list[TreeWriter] = []
 
-    def add(self, parent: int, name: str, mode: int, data: Bytes, mtime: int, rel: str) -> None:
-        self._batch.append((parent, name, mode, data, mtime, rel))
-        self._bytes += len(data)
+    def _tree(self) -> TreeWriter:
+        """This thread's TreeWriter of root."""
+        tree: TreeWriter | None = getattr(self._local, "tree", None)
+        if tree is None:
+            tree = self._local.tree = TreeWriter(self._root, written=self._written)
+            self._trees.append(tree)  # list.append: atomic
+        return tree
+
+    def _write(self, batch: list[_Op]) -> None:
+        """Make and write verified members: a directory (made 0755 where missing), or a file: one openat
+        with O_CREAT|O_EXCL|O_NOFOLLOW and the mode, the bytes, the mtime by descriptor, close; each file
+        recorded in written once it is complete."""
+        tree, written = self._tree(), self._written
+        for parts, mode, data, mtime, rel in batch:
+            if data is None:
+                tree.directory(parts)
+                continue
+            fd = create_file_at(tree.directory(parts[:-1]), parts[-1], mode, rel)
+            try:
+                write_all(fd, data)
+                os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+            if written is not None:
+                written.file(rel)
+
+    def _set_mtimes(self, mtimes: list[tuple[tuple[str, ...], int]]) -> None:
+        tree = self._tree()
+        for parts, mtime in mtimes:
+            os.utime(parts[-1], (mtime, mtime), dir_fd=tree.directory(parts[:-1]), follow_symlinks=False)
+
+    def directory(self, parts: tuple[str, ...]) -> None:
+        self._add((parts, 0, None, 0, "/".join(parts)), 0)
+
+    def file(self, parts: tuple[str, ...], mode: int, data: Bytes, mtime: int, rel: str) -> None:
+        self._add((parts, mode, data, mtime, rel), len(data))
+
+    def _add(self, op: _Op, size: int) -> None:
+        self._batch.append(op)
+        self._bytes += size
         if len(self._batch) >= BATCH_FILES or self._bytes >= BATCH_BYTES:
             self._submit()
 
@@ -524,24 +556,37 @@ class _FileWriters:
         if not batch:
             return
         if self._pool is None:
-            _write_files(batch, self._written)
+            self._write(batch)
             return
-        self._pending.append(self._pool.submit(_write_files, batch, self._written))
+        self._pending.append(self._pool.submit(self._write, batch))
         while self._pending and (len(self._pending) > MAX_PENDING_BATCHES or self._pending[0].done()):
             self._pending.popleft().result()  # raises the first failure of a writer thread
 
-    def finish(self) -> None:
-        """Every file written (raises a writer's failure)."""
-        self._submit()
+    def _wait(self) -> None:
         while self._pending:
             self._pending.popleft().result()
+
+    def finish(self, mtimes: list[tuple[tuple[str, ...], int]]) -> None:
+        """Every member written, then each directory's mtime set (writing into a directory changes it);
+        raises a writer's failure."""
+        self._submit()
+        self._wait()
+        if self._pool is None:
+            self._set_mtimes(mtimes)
+            return
+        half = len(mtimes) // 2
+        for part in (mtimes[:half], mtimes[half:]):
+            self._pending.append(self._pool.submit(self._set_mtimes, part))
+        self._wait()
 
     def __enter__(self) -> _FileWriters:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
+        if self._pool is not None:  # every started batch done before any descriptor is closed
             self._pool.shutdown(wait=True, cancel_futures=True)
+        for tree in self._trees:
+            tree.close()
 
 
 def extract_members(
@@ -569,7 +614,7 @@ def _extract(
     seen: set[str] = set()
     with (
         contextlib.nullcontext(writer) if writer else TreeWriter(destination) as writer,
-        _FileWriters(written=writer.written) as files,
+        _FileWriters(writer.root, written=writer.written) as files,
     ):
         for member in _members(blob):
             name = member.name
@@ -587,24 +632,21 @@ def _extract(
                     raise UnsafeEntryError(f"tar member {name!r}: unsafe directory mode {oct(member.mode)}")
                 if member.size:
                     raise UnsafeEntryError(f"tar member {name!r}: a directory with {member.size} bytes")
-                writer.directory(parts)
+                files.directory(parts)
                 mtimes.append((parts, member.mtime))
             else:
                 record = _check_member(member, records, seen)
-                parent = writer.directory(parts[:-1])
                 if member.size > BIG_MEMBER:
-                    _write_streamed(blob, parent, parts, member, record)
+                    _write_streamed(blob, writer.directory(parts[:-1]), parts, member, record)
                     if writer.written is not None:
                         writer.written.file(name)
                 else:
                     data = blob.exact(member.size)
                     if hashlib.sha256(data).hexdigest() != record["sha256"]:
                         raise _mismatch(name, record)
-                    files.add(parent, parts[-1], record["mode"], data, member.mtime, name)
+                    files.file(parts, record["mode"], data, member.mtime, name)
                 blob.exact(-member.size % BLOCK)
-        files.finish()
-        for parts, mtime in reversed(mtimes):  # last: writing files into a directory changes its mtime
-            os.utime(parts[-1], (mtime, mtime), dir_fd=writer.directory(parts[:-1]), follow_symlinks=False)
+        files.finish(mtimes)  # the directories' mtimes last: writing files into one changes it
 
 
 def _check_member(member: _Member, records: Mapping[str, FileRecord], seen: set[str]) -> FileRecord:
