@@ -69,6 +69,7 @@ ENTRY_SCHEMA = 2  # 2: per-file sha256 digests, no stored symlinks; older entrie
 SAFE_MODES = frozenset({0o644, 0o755})
 CHUNK = 1024 * 1024
 MAX_PATH = 4096
+MAX_OPEN_DIRS = 512  # directory descriptors one TreeWriter keeps (see TreeWriter)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,199}")
 
@@ -162,7 +163,12 @@ class WrittenTree:
 class TreeWriter:
     """Creates directories and files below root without ever following a symlink or replacing a file
     (with create=False: opens existing ones for reading, the same way). written: where the directories
-    it makes or opens are recorded (a restore's WrittenTree)."""
+    it makes or opens are recorded (a restore's WrittenTree).
+
+    It keeps the descriptors of the directories it opened, at most MAX_OPEN_DIRS of them: past that, the
+    next directory not kept closes all but root's (kbuild/ has 3,700 directories, a restore several
+    writers, and a user's hard limit on open files may be 4096). A descriptor it returned is valid
+    until the next call of directory() on the same writer."""
 
     def __init__(self, root: Path, *, create: bool = True, written: WrittenTree | None = None) -> None:
         self.root = root
@@ -187,9 +193,20 @@ class TreeWriter:
         fd = self._fds.get(parts)
         if fd is not None:
             return fd
+        if len(self._fds) > MAX_OPEN_DIRS:  # before opening any: no descriptor of this call is closed
+            for kept, open_fd in list(self._fds.items()):
+                if kept:
+                    os.close(open_fd)
+                    del self._fds[kept]
+        return self._open(parts)
+
+    def _open(self, parts: tuple[str, ...]) -> int:
+        fd = self._fds.get(parts)
+        if fd is not None:
+            return fd
         if not parts:
             raise CacheStoreError(f"TreeWriter of {self.root} used after close")
-        parent = self.directory(parts[:-1])
+        parent = self._open(parts[:-1])
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
         made = False
         try:

@@ -9,6 +9,7 @@ Each test also checks a sentinel directory outside the cache, which the attack a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -367,6 +368,36 @@ def test_tree_writer_never_writes_through_a_symlink(tmp_path: Path) -> None:
         with pytest.raises(UnsafeEntryError, match="appears twice"):
             writer.create(("f",), 0o644)  # O_EXCL: an existing name (here a symlink) is never opened
     assert os.listdir(outside) == []
+
+
+def test_tree_writer_keeps_a_bounded_number_of_directories_open(tmp_path: Path) -> None:
+    """A restore makes ~3,700 directories through several writers: each keeps at most MAX_OPEN_DIRS
+    descriptors (a user's hard limit may be 4096), and reopens what it closed, still without following
+    a symlink."""
+    from kernel_ci.cache import store as cachestore
+
+    root = tmp_path / "root"
+    root.mkdir()
+
+    def open_fds() -> int:  # this process's descriptors of directories below root (other tests' servers
+        found = 0  # may still be closing sockets in their threads)
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                found += os.readlink(f"/proc/self/fd/{name}").startswith(str(root))
+        return found
+
+    before = open_fds()
+    count = 3 * cachestore.MAX_OPEN_DIRS
+    with TreeWriter(root) as writer:
+        for i in range(count):
+            os.close(writer.create_fd(("kbuild", f"d{i % 40}", f"e{i}", "f"), 0o644))
+            assert open_fds() - before <= cachestore.MAX_OPEN_DIRS + 2
+        os.symlink(tmp_path, root / "kbuild" / "d0" / "link")
+        with pytest.raises(UnsafeEntryError, match="not a plain directory"):
+            writer.directory(("kbuild", "d0", "link", "x"))
+        assert writer.directory(("kbuild", "d1", "e1")) >= 0  # closed long ago: opened again
+    assert open_fds() == before
+    assert sum(1 for _ in root.rglob("f")) == count
 
 
 def test_put_with_expected_records_publishes_only_an_exact_match(tmp_path: Path) -> None:
