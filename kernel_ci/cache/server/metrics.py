@@ -73,6 +73,10 @@ class Metrics:
         # counts three things per request
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
 
+    def child(self, name: str, **labels: str) -> Any:
+        """The labelled counter (or LATENCY histogram) itself, for a caller that counts it per request."""
+        return self._child(name, labels)
+
     def _child(self, name: str, labels: dict[str, str]) -> Any:
         key = (name, tuple(labels.values()))
         child = self._children.get(key)

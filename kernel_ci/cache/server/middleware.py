@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -13,6 +14,7 @@ from kernel_ci.cache.server.auth import AuthConfig, Denied, authorize_header
 from kernel_ci.cache.server.blobs import BlobError, FileStamp, LocalBlobStore
 from kernel_ci.cache.server.index import IndexError_
 from kernel_ci.cache.server.memory import AnswerCache
+from kernel_ci.cache.server.metrics import LATENCY
 from kernel_ci.cache.server.service import CacheService, ServiceError, ccache_key_from_path
 from kernel_ci.cache.server.transfer import error
 
@@ -134,6 +136,7 @@ class KeptAnswer:
     """A GET's answer kept in memory, with the blob it was read from and that file's stamp then."""
 
     answer: FastAnswer
+    key: str
     digest: str
     stamp: FileStamp
 
@@ -170,6 +173,7 @@ class CcacheFastPath:
         self.files: LocalBlobStore | None = None
         if memory is not None:
             self.memory, self.files = memory
+        self._recorders: dict[tuple[str, int], tuple[Any, Any]] = {}  # (method, status) -> metric children
 
     def answer(self, method: str, raw_path: str, authorization: str | None) -> FastAnswer | None:
         """The answer to a ccache ``GET``/``HEAD`` of ``raw_path`` (the path as sent, not percent-decoded,
@@ -177,18 +181,19 @@ class CcacheFastPath:
         if method not in ("GET", "HEAD") or not raw_path.startswith("/ccache/") or "%" in raw_path:
             return None  # percent-encoded: the path guard decides
         memory, files = self.memory, self.files
+        # kept by the path as sent: a path kept once was a valid ccache key (a pure function of the path)
+        kept = memory.get(raw_path) if memory is not None else None
         generation = None
         try:
-            key = ccache_key_from_path(raw_path[len("/ccache/") :])
+            key = kept.key if kept is not None else ccache_key_from_path(raw_path[len("/ccache/") :])
             authorize_header(authorization, self.auth, write=False)
-            if memory is not None and files is not None:
-                kept = memory.get(key)
-                if kept is not None:
-                    if method == "HEAD":  # the routes' HEAD reads the index row only: not the file
-                        return FastAnswer(200, kept.answer.length)
-                    if files.stamp(kept.digest) == kept.stamp:
-                        self.service.ccache_hit(key)
-                        return kept.answer
+            if kept is not None and files is not None:
+                if method == "HEAD":  # the routes' HEAD reads the index row only: not the file
+                    return FastAnswer(200, kept.answer.length)
+                if files.stamp(kept.digest) == kept.stamp:
+                    self.service.ccache_hit(key)
+                    return kept.answer
+            if memory is not None:
                 generation = memory.snapshot()  # BEFORE the look-up (generation.py says why)
             found = self.service.ccache_lookup(key)
         except (ServiceError, Denied, IndexError_):
@@ -210,14 +215,20 @@ class CcacheFastPath:
         body = blob.data if blob.data is not None else b"".join(blob.chunks())
         answer = FastAnswer(200, blob.size, body, typed=True)
         if memory is not None and generation is not None and blob.stamp is not None:
-            memory.put(key, generation, KeptAnswer(answer, found[0], blob.stamp), blob.size)
+            memory.put(raw_path, generation, KeptAnswer(answer, key, found[0], blob.stamp), blob.size)
         return answer
 
     def record(self, method: str, status: int, start: float) -> None:
         """The metrics Timing records for a routed request (latency, responses by code)."""
-        metrics = self.service.metrics  # its labelled children are kept by Metrics itself
-        metrics.observe(time.perf_counter() - start, route="ccache", method=method)
-        metrics.inc(RESPONSES, route="ccache", method=method, code=str(status))
+        children = self._recorders.get((method, status))
+        if children is None:  # kept here: building the label key per request was a tenth of a memory hit
+            metrics = self.service.metrics
+            children = self._recorders[(method, status)] = (
+                metrics.child(LATENCY, route="ccache", method=method),
+                metrics.child(RESPONSES, route="ccache", method=method, code=str(status)),
+            )
+        children[0].observe(time.perf_counter() - start)
+        children[1].inc()
 
     async def serve(self, scope: Scope, send: Send) -> bool:
         start = time.perf_counter()

@@ -155,6 +155,7 @@ class CacheService:
         self.blobs = blobs
         self.limits = limits or Limits()
         self.metrics = Metrics()
+        self._ccache_hits = self.metrics.child("kernel_ci_cache_requests_total", kind="ccache", result="hit")
         self.access = _AccessTimes(index)
         self._evict_lock = threading.Lock()
         self._last_gc = -math.inf  # time.monotonic() of the last collection (a throttle, not a cut-off)
@@ -392,7 +393,7 @@ class CacheService:
         """What a hit answered from memory records, as ccache_read does for one read from disk: the
         access time (in memory, written to the index in batches: _AccessTimes) and the hit count."""
         self.access.touch("ccache", key)
-        self.metrics.inc("kernel_ci_cache_requests_total", kind="ccache", result="hit")
+        self._ccache_hits.inc()
 
     def ccache_count(self, blob: Blob | None) -> None:
         self.metrics.inc("kernel_ci_cache_requests_total", kind="ccache", result="hit" if blob else "miss")
