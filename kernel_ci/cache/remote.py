@@ -210,7 +210,7 @@ class CacheClient:
         count = 0
         with self.http.stream("GET", f"/api/v1/blobs/{digest}") as response:
             self._check(response, f"blob {digest[:12]}")
-            for chunk in response.iter_bytes(CHUNK):
+            for chunk in response.iter_bytes():  # as received: re-chunking would copy every byte again
                 hasher.update(chunk)
                 count += len(chunk)
                 if count > size:
