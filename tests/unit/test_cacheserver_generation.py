@@ -62,3 +62,17 @@ def test_a_writer_that_dies_mid_change_stops_memory_answers_until_the_index_is_o
     assert memory.snapshot() is None  # odd: a change may have committed, nothing is kept or served
     SqliteIndex(path)  # the next process to open the index (a restarted worker) ends the dead change
     assert memory.snapshot() is not None
+
+
+def test_memory_is_bounded_in_bytes_least_recently_served_out_first(tmp_path: Path) -> None:
+    index = SqliteIndex(tmp_path / "index.sqlite3")
+    memory: AnswerCache[bytes] = AnswerCache(index.generation, max_bytes=3 * (1000 + 200), max_object=1000)
+    generation = memory.snapshot()
+    assert generation is not None
+    for name in "abc":
+        memory.put(name, generation, name.encode() * 1000, 1000)
+    assert memory.get("a") == b"a" * 1000  # served: now the most recent
+    memory.put("d", generation, b"d" * 1000, 1000)  # one too many: "b", the least recently served, goes
+    assert [memory.get(name) is not None for name in "abcd"] == [True, False, True, True]
+    memory.put("big", generation, b"x" * 1001, 1001)  # over max_object: never kept
+    assert memory.get("big") is None and len(memory) == 3 and memory.used <= memory.max_bytes
