@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel_ci.cache import remote
-from kernel_ci.cache.remote import DIGESTS_OUTPUT, CacheClient, RemoteConfig, RemoteStore, extract_members
+from kernel_ci.cache import tarformat
+from kernel_ci.cache.remote import DIGESTS_OUTPUT, CacheClient, RemoteConfig, RemoteStore
 from kernel_ci.cache.server.server import ServerConfig
 from kernel_ci.cache.store import (
     CacheStoreError,
@@ -34,6 +34,7 @@ from kernel_ci.cache.store import (
     UnsafeEntryError,
     WrittenTree,
 )
+from kernel_ci.cache.tarformat import extract_members
 from kernel_ci.flow import build as buildpipeline
 from tests.cacheservice import TOKEN, server_in_thread
 
@@ -483,7 +484,7 @@ def test_put_from_a_written_record_refuses_a_file_missing_or_unlisted(tmp_path: 
     assert (info["files"], info["dirs"]) == (expected, ["kbuild"])
 
 
-# -- the tar reader (kernel_ci.cache.remote._members): headers forged by hand ---------------------------
+# -- the tar reader (kernel_ci.cache.tarformat._members): headers forged by hand ---------------------------
 
 
 def with_header(tar: bytes, index: int, offset: int, value: bytes, *, checksum: bool = True) -> bytes:
@@ -618,7 +619,7 @@ def test_a_big_member_streamed_to_disk_is_still_checked(
     """Members above BIG_MEMBER are written as they arrive (not held in memory): a wrong digest is still a
     miss, with the partial file discarded with staging; the right bytes are restored."""
     attacker, store, outside = victim
-    monkeypatch.setattr(remote, "BIG_MEMBER", 1024)
+    monkeypatch.setattr(tarformat, "BIG_MEMBER", 1024)
     evil = Member("kbuild/vmlinux", data=b"e" * 5000, listed_data=b"h" * 5000)
     publish(attacker, tmp_path, Attack(tars={"kbuild": [*honest_members(), evil]}))
     assert_refused(store, outside)
@@ -642,12 +643,12 @@ def test_long_and_prefixed_names_of_an_honest_tar_are_restored(tmp_path: Path, v
         raw={"kbuild": ustar.getvalue()},
     )
     publish(attacker, tmp_path, attack)
-    remote_big = remote.BIG_MEMBER
+    big_member = tarformat.BIG_MEMBER
     try:
-        remote.BIG_MEMBER = 1024 * 1024  # the big member goes through the streamed path
+        tarformat.BIG_MEMBER = 1024 * 1024  # the big member goes through the streamed path
         entry = store.get(KEY)
     finally:
-        remote.BIG_MEMBER = remote_big
+        tarformat.BIG_MEMBER = big_member
     assert entry is not None
     assert (entry / LONG).read_bytes() == b"long\n"
     assert (entry / prefixed).read_bytes() == b"prefixed\n"

@@ -19,10 +19,10 @@ from kernel_ci.cache.remote import (
     RemoteStore,
     attach_test_run,
     open_store,
-    write_tar,
 )
 from kernel_ci.cache.server.server import ServerConfig
 from kernel_ci.cache.store import BuildStore, CacheStoreError, LocalStore
+from kernel_ci.cache.tarformat import write_tar
 from kernel_ci.core.settings import Settings
 from tests.cacheservice import TOKEN, server_in_thread
 
