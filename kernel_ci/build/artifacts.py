@@ -17,6 +17,7 @@ import lzma
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -85,9 +86,15 @@ def _in_full_dir(rel_dir: str) -> bool:
 
 
 def _kbuild_sources(src: Path) -> Iterator[tuple[str, str, str]]:
-    """(folder relative to src, "" at its top; file name; path) of each source file the export holds: a
-    walk of the whole tree (~70,000 files, ~4,700 folders) in strings and os calls (pathlib's objects
-    were most of the export's time). Links to folders are neither entered nor placed."""
+    """(folder relative to src, "" at its top; file name; path) of each source file the export holds."""
+    for rel_dir, name, item in _kbuild_source_entries(src):
+        yield rel_dir, name, item.path
+
+
+def _kbuild_source_entries(src: Path) -> Iterator[tuple[str, str, os.DirEntry[str]]]:
+    """(folder relative to src, "" at its top; file name; its listing entry) of each source file the export
+    holds: a walk of the whole tree (~70,000 files, ~4,700 folders) in strings and os calls (pathlib's
+    objects were most of the export's time). Links to folders are neither entered nor placed."""
     top = os.fspath(src)
     pending = [""]
     while pending:
@@ -100,7 +107,7 @@ def _kbuild_sources(src: Path) -> Iterator[tuple[str, str, str]]:
                 elif item.is_dir():
                     continue
                 elif full or _is_kbuild_file(rel_dir, item.name):
-                    yield rel_dir, item.name, item.path
+                    yield rel_dir, item.name, item
 
 
 def export_kbuild_sources(src: Path, dest: Path, *, link: bool) -> None:
@@ -110,11 +117,40 @@ def export_kbuild_sources(src: Path, dest: Path, *, link: bool) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     place = _link_file if link else lambda a, b: shutil.copy2(a, b, follow_symlinks=True)
     made: set[str] = set()
-    for rel_dir, name, path in _kbuild_sources(src):
+    for rel_dir, name, item in _kbuild_source_entries(src):
         if rel_dir not in made:
             os.makedirs(os.path.join(dest, rel_dir), exist_ok=True)
             made.add(rel_dir)
-        place(path, os.path.join(dest, rel_dir, name))
+        place(item.path, os.path.join(dest, rel_dir, name))
+
+
+def update_kbuild_sources(src: Path, dest: Path) -> set[str]:
+    """The source pass over a kept export (KeptExport) of the same object tree, links only: a file that
+    is already a link to its source (same device and inode) stays; anything else there is replaced by
+    one. What the export holds beyond the sources and the outputs is removed by remove_extras."""
+    device = os.stat(src).st_dev
+    made: set[str] = set()
+    placed: set[str] = set()
+    for rel_dir, name, item in _kbuild_source_entries(src):
+        if rel_dir not in made:
+            os.makedirs(os.path.join(dest, rel_dir), exist_ok=True)
+            made.add(rel_dir)
+        rel = os.path.join(rel_dir, name)
+        placed.add(rel)
+        target = os.path.join(dest, rel)
+        try:
+            there = os.lstat(target)
+        except FileNotFoundError:
+            there = None
+        if there is not None:
+            if stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == (device, item.inode()):
+                continue
+            if stat.S_ISDIR(there.st_mode):
+                shutil.rmtree(target)
+            else:
+                os.unlink(target)
+        _link_file(item.path, target)
+    return placed
 
 
 def _kbuild_outputs(out: Path) -> Iterator[str]:
@@ -138,22 +174,73 @@ def _kbuild_outputs(out: Path) -> Iterator[str]:
                 yield os.path.join(rel_dir, name)
 
 
-def _place_outputs(out: Path, dest: Path) -> None:
-    """The object tree pass of export_kbuild_tree: copied over the sources, each folder of dest made once."""
+def _place_outputs(out: Path, dest: Path, *, update: bool = False) -> set[str]:
+    """The object tree pass of export_kbuild_tree: copied over the sources, each folder of dest made once;
+    the relative paths placed. With update (a kept export), a copy of the same size and mtime that no
+    other name shares is kept (copy2 keeps the mtime; kbuild rewriting a file gives it a new one)."""
     made: set[str] = set()
+    placed_all: set[str] = set()
     for rel in _kbuild_outputs(out):
+        placed_all.add(rel)
         target = os.path.join(dest, os.path.dirname(rel))
         if target not in made:
             os.makedirs(target, exist_ok=True)
             made.add(target)
         placed = os.path.join(dest, rel)
+        source = os.path.join(out, rel)
+        if update and _same_copy(source, placed):
+            continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(placed)  # a source file linked there: replaced, never written through the link
-        shutil.copy2(os.path.join(out, rel), placed, follow_symlinks=True)
+        shutil.copy2(source, placed, follow_symlinks=True)
+    return placed_all
+
+
+def _same_copy(source: str, placed: str) -> bool:
+    try:
+        theirs, ours = os.stat(source), os.lstat(placed)
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISREG(ours.st_mode)
+        and ours.st_nlink == 1
+        and (theirs.st_size, theirs.st_mtime_ns, stat.S_IMODE(theirs.st_mode))
+        == (ours.st_size, ours.st_mtime_ns, stat.S_IMODE(ours.st_mode))
+    )
+
+
+def remove_extras(dest: Path, kept: set[str]) -> None:
+    """Remove from dest every file not named in kept (relative paths) and every folder holding none: what
+    a kept export still held of an older build that this build's export does not."""
+
+    def walk(rel_dir: str) -> bool:  # whether the folder holds anything kept
+        holds = False
+        with os.scandir(os.path.join(dest, rel_dir) if rel_dir else dest) as listing:
+            entries = list(listing)
+        for item in entries:
+            rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+            if item.is_dir(follow_symlinks=False):
+                if walk(rel):
+                    holds = True
+                else:
+                    shutil.rmtree(item.path)
+            elif rel in kept:
+                holds = True
+            else:
+                os.unlink(item.path)
+        return holds
+
+    walk("")
 
 
 def export_kbuild_tree(
-    src: Path, out: Path, dest: Path, *, link_sources: bool = False, sources_placed: bool = False
+    src: Path,
+    out: Path,
+    dest: Path,
+    *,
+    link_sources: bool = False,
+    sources_placed: bool = False,
+    kept_sources: set[str] | None = None,
 ) -> None:
     """A single self-contained tree (srctree == objtree) that builds out-of-tree modules for this kernel:
     the source's Makefiles, Kconfigs, headers and scripts, overlaid with the build's generated headers,
@@ -163,14 +250,18 @@ def export_kbuild_tree(
     for a source tree nothing ever writes in place (kernel-ci's own patched tree, itself hard links to
     the pristine tarball's tree, mounted read-only into every container). The object tree's files are
     always copied: kbuild rewrites some of them in place, which would change the exported ones too.
-    sources_placed: the source pass has been made into dest already (SourceExport, beside make)."""
+    sources_placed: the source pass has been made into dest already (SourceExport, beside make);
+    kept_sources: dest was a kept export (SourceExport with kept), these are the sources the pass placed:
+    the outputs pass keeps unchanged copies and what neither pass placed is removed."""
     if not sources_placed:
         export_kbuild_sources(src, dest, link=link_sources)
-    _place_outputs(out, dest)
+    placed = _place_outputs(out, dest, update=kept_sources is not None)
     # scripts_gdb's loader (a link to the container's source tree): beside scripts/gdb/, which it imports
     if os.path.lexists(out / GDB_LOADER):
         loader = (src / "scripts/gdb" / GDB_LOADER).read_text()
+        (dest / GDB_LOADER).unlink(missing_ok=True)  # a new file: never written through a hard link
         (dest / GDB_LOADER).write_text(gdb_loader_importing_each(loader))
+        placed.add(GDB_LOADER)
     constants = dest / GDB_CONSTANTS
     if constants.is_file():
         text = constants.read_text()
@@ -178,6 +269,8 @@ def export_kbuild_tree(
         constants.write_text(python_int_literals(text))
     # The build's tree is O=-style; the exported one is a plain tree: drop the O= wrapper makefile.
     (dest / "source").unlink(missing_ok=True)
+    if kept_sources is not None:
+        remove_extras(dest, kept_sources | placed)
 
 
 # Names what the export takes from the source tree; the remembered digest of those files is kept under it,
@@ -254,10 +347,16 @@ def python_int_literals(text: str) -> str:
 
 
 def collect(
-    src: Path, out: Path, dest: Path, *, link_sources: bool = False, sources_placed: bool = False
+    src: Path,
+    out: Path,
+    dest: Path,
+    *,
+    link_sources: bool = False,
+    sources: SourceExport | None = None,
 ) -> dict[str, str]:
-    """Copy the kernel, config, symbols, installed modules and the kbuild tree into dest (link_sources,
-    sources_placed: see export_kbuild_tree). Returns a map of output name -> relative path."""
+    """Copy the kernel, config, symbols, installed modules and the kbuild tree into dest (link_sources:
+    see export_kbuild_tree; sources: its source pass, made beside make and waited for). Returns a map of
+    output name -> relative path."""
     dest.mkdir(parents=True, exist_ok=True)
     produced = {
         "bzImage": out / "arch/x86/boot/bzImage",
@@ -270,7 +369,14 @@ def collect(
     if modules.is_dir():
         shutil.copytree(modules, dest / "modules", symlinks=True, dirs_exist_ok=True)
     kbuild = dest / KBUILD_EXPORT
-    export_kbuild_tree(src, out, kbuild, link_sources=link_sources, sources_placed=sources_placed)
+    export_kbuild_tree(
+        src,
+        out,
+        kbuild,
+        link_sources=link_sources,
+        sources_placed=sources is not None,
+        kept_sources=sources.placed if sources is not None else None,
+    )
     make_honest_links(dest)  # replaces modules_install's links to the container's /build/{out,src}
     return {name: name for name in produced} | {"modules": "modules", "kbuild": "kbuild"}
 
@@ -288,8 +394,10 @@ class SourceExport:
     src: Path
     dest: Path
     link: bool
+    kept: Path | None = None  # a kept export to update into dest (see exporting_sources), if there is one
     seconds: float = 0.0
     error: BaseException | None = None
+    placed: set[str] | None = None  # the sources placed, when dest was a kept export
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -299,10 +407,26 @@ class SourceExport:
     def _work(self) -> None:
         started = time.monotonic()
         try:
-            export_kbuild_sources(self.src, self.dest, link=self.link)
+            if self.link and self.kept is not None and self._take_kept():
+                self.placed = update_kbuild_sources(self.src, self.dest)
+            else:
+                export_kbuild_sources(self.src, self.dest, link=self.link)
         except BaseException as exc:  # re-raised in the caller's thread by wait()
             self.error = exc
         self.seconds = round(time.monotonic() - started, 2)
+
+    def _take_kept(self) -> bool:
+        """Move the kept export into dest; False (and none kept any more) when there is none or it cannot
+        be moved there (another filesystem)."""
+        assert self.kept is not None
+        if not self.kept.is_dir():
+            return False
+        try:
+            os.rename(self.kept, self.dest)
+        except OSError:
+            shutil.rmtree(self.kept, ignore_errors=True)
+            return False
+        return True
 
     def wait(self) -> None:
         """Wait until the pass is done; raise what it raised."""
@@ -313,10 +437,17 @@ class SourceExport:
 
 
 @contextlib.contextmanager
-def exporting_sources(src: Path, dest: Path, *, link: bool) -> Iterator[SourceExport]:
+def exporting_sources(
+    src: Path, dest: Path, *, link: bool, kept: Path | None = None
+) -> Iterator[SourceExport]:
     """The source pass into dest, in a thread from the start of the block; the block calls wait() before
-    the outputs pass (collect(..., sources_placed=True)). Leaving the block waits for the thread too."""
-    export = SourceExport(src, dest, link)
+    the outputs pass (collect(..., sources=...)). Leaving the block waits for the thread too.
+
+    kept: where the last export of the same object tree was kept (flow.build keeps a no-cache build's,
+    outside the object tree and every container's mounts). With link, it is moved into dest and brought
+    up to date instead of made anew: on this VM's journal-less ext4, creating ~15,000 names a few seconds
+    after deleting the last build's ~15,000 cost seconds (new inodes skip recently freed ones)."""
+    export = SourceExport(src, dest, link, kept)
     export.start()
     try:
         yield export

@@ -400,8 +400,10 @@ def _compile_and_publish(job: _Job, configured: _Configured, store: BuildStore) 
     try:
         env = configured.env
         vmlinux = env.out / "vmlinux"
+        own = _own_tree(env.src)
+        kept = kept_export(env.out) if own and not job.request.use_cache else None
         with (
-            outputs.exporting_sources(env.src, staging / KBUILD_EXPORT, link=_own_tree(env.src)) as sources,
+            outputs.exporting_sources(env.src, staging / KBUILD_EXPORT, link=own, kept=kept) as sources,
             outputs.compressing_vmlinux(vmlinux, staging / VMLINUX_XZ, early=True) as compression,
         ):
             compiled = compile_kernel(job, configured, on_line=compression.on_line)
@@ -412,7 +414,7 @@ def _compile_and_publish(job: _Job, configured: _Configured, store: BuildStore) 
             console.print("[dim]vmlinux changed after kbuild said it was linked: vmlinux.xz made again[/]")
         metadata = describe(job, configured, compiled, gathered, staging)
         with measure_duration() as took:
-            publish(store, job, configured, staging)
+            publish(store, job, configured, staging, kept)
         job.durations["publish"] = took.rounded  # after metadata.json was written: in the result only
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -559,7 +561,7 @@ def gather(job: _Job, configured: _Configured, staging: Path, sources: outputs.S
         with measure_duration(job.durations, "collect.sources_wait"):
             sources.wait()
         job.durations["collect.sources"] = sources.seconds  # in its thread, from make's start
-        outputs.collect(env.src, env.out, staging, link_sources=_own_tree(env.src), sources_placed=True)
+        outputs.collect(env.src, env.out, staging, link_sources=_own_tree(env.src), sources=sources)
         for s in job.planned.series:
             patches.export_series(s, staging / "patches")
     kbuild = staging / KBUILD_EXPORT
@@ -657,14 +659,29 @@ def _metadata(
     )
 
 
-def publish(store: BuildStore, job: _Job, configured: _Configured, staging: Path) -> None:
-    """Publish: into the build cache (entry and request alias), then to the output directory."""
+def publish(
+    store: BuildStore, job: _Job, configured: _Configured, staging: Path, kept: Path | None = None
+) -> None:
+    """Publish: into the build cache (entry and request alias), then to the output directory. Without a
+    cache, the kbuild export is kept at kept (if given) for the next build of this object tree to update
+    (artifacts.exporting_sources), and the rest of staging is removed as it is synced."""
     if job.request.use_cache:
         entry = store.put(configured.key, staging, configured.manifest, move=True)
         store.put_alias(job.request_key, configured.key)
         _link_or_copy_tree(entry, job.request.output)
-    else:  # nothing keeps staging: it is removed as it is synced
+    elif kept is not None:
+        sync_tree(staging, job.request.output)
+        shutil.rmtree(kept, ignore_errors=True)
+        os.rename(staging / KBUILD_EXPORT, kept)
+    else:
         sync_and_remove_tree(staging, job.request.output)
+
+
+def kept_export(out_tree: Path) -> Path:
+    """Where the kbuild export of a no-cache build of this object tree is kept: beside the object tree
+    (outside it: the object tree is mounted into the builder container, which runs patch code), pruned
+    with it."""
+    return out_tree.with_name("export-" + out_tree.name.removeprefix("out-"))
 
 
 def _restore(entry: Path, key: str, request: BuildRequest, clock: Duration, why: str) -> BuildResult:
@@ -727,3 +744,4 @@ def _prune_object_trees(work: Path, keep: int = OBJECT_TREES_KEPT) -> None:
             except BlockingIOError:
                 continue
             shutil.rmtree(tree, ignore_errors=True)
+            shutil.rmtree(kept_export(tree), ignore_errors=True)

@@ -215,3 +215,82 @@ def test_the_kbuild_export_digest_differs_between_source_trees(tmp_path: Path) -
     mine = _export_digest(tmp_path, src, out, "e1", tmp_path / "src.json")
     theirs = _export_digest(tmp_path, other, out, "e2", tmp_path / "other.json")
     assert mine != theirs
+
+
+def test_a_kept_export_brought_up_to_date_is_the_fresh_export(tmp_path: Path) -> None:
+    """A no-cache build keeps its kbuild export for the next build of the object tree, which updates it
+    (SourceExport with kept) instead of making it anew. Whatever happened in between (a source replaced,
+    an object file rewritten or gone, a file planted in the kept export, a link there replaced by other
+    bytes), the result is byte for byte the fresh export, and unchanged source files keep their links."""
+    from kernel_ci.build import artifacts
+    from kernel_ci.core.digest import tree_digest
+
+    src, out = _kbuild_trees(tmp_path)
+    (src / "include/linux/b.h").write_text("#define B 1\n")
+    (src / "include/linux/c.h").write_text("#define C 1\n")
+    (out / "include/generated/gone.h").write_text("old\n")
+    kept = tmp_path / "kept"
+    artifacts.export_kbuild_tree(src, out, kept, link_sources=True)
+
+    replaced = src / "include/linux/b.h"  # a new inode under the same name, as a patch applied anew gives
+    (src / "include/linux/b.h.new").write_text("#define B 2\n")
+    (src / "include/linux/b.h.new").replace(replaced)
+    (out / ".config").write_text("CONFIG_X=m\n")  # rewritten in place by kbuild
+    (out / "include/generated/gone.h").unlink()
+    (kept / "planted").write_text("not of this build\n")
+    (kept / "stale/dir").mkdir(parents=True)
+    (kept / "stale/dir/file").write_text("")
+    (kept / "include/linux/c.h").unlink()
+    (kept / "include/linux/c.h").write_text("#define C 666\n")  # same name, other bytes, its own inode
+
+    staging = tmp_path / "staging/kbuild"
+    staging.parent.mkdir()
+    with artifacts.exporting_sources(src, staging, link=True, kept=kept) as sources:
+        sources.wait()
+        assert sources.placed is not None  # the kept export was taken and updated, not made anew
+        artifacts.export_kbuild_tree(
+            src, out, staging, link_sources=True, sources_placed=True, kept_sources=sources.placed
+        )
+    assert not kept.exists()
+    fresh = tmp_path / "fresh"
+    artifacts.export_kbuild_tree(src, out, fresh, link_sources=True)
+    assert tree_digest(staging) == tree_digest(fresh)
+    assert sorted(p.relative_to(staging) for p in staging.rglob("*")) == sorted(
+        p.relative_to(fresh) for p in fresh.rglob("*")
+    )
+    for name in ("a.h", "b.h", "c.h"):
+        assert (staging / "include/linux" / name).stat().st_ino == (
+            src / "include/linux" / name
+        ).stat().st_ino
+
+
+def test_without_a_kept_export_the_source_pass_makes_one(tmp_path: Path) -> None:
+    from kernel_ci.build import artifacts
+
+    src, _out = _kbuild_trees(tmp_path)
+    with artifacts.exporting_sources(src, tmp_path / "k", link=True, kept=tmp_path / "none") as sources:
+        sources.wait()
+        assert sources.placed is None
+    assert (tmp_path / "k/include/linux/a.h").read_text() == "#define A 1\n"
+
+
+def test_a_kept_export_lies_beside_its_object_tree_and_goes_with_it(tmp_path: Path) -> None:
+    """Never inside the object tree (mounted into the builder container, which runs patch code); pruned
+    with its tree, and never taken for an object tree itself."""
+    import os
+    import time
+
+    from kernel_ci.flow.build import _prune_object_trees, kept_export
+
+    trees = []
+    for n in range(3):
+        tree = tmp_path / f"out-{n}"
+        tree.mkdir()
+        kept_export(tree).mkdir()
+        os.utime(tree, (time.time() - 100 + n, time.time() - 100 + n))
+        trees.append(tree)
+    assert not kept_export(trees[0]).is_relative_to(trees[0])
+    _prune_object_trees(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "export-1", "export-2", "out-1", "out-2",
+    ]  # fmt: skip
