@@ -82,7 +82,11 @@ def build_flags() -> tuple[tuple[str, str], ...]:
         ("arch", builder.ARCH),
         ("targets", BUILD_TARGETS),
         # what the outputs keep for debugging, and how (build.artifacts: the gdb scripts' constants.py)
-        ("debug", f"vmlinux.xz (xz -{outputs.VMLINUX_XZ_PRESET}); gdb scripts: int literals, an import each"),
+        (
+            "debug",
+            f"vmlinux.xz (xz -{outputs.VMLINUX_XZ_PRESET}, {outputs.VMLINUX_XZ_STREAMS} streams); "
+            "gdb scripts: int literals, an import each",
+        ),
         ("kbuild", f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source"),
     )
 
