@@ -80,6 +80,8 @@ def server_in_thread(config: ServerConfig, fast_path: bool = True) -> Iterator[R
         server.should_exit = True
         thread.join(timeout=20)
         sock.close()
+        if not thread.is_alive():
+            service.close()  # its index connections and descriptors: hundreds of services in one session
 
 
 def free_port() -> int:

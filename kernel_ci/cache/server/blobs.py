@@ -169,6 +169,7 @@ class BlobStore(Protocol):
     def size(self, digest: str) -> int | None: ...
 
     def describe(self) -> str: ...
+    def close(self) -> None: ...
 
 
 class _Verifier:
@@ -212,6 +213,12 @@ class LocalBlobStore:
 
     def describe(self) -> str:
         return f"local directory {self.root}"
+
+    def close(self) -> None:
+        """Close the store's directory handle; the store is not used afterwards."""
+        fd, self._root_fd = self._root_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _clean_tmp(self, max_age: float = 24 * 3600) -> None:
         # leftovers of a killed server process (a live upload is never older than this)

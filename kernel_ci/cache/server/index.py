@@ -104,6 +104,7 @@ class Index(Protocol):
     def collect_garbage(self, grace_seconds: float, delete: Callable[[str], None]) -> list[str]: ...
     def all_blobs(self) -> list[str]: ...
     def transaction(self, write: bool = False) -> contextlib.AbstractContextManager[_Tx]: ...
+    def close(self) -> None: ...
 
 
 class _Tx(Protocol):
@@ -120,6 +121,9 @@ class IndexError_(RuntimeError):
         self.status = status
 
 
+_TRACK_LOCK = threading.Lock()
+
+
 class SqlIndex:
     """The index over any DB-API engine; subclasses provide ``_tx`` (a transaction) and ``describe``."""
 
@@ -131,6 +135,21 @@ class SqlIndex:
     def transaction(self, write: bool = False) -> contextlib.AbstractContextManager[_Tx]:
         """A transaction for a table of another module (cache.server.history), in the same database."""
         return self._tx(write)
+
+    def _track(self, conn: Any) -> Any:
+        """Remember a connection (one per thread) for close()."""
+        with _TRACK_LOCK:
+            self.__dict__.setdefault("_opened", []).append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this index opened, in any thread; the index is not used afterwards (a
+        service closes it when it stops: tests start hundreds in one process)."""
+        with _TRACK_LOCK:
+            opened, self.__dict__["_opened"] = self.__dict__.get("_opened", []), []
+        for conn in opened:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _now(self, sql: str) -> str:
         return sql.replace(NOW, self.now_sql)
@@ -449,6 +468,10 @@ class SqliteIndex(SqlIndex):
     def describe(self) -> str:
         return f"SQLite {self.path}"
 
+    def close(self) -> None:
+        super().close()
+        self.generation.close()
+
     def _invalidate(self, tx: _Tx) -> None:
         assert isinstance(tx, _SqliteTx)
         if not tx.invalidating:
@@ -458,7 +481,9 @@ class SqliteIndex(SqlIndex):
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn = self._track(
+                sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=OFF")
@@ -562,7 +587,7 @@ class PostgresIndex(SqlIndex):
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.broken:
-            conn = self._psycopg.connect(self.dsn, autocommit=True)
+            conn = self._track(self._psycopg.connect(self.dsn, autocommit=True))
             self._local.conn = conn
         return conn
 

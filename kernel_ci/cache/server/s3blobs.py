@@ -137,6 +137,9 @@ class S3BlobStore:
                 except self.client.exceptions.ClientError:
                     self.client.create_bucket(Bucket=self.bucket)
 
+    def close(self) -> None:
+        """Nothing held open: boto3's client keeps no descriptor between requests that outlives it."""
+
     def describe(self) -> str:
         where = f" at {self.endpoint}" if self.endpoint else ""
         return f"S3 bucket {self.bucket}/{self.prefix}{where}"

@@ -161,6 +161,13 @@ class CacheService:
         self._last_gc = -math.inf  # time.monotonic() of the last collection (a throttle, not a cut-off)
         self._used = (0, 0.0)  # (bytes stored, when the index last summed them)
 
+    def close(self) -> None:
+        """Close the index and the blob store (their connections and descriptors); for a service that has
+        stopped serving. The access times still waiting are written first."""
+        self.access.flush()
+        self.index.close()
+        self.blobs.close()
+
     # -- space --------------------------------------------------------------------------------
 
     def ensure_room(self, incoming: int) -> None:
