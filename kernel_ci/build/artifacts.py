@@ -125,9 +125,10 @@ def export_kbuild_sources(src: Path, dest: Path, *, link: bool) -> None:
 
 
 def update_kbuild_sources(src: Path, dest: Path) -> set[str]:
-    """The source pass over a kept export (KeptExport) of the same object tree, links only: a file that
-    is already a link to its source (same device and inode) stays; anything else there is replaced by
-    one. What the export holds beyond the sources and the outputs is removed by remove_extras."""
+    """The source pass over a kept export (exporting_sources(kept=...)) of the same object tree, links
+    only: a file that is already a link to its source (same device and inode) stays; anything else there
+    is replaced by one. What the export holds beyond the sources and the outputs is removed by
+    remove_extras. Returns the relative paths it placed."""
     device = os.stat(src).st_dev
     made: set[str] = set()
     placed: set[str] = set()
