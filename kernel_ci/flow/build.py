@@ -561,7 +561,7 @@ def gather(job: _Job, configured: _Configured, staging: Path, sources: outputs.S
         with measure_duration(job.durations, "collect.sources_wait"):
             sources.wait()
         job.durations["collect.sources"] = sources.seconds  # in its thread, from make's start
-        outputs.collect(env.src, env.out, staging, link_sources=_own_tree(env.src), sources=sources)
+        outputs.collect(env.src, env.out, staging, link_sources=sources.link, sources=sources)
         for s in job.planned.series:
             patches.export_series(s, staging / "patches")
     kbuild = staging / KBUILD_EXPORT
