@@ -20,7 +20,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,13 +115,14 @@ def export_kbuild_sources(src: Path, dest: Path, *, link: bool) -> None:
     tree, which no build writes (kbuild builds out of tree, O=; the tree is mounted read-only), so it can
     run while make does (SourceExport)."""
     dest.mkdir(parents=True, exist_ok=True)
-    place = _link_file if link else lambda a, b: shutil.copy2(a, b, follow_symlinks=True)
-    made: set[str] = set()
-    for rel_dir, name, item in _kbuild_source_entries(src):
-        if rel_dir not in made:
-            os.makedirs(os.path.join(dest, rel_dir), exist_ok=True)
-            made.add(rel_dir)
-        place(item.path, os.path.join(dest, rel_dir, name))
+
+    def place(item: os.DirEntry[str], target: str) -> None:
+        if link:
+            _link_file(item.path, target)
+        else:
+            shutil.copy2(item.path, target, follow_symlinks=True)
+
+    _place_sources(src, dest, place)
 
 
 def update_kbuild_sources(src: Path, dest: Path) -> set[str]:
@@ -130,6 +131,27 @@ def update_kbuild_sources(src: Path, dest: Path) -> set[str]:
     is replaced by one. What the export holds beyond the sources and the outputs is removed by
     remove_extras. Returns the relative paths it placed."""
     device = os.stat(src).st_dev
+
+    def relink(item: os.DirEntry[str], target: str) -> None:
+        try:
+            there = os.lstat(target)
+        except FileNotFoundError:
+            there = None
+        if there is not None:
+            if stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == (device, item.inode()):
+                return
+            if stat.S_ISDIR(there.st_mode):
+                shutil.rmtree(target)
+            else:
+                os.unlink(target)
+        _link_file(item.path, target)
+
+    return _place_sources(src, dest, relink)
+
+
+def _place_sources(src: Path, dest: Path, place: Callable[[os.DirEntry[str], str], None]) -> set[str]:
+    """place(the source's listing entry, its path under dest) for each source file the export holds, its
+    folder made first (once); the relative paths placed."""
     made: set[str] = set()
     placed: set[str] = set()
     for rel_dir, name, item in _kbuild_source_entries(src):
@@ -138,19 +160,7 @@ def update_kbuild_sources(src: Path, dest: Path) -> set[str]:
             made.add(rel_dir)
         rel = os.path.join(rel_dir, name)
         placed.add(rel)
-        target = os.path.join(dest, rel)
-        try:
-            there = os.lstat(target)
-        except FileNotFoundError:
-            there = None
-        if there is not None:
-            if stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == (device, item.inode()):
-                continue
-            if stat.S_ISDIR(there.st_mode):
-                shutil.rmtree(target)
-            else:
-                os.unlink(target)
-        _link_file(item.path, target)
+        place(item, os.path.join(dest, rel))
     return placed
 
 
