@@ -14,6 +14,7 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -555,7 +556,13 @@ def _own_tree(src: Path) -> bool:
 
 def gather(job: _Job, configured: _Configured, staging: Path, sources: outputs.SourceExport) -> _Gathered:
     """Collect into staging: kernel outputs (over the kbuild export's source pass, made beside make), the
-    series as patches, external modules, kselftests."""
+    series as patches, then external modules and kselftests side by side.
+
+    The two read disjoint inputs (the modules the export in staging, the selftests the source and object
+    trees) and write disjoint places, and each is one container whose make runs mostly on one core: on a
+    first build they took 9.1 and 10.2 s one after the other. The export's digest (the modules' reuse key)
+    is taken before the selftests start, since their headers_install adds files to the object tree the
+    digest lists. Leaving by any way joins the selftests' thread first: staging outlives neither."""
     env = configured.env
     with measure_duration(job.durations, "collect"):
         with measure_duration(job.durations, "collect.sources_wait"):
@@ -565,22 +572,32 @@ def gather(job: _Job, configured: _Configured, staging: Path, sources: outputs.S
         for s in job.planned.series:
             patches.export_series(s, staging / "patches")
     kbuild = staging / KBUILD_EXPORT
-    with measure_duration(job.durations, "external_modules"):
-        built_modules = extmodules.build_all(
-            job.image,
-            kbuild,
-            buildable_modules(job.planned.modules, (staging / "config").read_text()),
-            staging / "extmod",
-            reuse=cache_dir("reuse", "extmod"),
-            kbuild_digest=lambda: outputs.kbuild_export_digest(kbuild, env.out, env.source_digests),
-        )
+    modules = buildable_modules(job.planned.modules, (staging / "config").read_text())
+    digest = outputs.kbuild_export_digest(kbuild, env.out, env.source_digests) if modules else ""
+    with ThreadPoolExecutor(1, thread_name_prefix="kci-kselftests") as beside:
+        selftests_run = beside.submit(_build_selftests, job, env, staging)
+        with measure_duration(job.durations, "external_modules"):
+            built_modules = extmodules.build_all(
+                job.image,
+                kbuild,
+                modules,
+                staging / "extmod",
+                reuse=cache_dir("reuse", "extmod"),
+                kbuild_digest=lambda: digest,
+            )
+        selftests, seconds = selftests_run.result()
+    if selftests:
+        job.durations["kselftests"] = seconds
+    return _Gathered(built_modules, selftests)
+
+
+def _build_selftests(job: _Job, env: builder.BuildEnv, staging: Path) -> tuple[dict[str, list[Path]], float]:
+    """The plan's kselftests into staging, and how long that took (gather's thread: the caller records it)."""
     with measure_duration() as took:
         selftests = kselftest.build_selftests(
             env, job.plan.kselftests, staging / "kselftest", reuse=cache_dir("reuse", "kselftest")
         )
-    if selftests:
-        job.durations["kselftests"] = took.rounded
-    return _Gathered(built_modules, selftests)
+    return selftests, took.rounded
 
 
 def describe(
