@@ -66,6 +66,9 @@ class Figure:
     reference_name: str = ""
     load: tuple[float, float, float] = field(default_factory=load_average)  # when the figure was taken
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds per step, where known
+    # every measurement behind seconds and reference when a pair was taken more than once (their medians)
+    samples: list[float] = field(default_factory=list)
+    reference_samples: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:

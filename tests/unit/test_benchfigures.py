@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,10 @@ def test_a_readme_without_the_markers_is_refused_and_left_alone(tmp_path: Path) 
 
 
 def test_figures_round_trip_through_bench_json() -> None:
-    figures = [Figure("a", 1.0, "aim", "note", 2.0, "ref", (1.0, 2.0, 3.0), {"configure": 1.5})]
+    figures = [
+        Figure("a", 1.0, "aim", "note", 2.0, "ref", (1.0, 2.0, 3.0), {"configure": 1.5}),
+        Figure("b", 1.5, samples=[1.0, 2.0], reference_samples=[3.0, 4.0]),
+    ]
     report = json.loads(json.dumps(buildbench._report(figures)))
     assert figures_from_json(report) == figures
     assert report["ratios"]["a"] == "0.50"
@@ -86,6 +90,37 @@ def test_the_one_line_change_never_writes_the_pristine_file(tmp_path: Path) -> N
     assert edited.read_text() == "int x;\n"
     assert edited.stat().st_ino == pristine.stat().st_ino  # the hard link is back
     assert not list((tree / "kernel").glob("*.kci-bench-*"))
+
+
+def test_each_sample_of_the_one_line_change_is_a_different_line(tmp_path: Path) -> None:
+    """A second sample with the first's bytes would be a ccache hit, not an incremental build's miss."""
+    (tmp_path / "kernel").mkdir()
+    edited = tmp_path / buildbench.ONE_LINE_CHANGE
+    edited.write_text("int x;\n")
+    seen = []
+    for sample in (1, 2):
+        with buildbench.one_line_change(tmp_path, sample):
+            seen.append(edited.read_bytes())
+    assert seen[0] != seen[1]
+
+
+def test_pairs_are_taken_a_b_b_a_and_both_sides_keep_every_sample() -> None:
+    order: list[str] = []
+
+    def side(name: str, seconds: float) -> Callable[[int], float]:
+        def run(sample: int) -> float:
+            order.append(f"{name}{sample}")
+            return seconds + sample
+
+        return run
+
+    mine, theirs = buildbench.abba(side("ours", 10.0), side("tux", 20.0))
+    assert order == ["ours1", "tux1", "tux2", "ours2"]
+    assert (mine, theirs) == ([11.0, 12.0], [21.0, 22.0])
+    assert buildbench.median(mine) == 11.5 and buildbench.median([]) is None
+    order.clear()
+    assert buildbench.abba(side("ours", 1.0), None) == ([2.0, 3.0], [])  # --skip-reference
+    assert order == ["ours1", "ours2"]
 
 
 def test_the_build_summary_breakdown_nests_the_container_steps_under_build() -> None:
