@@ -40,6 +40,7 @@ from kernel_ci.core import proc
 from kernel_ci.core.console import console, step
 from kernel_ci.core.errors import InfrastructureError
 from kernel_ci.core.paths import REPO_ROOT
+from kernel_ci.host import setup as hostsetup
 
 TOKEN = secrets.token_hex(16)
 OBJECT_SIZE = 10 * 1024
@@ -117,10 +118,24 @@ def service(data: Path, workers: int = 1) -> Iterator[str]:
         worker.join(20)
 
 
+# The reference server and the load generator, by program and the Debian package that has it: installed
+# when missing and this host allows it (root on Debian), as the build part installs tuxmake's host tools.
+# On a fresh machine neither is there, and the part stopped at its first figure without them.
+BENCH_TOOLS = {"nginx": "nginx-light", "wrk": "wrk"}
+
+
+def require_tool(program: str) -> None:
+    if shutil.which(program) is not None:
+        return
+    package = BENCH_TOOLS[program]
+    if not hostsetup.can_install():
+        raise InfrastructureError(f"{program} is not installed: apt-get install {package}")
+    hostsetup.apt_install([package])
+
+
 @contextlib.contextmanager
 def nginx(root: Path, prefix: Path, workers: int) -> Iterator[str]:
-    if shutil.which("nginx") is None:
-        raise InfrastructureError("nginx is not installed: apt-get install nginx-light")
+    require_tool("nginx")
     port = _free_port()
     (prefix / "body").mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -148,8 +163,7 @@ def populate(url: str, keys: list[str], headers: dict[str, str]) -> None:
 
 def wrk(url: str, paths_file: Path, script: Path, duration: float, connections: int) -> dict[str, float]:
     """One bounded wrk run (2 threads, fixed connections and duration); requests/s and latency percentiles."""
-    if shutil.which("wrk") is None:
-        raise InfrastructureError("wrk is not installed: apt-get install wrk")
+    require_tool("wrk")
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency", "--timeout", "5s"]
     result = proc.run([*argv, "-s", script, url, "--", paths_file], quiet=True, timeout=duration + 60)
     text = result.output
