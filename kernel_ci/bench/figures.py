@@ -72,9 +72,11 @@ class Figure:
 
     @property
     def ratio(self) -> float | None:
+        """Unrounded: each table rounds it once (rounded to 3 digits first, 365.7 / 316.7 = 1.1547 became
+        1.155 and was shown as 1.16x)."""
         if self.seconds is None or not self.reference:
             return None
-        return round(self.seconds / self.reference, 3)
+        return self.seconds / self.reference
 
 
 def render(figures: list[Figure]) -> Table:

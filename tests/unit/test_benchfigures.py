@@ -26,6 +26,12 @@ def test_a_figure_with_a_reference_has_its_ratio() -> None:
     assert Figure("build-cache hit", 0.3).ratio is None
 
 
+def test_a_ratio_is_rounded_once_where_it_is_shown() -> None:
+    figure = Figure("build: cold", 365.73, reference=316.72, reference_name="tuxmake", load=(1.0, 1.0, 1.0))
+    assert "| 1.15x |" in markdown_table([figure], {}, "kernel-ci bench")  # 1.1547, not 1.155 -> 1.16
+    assert buildbench._report([figure])["ratios"]["build: cold"] == "1.15"
+
+
 def test_the_markdown_table_has_the_generic_columns_and_the_load() -> None:
     figures = [
         Figure(
