@@ -115,7 +115,9 @@ def unit(session: nox.Session) -> None:
 def e2e(session: nox.Session) -> None:
     """Real end to end: build kernels in the container, boot them in QEMU, check the reports."""
     _install(session, "[test]")
-    session.run("pytest", "-m", "slow", "-v", "--timeout=3000", *session.posargs)
+    # --durations: the slowest tests by name in every CI log (a cold machine took 48 min where a warm one
+    # took 16.5: which tests build kernels nothing had in ccache is the first thing to know)
+    session.run("pytest", "-m", "slow", "-v", "--timeout=3000", "--durations=15", *session.posargs)
 
 
 @nox.session(python=PYTHON)
