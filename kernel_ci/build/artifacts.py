@@ -472,9 +472,9 @@ def exporting_sources(
 # of every build in the builder container). Preset 0 in one thread fits in the shadow of collecting.
 VMLINUX_XZ_PRESET = 0
 # Two streams, one thread each: vmlinux is compressed from kbuild's SYSMAP line on, beside the end of make
-# (bzImage's gzip on one core); once make ends the second core would idle while the single stream went on,
-# and with the collecting and the output's update down to ~0.5 s the build waited ~1 s for it. Fixed, not
-# the machine's core count: the file's bytes must not depend on where it was built.
+# (bzImage's compression on one core); once make ends the second core would idle while the single stream
+# went on, and with the collecting and the output's update down to ~0.5 s the build waited ~1 s for it.
+# Fixed, not the machine's core count: the file's bytes must not depend on where it was built.
 VMLINUX_XZ_STREAMS = 2
 _XZ_CHUNK = 1 << 20
 
