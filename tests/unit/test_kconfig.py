@@ -60,3 +60,22 @@ def test_base_fragment_parses() -> None:
     for needed in ("CONFIG_VIRTIO_BLK", "CONFIG_9P_FS", "CONFIG_EXT4_FS", "CONFIG_SERIAL_8250_CONSOLE",
                    "CONFIG_DEVTMPFS", "CONFIG_KPROBES", "CONFIG_MODULES"):  # fmt: skip
         assert values[needed] == "y"
+
+
+# kbuild's bzImage compressor for each CONFIG_KERNEL_<method>, and the Debian package that has it
+_COMPRESSORS = {"GZIP": "gzip", "BZIP2": "bzip2", "LZMA": "xz-utils", "XZ": "xz-utils", "LZO": "lzop",
+                "LZ4": "lz4", "ZSTD": "zstd"}  # fmt: skip
+
+
+def test_base_fragment_compressor_is_in_the_builder_image() -> None:
+    """The base fragment picks the bzImage's compression; kbuild runs that method's tool in the builder
+    container, so the builder's package list must have it (gzip is in every Debian image)."""
+    from kernel_ci.build.images import BUILDER_DIR
+    from kernel_ci.flow.build import BASE_FRAGMENT
+
+    values = kconfig.parse(BASE_FRAGMENT.read_text(), str(BASE_FRAGMENT))
+    chosen = [method for method in _COMPRESSORS if values.get(f"CONFIG_KERNEL_{method}") == "y"]
+    assert chosen == ["LZ4"]  # see base.config: kbuild's compression time and the TCG boot
+    lock = (BUILDER_DIR / "packages.lock").read_text().splitlines()
+    packages = {line.split("=", 1)[0].strip() for line in lock if line.strip() and not line.startswith("#")}
+    assert _COMPRESSORS[chosen[0]] in packages | {"gzip"}
