@@ -33,8 +33,9 @@ from kernel_ci.flow.build import BuildRequest, BuildResult, build
 from kernel_ci.host import setup as hostsetup
 
 # what tuxmake's --runtime null needs on the host to build the CI config (lz4: the bzImage's compression)
-HOST_BUILD_DEPS = ["gcc", "make", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "ccache", "cpio", "kmod"]
-HOST_BUILD_DEPS.append("lz4")
+HOST_BUILD_DEPS = [
+    "gcc", "make", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "ccache", "cpio", "kmod", "lz4",
+]  # fmt: skip
 
 
 def machine_description() -> dict[str, str | int]:
