@@ -22,8 +22,9 @@ from kernel_ci.core.errors import ExitCode, InfrastructureError, KernelCIError, 
 from kernel_ci.core.paths import PROJECT_ENV, REPO_ROOT
 
 if TYPE_CHECKING:  # the commands import their stage when run: `kernel-ci --help` loads none
+    from kernel_ci.cache.store import BuildStore
     from kernel_ci.cli.result import CommandResult
-    from kernel_ci.flow.build import BuildResult
+    from kernel_ci.flow.build import BuildRequest, BuildResult
     from kernel_ci.report.model import Outcome, RunReport
 
 ERROR_LOG = "kernel-ci-error.log"  # in --output: the traceback of an unexpected exception
@@ -79,10 +80,27 @@ def cmd_build(args: argparse.Namespace) -> int:
     options.check_output(args.output)
     settings = options.settings(args)
     request = options.build_request(args, settings.ccache_remote)
+    if args.dry_run:
+        return _dry_run(args, request, open_store(settings))
     result = build(request, store=open_store(settings))
     console.print(build_summary(result))
     if args.json_file is not None:
         _build_result(result, options.output(args)).write(args.json_file)
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, request: BuildRequest, store: BuildStore) -> int:
+    from kernel_ci.cli.result import CommandResult
+    from kernel_ci.flow.build import dry_run
+
+    found = dry_run(request, store)
+    if found.cached:
+        console.print(f"[green]would restore[/] {found.key[:16]} from the build cache ({found.why})")
+    else:
+        console.print(found.why)
+        console.print(f"would compile {found.key[:16]} (kernel-ci build without --dry-run)")
+    if args.json_file is not None:
+        CommandResult("build", "PASS", 0, build_key=found.key, cache_hit=found.cached).write(args.json_file)
     return 0
 
 
@@ -304,6 +322,12 @@ def parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="build the kernel (or restore it from the build cache)")
     add_build_options(build)
+    build.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="configure and look the build up, then stop: say whether it would be restored from the build "
+        "cache or compiled, and on a miss which inputs differ from the nearest cached build",
+    )
     build.add_argument("--suite", action="append", help="deprecated, ignored: " + SUITE_NO_LONGER_BUILDS)
     _add_json_option(build)
     build.set_defaults(func=cmd_build)

@@ -6,6 +6,7 @@ them knows about the others.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -13,7 +14,7 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -373,24 +374,61 @@ def _build(request: BuildRequest, store: BuildStore | None) -> BuildResult:
         if hit:
             return hit
     step("configure")
+    with _object_tree(job, fresh=request.fresh) as env:
+        configured = configure(job, env)
+        if request.use_cache:
+            hit = look_up_build(store, job, configured)
+            if hit:
+                return hit
+        with store.lock(configured.key):
+            entry = store.get(configured.key) if request.use_cache else None
+            if entry:  # another process built it while we waited for the lock
+                return job.restored(entry, configured.key, "built concurrently")
+            return _compile_and_publish(job, configured, store)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What `kernel-ci build --dry-run` found: the build key, whether the build cache holds it, and why
+    (how it was found, or the miss explanation: the nearest cached build and the inputs that differ)."""
+
+    key: str
+    cached: bool
+    why: str
+
+
+def dry_run(request: BuildRequest, store: BuildStore | None = None) -> DryRun:
+    """Plan, look up and configure as build() does, then stop before compiling: would this build be
+    restored or compiled, and why? The object tree gets the final .config (configure writes it there, as
+    a build's first step does); nothing else is written, the output dir included."""
+    job = plan_build(request)
+    store = store or LocalStore()
+    known = store.get_alias(job.request_key)
+    if known and store.get(known):
+        return DryRun(known, True, "inputs unchanged")
+    step("configure")
+    with _object_tree(job, fresh=False) as env:  # --fresh would throw away objects for nothing
+        configured = configure(job, env)
+    if store.get(configured.key):
+        return DryRun(configured.key, True, "same final config")
+    explanation = buildkey.explain_miss(configured.manifest, store.manifests()).render()
+    return DryRun(configured.key, False, explanation)
+
+
+@contextlib.contextmanager
+def _object_tree(job: _Job, *, fresh: bool) -> Iterator[builder.BuildEnv]:
+    """The build's object tree for the block: locked (one build at a time per object tree), emptied first
+    on --fresh (under the lock), rid of what an interrupted build wrote, and marked running until compile
+    and kselftests have written their last object."""
     env = prepare_build_env(job)
-    with _ObjectTreeLock(env.out):  # one build at a time per object tree; --fresh empties it under the lock
-        if request.fresh and env.out.exists():
+    with _ObjectTreeLock(env.out):
+        if fresh and env.out.exists():
             shutil.rmtree(env.out)
         discarded = builder.discard_interrupted(env.out)
         if discarded:
             warn(f"the last build in {env.out} did not end: {discarded} file(s) it wrote are built again")
-        with builder.running(env.out):  # until compile and kselftests have written their last object
-            configured = configure(job, env)
-            if request.use_cache:
-                hit = look_up_build(store, job, configured)
-                if hit:
-                    return hit
-            with store.lock(configured.key):
-                entry = store.get(configured.key) if request.use_cache else None
-                if entry:  # another process built it while we waited for the lock
-                    return job.restored(entry, configured.key, "built concurrently")
-                return _compile_and_publish(job, configured, store)
+        with builder.running(env.out):
+            yield env
 
 
 def _compile_and_publish(job: _Job, configured: _Configured, store: BuildStore) -> BuildResult:

@@ -15,7 +15,7 @@ import pytest
 from kernel_ci.build import kbuild
 from kernel_ci.cache.store import LocalStore
 from kernel_ci.core.paths import cache_dir
-from kernel_ci.flow.build import BuildRequest, build
+from kernel_ci.flow.build import BuildRequest, BuildResult, build, dry_run
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,18 @@ def _digests(output: Path) -> dict[str, str]:
     return {str(f.relative_to(output)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def test_two_fresh_builds_are_bit_identical_and_the_third_is_a_cache_hit(tmp_path: Path) -> None:
-    first_store = LocalStore(tmp_path / "store-a")
-    first = build(BuildRequest(output=tmp_path / "a", fresh=True), store=first_store)
+@pytest.fixture(scope="module")
+def first_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalStore, BuildResult]:
+    """The CI kernel built from an empty object tree into a build cache of its own."""
+    where = tmp_path_factory.mktemp("first-build")
+    store = LocalStore(where / "store-a")
+    return store, build(BuildRequest(output=where / "a", fresh=True), store=store)
+
+
+def test_two_fresh_builds_are_bit_identical_and_the_third_is_a_cache_hit(
+    tmp_path: Path, first_build: tuple[LocalStore, BuildResult]
+) -> None:
+    first_store, first = first_build
     second = build(BuildRequest(output=tmp_path / "b", fresh=True), store=LocalStore(tmp_path / "store-b"))
 
     assert not first.cache_hit and not second.cache_hit
@@ -51,22 +60,26 @@ def test_two_fresh_builds_are_bit_identical_and_the_third_is_a_cache_hit(tmp_pat
     assert _digests(hit.output) == first_files
 
 
-def test_a_changed_config_symbol_is_named_on_a_miss(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_dry_run_says_restore_or_compile_and_names_a_changed_config_symbol(
+    tmp_path: Path, first_build: tuple[LocalStore, BuildResult]
 ) -> None:
-    store = LocalStore(tmp_path / "store")
-    build(BuildRequest(output=tmp_path / "a"), store=store)
+    store, first = first_build
+    same = dry_run(BuildRequest(output=tmp_path / "same"), store)
+    assert same.cached and same.key == first.key
     fragment = tmp_path / "no-ikconfig.config"
     fragment.write_text("# CONFIG_IKCONFIG_PROC is not set\n")
-    changed = build(BuildRequest(output=tmp_path / "b", fragments=[fragment]), store=store)
-    assert not changed.cache_hit
-    assert "CONFIG_IKCONFIG_PROC" in capsys.readouterr().err
+
+    changed = dry_run(BuildRequest(output=tmp_path / "changed", fragments=[fragment]), store)
+
+    assert not changed.cached and changed.key != first.key
+    assert "CONFIG_IKCONFIG_PROC" in changed.why and first.key[:12] in changed.why  # the nearest, and why
+    assert not (tmp_path / "same").exists() and not (tmp_path / "changed").exists()  # nothing restored
 
 
 BUILD_CHILD = """
 import sys
 from pathlib import Path
-from kernel_ci.flow.build import BuildRequest, build
+from kernel_ci.flow.build import BuildRequest, BuildResult, build, dry_run
 build(BuildRequest(output=Path(sys.argv[1]), use_cache=False, fresh=True))
 """
 
@@ -121,7 +134,7 @@ def test_sigkill_mid_build_leaves_no_container_and_the_rerun_builds(tmp_path: Pa
 CONCURRENT_CHILD = """
 import json, sys
 from pathlib import Path
-from kernel_ci.flow.build import BuildRequest, build
+from kernel_ci.flow.build import BuildRequest, BuildResult, build, dry_run
 result = build(BuildRequest(output=Path(sys.argv[1]), ccache_dir=Path(sys.argv[2])))
 print(json.dumps({"key": result.key, "cache_hit": result.cache_hit}))
 """

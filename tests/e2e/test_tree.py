@@ -2,24 +2,27 @@
 
 An edit rebuilds incrementally in the tree's persistent object dir and never writes to the tree; a commit is
 a cache hit from a second clone; `git bisect run kernel-ci test --tree .` finds a planted bad commit.
-The ci-smoke patch is committed into the scratch tree (with its fragment), so this repository's ci-smoke
-suite passes there (run from a project holding only that suite), and the bad commit changes the text of
-/proc/ci-smoke, which it reads. The packaged smoke-c passes on the edited tree.
+Every series of this repository is committed into the scratch tree, and every build of it is given the
+series' fragments: the tree then holds the CI kernel's sources and is built with its config, so its first
+build is ccache-warm after any e2e build of the CI kernel (on a fresh CI machine, three cold compiles fewer:
+the tree, its edit and the bisect's steps would otherwise each compile a config of their own). The ci-smoke
+suite passes there, and the bad commit changes the text of /proc/ci-smoke, which it reads. The packaged
+smoke-c passes on the edited tree.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from kernel_ci.build import source
+from kernel_ci.build.patches import discover_series
 from kernel_ci.cache.store import LocalStore
-from kernel_ci.core.paths import GUEST_TESTS, KERNEL_PATCHES
+from kernel_ci.core.paths import CHECKOUT, KERNEL_PATCHES
 from kernel_ci.core.proc import capture, run
 from kernel_ci.flow.build import BuildRequest, build
 from kernel_ci.flow.test import TestOptions, run_tests
@@ -28,7 +31,8 @@ from kernel_ci.report.model import Outcome
 pytestmark = pytest.mark.slow
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
-FRAGMENT = KERNEL_PATCHES / "ci-smoke" / "ci-smoke.config"
+SERIES = discover_series(KERNEL_PATCHES)
+FRAGMENTS = [fragment for series in SERIES for fragment in series.fragments]
 PROC_TEXT = "ci-smoke: patch applied"
 
 
@@ -39,7 +43,7 @@ def _commit(tree: Path, message: str) -> str:
 
 
 def _request(tree: Path, out: Path) -> BuildRequest:
-    return BuildRequest(tree=tree, fragments=[FRAGMENT], output=out / "build")
+    return BuildRequest(tree=tree, fragments=FRAGMENTS, output=out / "build")
 
 
 def _snapshot(tree: Path) -> tuple[str, dict[str, int]]:
@@ -61,8 +65,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     capture([*GIT, "init", "-q"], cwd=tree)
     capture(["git", "config", "gc.auto", "0"], cwd=tree)  # no background gc racing the snapshots
     _commit(tree, "Linux 5.10.223")
-    patch = next((KERNEL_PATCHES / "ci-smoke").glob("0001-*.patch"))
-    capture([*GIT, "am", "-q", str(patch)], cwd=tree)
+    for series in SERIES:  # the CI kernel's sources, as commits
+        capture([*GIT, "am", "-q", *map(str, series.patches)], cwd=tree)
     return tree
 
 
@@ -106,8 +110,8 @@ def test_git_bisect_run_finds_the_planted_bad_commit(repo: Path, tmp_path: Path)
     bad = _commit(repo, "proc: break /proc/ci-smoke")
     comment.write_text(comment.read_text() + "/* step 3 */\n")
     _commit(repo, "ptrace: step 3")
-    project = tmp_path / "project"  # the ci-smoke suite and the packaged defaults, no series or modules
-    shutil.copytree(GUEST_TESTS / "ci-smoke", project / "guest-tests" / "ci-smoke")
+    # this checkout as the project (its suites' and modules' needs are in the CI kernel's config: the bisect's
+    # builds are then ccache-warm); no series is applied to a --tree unless asked
     capture([*GIT, "bisect", "start", "HEAD", good], cwd=repo)
     try:
         step = [
@@ -115,11 +119,12 @@ def test_git_bisect_run_finds_the_planted_bad_commit(repo: Path, tmp_path: Path)
             "-m",
             "kernel_ci.cli.main",
             "--project",
-            str(project),
+            str(CHECKOUT),
             "-o",
             str(tmp_path / "out"),
         ]
-        step += ["test", "--tree", ".", "--suite", "ci-smoke", "--fragment", str(FRAGMENT)]
+        step += ["test", "--tree", ".", "--suite", "ci-smoke"]
+        step += [option for fragment in FRAGMENTS for option in ("--fragment", str(fragment))]
         done = run([*GIT, "bisect", "run", *step], cwd=repo, check=False)
     finally:
         capture([*GIT, "bisect", "reset"], cwd=repo)
