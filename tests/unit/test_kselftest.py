@@ -132,7 +132,7 @@ def test_the_shipped_ptrace_selftests_suite():
     assert {x.testcase for x in suite.expected_failures} == {"selftests: ptrace: vmaccess.global.attach"}
     assert all(x.reason for x in suite.expected_failures)
     # the hang is cut short, but long enough that a fixed kernel (the case ends in ~2 s) passes it
-    assert [x.timeout for x in suite.expected_failures] == [10.0]
+    assert [x.timeout for x in suite.expected_failures] == [5.0]
     assert suite_needs(SUITE_PATH, None).kselftests == ("ptrace",)
     chosen = ["smoke-c", "kselftest-ptrace", "ptrace-basics"]
     assert suite_needs(SUITE_PATH, chosen).kselftests == ("ptrace",)
