@@ -287,11 +287,14 @@ def kernel_append(cfg: QemuConfig) -> str:
 def warm_folder(cfg: QemuConfig, base_image: Path, runner: Path) -> Path:
     """The warm-start store folder for cfg's machine: its QEMU command with this run's paths left out,
     the kernel's and the runner's digests, the rootfs image (named by its own key) and QEMU's version.
-    A snapshot restores only into exactly the machine and software it was taken from."""
+    A snapshot restores only into exactly the machine and software it was taken from. The kernel is
+    named by its digest, not its path: the same build restored into another output dir is the same
+    machine (a new snapshot per path cost every such run a cold boot and a save, ~8 s)."""
     placeholder = Path("/kci-run")
     generic = replace(
-        cfg, overlay=placeholder / "overlay.qcow2", payload_dir=placeholder / "payload",
-        results_dir=placeholder / "results", run_dir=placeholder, warm=placeholder,
+        cfg, kernel=placeholder / "bzImage", overlay=placeholder / "overlay.qcow2",
+        payload_dir=placeholder / "payload", results_dir=placeholder / "results", run_dir=placeholder,
+        warm=placeholder,
     )  # fmt: skip
     argv = build_command(generic)
     image = base_image.resolve()

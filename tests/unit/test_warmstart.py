@@ -64,6 +64,21 @@ def test_a_snapshot_belongs_to_the_machine_not_to_the_run(
     assert not warmstart.ready(folder)  # nothing saved: a cold boot
 
 
+def test_the_same_kernel_in_another_output_dir_shares_the_snapshot(
+    machine: tuple[qemu.QemuConfig, Path, Path], tmp_path: Path
+) -> None:
+    """A build restored into another output dir (-o, a CI job's workspace, the bench's) is the same kernel:
+    it must not boot cold and save a snapshot of its own."""
+    cfg, base, runner = machine
+    elsewhere = tmp_path / "other-output" / "build" / "bzImage"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(cfg.kernel.read_bytes())
+    here = qemu.warm_folder(cfg, base, runner)
+    assert qemu.warm_folder(replace(cfg, kernel=elsewhere), base, runner) == here
+    elsewhere.write_bytes(b"another kernel")
+    assert qemu.warm_folder(replace(cfg, kernel=elsewhere), base, runner) != here
+
+
 def test_only_a_warm_guest_is_told_to_wait(machine: tuple[qemu.QemuConfig, Path, Path]) -> None:
     cfg, base, runner = machine
     assert warmstart.WARM_ARG not in qemu.kernel_append(cfg).split()
