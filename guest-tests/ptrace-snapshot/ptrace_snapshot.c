@@ -1545,18 +1545,39 @@ static void killed_mid_request(void)
 		      "round %d: the killed tracee was reaped", round);
 	}
 
-	/* Kill a tracer mid-request: its tracees die with it (PTRACE_O_EXITKILL). */
+	/*
+	 * Kill a tracer mid-request: its tracees die with it (PTRACE_O_EXITKILL). Mid-request,
+	 * not mid-set-up: a tracer killed before spawn_tracee() has set PTRACE_O_EXITKILL leaves
+	 * a tracee that nothing kills (under load the set-up can outlast the shortest delay), so
+	 * the tracer says when its tracee is set up, and the delay starts then.
+	 */
 	for (round = 0; round < 4; round++) {
-		pid_t tracer = fork();
+		int ready[2];
+		pid_t tracer;
+		char c;
 
+		if (!check(pipe(ready) == 0, "tracer %d: pipe", round))
+			break;
+		tracer = fork();
+		if (!check(tracer >= 0, "tracer %d: fork", round)) {
+			close(ready[0]);
+			close(ready[1]);
+			break;
+		}
 		if (tracer == 0) {
 			pid_t pid = spawn_tracee();
 
+			close(ready[0]);
+			if (write(ready[1], "r", 1) != 1)
+				_exit(1);
 			for (;;) {
 				snap(pid, big, MAX_LEN);
 				restore(pid, big, MAX_LEN);
 			}
 		}
+		close(ready[1]);
+		check(read(ready[0], &c, 1) == 1, "tracer %d set its tracee up", round);
+		close(ready[0]);
 		usleep(5000 + rnd(&seed) % 40000);
 		kill(tracer, SIGKILL);
 		check(waitpid(tracer, &status, 0) == tracer && WIFSIGNALED(status),
