@@ -403,16 +403,15 @@ def dry_run(request: BuildRequest, store: BuildStore | None = None) -> DryRun:
     a build's first step does); nothing else is written, the output dir included."""
     job = plan_build(request)
     store = store or LocalStore()
-    known = store.get_alias(job.request_key)
-    if known and store.get(known):
-        return DryRun(known, True, "inputs unchanged")
+    found = aliased_entry(store, job)
+    if found:
+        return DryRun(found[0], True, "inputs unchanged")
     step("configure")
     with _object_tree(job, fresh=False) as env:  # --fresh would throw away objects for nothing
         configured = configure(job, env)
     if store.get(configured.key):
         return DryRun(configured.key, True, "same final config")
-    explanation = buildkey.explain_miss(configured.manifest, store.manifests()).render()
-    return DryRun(configured.key, False, explanation)
+    return DryRun(configured.key, False, miss_explanation(store, configured))
 
 
 @contextlib.contextmanager
@@ -502,13 +501,22 @@ def _tree_summary(tree: usertree.TreeState) -> str:
     return f"git tree {tree.base[:12]}, {changed}"
 
 
-def look_up_request(store: BuildStore, job: _Job) -> BuildResult | None:
-    """Look up by request key (inputs before configuring): the alias of a build made from the same inputs."""
+def aliased_entry(store: BuildStore, job: _Job) -> tuple[str, Path] | None:
+    """The build key and entry the request key is an alias of (a build made from the same inputs)."""
     known = store.get_alias(job.request_key)
     entry = store.get(known) if known else None
-    if known and entry:
-        return job.restored(entry, known, "inputs unchanged")
-    return None
+    return (known, entry) if known and entry else None
+
+
+def look_up_request(store: BuildStore, job: _Job) -> BuildResult | None:
+    """Look up by request key (inputs before configuring): the alias of a build made from the same inputs."""
+    found = aliased_entry(store, job)
+    return job.restored(found[1], found[0], "inputs unchanged") if found else None
+
+
+def miss_explanation(store: BuildStore, configured: _Configured) -> str:
+    """Why configured's key is not in the store: the nearest cached build and the inputs that differ."""
+    return buildkey.explain_miss(configured.manifest, store.manifests()).render()
 
 
 def look_up_build(store: BuildStore, job: _Job, configured: _Configured) -> BuildResult | None:
@@ -517,7 +525,7 @@ def look_up_build(store: BuildStore, job: _Job, configured: _Configured) -> Buil
     if entry:
         store.put_alias(job.request_key, configured.key)
         return job.restored(entry, configured.key, "same final config")
-    console.print(buildkey.explain_miss(configured.manifest, store.manifests()).render())
+    console.print(miss_explanation(store, configured))
     return None
 
 

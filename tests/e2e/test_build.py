@@ -79,7 +79,7 @@ def test_a_dry_run_says_restore_or_compile_and_names_a_changed_config_symbol(
 BUILD_CHILD = """
 import sys
 from pathlib import Path
-from kernel_ci.flow.build import BuildRequest, BuildResult, build, dry_run
+from kernel_ci.flow.build import BuildRequest, build
 build(BuildRequest(output=Path(sys.argv[1]), use_cache=False, fresh=True))
 """
 
@@ -134,7 +134,7 @@ def test_sigkill_mid_build_leaves_no_container_and_the_rerun_builds(tmp_path: Pa
 CONCURRENT_CHILD = """
 import json, sys
 from pathlib import Path
-from kernel_ci.flow.build import BuildRequest, BuildResult, build, dry_run
+from kernel_ci.flow.build import BuildRequest, build
 result = build(BuildRequest(output=Path(sys.argv[1]), ccache_dir=Path(sys.argv[2])))
 print(json.dumps({"key": result.key, "cache_hit": result.cache_hit}))
 """
