@@ -88,6 +88,8 @@ def build_flags() -> tuple[tuple[str, str], ...]:
             "gdb scripts: int literals, an import each",
         ),
         ("kbuild", f"user={builder.KBUILD_USER} host={builder.KBUILD_HOST} version=1 timestamp=source"),
+        # which source files the kbuild/ export holds: an entry with another selection is another output
+        ("kbuild-export", outputs.EXPORT_SELECTION),
     )
 
 

@@ -166,24 +166,27 @@ def image_id(tag: str) -> str:
     return found
 
 
-_image_ids: dict[str, str] = {}  # tag -> id seen by this process; forgotten when this process makes images
+# (engine, tag) -> id seen by this process; forgotten when this process makes images. The engine
+# (DOCKER_HOST) is part of the key: an id one engine gave says nothing of another's images.
+_image_ids: dict[tuple[str, str], str] = {}
 
 
 def _inspect_image_id(tag: str) -> str | None:
     """The id of the image TAG, None when there is none; a failure of the engine is a DockerError. An id
     once seen is remembered (a build asks whether the builder exists, then its id for the toolchain)."""
-    if tag in _image_ids:
-        return _image_ids[tag]
+    seen = (os.environ.get("DOCKER_HOST", ""), tag)
+    if seen in _image_ids:
+        return _image_ids[seen]
     answer = _engine_get(f"/images/{quote(tag, safe='/:@')}/json")
     if answer is not None and answer[0] == 404:
         return None
     if answer is not None and answer[0] == 200 and str(answer[1].get("Id", "")).startswith("sha256:"):
-        _image_ids[tag] = answer[1]["Id"]
-        return _image_ids[tag]
+        _image_ids[seen] = answer[1]["Id"]
+        return _image_ids[seen]
     ok, output = proc.probe([DOCKER, "image", "inspect", "--format", "{{.Id}}", tag], timeout=ENGINE_TIMEOUT)
     if ok and output.startswith("sha256:"):
-        _image_ids[tag] = output.split()[0]
-        return _image_ids[tag]
+        _image_ids[seen] = output.split()[0]
+        return _image_ids[seen]
     if NO_SUCH_IMAGE.lower() in output.lower():
         return None
     raise DockerError(f"inspecting image {tag} failed:\n{output}\nis dockerd running? `docker info`")

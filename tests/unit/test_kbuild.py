@@ -294,3 +294,38 @@ def test_a_kept_export_lies_beside_its_object_tree_and_goes_with_it(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
         "export-1", "export-2", "out-1", "out-2",
     ]  # fmt: skip
+
+
+def test_the_kbuild_export_holds_what_an_out_of_tree_build_reads_and_not_the_whole_trees_makefiles(
+    tmp_path: Path,
+) -> None:
+    """An `M=` build reads the top and arch Makefiles, include/, scripts/ and the arch's include/ folders,
+    never a subsystem's Makefile or Kconfig (kbuild does not descend into the kernel's own folders for
+    it; upstream's install-extmod-build selects the same): those were ~4,300 of the export's 11,600
+    files, most of a restore's work."""
+    from kernel_ci.build import artifacts
+
+    src, out = _kbuild_trees(tmp_path)
+    kept = [
+        "Makefile", "Kbuild", "Kconfig",
+        "arch/x86/Makefile", "arch/x86/Makefile_32.cpu", "arch/x86/Kconfig",
+        "arch/x86/include/asm/ptrace.h",
+        "arch/x86/entry/syscalls/syscall_64.tbl",
+        "scripts/Makefile.build", "scripts/Kbuild.include", "scripts/gdb/linux/utils.py",
+        "tools/include/linux/types.h", "tools/objtool/Makefile",
+        "include/linux/a.h", "include/uapi/Kbuild",
+    ]  # fmt: skip
+    dropped = [
+        "drivers/net/Makefile", "drivers/net/Kconfig", "fs/ext4/Kbuild", "kernel/ptrace.c",
+        "arch/x86/kernel/Makefile", "arch/x86/kvm/Kconfig", "arch/x86/kvm/mmu.h", "arch/x86/lib/memcpy_64.S",
+        "arch/x86/boot/Makefile", "tools/Makefile", "tools/perf/Makefile",
+    ]  # fmt: skip
+    for rel in kept + dropped:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel + "\n")
+    export = tmp_path / "kbuild"
+    artifacts.export_kbuild_tree(src, out, export, link_sources=True)
+    held = {str(p.relative_to(export)) for p in export.rglob("*") if p.is_file()}
+    assert set(kept) <= held
+    assert not set(dropped) & held, sorted(set(dropped) & held)
+    assert not (export / "drivers").exists() and not (export / "arch/x86/kvm").exists()
