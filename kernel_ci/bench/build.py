@@ -11,6 +11,7 @@ verdict).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -249,11 +250,14 @@ def _hit_note(result: BuildResult) -> str:
     return f"hit, {files} files"
 
 
-def _report(figures: list[Figure]) -> dict[str, object]:
+def _report(figures: list[Figure], started: str) -> dict[str, object]:
     report: dict[str, object] = {
         "machine": machine_description(),
         "load_average": os.getloadavg(),
         "command": " ".join(["kernel-ci", *sys.argv[1:]]) if sys.argv else "kernel-ci bench",
+        # when (UTC): machines of this kind drift by 1.5x from day to day, so a table says which run it is
+        "started": started,
+        "ended": _utc_now(),
         "figures": [asdict(f) for f in figures],
         "ratios": {f.name: f"{f.ratio:.2f}" for f in figures if f.ratio is not None},
         "ccache": {"note": "cold uses an empty ccache dir of its own; the user's ccache is not touched"},
@@ -264,18 +268,34 @@ def _report(figures: list[Figure]) -> dict[str, object]:
     return report
 
 
+def _when(report: dict) -> str:
+    """The run's span for the table ("" for a bench.json written before runs recorded it)."""
+    started, ended = report.get("started"), report.get("ended")
+    if not started:
+        return ""
+    if ended and ended[:10] == started[:10]:
+        return f"{started[:16]}-{ended[11:]}"  # one day: 2026-12-07 22:55-23:25 UTC
+    return f"{started} to {ended}" if ended else started
+
+
 PARTS = ("build", "guest", "cache")
 
 
-def _save_with(output: Path, figures: list[Figure], part: list[Figure]) -> None:
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _save_with(output: Path, figures: list[Figure], part: list[Figure], started: str) -> None:
     """bench.json with the figures so far and those of the part being measured."""
-    (output / "bench.json").write_text(json.dumps(_report([*figures, *part]), indent=1))
+    (output / "bench.json").write_text(json.dumps(_report([*figures, *part], started), indent=1))
 
 
 def rewrite_readme(bench_json: Path, readme: Path) -> bool:
     """README.md's performance table, regenerated from bench_json; True if it changed."""
     report = json.loads(bench_json.read_text())
-    table = markdown_table(figures_from_json(report), report.get("machine", {}), report.get("command", "?"))
+    table = markdown_table(
+        figures_from_json(report), report.get("machine", {}), report.get("command", "?"), _when(report)
+    )
     return rewrite_readme_section(readme, table)
 
 
@@ -288,9 +308,10 @@ def run_bench(
     output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=output))
     figures: list[Figure] = []
+    started = _utc_now()
 
     def save() -> dict:
-        report = _report(figures)
+        report = _report(figures, started)
         (output / "bench.json").write_text(json.dumps(report, indent=1))
         return report
 
@@ -300,7 +321,7 @@ def run_bench(
                 work,
                 kernel,
                 reference=not skip_reference,
-                save=lambda part: _save_with(output, figures, part),
+                save=lambda part: _save_with(output, figures, part, started),
             )
             save()
         if "guest" in parts:

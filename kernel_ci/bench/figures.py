@@ -114,10 +114,12 @@ def figures_from_json(report: dict) -> list[Figure]:
     return figures
 
 
-def markdown_table(figures: list[Figure], machine: dict, command: str) -> str:
-    """The README's performance table: figure, kernel-ci, reference, ratio, target (and the load)."""
+def markdown_table(figures: list[Figure], machine: dict, command: str, when: str = "") -> str:
+    """The README's performance table: figure, kernel-ci, reference, ratio, target (and the load); when:
+    the run's date and times."""
     lines = [
-        f"Measured by `{command}` on {machine.get('cpus', '?')} cores ({machine.get('cpu', '?')}), "
+        f"Measured by `{command}`{f' ({when})' if when else ''} on {machine.get('cpus', '?')} cores "
+        f"({machine.get('cpu', '?')}), "
         f"{machine.get('memory_gib', '?')} GiB; the load average is the 1-minute one when each figure was "
         "taken.",
         "",

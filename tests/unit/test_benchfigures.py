@@ -29,7 +29,7 @@ def test_a_figure_with_a_reference_has_its_ratio() -> None:
 def test_a_ratio_is_rounded_once_where_it_is_shown() -> None:
     figure = Figure("build: cold", 365.73, reference=316.72, reference_name="tuxmake", load=(1.0, 1.0, 1.0))
     assert "| 1.15x |" in markdown_table([figure], {}, "kernel-ci bench")  # 1.1547, not 1.155 -> 1.16
-    assert buildbench._report([figure])["ratios"]["build: cold"] == "1.15"
+    assert buildbench._report([figure], "2026-12-07 22:55 UTC")["ratios"]["build: cold"] == "1.15"
 
 
 def test_the_markdown_table_has_the_generic_columns_and_the_load() -> None:
@@ -55,13 +55,16 @@ def test_the_readme_section_between_the_markers_is_rewritten_and_nothing_else(tm
     readme.write_text(f"# title\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
     bench = tmp_path / "bench.json"
     figures = [Figure("build: cold", 190.0, reference=200.0, reference_name="tuxmake", load=(1.0, 1.0, 1.0))]
-    bench.write_text(json.dumps(buildbench._report(figures)))
+    report = buildbench._report(figures, "2026-12-07 22:55 UTC")
+    bench.write_text(json.dumps(report))
     assert buildbench.rewrite_readme(bench, readme)
     text = readme.read_text()
     assert text.startswith(f"# title\nbefore\n{README_BEGIN}\n")
     assert text.endswith(f"{README_END}\nafter\n")
     assert "old table" not in text and "| build: cold | 190.0 s" in text
     assert not buildbench.rewrite_readme(bench, readme)  # unchanged the second time
+    # the table says when the run was: one day's span, or both dates
+    assert f"(2026-12-07 22:55-{report['ended'][11:]})" in text or "(2026-12-07 22:55 UTC to " in text
 
 
 def test_a_readme_without_the_markers_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -77,7 +80,7 @@ def test_figures_round_trip_through_bench_json() -> None:
         Figure("a", 1.0, "aim", "note", 2.0, "ref", (1.0, 2.0, 3.0), {"configure": 1.5}),
         Figure("b", 1.5, samples=[1.0, 2.0], reference_samples=[3.0, 4.0]),
     ]
-    report = json.loads(json.dumps(buildbench._report(figures)))
+    report = json.loads(json.dumps(buildbench._report(figures, "2026-12-07 22:55 UTC")))
     assert figures_from_json(report) == figures
     assert report["ratios"]["a"] == "0.50"
     assert report["load_average"]
