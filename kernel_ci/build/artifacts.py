@@ -99,7 +99,7 @@ def _kbuild_sources(src: Path) -> Iterator[tuple[str, str, str]]:
 
 def _kbuild_source_entries(src: Path) -> Iterator[tuple[str, str, os.DirEntry[str]]]:
     """(folder relative to src, "" at its top; file name; its listing entry) of each source file the export
-    holds: a walk of the folders that hold them (KBUILD_SRC_DIRS and the way there; ~6,700 files) in
+    holds: a walk of the folders that hold them (KBUILD_SRC_DIRS and the way there; ~6,450 files) in
     strings and os calls (pathlib's objects were most of the export's time). Links to folders are neither
     entered nor placed."""
     top = os.fspath(src)
