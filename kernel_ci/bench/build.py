@@ -155,7 +155,7 @@ def tuxmake_ready() -> bool:
 
 
 def build_figures(
-    work: Path, kernel: str | None, *, reference: bool, save: Callable[[list[Figure]], None]
+    work: Path, kernel: str | None, *, reference: bool, save: Callable[[list[Figure]], object]
 ) -> list[Figure]:
     """Each kernel-ci figure measured right beside tuxmake's for the same work (cold, ccache-warm,
     incremental), so both see the same load; bench.json is saved after each pair."""
@@ -285,11 +285,6 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _save_with(output: Path, figures: list[Figure], part: list[Figure], started: str) -> None:
-    """bench.json with the figures so far and those of the part being measured."""
-    (output / "bench.json").write_text(json.dumps(_report([*figures, *part], started), indent=1))
-
-
 def rewrite_readme(bench_json: Path, readme: Path) -> bool:
     """README.md's performance table, regenerated from bench_json; True if it changed."""
     report = json.loads(bench_json.read_text())
@@ -310,8 +305,9 @@ def run_bench(
     figures: list[Figure] = []
     started = _utc_now()
 
-    def save() -> dict:
-        report = _report(figures, started)
+    def save(part: Sequence[Figure] = ()) -> dict:
+        """bench.json with the figures so far and those of the part being measured."""
+        report = _report([*figures, *part], started)
         (output / "bench.json").write_text(json.dumps(report, indent=1))
         return report
 
@@ -321,7 +317,7 @@ def run_bench(
                 work,
                 kernel,
                 reference=not skip_reference,
-                save=lambda part: _save_with(output, figures, part, started),
+                save=save,
             )
             save()
         if "guest" in parts:
