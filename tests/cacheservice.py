@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from kernel_ci.cache.server.protocol import GatheringHttpToolsProtocol
+from kernel_ci.cache.server.protocol import EarlyCcacheProtocol
 from kernel_ci.cache.server.server import ServerConfig, make_app, wait_healthy
 from kernel_ci.cache.server.service import CacheService
 
@@ -38,6 +38,7 @@ class Running:
     data: Path
     app: Any = None  # the Starlette app (in-thread servers): its routing table for route-complete tests
     pid: int | None = None  # the server process (subprocess servers): for /proc/<pid>/io
+    server: Any = None  # the uvicorn.Server (in-thread servers): its connections, for white-box checks
 
     def client(self, token: str | None = TOKEN, **kwargs) -> httpx.Client:  # type: ignore[no-untyped-def]
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -64,7 +65,7 @@ def server_in_thread(config: ServerConfig, fast_path: bool = True) -> Iterator[R
     sock = free_socket()
     port = sock.getsockname()[1]
     config_ = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", http=GatheringHttpToolsProtocol
+        app, log_level="warning", access_log=False, lifespan="on", http=EarlyCcacheProtocol
     )
     server = uvicorn.Server(config_)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -75,7 +76,7 @@ def server_in_thread(config: ServerConfig, fast_path: bool = True) -> Iterator[R
             raise RuntimeError("the cache service did not start")
         time.sleep(0.02)
     try:
-        yield Running(f"http://127.0.0.1:{port}", service, config.data, app=app)
+        yield Running(f"http://127.0.0.1:{port}", service, config.data, app=app, server=server)
     finally:
         server.should_exit = True
         thread.join(timeout=20)

@@ -6,12 +6,14 @@ fixing them up)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -241,6 +243,120 @@ def test_keep_alive_and_pipelined_reads_get_the_routes_answers(pair: tuple[Runni
     assert _status(answers[0][0][0]) == 200 and _status(answers[0][0][3]) == 400
 
 
+def one_answer(server: Running, raw: bytes, head_only: bool) -> bytes:
+    """Send ``raw`` (one segment, on a connection of its own, kept alive), read one answer: by its
+    Content-Length, or until the server closes (a parser's 400). Without its Date header."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(raw)
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        match = re.search(rb"content-length: (\d+)", head)
+        length = 0 if head_only or match is None else int(match.group(1))
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+    return _DATE.sub(b"", head + b"\r\n\r\n") + body
+
+
+def test_reads_answered_before_the_parser_are_the_routes_answers(pair: tuple[Running, Running]) -> None:
+    """The ccache client's form (one whole request per segment, keep-alive, no Connection header): every
+    target and credential gets the routes' bytes, the hits are answered before the HTTP parser
+    (protocol.EarlyCcacheProtocol), and the metrics count the same."""
+    fast, routed = pair
+    assert fast.app.fast is not None and routed.app.fast is None
+    for method in ("GET", "HEAD"):
+        for target in TARGETS:
+            for auth in AUTHORIZATIONS if target in FULL_AUTH_TARGETS else AUTHORIZATIONS[:2]:
+                raw = request(method, target, auth)
+                got, want = one_answer(fast, raw, method == "HEAD"), one_answer(routed, raw, method == "HEAD")
+                assert got == want, (method, target[:60], auth, got[:300], want[:300])
+    _compare_metrics(fast, routed)
+    before = fast.app.fast.early
+    got = one_answer(fast, request("GET", HIT, [f"Bearer {READ_TOKEN}"]), False)
+    assert _status(got) == 200 and got.endswith(OBJECTS[HIT]) and fast.app.fast.early == before + 1
+
+
+EARLY_LOOKALIKES = [
+    # a body or framing header: a smuggled second request must never be answered as a read of its own
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Content-Length: 46\r\n")
+    + f"GET /ccache/{MISSING_KEY} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Content-Length: 0\r\n"),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Transfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Transfer-Encoding: chunked\r\n"),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Connection: close\r\n"),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Connection: keep-alive, Upgrade\r\nUpgrade: h2c\r\n"),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "Expect: 100-continue\r\n"),
+    # two requests in one segment (pipelined): answered in order by the parser's path
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"]) + request("HEAD", HIT, []),
+    # forms llhttp reads differently or refuses
+    request("GET", HIT, ["Bearer wrong-token"], f"X-Fold: a\r\n Bearer {READ_TOKEN}\r\n"),  # obs-fold
+    request("GET", HIT, [], f"Authorization : Bearer {READ_TOKEN}\r\n"),  # space before the colon
+    request("GET", HIT, [], f"Author\x01ization: Bearer {READ_TOKEN}\r\n"),
+    request("GET", HIT, [], f"Authorization: Bearer {READ_TOKEN}\xe9\r\n"),  # obs-text
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"]).replace(b"\r\n", b"\n"),  # bare LF
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"]).replace(b"HTTP/1.1", b"HTTP/1.0"),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"]).replace(b"GET ", b"GET  "),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"]).replace(b"GET ", b"GET\t"),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"]).replace(b"GET", b"get"),
+    request("GET", HIT + "?x", [f"Bearer {READ_TOKEN}"]),
+    request("GET", f"http://x{HIT}", [f"Bearer {READ_TOKEN}"]),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "".join(f"X-{i}: y\r\n" for i in range(40))),
+    request("GET", HIT, [f"Bearer {READ_TOKEN}"], "X-Long: " + "y" * 9000 + "\r\n"),
+]
+
+
+@pytest.mark.parametrize("raw", EARLY_LOOKALIKES, ids=range(len(EARLY_LOOKALIKES)))
+def test_requests_almost_in_the_early_form_go_to_the_parser(
+    pair: tuple[Running, Running], raw: bytes
+) -> None:
+    """Requests that look like a ccache client's but are framed, folded, pipelined or spelled otherwise:
+    none is answered before the parser, and each gets the routes' (or uvicorn's) bytes, followed on the
+    same connection by the answer to a second request when the first left it open."""
+    fast, routed = pair
+    before = fast.app.fast.early
+    answers = []
+    for server in (fast, routed):
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(raw)
+            time.sleep(0.2)  # the next request in a segment of its own
+            with contextlib.suppress(OSError):  # closed by the server after a refusal or HTTP/1.0
+                sock.sendall(request("GET", "/healthz", [], CLOSE))
+            chunks = []
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(1 << 20):
+                    chunks.append(chunk)
+        answers.append(_DATE.sub(b"", b"".join(chunks)))
+    assert answers[0] == answers[1], (raw[:200], answers[0][:400], answers[1][:400])
+    assert fast.app.fast.early == before
+
+
+def test_a_client_that_never_reads_its_answers_costs_the_server_bounded_memory(tmp_path: Path) -> None:
+    """Reads sent one per segment, as fast as the server answers them, by a client that reads nothing: once
+    the socket's buffers are full, the server holds at most uvicorn's flow-control limit of answers in
+    memory (its write buffer), not one answer per request sent (~60 MB here)."""
+    big = "4" * 33
+    content = os.urandom(INLINE_HASH_MAX - 1024)  # the largest kind answered before the parser
+    with server_in_thread(ServerConfig(data=tmp_path / "data")) as fast:
+        with fast.client() as client:
+            assert client.put(f"/ccache/{big}", content=content).status_code == 201
+        host, port = fast.url.removeprefix("http://").split(":")
+        raw = request("GET", f"/ccache/{big}", [f"Bearer {READ_TOKEN}"])
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for _ in range(1000):
+                sock.sendall(raw)
+                time.sleep(0.001)  # each in a segment of its own while the server keeps up
+            time.sleep(1)
+            buffered = [
+                conn.transport.get_write_buffer_size() for conn in list(fast.server.server_state.connections)
+            ]
+        assert fast.app.fast.early > 0
+        assert buffered and max(buffered) < 1 << 20, buffered
+
+
 def _compare_metrics(fast: Running, routed: Running) -> None:
     """The same counts on both: hits and misses, responses by method and code, latency observations."""
     with fast.client() as a, routed.client() as b:
@@ -285,12 +401,18 @@ def _memory(server: Running):  # type: ignore[no-untyped-def]
 def _same(fast: Running, routed: Running, *targets: str) -> list[bytes]:
     """GET and HEAD of each target, with and without a token: byte for byte the routes' answers."""
     answers = []
+    pair = (fast, routed)
     for target in targets:
         for method in ("GET", "HEAD", "GET"):
             for auth in ([f"Bearer {READ_TOKEN}"], []):  # first: the answer the callers check
                 raw = request(method, target, auth, CLOSE)
                 got, want = exchange(fast, raw), exchange(routed, raw)
                 assert got == want, (method, target, auth, got[:300], want[:300])
+                # the same read in a ccache client's form: answered before the parser (EarlyCcacheProtocol)
+                early = [
+                    one_answer(server, request(method, target, auth), method == "HEAD") for server in pair
+                ]
+                assert early == [got.replace(b"connection: close\r\n", b"")] * 2, (method, target, auth)
                 answers.append(got)
     return answers
 

@@ -174,6 +174,7 @@ class CcacheFastPath:
         if memory is not None:
             self.memory, self.files = memory
         self._recorders: dict[tuple[str, int], tuple[Any, Any]] = {}  # (method, status) -> metric children
+        self.early = 0  # reads answered before the HTTP parser (protocol.EarlyCcacheProtocol)
 
     def answer(self, method: str, raw_path: str, authorization: str | None) -> FastAnswer | None:
         """The answer to a ccache ``GET``/``HEAD`` of ``raw_path`` (the path as sent, not percent-decoded,

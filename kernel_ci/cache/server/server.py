@@ -21,7 +21,7 @@ from kernel_ci.cache.server.app import AuthConfig, create_app
 from kernel_ci.cache.server.blobs import BlobStore, LocalBlobStore
 from kernel_ci.cache.server.index import dsn_secrets, open_index
 from kernel_ci.cache.server.metrics import MULTIPROC_ENV
-from kernel_ci.cache.server.protocol import GatheringHttpToolsProtocol
+from kernel_ci.cache.server.protocol import EarlyCcacheProtocol
 from kernel_ci.cache.server.service import CacheService, Limits
 
 TOKENS_ENV = "KERNEL_CI_CACHE_SERVER_TOKENS"  # comma-separated write tokens (keeps them out of `ps`)
@@ -170,7 +170,7 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info", w
                 log_level=log_level,
                 access_log=False,
                 limit_concurrency=config.limit_concurrency,
-                http=GatheringHttpToolsProtocol,
+                http=EarlyCcacheProtocol,
             )
         return
     if os.environ.pop(MULTIPROC_ENV, None):  # one process: its own counters, no other server's files
@@ -184,7 +184,7 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info", w
         log_level=log_level,
         access_log=False,
         limit_concurrency=config.limit_concurrency,
-        http=GatheringHttpToolsProtocol,
+        http=EarlyCcacheProtocol,
     )
 
 
